@@ -1,0 +1,162 @@
+//! Admin listener (SPEC §7): `/metrics`, `/healthz`, `/readyz`, `/status` for anyone; mutating endpoints
+//! behind the bearer-token rule — a configured token is required from every peer, and with no token only
+//! loopback peers may mutate.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::app::{App, ReloadError};
+use crate::router::RouterError;
+
+/// Largest request body an admin endpoint reads.
+const MAX_BODY: usize = 64 * 1024;
+
+pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    let response = match (req.method(), path.as_str()) {
+        (&Method::GET, "/metrics") => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", app.render_metrics()),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        (&Method::GET, "/readyz") => {
+            if app.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into())
+            } else if app.table().total_weight() == 0 {
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "no arm has a weight above 0\n".into())
+            } else {
+                text(StatusCode::OK, "text/plain", "ready\n".into())
+            }
+        }
+        (&Method::GET, "/status") => json(StatusCode::OK, app.status()),
+        (&Method::POST, _) => match authorize(&app, peer, &req) {
+            Err(denied) => denied,
+            Ok(()) => mutate(&app, &path, req).await,
+        },
+        (_, "/metrics" | "/healthz" | "/readyz" | "/status") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
+        _ => error(StatusCode::NOT_FOUND, "not_found", &format!("no admin endpoint {path}")),
+    };
+    Ok(response)
+}
+
+async fn mutate(app: &App, path: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if path == "/reload" {
+        return match app.reload() {
+            Ok(hash) => json(StatusCode::OK, serde_json::json!({"reloaded": true, "config_hash": hash})),
+            Err(ReloadError::Invalid(errors)) => json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({
+                    "error": "invalid_config",
+                    "message": "the config file was refused; the running config stays",
+                    "errors": errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                }),
+            ),
+            Err(e) => error(StatusCode::BAD_REQUEST, "reload_failed", &e.to_string()),
+        };
+    }
+    if let Some(arm) = path.strip_prefix("/arms/").and_then(|rest| rest.strip_suffix("/weight")) {
+        let body = match read_json(req).await {
+            Ok(body) => body,
+            Err(resp) => return resp,
+        };
+        let Some(weight) = body.get("weight").and_then(serde_json::Value::as_u64).and_then(|w| u32::try_from(w).ok())
+        else {
+            return error(StatusCode::BAD_REQUEST, "bad_request", "expected {\"weight\": <non-negative integer>}");
+        };
+        return match app.set_weight(arm, weight) {
+            Ok(()) => json(StatusCode::OK, serde_json::json!({"arm": arm, "weight": weight})),
+            Err(e @ RouterError::UnknownArm(_)) => error(StatusCode::NOT_FOUND, "unknown_arm", &e.to_string()),
+            Err(e) => error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
+        };
+    }
+    error(StatusCode::NOT_FOUND, "not_found", &format!("no admin endpoint POST {path}"))
+}
+
+/// The bearer-token rule for mutating endpoints.
+fn authorize(app: &App, peer: SocketAddr, req: &Request<Incoming>) -> Result<(), Response<Full<Bytes>>> {
+    let token = app.admin_token();
+    let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match decide(token.as_deref(), peer, presented) {
+        Decision::Allow => Ok(()),
+        Decision::Unauthorized(message) => Err(error(StatusCode::UNAUTHORIZED, "unauthorized", message)),
+        Decision::Forbidden(message) => Err(error(StatusCode::FORBIDDEN, "forbidden", message)),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Decision {
+    Allow,
+    Unauthorized(&'static str),
+    Forbidden(&'static str),
+}
+
+fn decide(token: Option<&str>, peer: SocketAddr, authorization: Option<&str>) -> Decision {
+    match token {
+        Some(expected) => match authorization.and_then(|v| v.strip_prefix("Bearer ")) {
+            Some(given) if constant_time_eq(given.trim().as_bytes(), expected.as_bytes()) => Decision::Allow,
+            Some(_) => Decision::Unauthorized("wrong bearer token"),
+            None => Decision::Unauthorized("this endpoint needs Authorization: Bearer <token>"),
+        },
+        None if peer.ip().is_loopback() => Decision::Allow,
+        None => Decision::Forbidden(
+            "no admin token is configured (DRIFTGUARD_ADMIN_TOKEN or admin.token_file), so only loopback peers may call this",
+        ),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn read_json(req: Request<Incoming>) -> Result<serde_json::Value, Response<Full<Bytes>>> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_request", &format!("cannot read the body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, "bad_request", &format!("body is not JSON: {e}")))
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut body = value.to_string();
+    body.push('\n');
+    text(status, "application/json", body)
+}
+
+fn error(status: StatusCode, kind: &str, message: &str) -> Response<Full<Bytes>> {
+    json(status, serde_json::json!({"error": kind, "message": message}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn token_rule() {
+        let remote = peer("10.1.2.3:4000");
+        let local = peer("127.0.0.1:4000");
+        let local6 = peer("[::1]:4000");
+        assert_eq!(decide(None, local, None), Decision::Allow);
+        assert_eq!(decide(None, local6, None), Decision::Allow);
+        assert!(matches!(decide(None, remote, None), Decision::Forbidden(_)));
+        assert!(matches!(decide(None, remote, Some("Bearer x")), Decision::Forbidden(_)));
+        assert_eq!(decide(Some("s3cret"), remote, Some("Bearer s3cret")), Decision::Allow);
+        assert!(matches!(decide(Some("s3cret"), remote, Some("Bearer nope")), Decision::Unauthorized(_)));
+        assert!(matches!(decide(Some("s3cret"), local, None), Decision::Unauthorized(_)));
+        assert!(matches!(decide(Some("s3cret"), local, Some("Basic s3cret")), Decision::Unauthorized(_)));
+    }
+}

@@ -1,0 +1,248 @@
+//! The running application's shared state: config and routing table (each swapped atomically), metrics,
+//! the upstream client, and the admin token. Reload and weight changes go through here.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, ConfigError, ConfigErrors};
+use crate::metrics::Metrics;
+use crate::pins;
+use crate::proxy::{self, UpstreamClient};
+use crate::router::{RouterError, RoutingTable};
+use crate::windows::{Counter, Hist, WindowStats};
+
+pub const ADMIN_TOKEN_ENV: &str = "DRIFTGUARD_ADMIN_TOKEN";
+
+/// A config as loaded: the parsed value, the token it resolves to, and the hash of its text.
+pub struct Loaded {
+    pub config: Config,
+    pub admin_token: Option<String>,
+    pub hash: String,
+}
+
+/// Reads, parses and validates a config file, resolving the admin token.
+pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError { path: String::new(), message: format!("cannot read {}: {e}", path.display()) }])
+    })?;
+    let config = Config::parse(&text)?;
+    let admin_token = admin_token(&config, std::env::var(ADMIN_TOKEN_ENV).ok()).map_err(|e| ConfigErrors(vec![e]))?;
+    let hash = hex::encode(&Sha256::digest(text.as_bytes())[..8]);
+    Ok(Loaded { config, admin_token, hash })
+}
+
+/// The admin token: the env var wins, else the first line of `admin.token_file`; `None` when neither.
+fn admin_token(config: &Config, env: Option<String>) -> Result<Option<String>, ConfigError> {
+    if let Some(token) = env.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
+        return Ok(Some(token));
+    }
+    if config.admin.token_file.is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&config.admin.token_file).map_err(|e| ConfigError {
+        path: "admin.token_file".into(),
+        message: format!("cannot read {:?}: {e}", config.admin.token_file),
+    })?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        return Err(ConfigError { path: "admin.token_file".into(), message: "the token file is empty".into() });
+    }
+    Ok(Some(token))
+}
+
+/// Shared state of a running driftguard.
+pub struct App {
+    config_path: Option<PathBuf>,
+    config: ArcSwap<Config>,
+    config_hash: ArcSwap<String>,
+    table: ArcSwap<RoutingTable>,
+    admin_token: ArcSwap<Option<String>>,
+    env_pins: BTreeMap<String, String>,
+    pub metrics: Metrics,
+    pub client: UpstreamClient,
+    started: Instant,
+    draining: AtomicBool,
+    /// Serialises table rebuilds (reload, weight changes) so none is lost between load and store.
+    write_lock: Mutex<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no config file to reload from")]
+    NoPath,
+    #[error("{0}")]
+    Invalid(#[from] ConfigErrors),
+    #[error(transparent)]
+    Router(#[from] RouterError),
+}
+
+impl App {
+    pub fn new(loaded: Loaded, config_path: Option<PathBuf>) -> Result<App, RouterError> {
+        let metrics = Metrics::new();
+        let env_pins = pins::from_env(std::env::vars());
+        let table = RoutingTable::from_config(&loaded.config, &env_pins, &metrics)?;
+        Ok(App {
+            config_path,
+            client: proxy::client(&loaded.config.upstream),
+            config: ArcSwap::from_pointee(loaded.config),
+            config_hash: ArcSwap::from_pointee(loaded.hash),
+            table: ArcSwap::from_pointee(table),
+            admin_token: ArcSwap::from_pointee(loaded.admin_token),
+            env_pins,
+            metrics,
+            started: Instant::now(),
+            draining: AtomicBool::new(false),
+            write_lock: Mutex::new(()),
+        })
+    }
+
+    pub fn table(&self) -> Arc<RoutingTable> {
+        self.table.load_full()
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub fn admin_token(&self) -> Arc<Option<String>> {
+        self.admin_token.load_full()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Re-reads the config file and swaps in the new config and routing table, or changes nothing.
+    pub fn reload(&self) -> Result<String, ReloadError> {
+        let path = self.config_path.as_deref().ok_or(ReloadError::NoPath)?;
+        let result = self.try_reload(path);
+        let outcome = if result.is_ok() { "ok" } else { "refused" };
+        self.metrics.reloads.with_label_values(&[outcome]).inc();
+        match &result {
+            Ok(hash) => tracing::info!(config = %path.display(), config_hash = hash.as_str(), "config reloaded"),
+            Err(e) => tracing::error!(config = %path.display(), error = %e, "config reload refused; the running config stays"),
+        }
+        result
+    }
+
+    fn try_reload(&self, path: &Path) -> Result<String, ReloadError> {
+        let loaded = load(path)?;
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let table = RoutingTable::from_config(&loaded.config, &self.env_pins, &self.metrics)?;
+        let old = self.config.load();
+        for (key, changed) in [
+            ("listen.proxy", old.listen.proxy != loaded.config.listen.proxy),
+            ("listen.admin", old.listen.admin != loaded.config.listen.admin),
+            ("runtime.workers", old.runtime.workers != loaded.config.runtime.workers),
+            ("upstream.connect_timeout", old.upstream.connect_timeout != loaded.config.upstream.connect_timeout),
+            ("upstream.pool_max_idle", old.upstream.pool_max_idle != loaded.config.upstream.pool_max_idle),
+            ("upstream.pool_idle_timeout", old.upstream.pool_idle_timeout != loaded.config.upstream.pool_idle_timeout),
+        ] {
+            if changed {
+                tracing::warn!(key, "changed in the config file; takes effect on restart only");
+            }
+        }
+        self.table.store(Arc::new(table));
+        self.config.store(Arc::new(loaded.config));
+        self.admin_token.store(Arc::new(loaded.admin_token));
+        self.config_hash.store(Arc::new(loaded.hash.clone()));
+        Ok(loaded.hash)
+    }
+
+    /// Sets one arm's weight with a single swap of the routing table.
+    pub fn set_weight(&self, arm: &str, weight: u32) -> Result<(), RouterError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let table = self.table.load().with_weight(arm, weight)?;
+        self.table.store(Arc::new(table));
+        tracing::info!(arm, weight, "arm weight set");
+        Ok(())
+    }
+
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&self.table(), self.config.load().rules.window.0)
+    }
+
+    /// The `/status` document.
+    pub fn status(&self) -> serde_json::Value {
+        let table = self.table();
+        let config = self.config();
+        let span = config.rules.window.0;
+        let now = Instant::now();
+        let arms: Vec<serde_json::Value> = table
+            .arms()
+            .iter()
+            .zip(table.weights())
+            .map(|(arm, weight)| {
+                serde_json::json!({
+                    "name": arm.name,
+                    "upstream": arm.upstream,
+                    "weight": weight,
+                    "baseline": arm.baseline,
+                    "pins": arm.pins.map(),
+                    "cache_ns": arm.cache_ns,
+                    "window": window_json(&arm.stats.window.stats(now, span)),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "draining": self.is_draining(),
+            "config": {
+                "path": self.config_path.as_ref().map(|p| p.display().to_string()),
+                "hash": self.config_hash.load().as_str(),
+            },
+            "total_weight": table.total_weight(),
+            "arms": arms,
+        })
+    }
+}
+
+fn window_json(stats: &WindowStats) -> serde_json::Value {
+    let quantiles = |hist: Hist| {
+        let snap = stats.hist(hist);
+        let ms = |q: f64| snap.quantile(q).map(|us| us as f64 / 1e3);
+        serde_json::json!({"p50": ms(0.5), "p95": ms(0.95), "p99": ms(0.99)})
+    };
+    serde_json::json!({
+        "span_seconds": stats.span.as_secs(),
+        "requests": stats.requests(),
+        "errors_5xx": stats.counter(Counter::Class5xx),
+        "error_rate": stats.error_rate(),
+        "rate_limited": stats.counter(Counter::RateLimited),
+        "upstream_errors": stats.counter(Counter::UpstreamErrors),
+        "timeouts": stats.counter(Counter::Timeouts),
+        "pin_mismatches": stats.counter(Counter::PinMismatches),
+        "latency_ms": quantiles(Hist::Latency),
+        "ttfb_ms": quantiles(Hist::Ttfb),
+    })
+}
+
+/// How long the windows may go without a rotation tick.
+pub const ROTATE_EVERY: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_token_wins_over_file() {
+        let mut config = Config::default();
+        config.admin.token_file = "/nonexistent/token".into();
+        assert_eq!(admin_token(&config, Some("t0k".into())).unwrap().as_deref(), Some("t0k"));
+        let e = admin_token(&config, None).unwrap_err();
+        assert_eq!(e.path, "admin.token_file");
+        config.admin.token_file = String::new();
+        assert_eq!(admin_token(&config, None).unwrap(), None);
+    }
+}

@@ -1,0 +1,127 @@
+//! driftguard: a sidecar reverse proxy that guards a RAG / LLM service (see SPEC.md).
+//!
+//! The module tree follows the data path: [`listener`] accepts, [`proxy`] stamps [`pins`], asks the
+//! [`router`] for an arm and streams the exchange, recording into [`windows`] and [`metrics`]; [`admin`]
+//! serves the operator endpoints; [`app`] holds the shared state; [`config`] the file format.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod listener;
+pub mod log;
+pub mod metrics;
+pub mod pins;
+pub mod proxy;
+pub mod router;
+pub mod shutdown;
+pub mod windows;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::app::{App, Loaded};
+use crate::config::ConfigErrors;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid config:\n{0}")]
+    Config(#[from] ConfigErrors),
+    #[error(transparent)]
+    Router(#[from] router::RouterError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind { what: &'static str, addr: String, source: std::io::Error },
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Loads the config at `path` and runs driftguard until SIGTERM/SIGINT.
+pub fn run(path: &Path) -> Result<(), RunError> {
+    let loaded = app::load(path)?;
+    let _log = log::init(&loaded.config.log.level);
+    let workers = loaded.config.runtime.workers;
+    let runtime = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()
+    }
+    .map_err(RunError::Runtime)?;
+    runtime.block_on(serve(loaded, path))
+}
+
+/// Binds both listeners and serves until a shutdown signal, then drains.
+pub async fn serve(loaded: Loaded, path: &Path) -> Result<(), RunError> {
+    let app = Arc::new(App::new(loaded, Some(path.to_path_buf()))?);
+    let config = app.config();
+    let proxy_listener = bind("proxy", &config.listen.proxy).await?;
+    let admin_listener = bind("admin", &config.listen.admin).await?;
+    let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(
+        proxy = addr(&proxy_listener).as_str(),
+        admin = addr(&admin_listener).as_str(),
+        arms = config.arms.len(),
+        workers = config.runtime.workers,
+        version = env!("CARGO_PKG_VERSION"),
+        "listening"
+    );
+
+    let (trigger, shutdown) = shutdown::channel();
+    tokio::spawn(signals(app.clone(), trigger));
+    tokio::spawn(rotate_windows(app.clone(), shutdown.clone()));
+
+    let drain = config.listen.drain_timeout.0;
+    let proxy_app = app.clone();
+    let proxy = tokio::spawn(listener::serve("proxy", proxy_listener, shutdown.clone(), drain, move |peer, req| {
+        proxy::handle(proxy_app.clone(), peer, req)
+    }));
+    let admin_app = app.clone();
+    let admin = tokio::spawn(listener::serve("admin", admin_listener, shutdown, drain, move |peer, req| {
+        admin::handle(admin_app.clone(), peer, req)
+    }));
+    let drained = proxy.await.unwrap_or(false);
+    let _ = admin.await;
+    tracing::info!(drained, "stopped");
+    Ok(())
+}
+
+async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, RunError> {
+    let parsed: SocketAddr =
+        addr.parse().map_err(|e| RunError::Bind { what, addr: addr.into(), source: std::io::Error::other(e) })?;
+    TcpListener::bind(parsed).await.map_err(|source| RunError::Bind { what, addr: addr.into(), source })
+}
+
+/// SIGHUP reloads; SIGTERM and SIGINT start the drain.
+async fn signals(app: Arc<App>, trigger: shutdown::Trigger) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading config");
+                let _ = app.reload();
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("shutdown signal: draining");
+    app.start_draining();
+    trigger.fire();
+}
+
+async fn rotate_windows(app: Arc<App>, mut shutdown: shutdown::Shutdown) {
+    let mut tick = tokio::time::interval(app::ROTATE_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => app.metrics.rotate_windows(),
+            _ = shutdown.wait() => return,
+        }
+    }
+}

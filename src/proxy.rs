@@ -1,0 +1,417 @@
+//! Proxy: one request through the data path of SPEC §1 — pins stamp, arm router, upstream forward, and
+//! the response streamed back with its headers stamped and its timing observed.
+//!
+//! Bodies are never buffered: the client's request body is handed to the upstream as it arrives, and the
+//! upstream's response body reaches the client frame by frame through [`ObservedBody`], which notes the
+//! first byte and the end of the stream for the windows and the access log.
+
+use std::convert::Infallible;
+use std::error::Error as _;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::app::App;
+use crate::config::Upstream;
+use crate::log::ACCESS;
+use crate::metrics::ProxyError;
+use crate::pins;
+use crate::router::Arm;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_DRIFTGUARD_ARM: HeaderName = HeaderName::from_static("x-driftguard-arm");
+pub const X_CACHE_NS: HeaderName = HeaderName::from_static("x-cache-ns");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Connection-specific header fields of RFC 9110 §7.6.1; never forwarded in either direction.
+const HOP_BY_HOP: [HeaderName; 6] =
+    [header::CONNECTION, PROXY_CONNECTION, KEEP_ALIVE, header::TE, header::TRANSFER_ENCODING, header::UPGRADE];
+
+pub type UpstreamClient = Client<HttpConnector, Incoming>;
+
+/// The pooled keep-alive client used for every upstream.
+pub fn client(cfg: &Upstream) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(cfg.connect_timeout.0));
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(cfg.pool_max_idle)
+        .pool_idle_timeout(cfg.pool_idle_timeout.0)
+        .build(connector)
+}
+
+/// Handles one client request. Never fails: upstream problems become JSON error responses.
+pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    let start = Instant::now();
+    let table = app.table();
+    let (mut parts, body) = req.into_parts();
+
+    let request_id = match parts.headers.get(X_REQUEST_ID) {
+        Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
+        _ => new_request_id(),
+    };
+    let sticky = table.sticky_header().and_then(|h| parts.headers.get(h)).map(HeaderValue::as_bytes);
+    let Some(arm) = table.pick(sticky).cloned() else {
+        app.metrics.proxy_error(ProxyError::NoUpstream);
+        let info = RequestInfo::new(&parts, request_id);
+        tracing::warn!(request_id = info.request_id_str(), "no arm has a weight above 0");
+        return Ok(error_response(None, info, ProxyError::NoUpstream, "no upstream arm has a weight above 0", start));
+    };
+    let info = RequestInfo::new(&parts, request_id);
+
+    let diffs = arm.pins.strip_client_pins(&mut parts.headers);
+    if table.settings.strict_pins && !diffs.is_empty() {
+        app.metrics.proxy_error(ProxyError::PinMismatch);
+        let body = pins::diff_json(&diffs, info.request_id_str());
+        return Ok(json_response(Some(&arm), info, StatusCode::CONFLICT, body.to_string(), start));
+    }
+
+    strip_hop_by_hop(&mut parts.headers);
+    forwarded_for(&mut parts.headers, peer);
+    stamp(&mut parts.headers, &arm, &info.request_id);
+
+    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    parts.uri = match Uri::builder().scheme("http").authority(arm.authority.clone()).path_and_query(path_and_query).build()
+    {
+        Ok(uri) => uri,
+        Err(e) => {
+            return Ok(error_response(Some(&arm), info, ProxyError::UpstreamUnreachable, &e.to_string(), start));
+        }
+    };
+    if parts.version == Version::HTTP_2 {
+        // An h2c client's :authority becomes the Host the upstream sees.
+        if let Some(authority) = info.authority.as_ref() {
+            parts.headers.entry(header::HOST).or_insert(authority.clone());
+        }
+    }
+    parts.version = Version::HTTP_11;
+
+    let sent = tokio::time::timeout(table.settings.request_timeout, app.client.request(Request::from_parts(parts, body)));
+    let response = match sent.await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            let kind = classify(&e);
+            let message = format!("upstream {}: {}", arm.upstream, error_chain(&e));
+            return Ok(error_response(Some(&arm), info, kind, &message, start));
+        }
+        Err(_) => {
+            let message =
+                format!("upstream {} sent no response within {:?}", arm.upstream, table.settings.request_timeout);
+            return Ok(error_response(Some(&arm), info, ProxyError::UpstreamTimeout, &message, start));
+        }
+    };
+
+    let (mut parts, body) = response.into_parts();
+    let now = Instant::now();
+    for (_, pin) in arm.pins.echoed_mismatches(&parts.headers) {
+        arm.stats.pin_mismatch(now, &pin.name);
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    stamp(&mut parts.headers, &arm, &info.request_id);
+    let status = parts.status.as_u16();
+    arm.stats.response(now, status);
+    let observed = Observed { arm, info, status, start, first_byte: false, bytes: 0, access_log: table.settings.access_log };
+    Ok(Response::from_parts(parts, ProxyBody(Kind::Upstream { inner: body, observed: Some(observed) })))
+}
+
+/// Stamps pins, arm, request id and cache namespace.
+fn stamp(headers: &mut HeaderMap, arm: &Arm, request_id: &HeaderValue) {
+    arm.pins.stamp(headers);
+    headers.insert(X_DRIFTGUARD_ARM, arm.arm_header.clone());
+    headers.insert(X_REQUEST_ID, request_id.clone());
+    headers.insert(X_CACHE_NS, arm.cache_ns_header.clone());
+}
+
+/// Removes hop-by-hop fields, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Appends the peer to `x-forwarded-for` and sets `x-forwarded-proto` unless a front proxy did.
+fn forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) => HeaderValue::try_from(format!("{prior}, {ip}")),
+        None => HeaderValue::try_from(ip),
+    };
+    if let Ok(value) = value {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    headers.entry(X_FORWARDED_PROTO).or_insert(HeaderValue::from_static("http"));
+}
+
+fn new_request_id() -> HeaderValue {
+    let id = format!("{:032x}", fastrand::u128(..));
+    HeaderValue::try_from(id).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// 504 for connect or response timeouts, 502 for everything else that kept the upstream from answering.
+fn classify(e: &hyper_util::client::legacy::Error) -> ProxyError {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return ProxyError::UpstreamTimeout;
+            }
+        }
+        source = s.source();
+    }
+    ProxyError::UpstreamUnreachable
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// A JSON error made by the proxy: `{"error": kind, "message": .., "request_id": ..}`.
+fn error_response(arm: Option<&Arc<Arm>>, info: RequestInfo, kind: ProxyError, message: &str, start: Instant) -> Response<ProxyBody> {
+    let status = match kind {
+        ProxyError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+        ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        ProxyError::PinMismatch => StatusCode::CONFLICT,
+        ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    if let Some(arm) = arm {
+        arm.stats.upstream_error(Instant::now(), kind);
+    }
+    let body = serde_json::json!({"error": kind.as_str(), "message": message, "request_id": info.request_id_str()});
+    json_response(arm, info, status, body.to_string(), start)
+}
+
+fn json_response(arm: Option<&Arc<Arm>>, info: RequestInfo, status: StatusCode, body: String, start: Instant) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody(Kind::Full(Full::new(Bytes::from(body)))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    match arm {
+        Some(arm) => {
+            stamp(headers, arm, &info.request_id);
+            let now = Instant::now();
+            arm.stats.response(now, status.as_u16());
+            arm.stats.completed(now, now - start);
+            let observed = Observed {
+                arm: arm.clone(),
+                info,
+                status: status.as_u16(),
+                start,
+                first_byte: true,
+                bytes: 0,
+                access_log: true,
+            };
+            observed.log(now, true);
+        }
+        None => {
+            headers.insert(X_REQUEST_ID, info.request_id);
+        }
+    }
+    response
+}
+
+/// What the access log needs to know about the request.
+struct RequestInfo {
+    request_id: HeaderValue,
+    method: Method,
+    path: String,
+    version: Version,
+    authority: Option<HeaderValue>,
+}
+
+impl RequestInfo {
+    fn new(parts: &http::request::Parts, request_id: HeaderValue) -> Self {
+        RequestInfo {
+            request_id,
+            method: parts.method.clone(),
+            path: parts.uri.path().to_string(),
+            version: parts.version,
+            authority: parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        }
+    }
+
+    fn request_id_str(&self) -> &str {
+        self.request_id.to_str().unwrap_or("")
+    }
+}
+
+/// Timing and identity of a response in flight, reported once when its body ends or is dropped.
+struct Observed {
+    arm: Arc<Arm>,
+    info: RequestInfo,
+    status: u16,
+    start: Instant,
+    first_byte: bool,
+    bytes: u64,
+    access_log: bool,
+}
+
+impl Observed {
+    fn finish(&mut self, complete: bool) {
+        let now = Instant::now();
+        if !self.first_byte {
+            self.arm.stats.first_byte(now, now - self.start);
+        }
+        self.arm.stats.completed(now, now - self.start);
+        if self.access_log {
+            self.log(now, complete);
+        }
+    }
+
+    fn log(&self, now: Instant, complete: bool) {
+        let latency = now - self.start;
+        tracing::info!(
+            target: ACCESS,
+            request_id = self.info.request_id_str(),
+            arm = self.arm.name.as_str(),
+            pins_json = self.arm.pins.json(),
+            method = self.info.method.as_str(),
+            path = self.info.path.as_str(),
+            version = ?self.info.version,
+            status = self.status,
+            latency_ms = latency.as_micros() as f64 / 1e3,
+            bytes = self.bytes,
+            complete,
+        );
+    }
+}
+
+/// The body the proxy sends to clients: an upstream stream being observed, or a response it made itself.
+pub struct ProxyBody(Kind);
+
+enum Kind {
+    Upstream { inner: Incoming, observed: Option<Observed> },
+    Full(Full<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().0 {
+            Kind::Full(full) => Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
+            Kind::Upstream { inner, observed } => {
+                let frame = ready!(Pin::new(inner).poll_frame(cx));
+                if let Some(obs) = observed.as_mut() {
+                    match &frame {
+                        Some(Ok(f)) => {
+                            if let Some(data) = f.data_ref() {
+                                if !obs.first_byte && !data.is_empty() {
+                                    obs.first_byte = true;
+                                    let now = Instant::now();
+                                    obs.arm.stats.first_byte(now, now - obs.start);
+                                }
+                                obs.bytes += data.len() as u64;
+                            }
+                        }
+                        Some(Err(_)) => {
+                            if let Some(mut obs) = observed.take() {
+                                obs.finish(false);
+                            }
+                        }
+                        None => {
+                            if let Some(mut obs) = observed.take() {
+                                obs.finish(true);
+                            }
+                        }
+                    }
+                }
+                Poll::Ready(frame)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Kind::Full(full) => full.is_end_stream(),
+            Kind::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Full(full) => full.size_hint(),
+            Kind::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Kind::Upstream { observed, inner } = &mut self.0 {
+            if let Some(mut obs) = observed.take() {
+                // An empty body is never polled; anything else dropped early means the client went away.
+                obs.finish(inner.is_end_stream());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        forwarded_for(&mut h, "10.0.0.2:5000".parse().unwrap());
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.2");
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        forwarded_for(&mut h, "10.0.0.3:5000".parse().unwrap());
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.2, 10.0.0.3");
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
+    }
+}

@@ -1,0 +1,344 @@
+//! Windows: per-arm rings of time slots holding HDR-layout histograms and counters (SPEC §4).
+//!
+//! The request path records into the slot of the current 10 s period with relaxed atomic adds — no lock,
+//! no allocation. Readers (the rule engine, `/status`, `/metrics`) merge the newest slots into a
+//! [`WindowStats`] and read quantiles from it.
+//!
+//! The histogram uses the HdrHistogram bucket layout (256 sub-buckets: ≤ 0.4 % relative error at the
+//! reported midpoint) over `AtomicU64` counts. The `hdrhistogram` crate records through `&mut` and, for
+//! concurrent use, per-thread recorders synchronised by a blocking phaser; plain atomics fit a hot path
+//! shared by every connection task better.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+/// Length of one slot.
+pub const SLOT: Duration = Duration::from_secs(10);
+/// Slots in the ring.
+pub const SLOTS: usize = 30;
+/// The longest span a window can merge.
+pub const MAX_SPAN: Duration = Duration::from_secs(SLOT.as_secs() * SLOTS as u64);
+
+/// log2 of the sub-bucket count; 8 → 256 sub-buckets, bucket width ≤ 1/128 of its values.
+const SUB_BITS: u32 = 8;
+const SUB_COUNT: u64 = 1 << SUB_BITS;
+const SUB_HALF: u64 = SUB_COUNT / 2;
+
+/// What a histogram holds and the largest value it keeps (larger values are clamped to it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hist {
+    /// Request latency until the response body completed, µs.
+    Latency,
+    /// Time to the first response body byte (TTFT for streams), µs.
+    Ttfb,
+}
+
+impl Hist {
+    pub const ALL: [Hist; 2] = [Hist::Latency, Hist::Ttfb];
+
+    /// Largest recordable value: 2^32 µs ≈ 71 minutes.
+    const fn max_bits(self) -> u32 {
+        match self {
+            Hist::Latency | Hist::Ttfb => 32,
+        }
+    }
+}
+
+/// Counters kept per slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Counter {
+    Class1xx,
+    Class2xx,
+    Class3xx,
+    Class4xx,
+    Class5xx,
+    /// 429 responses, upstream-made or proxy-made.
+    RateLimited,
+    /// Upstream unreachable or failed before a response (502 by the proxy).
+    UpstreamErrors,
+    /// Upstream did not answer in time (504 by the proxy).
+    Timeouts,
+    /// Upstream-echoed pins that differ from the stamped ones.
+    PinMismatches,
+}
+
+const COUNTERS: usize = Counter::PinMismatches as usize + 1;
+
+impl Counter {
+    /// The status-class counter for an HTTP status code.
+    pub fn class_of(status: u16) -> Counter {
+        match status {
+            100..=199 => Counter::Class1xx,
+            200..=299 => Counter::Class2xx,
+            300..=399 => Counter::Class3xx,
+            400..=499 => Counter::Class4xx,
+            _ => Counter::Class5xx,
+        }
+    }
+}
+
+// === impl AtomicHistogram ===
+
+/// A fixed-layout HDR histogram with atomic counts; `record` is wait-free.
+pub struct AtomicHistogram {
+    counts: Box<[AtomicU64]>,
+    max_value: u64,
+}
+
+impl AtomicHistogram {
+    pub fn new(max_bits: u32) -> Self {
+        let max_value = (1u64 << max_bits) - 1;
+        let len = index_of(max_value) + 1;
+        AtomicHistogram { counts: (0..len).map(|_| AtomicU64::new(0)).collect(), max_value }
+    }
+
+    #[inline]
+    pub fn record(&self, value: u64) {
+        self.counts[index_of(value.min(self.max_value))].fetch_add(1, Relaxed);
+    }
+
+    fn reset(&self) {
+        for c in self.counts.iter() {
+            c.store(0, Relaxed);
+        }
+    }
+
+    fn add_into(&self, into: &mut Snapshot) {
+        for (dst, src) in into.counts.iter_mut().zip(self.counts.iter()) {
+            let n = src.load(Relaxed);
+            *dst += n;
+            into.total += n;
+        }
+    }
+}
+
+/// Bucket index of a value in the HDR layout.
+#[inline]
+fn index_of(value: u64) -> usize {
+    let bits = 64 - value.leading_zeros();
+    let bucket = bits.saturating_sub(SUB_BITS);
+    let sub = value >> bucket;
+    (bucket as u64 * SUB_HALF + sub) as usize
+}
+
+/// Lowest value and width of the bucket at an index.
+fn bucket_range(index: usize) -> (u64, u64) {
+    let index = index as u64;
+    if index < SUB_COUNT {
+        return (index, 1);
+    }
+    let bucket = index / SUB_HALF - 1;
+    let sub = index - bucket * SUB_HALF;
+    (sub << bucket, 1 << bucket)
+}
+
+// === impl Snapshot ===
+
+/// Merged counts of one histogram over a window, for reading.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    counts: Vec<u64>,
+    total: u64,
+}
+
+impl Snapshot {
+    fn for_hist(h: &AtomicHistogram) -> Self {
+        Snapshot { counts: vec![0; h.counts.len()], total: 0 }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.total
+    }
+
+    /// Value at quantile `q` (0.0..=1.0), the midpoint of its bucket; `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        if self.total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * self.total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, &n) in self.counts.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                let (low, width) = bucket_range(i);
+                return Some(low + (width - 1) / 2);
+            }
+        }
+        None
+    }
+
+    /// Mean of the recorded values (bucket midpoints).
+    pub fn mean(&self) -> Option<f64> {
+        if self.total == 0 {
+            return None;
+        }
+        let sum: f64 = self
+            .counts
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(i, &n)| {
+                let (low, width) = bucket_range(i);
+                n as f64 * (low as f64 + (width - 1) as f64 / 2.0)
+            })
+            .sum();
+        Some(sum / self.total as f64)
+    }
+
+    /// Non-empty buckets as (midpoint value, count), ascending.
+    pub fn buckets(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.counts.iter().enumerate().filter(|(_, &n)| n > 0).map(|(i, &n)| {
+            let (low, width) = bucket_range(i);
+            (low + (width - 1) / 2, n)
+        })
+    }
+}
+
+// === impl Window ===
+
+struct Slot {
+    /// The slot period this slot currently holds (`u64::MAX` before first use).
+    epoch: AtomicU64,
+    hists: [AtomicHistogram; Hist::ALL.len()],
+    counters: [AtomicU64; COUNTERS],
+}
+
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            epoch: AtomicU64::new(u64::MAX),
+            hists: Hist::ALL.map(|h| AtomicHistogram::new(h.max_bits())),
+            counters: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    /// Makes this slot hold period `epoch`, clearing what an older period left. Returns false when the slot
+    /// already holds a newer period (a record that arrives more than a whole ring late is dropped).
+    fn claim(&self, epoch: u64) -> bool {
+        let current = self.epoch.load(Relaxed);
+        if current == epoch {
+            return true;
+        }
+        if current != u64::MAX && current > epoch {
+            return false;
+        }
+        if self.epoch.compare_exchange(current, epoch, Relaxed, Relaxed).is_ok() {
+            for h in &self.hists {
+                h.reset();
+            }
+            for c in &self.counters {
+                c.store(0, Relaxed);
+            }
+        }
+        self.epoch.load(Relaxed) == epoch
+    }
+}
+
+/// One arm's ring of slots.
+pub struct Window {
+    origin: Instant,
+    slots: Box<[Slot]>,
+}
+
+impl Window {
+    /// A window whose slot periods count from `origin` (share one origin so all windows rotate together).
+    pub fn new(origin: Instant) -> Self {
+        Window { origin, slots: (0..SLOTS).map(|_| Slot::new()).collect() }
+    }
+
+    fn epoch_at(&self, at: Instant) -> u64 {
+        (at.saturating_duration_since(self.origin).as_millis() / SLOT.as_millis()) as u64
+    }
+
+    #[inline]
+    fn slot_at(&self, at: Instant) -> Option<&Slot> {
+        let epoch = self.epoch_at(at);
+        let slot = &self.slots[(epoch % SLOTS as u64) as usize];
+        slot.claim(epoch).then_some(slot)
+    }
+
+    /// Records a histogram value at time `at`.
+    #[inline]
+    pub fn record(&self, at: Instant, hist: Hist, value: u64) {
+        if let Some(slot) = self.slot_at(at) {
+            slot.hists[hist as usize].record(value);
+        }
+    }
+
+    /// Adds `n` to a counter at time `at`.
+    #[inline]
+    pub fn count(&self, at: Instant, counter: Counter, n: u64) {
+        if let Some(slot) = self.slot_at(at) {
+            slot.counters[counter as usize].fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Clears the slot of the next period ahead of time so the request path rarely has to. Called by a
+    /// periodic task.
+    pub fn prepare_next(&self, now: Instant) {
+        let next = self.epoch_at(now) + 1;
+        self.slots[(next % SLOTS as u64) as usize].claim(next);
+    }
+
+    /// Merges the slots covering the last `span` (rounded up to whole slots, current slot included).
+    pub fn stats(&self, now: Instant, span: Duration) -> WindowStats {
+        let newest = self.epoch_at(now);
+        let n = span.as_millis().div_ceil(SLOT.as_millis()).clamp(1, SLOTS as u128) as u64;
+        let oldest = newest.saturating_sub(n - 1);
+        let mut stats = WindowStats {
+            span: Duration::from_millis(n * SLOT.as_millis() as u64),
+            hists: std::array::from_fn(|i| Snapshot::for_hist(&self.slots[0].hists[i])),
+            counters: [0; COUNTERS],
+        };
+        for slot in self.slots.iter() {
+            let epoch = slot.epoch.load(Relaxed);
+            if epoch == u64::MAX || epoch < oldest || epoch > newest {
+                continue;
+            }
+            for (snap, h) in stats.hists.iter_mut().zip(slot.hists.iter()) {
+                h.add_into(snap);
+            }
+            for (total, c) in stats.counters.iter_mut().zip(slot.counters.iter()) {
+                *total += c.load(Relaxed);
+            }
+        }
+        stats
+    }
+}
+
+/// A merged window: histograms and counters over `span`.
+#[derive(Debug, Clone)]
+pub struct WindowStats {
+    pub span: Duration,
+    hists: [Snapshot; Hist::ALL.len()],
+    counters: [u64; COUNTERS],
+}
+
+impl WindowStats {
+    pub fn hist(&self, hist: Hist) -> &Snapshot {
+        &self.hists[hist as usize]
+    }
+
+    pub fn counter(&self, counter: Counter) -> u64 {
+        self.counters[counter as usize]
+    }
+
+    /// Responses of every status class.
+    pub fn requests(&self) -> u64 {
+        self.counters[..=Counter::Class5xx as usize].iter().sum()
+    }
+
+    /// 5xx share of the responses, 0 when there were none.
+    pub fn error_rate(&self) -> f64 {
+        let n = self.requests();
+        if n == 0 {
+            0.0
+        } else {
+            self.counter(Counter::Class5xx) as f64 / n as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
