@@ -9,7 +9,8 @@
 //! concurrent use, per-thread recorders synchronised by a blocking phaser; plain atomics fit a hot path
 //! shared by every connection task better.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::time::{Duration, Instant};
 
 /// Length of one slot.
@@ -198,7 +199,7 @@ impl Snapshot {
 // === impl Window ===
 
 struct Slot {
-    /// The slot period this slot currently holds (`u64::MAX` before first use).
+    /// The slot period this slot currently holds, or `EMPTY` / `RESETTING`.
     epoch: AtomicU64,
     hists: [AtomicHistogram; Hist::ALL.len()],
     counters: [AtomicU64; COUNTERS],
@@ -207,7 +208,7 @@ struct Slot {
 impl Slot {
     fn new() -> Self {
         Slot {
-            epoch: AtomicU64::new(u64::MAX),
+            epoch: AtomicU64::new(EMPTY),
             hists: Hist::ALL.map(|h| AtomicHistogram::new(h.max_bits())),
             counters: std::array::from_fn(|_| AtomicU64::new(0)),
         }
@@ -215,25 +216,43 @@ impl Slot {
 
     /// Makes this slot hold period `epoch`, clearing what an older period left. Returns false when the slot
     /// already holds a newer period (a record that arrives more than a whole ring late is dropped).
+    ///
+    /// The first caller for a new period marks the slot `RESETTING`, clears it, then publishes the period;
+    /// anyone arriving meanwhile waits for the publish so no record is wiped. The rotation task claims
+    /// each slot ahead of its period, so the request path almost never gets here.
+    #[inline]
     fn claim(&self, epoch: u64) -> bool {
-        let current = self.epoch.load(Relaxed);
-        if current == epoch {
-            return true;
-        }
-        if current != u64::MAX && current > epoch {
-            return false;
-        }
-        if self.epoch.compare_exchange(current, epoch, Relaxed, Relaxed).is_ok() {
-            for h in &self.hists {
-                h.reset();
+        loop {
+            let current = self.epoch.load(Acquire);
+            if current == epoch {
+                return true;
             }
-            for c in &self.counters {
-                c.store(0, Relaxed);
+            if current == RESETTING {
+                std::hint::spin_loop();
+                std::thread::yield_now();
+                continue;
+            }
+            if current != EMPTY && current > epoch {
+                return false;
+            }
+            if self.epoch.compare_exchange(current, RESETTING, Acquire, Relaxed).is_ok() {
+                for h in &self.hists {
+                    h.reset();
+                }
+                for c in &self.counters {
+                    c.store(0, Relaxed);
+                }
+                self.epoch.store(epoch, Release);
+                return true;
             }
         }
-        self.epoch.load(Relaxed) == epoch
     }
 }
+
+/// Epoch of a slot never used.
+const EMPTY: u64 = u64::MAX;
+/// Epoch of a slot being cleared.
+const RESETTING: u64 = u64::MAX - 1;
 
 /// One arm's ring of slots.
 pub struct Window {
@@ -292,8 +311,8 @@ impl Window {
             counters: [0; COUNTERS],
         };
         for slot in self.slots.iter() {
-            let epoch = slot.epoch.load(Relaxed);
-            if epoch == u64::MAX || epoch < oldest || epoch > newest {
+            let epoch = slot.epoch.load(Acquire);
+            if epoch < oldest || epoch > newest {
                 continue;
             }
             for (snap, h) in stats.hists.iter_mut().zip(slot.hists.iter()) {
