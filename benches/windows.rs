@@ -91,19 +91,19 @@ fn bench_record(c: &mut Criterion) {
             let barrier = Barrier::new(2);
             let (w, barrier) = (&w, &barrier);
             std::thread::scope(|s| {
-                let a = s.spawn(|| {
+                let t1 = s.spawn(|| {
                     barrier.wait();
                     let start = Instant::now();
                     record_loop(w, at, &values, iters);
                     start.elapsed()
                 });
-                let b = s.spawn(|| {
+                let t2 = s.spawn(|| {
                     barrier.wait();
                     let start = Instant::now();
                     record_loop(w, at, &values2, iters);
                     start.elapsed()
                 });
-                let (a, b) = (a.join().expect("recorder thread"), b.join().expect("recorder thread"));
+                let (a, b) = (t1.join().expect("recorder thread"), t2.join().expect("recorder thread"));
                 a.max(b)
             })
         });

@@ -15,6 +15,8 @@ use crate::metrics::Metrics;
 use crate::pins;
 use crate::proxy::{self, UpstreamClient};
 use crate::router::{RouterError, RoutingTable};
+use crate::signals::pipeline::Pipeline;
+use crate::signals::EvalError;
 use crate::windows::{Counter, Hist, WindowStats};
 
 pub const ADMIN_TOKEN_ENV: &str = "DRIFTGUARD_ADMIN_TOKEN";
@@ -66,10 +68,19 @@ pub struct App {
     env_pins: BTreeMap<String, String>,
     pub metrics: Metrics,
     pub client: UpstreamClient,
+    pub pipeline: Arc<Pipeline>,
     started: Instant,
     draining: AtomicBool,
     /// Serialises table rebuilds (reload, weight changes) so none is lost between load and store.
     write_lock: Mutex<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Router(#[from] RouterError),
+    #[error("signals: {0}")]
+    Signals(#[from] EvalError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,14 +91,18 @@ pub enum ReloadError {
     Invalid(#[from] ConfigErrors),
     #[error(transparent)]
     Router(#[from] RouterError),
+    #[error("signals: {0}")]
+    Signals(#[from] EvalError),
 }
 
 impl App {
-    pub fn new(loaded: Loaded, config_path: Option<PathBuf>) -> Result<App, RouterError> {
+    pub fn new(loaded: Loaded, config_path: Option<PathBuf>) -> Result<App, StartError> {
         let metrics = Metrics::new();
         let env_pins = pins::from_env(std::env::vars());
         let table = RoutingTable::from_config(&loaded.config, &env_pins, &metrics)?;
+        let pipeline = Arc::new(Pipeline::start(&loaded.config.signals, &metrics)?);
         Ok(App {
+            pipeline,
             config_path,
             client: proxy::client(&loaded.config.upstream),
             config: ArcSwap::from_pointee(loaded.config),
@@ -147,11 +162,15 @@ impl App {
             ("upstream.connect_timeout", old.upstream.connect_timeout != loaded.config.upstream.connect_timeout),
             ("upstream.pool_max_idle", old.upstream.pool_max_idle != loaded.config.upstream.pool_max_idle),
             ("upstream.pool_idle_timeout", old.upstream.pool_idle_timeout != loaded.config.upstream.pool_idle_timeout),
+            ("signals.workers", old.signals.workers != loaded.config.signals.workers),
+            ("signals.queue", old.signals.queue != loaded.config.signals.queue),
+            ("signals.max_sessions", old.signals.max_sessions != loaded.config.signals.max_sessions),
         ] {
             if changed {
                 tracing::warn!(key, "changed in the config file; takes effect on restart only");
             }
         }
+        self.pipeline.reconfigure(&loaded.config.signals)?;
         self.table.store(Arc::new(table));
         self.config.store(Arc::new(loaded.config));
         self.admin_token.store(Arc::new(loaded.admin_token));

@@ -258,6 +258,10 @@ pub struct Signals {
     pub anchor: String,
     /// Header that groups requests into a session for the λ series.
     pub session_header: String,
+    /// Sessions remembered for λ and tool loops (least recently seen evicted first).
+    pub max_sessions: usize,
+    /// A session not seen for this long starts over.
+    pub session_ttl: Dur,
     pub openai: OpenAiEmbedder,
 }
 
@@ -274,6 +278,8 @@ impl Default for Signals {
             answer: String::new(),
             anchor: String::new(),
             session_header: "x-session-id".into(),
+            max_sessions: 100_000,
+            session_ttl: secs(30 * 60),
             openai: OpenAiEmbedder::default(),
         }
     }
@@ -282,9 +288,14 @@ impl Default for Signals {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OpenAiEmbedder {
+    /// `/v1/embeddings` endpoint, plain http.
     pub url: String,
     pub model: String,
     pub timeout: Dur,
+    /// Env var holding an API key sent as `Authorization: Bearer`; empty for none.
+    pub api_key_env: String,
+    /// Embeddings cached by text hash.
+    pub cache_entries: usize,
 }
 
 impl Default for OpenAiEmbedder {
@@ -293,6 +304,8 @@ impl Default for OpenAiEmbedder {
             url: "http://127.0.0.1:8081/v1/embeddings".into(),
             model: "bge-small-en-v1.5".into(),
             timeout: secs(2),
+            api_key_env: String::new(),
+            cache_entries: 10_000,
         }
     }
 }
@@ -701,8 +714,11 @@ impl Config {
                 errors.push(err(key, format!("{pointer:?} is not a JSON pointer (it must start with '/')")));
             }
         }
-        if s.embedder == EmbedderKind::Openai && !s.openai.url.starts_with("http") {
-            errors.push(err("signals.openai.url", "an http:// URL is required for embedder = \"openai\""));
+        if s.embedder == EmbedderKind::Openai && !s.openai.url.starts_with("http://") {
+            errors.push(err("signals.openai.url", "an http:// URL is required for embedder = \"openai\" (https is not supported; use a local endpoint or a TLS-terminating sidecar)"));
+        }
+        if s.max_sessions == 0 {
+            errors.push(err("signals.max_sessions", "must be at least 1"));
         }
         if self.budget.tokens_per_minute == 0 {
             errors.push(err("budget.tokens_per_minute", "must be above 0"));

@@ -14,6 +14,8 @@ pub mod pins;
 pub mod proxy;
 pub mod router;
 pub mod shutdown;
+pub mod signals;
+pub mod tee;
 pub mod windows;
 
 use std::net::SocketAddr;
@@ -30,7 +32,7 @@ pub enum RunError {
     #[error("invalid config:\n{0}")]
     Config(#[from] ConfigErrors),
     #[error(transparent)]
-    Router(#[from] router::RouterError),
+    Start(#[from] app::StartError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind { what: &'static str, addr: String, source: std::io::Error },
     #[error("cannot start the runtime: {0}")]

@@ -9,12 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
 
 use crate::router::RoutingTable;
-use crate::windows::{Counter, Hist, Window};
+use crate::windows::{Counter, Hist, Window, SIGNAL_SCALE};
+use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary};
 
 pub const NAMESPACE: &str = "driftguard";
 
@@ -62,75 +63,91 @@ pub struct Metrics {
     ttfb: HistogramVec,
     pin_mismatch: IntCounterVec,
     proxy_errors: IntCounterVec,
+    delta_s: HistogramVec,
+    coverage: HistogramVec,
+    lambda: IntCounterVec,
+    tool_loops: IntCounterVec,
+    tokens: IntCounterVec,
+    evaluations: IntCounterVec,
     pub reloads: IntCounterVec,
+    pub eval_dropped: IntCounter,
+    pub eval_queue_depth: IntGauge,
+    pub eval_skipped: IntCounterVec,
+    pub eval_errors: IntCounterVec,
+    pub tee_truncated: IntCounterVec,
     origin: Instant,
     arms: Mutex<HashMap<String, Arc<ArmStats>>>,
 }
 
+/// Buckets of signals in [0, 1].
+const SIGNAL_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0,
+];
+
+/// λ states in the order of their window counters (`Counter::LambdaConvergent` onwards).
+pub const LAMBDA_STATES: [&str; 4] = ["convergent", "recursive", "divergent", "chaotic"];
+
+pub const PROBES: [(Hist, &str); 3] = [(Hist::DeltaSQr, "qr"), (Hist::DeltaSRa, "ra"), (Hist::DeltaS, "max")];
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition is valid");
+    registry.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+fn histogram_vec(registry: &Registry, name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+    let h = HistogramVec::new(opts, labels).expect("static metric definition is valid");
+    registry.register(Box::new(h.clone())).expect("metric names are unique");
+    h
+}
+
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new_custom(Some(NAMESPACE.into()), None).expect("static registry prefix is valid");
-        let requests = IntCounterVec::new(
-            Opts::new("requests_total", "Responses sent to clients, by arm and status class."),
-            &["arm", "class"],
-        )
-        .expect("valid metric");
-        let duration = HistogramVec::new(
-            HistogramOpts::new("request_duration_seconds", "Time from request to the end of the response body.")
-                .buckets(LATENCY_BUCKETS.to_vec()),
-            &["arm"],
-        )
-        .expect("valid metric");
-        let ttfb = HistogramVec::new(
-            HistogramOpts::new("ttfb_seconds", "Time from request to the first response body byte (TTFT for streams).")
-                .buckets(LATENCY_BUCKETS.to_vec()),
-            &["arm"],
-        )
-        .expect("valid metric");
-        let pin_mismatch = IntCounterVec::new(
-            Opts::new("pin_mismatch_total", "Upstream-echoed x-pin-* values that differ from the stamped pin."),
-            &["arm", "pin"],
-        )
-        .expect("valid metric");
-        let proxy_errors = IntCounterVec::new(
-            Opts::new("proxy_errors_total", "Responses the proxy made itself, by kind."),
-            &["kind"],
-        )
-        .expect("valid metric");
-        let reloads =
-            IntCounterVec::new(Opts::new("config_reloads_total", "Configuration reloads, by outcome."), &["outcome"])
-                .expect("valid metric");
-        let build_info = GaugeVec::new(Opts::new("build_info", "Build of this driftguard."), &["version"])
-            .expect("valid metric");
+        let r = Registry::new_custom(Some(NAMESPACE.into()), None).expect("static registry prefix is valid");
+        let build_info = GaugeVec::new(Opts::new("build_info", "Build of this driftguard (value always 1)."), &["version"])
+            .expect("static metric definition is valid");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);
-        for kind in ProxyError::ALL {
-            proxy_errors.with_label_values(&[kind.as_str()]);
-        }
-        for outcome in ["ok", "refused"] {
-            reloads.with_label_values(&[outcome]);
-        }
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(duration.clone()),
-            Box::new(ttfb.clone()),
-            Box::new(pin_mismatch.clone()),
-            Box::new(proxy_errors.clone()),
-            Box::new(reloads.clone()),
-            Box::new(build_info),
-        ] {
-            registry.register(c).expect("metric names are unique");
-        }
-        Metrics {
-            registry,
-            requests,
-            duration,
-            ttfb,
-            pin_mismatch,
-            proxy_errors,
-            reloads,
+        r.register(Box::new(build_info)).expect("metric names are unique");
+        let eval_dropped = IntCounter::new("eval_dropped_total", "Samples dropped because the evaluation queue was full.")
+            .expect("static metric definition is valid");
+        let eval_queue_depth = IntGauge::new("eval_queue_depth", "Samples waiting in the evaluation queue.")
+            .expect("static metric definition is valid");
+        r.register(Box::new(eval_dropped.clone())).expect("metric names are unique");
+        r.register(Box::new(eval_queue_depth.clone())).expect("metric names are unique");
+        let m = Metrics {
+            requests: counter_vec(&r, "requests_total", "Responses sent to clients, by arm and status class.", &["arm", "class"]),
+            duration: histogram_vec(&r, "request_duration_seconds", "Time from request to the end of the response body.", LATENCY_BUCKETS, &["arm"]),
+            ttfb: histogram_vec(&r, "ttfb_seconds", "Time from request to the first response body byte (TTFT for streams).", LATENCY_BUCKETS, &["arm"]),
+            pin_mismatch: counter_vec(&r, "pin_mismatch_total", "Upstream-echoed x-pin-* values that differ from the stamped pin.", &["arm", "pin"]),
+            proxy_errors: counter_vec(&r, "proxy_errors_total", "Responses the proxy made itself, by kind.", &["kind"]),
+            delta_s: histogram_vec(&r, "delta_s", "Semantic drift ΔS of evaluated answers, by probe (qr, ra, max).", SIGNAL_BUCKETS, &["arm", "probe"]),
+            coverage: histogram_vec(&r, "coverage", "Share of the answer's content tokens found in the retrieved chunks.", SIGNAL_BUCKETS, &["arm"]),
+            lambda: counter_vec(&r, "lambda_total", "Evaluated answers by convergence state λ.", &["arm", "state"]),
+            tool_loops: counter_vec(&r, "tool_loops_total", "Responses with a repeated tool call (3 in one response or 3 responses of a session).", &["arm"]),
+            tokens: counter_vec(&r, "tokens_total", "Tokens reported in upstream usage, by kind (prompt, completion).", &["arm", "kind"]),
+            evaluations: counter_vec(&r, "evaluations_total", "Responses whose quality signals were computed.", &["arm"]),
+            reloads: counter_vec(&r, "config_reloads_total", "Configuration reloads, by outcome.", &["outcome"]),
+            eval_skipped: counter_vec(&r, "eval_skipped_total", "Sampled responses not evaluated, by reason.", &["reason"]),
+            eval_errors: counter_vec(&r, "eval_errors_total", "Evaluations that failed, by stage (embedder).", &["stage"]),
+            tee_truncated: counter_vec(&r, "tee_truncated_total", "Body copies stopped at signals.max_body_bytes, by direction.", &["direction"]),
+            eval_dropped,
+            eval_queue_depth,
+            registry: r,
             origin: Instant::now(),
             arms: Mutex::new(HashMap::new()),
+        };
+        for kind in ProxyError::ALL {
+            m.proxy_errors.with_label_values(&[kind.as_str()]);
         }
+        for outcome in ["ok", "refused"] {
+            m.reloads.with_label_values(&[outcome]);
+        }
+        for direction in ["request", "response"] {
+            m.tee_truncated.with_label_values(&[direction]);
+        }
+        m.eval_errors.with_label_values(&["embedder"]);
+        m
     }
 
     /// The stats of an arm, created on first use and kept for the process's life.
@@ -145,6 +162,12 @@ impl Metrics {
                     duration: self.duration.with_label_values(&[name]),
                     ttfb: self.ttfb.with_label_values(&[name]),
                     pin_mismatch: self.pin_mismatch.clone(),
+                    delta_s: PROBES.map(|(_, probe)| self.delta_s.with_label_values(&[name, probe])),
+                    coverage: self.coverage.with_label_values(&[name]),
+                    lambda: LAMBDA_STATES.map(|state| self.lambda.with_label_values(&[name, state])),
+                    tool_loops: self.tool_loops.with_label_values(&[name]),
+                    tokens: ["prompt", "completion"].map(|k| self.tokens.with_label_values(&[name, k])),
+                    evaluations: self.evaluations.with_label_values(&[name]),
                 })
             })
             .clone()
@@ -164,9 +187,9 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of everything, with the live table's weights, pins and quantiles.
-    pub fn render(&self, table: &RoutingTable, quantile_window: Duration) -> String {
+    pub fn render(&self, table: &RoutingTable, window: Duration) -> String {
         let mut families = self.registry.gather();
-        families.extend(table_families(table, quantile_window));
+        families.extend(table_families(table, window));
         families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
@@ -182,53 +205,120 @@ impl Default for Metrics {
     }
 }
 
-/// Families derived from the routing table at scrape time.
-fn table_families(table: &RoutingTable, quantile_window: Duration) -> Vec<prometheus::proto::MetricFamily> {
+/// Families derived from the routing table and the windows at scrape time.
+fn table_families(table: &RoutingTable, window: Duration) -> Vec<MetricFamily> {
     let scratch = Registry::new_custom(Some(NAMESPACE.into()), None).expect("static registry prefix is valid");
-    let weight = GaugeVec::new(Opts::new("arm_weight", "Current routing weight of each arm."), &["arm"])
-        .expect("valid metric");
-    let quantile = GaugeVec::new(
-        Opts::new(
-            "latency_quantile_seconds",
-            "Request latency quantiles over the rule window (HDR histogram, <= 1% relative error).",
-        ),
-        &["arm", "quantile"],
-    )
-    .expect("valid metric");
+    let gauge = |name: &str, help: &str, labels: &[&str]| -> Option<GaugeVec> {
+        let g = GaugeVec::new(Opts::new(name, help), labels).ok()?;
+        scratch.register(Box::new(g.clone())).ok()?;
+        Some(g)
+    };
+    let weight = gauge("arm_weight", "Current routing weight of each arm.", &["arm"]);
+    let mut latency = Vec::new();
+    let mut delta_s = Vec::new();
+    let coverage = gauge("coverage_mean", "Mean evidence coverage over the rule window.", &["arm"]);
+    let flips = gauge("lambda_flip_rate", "(divergent + chaotic) / evaluated over the rule window.", &["arm"]);
     let pin_names: BTreeSet<String> =
         table.arms().iter().flat_map(|a| a.pins.map().keys().map(|k| k.to_ascii_lowercase())).collect();
     let mut labels: Vec<&str> = vec!["arm"];
     labels.extend(pin_names.iter().map(String::as_str));
-    let pins = GaugeVec::new(Opts::new("pins_info", "Version pins stamped for each arm (value always 1)."), &labels)
-        .expect("pin names are valid label names");
+    let pins = gauge("pins_info", "Version pins stamped for each arm (value always 1).", &labels);
 
     let now = Instant::now();
     for (arm, w) in table.arms().iter().zip(table.weights()) {
-        weight.with_label_values(&[arm.name.as_str()]).set(f64::from(*w));
-        let stats = arm.stats.window.stats(now, quantile_window);
-        let latency = stats.hist(Hist::Latency);
-        for (q, label) in QUANTILES {
-            if let Some(us) = latency.quantile(q) {
-                quantile.with_label_values(&[arm.name.as_str(), label]).set(us as f64 / 1e6);
-            }
+        let name = arm.name.as_str();
+        let stats = arm.stats.window.stats(now, window);
+        if let Some(g) = &weight {
+            g.with_label_values(&[name]).set(f64::from(*w));
         }
-        let mut values: Vec<&str> = vec![arm.name.as_str()];
-        for name in &pin_names {
-            values.push(arm.pins.get(&name.to_ascii_uppercase()).unwrap_or(""));
+        let quantiles = |hist: Hist, scale: f64| -> Vec<(f64, f64)> {
+            QUANTILES.iter().filter_map(|(q, _)| Some((*q, stats.hist(hist).quantile(*q)? as f64 / scale))).collect()
+        };
+        let d = &arm.stats.duration;
+        latency.push(summary(&[("arm", name)], &quantiles(Hist::Latency, 1e6), d.get_sample_count(), d.get_sample_sum()));
+        for ((hist, probe), h) in PROBES.iter().zip(&arm.stats.delta_s) {
+            let q = quantiles(*hist, SIGNAL_SCALE);
+            delta_s.push(summary(&[("arm", name), ("probe", probe)], &q, h.get_sample_count(), h.get_sample_sum()));
         }
-        pins.with_label_values(&values).set(1.0);
+        if let (Some(g), Some(v)) = (&coverage, stats.signal_mean(Hist::Coverage)) {
+            g.with_label_values(&[name]).set(v);
+        }
+        if let (Some(g), Some(v)) = (&flips, stats.lambda_flip_rate()) {
+            g.with_label_values(&[name]).set(v);
+        }
+        if let Some(g) = &pins {
+            let mut values: Vec<&str> = vec![name];
+            values.extend(pin_names.iter().map(|p| arm.pins.get(&p.to_ascii_uppercase()).unwrap_or("")));
+            g.with_label_values(&values).set(1.0);
+        }
     }
-    for c in [
-        Box::new(weight) as Box<dyn prometheus::core::Collector>,
-        Box::new(quantile),
-        Box::new(pins),
-    ] {
-        if let Err(e) = scratch.register(c) {
-            tracing::error!(error = %e, "cannot register table metrics");
-        }
-    }
-    scratch.gather()
+    let mut families = scratch.gather();
+    families.push(summary_family(
+        "latency_quantile_seconds",
+        "Request latency quantiles over the rule window (HDR histogram, <= 1% relative error); _sum and _count are lifetime totals.",
+        latency,
+    ));
+    families.push(summary_family(
+        "delta_s_quantile",
+        "ΔS quantiles over the rule window, by probe; _sum and _count are lifetime totals.",
+        delta_s,
+    ));
+    families
 }
+
+/// A summary family: Prometheus's type for samples labelled by `quantile`.
+fn summary_family(name: &str, help: &str, metrics: Vec<Metric>) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(format!("{NAMESPACE}_{name}"));
+    family.set_help(help.to_string());
+    family.set_field_type(MetricType::SUMMARY);
+    family.set_metric(metrics);
+    family
+}
+
+fn summary(labels: &[(&str, &str)], quantiles: &[(f64, f64)], count: u64, sum: f64) -> Metric {
+    let mut s = Summary::default();
+    s.set_sample_count(count);
+    s.set_sample_sum(sum);
+    s.set_quantile(
+        quantiles
+            .iter()
+            .map(|(q, v)| {
+                let mut quantile = Quantile::default();
+                quantile.set_quantile(*q);
+                quantile.set_value(*v);
+                quantile
+            })
+            .collect(),
+    );
+    let mut metric = Metric::default();
+    metric.set_label(
+        labels
+            .iter()
+            .map(|(k, v)| {
+                let mut pair = LabelPair::default();
+                pair.set_name(k.to_string());
+                pair.set_value(v.to_string());
+                pair
+            })
+            .collect(),
+    );
+    metric.set_summary(s);
+    metric
+}
+
+/// What one evaluation found, as recorded. `lambda` indexes [`LAMBDA_STATES`].
+#[derive(Debug, Clone, Default)]
+pub struct Evaluation {
+    pub delta_s_qr: f64,
+    pub delta_s_ra: f64,
+    pub delta_s: f64,
+    pub coverage: Option<f64>,
+    pub lambda: usize,
+}
+
+const LAMBDA_COUNTERS: [Counter; 4] =
+    [Counter::LambdaConvergent, Counter::LambdaRecursive, Counter::LambdaDivergent, Counter::LambdaChaotic];
 
 // === impl ArmStats ===
 
@@ -240,6 +330,12 @@ pub struct ArmStats {
     duration: Histogram,
     ttfb: Histogram,
     pin_mismatch: IntCounterVec,
+    delta_s: [Histogram; 3],
+    coverage: Histogram,
+    lambda: [IntCounter; 4],
+    tool_loops: IntCounter,
+    tokens: [IntCounter; 2],
+    evaluations: IntCounter,
 }
 
 impl ArmStats {
@@ -271,6 +367,41 @@ impl ArmStats {
     pub fn upstream_error(&self, at: Instant, kind: ProxyError) {
         let counter = if kind == ProxyError::UpstreamTimeout { Counter::Timeouts } else { Counter::UpstreamErrors };
         self.window.count(at, counter, 1);
+    }
+
+    /// The signals of one evaluated response.
+    pub fn evaluated(&self, at: Instant, s: &Evaluation) {
+        let w = &self.window;
+        w.count(at, Counter::Evaluated, 1);
+        self.evaluations.inc();
+        for ((hist, _), (value, prom)) in PROBES.iter().zip([s.delta_s_qr, s.delta_s_ra, s.delta_s].iter().zip(&self.delta_s)) {
+            w.record(at, *hist, Hist::scaled(*value));
+            prom.observe(*value);
+        }
+        if let Some(c) = s.coverage {
+            w.record(at, Hist::Coverage, Hist::scaled(c));
+            self.coverage.observe(c);
+        }
+        w.count(at, LAMBDA_COUNTERS[s.lambda], 1);
+        self.lambda[s.lambda].inc();
+    }
+
+    /// Usage and tool loops of a response, recorded whether or not its signals could be computed.
+    pub fn usage(&self, at: Instant, prompt_tokens: Option<u64>, completion_tokens: Option<u64>, tool_loop: bool) {
+        let w = &self.window;
+        if tool_loop {
+            w.count(at, Counter::ToolLoops, 1);
+            self.tool_loops.inc();
+        }
+        for ((n, counter), prom) in [(prompt_tokens, Counter::PromptTokens), (completion_tokens, Counter::CompletionTokens)]
+            .into_iter()
+            .zip(&self.tokens)
+        {
+            if let Some(n) = n {
+                w.count(at, counter, n);
+                prom.inc_by(n);
+            }
+        }
     }
 
     pub fn pin_mismatch(&self, at: Instant, pin: &str) {

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -29,6 +29,8 @@ use crate::log::ACCESS;
 use crate::metrics::ProxyError;
 use crate::pins;
 use crate::router::Arm;
+use crate::signals::pipeline::{Pipeline, Sample};
+use crate::tee::{Capture, RequestBody, RequestSlot};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_DRIFTGUARD_ARM: HeaderName = HeaderName::from_static("x-driftguard-arm");
@@ -42,7 +44,7 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 const HOP_BY_HOP: [HeaderName; 6] =
     [header::CONNECTION, PROXY_CONNECTION, KEEP_ALIVE, header::TE, header::TRANSFER_ENCODING, header::UPGRADE];
 
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+pub type UpstreamClient = Client<HttpConnector, RequestBody>;
 
 /// The pooled keep-alive client used for every upstream.
 pub fn client(cfg: &Upstream) -> UpstreamClient {
@@ -102,7 +104,21 @@ pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
     }
     parts.version = Version::HTTP_11;
 
-    let sent = tokio::time::timeout(table.settings.request_timeout, app.client.request(Request::from_parts(parts, body)));
+    let settings = &table.settings;
+    let (body, tee) = if settings.sampled() {
+        let slot = RequestSlot::default();
+        let session = settings
+            .session_header
+            .as_ref()
+            .and_then(|h| parts.headers.get(h))
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let body = RequestBody::teed(body, settings.max_body_bytes, slot.clone());
+        (body, Some((slot, session)))
+    } else {
+        (RequestBody::plain(body), None)
+    };
+    let sent = tokio::time::timeout(settings.request_timeout, app.client.request(Request::from_parts(parts, body)));
     let response = match sent.await {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
@@ -126,7 +142,14 @@ pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
     stamp(&mut parts.headers, &arm, &info.request_id);
     let status = parts.status.as_u16();
     arm.stats.response(now, status);
-    let observed = Observed { arm, info, status, start, first_byte: false, bytes: 0, access_log: table.settings.access_log };
+    let tee = tee.filter(|_| parts.status.is_success()).map(|(request, session)| Tee {
+        request,
+        response: Capture::new(settings.max_body_bytes),
+        sse: parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream")),
+        session,
+        pipeline: app.pipeline.clone(),
+    });
+    let observed = Observed { arm, info, status, start, first_byte: false, bytes: 0, access_log: settings.access_log, tee };
     Ok(Response::from_parts(parts, ProxyBody(Kind::Upstream { inner: body, observed: Some(observed) })))
 }
 
@@ -223,27 +246,18 @@ fn json_response(arm: Option<&Arc<Arm>>, info: RequestInfo, status: StatusCode, 
     if status == StatusCode::SERVICE_UNAVAILABLE {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    let now = Instant::now();
     match arm {
         Some(arm) => {
             stamp(headers, arm, &info.request_id);
-            let now = Instant::now();
             arm.stats.response(now, status.as_u16());
             arm.stats.completed(now, now - start);
-            let observed = Observed {
-                arm: arm.clone(),
-                info,
-                status: status.as_u16(),
-                start,
-                first_byte: true,
-                bytes: 0,
-                access_log: true,
-            };
-            observed.log(now, true);
         }
         None => {
-            headers.insert(X_REQUEST_ID, info.request_id);
+            headers.insert(X_REQUEST_ID, info.request_id.clone());
         }
     }
+    access_log(&info, arm.map(|a| a.as_ref()), status.as_u16(), now - start, 0, true);
     response
 }
 
@@ -272,8 +286,18 @@ impl RequestInfo {
     }
 }
 
+/// The copies of a sampled exchange, handed to the evaluation pipeline when the response completes.
+struct Tee {
+    request: RequestSlot,
+    response: Capture,
+    sse: bool,
+    session: Option<String>,
+    pipeline: Arc<Pipeline>,
+}
+
 /// Timing and identity of a response in flight, reported once when its body ends or is dropped.
 struct Observed {
+    tee: Option<Tee>,
     arm: Arc<Arm>,
     info: RequestInfo,
     status: u16,
@@ -291,26 +315,42 @@ impl Observed {
         }
         self.arm.stats.completed(now, now - self.start);
         if self.access_log {
-            self.log(now, complete);
+            access_log(&self.info, Some(&self.arm), self.status, now - self.start, self.bytes, complete);
+        }
+        if let Some(tee) = self.tee.take() {
+            if complete {
+                let request = tee.request.lock().unwrap_or_else(|p| p.into_inner()).take();
+                tee.pipeline.submit(Sample {
+                    arm: self.arm.stats.clone(),
+                    request_id: self.info.request_id_str().to_string(),
+                    session: tee.session,
+                    request,
+                    response: tee.response,
+                    sse: tee.sse,
+                    at: now,
+                });
+            } else {
+                tee.pipeline.skip_incomplete();
+            }
         }
     }
+}
 
-    fn log(&self, now: Instant, complete: bool) {
-        let latency = now - self.start;
-        tracing::info!(
-            target: ACCESS,
-            request_id = self.info.request_id_str(),
-            arm = self.arm.name.as_str(),
-            pins_json = self.arm.pins.json(),
-            method = self.info.method.as_str(),
-            path = self.info.path.as_str(),
-            version = ?self.info.version,
-            status = self.status,
-            latency_ms = latency.as_micros() as f64 / 1e3,
-            bytes = self.bytes,
-            complete,
-        );
-    }
+/// One access-log line. `arm` is `None` when no arm could take the request.
+fn access_log(info: &RequestInfo, arm: Option<&Arm>, status: u16, latency: Duration, bytes: u64, complete: bool) {
+    tracing::info!(
+        target: ACCESS,
+        request_id = info.request_id_str(),
+        arm = arm.map(|a| a.name.as_str()).unwrap_or(""),
+        pins_json = arm.map(|a| a.pins.json()).unwrap_or("{}"),
+        method = info.method.as_str(),
+        path = info.path.as_str(),
+        version = ?info.version,
+        status,
+        latency_ms = latency.as_micros() as f64 / 1e3,
+        bytes,
+        complete,
+    );
 }
 
 /// The body the proxy sends to clients: an upstream stream being observed, or a response it made itself.
@@ -340,6 +380,9 @@ impl Body for ProxyBody {
                                     obs.arm.stats.first_byte(now, now - obs.start);
                                 }
                                 obs.bytes += data.len() as u64;
+                                if let Some(tee) = obs.tee.as_mut() {
+                                    tee.response.push(data);
+                                }
                             }
                         }
                         Some(Err(_)) => {

@@ -37,6 +37,20 @@ pub struct Settings {
     pub strict_pins: bool,
     pub request_timeout: Duration,
     pub access_log: bool,
+    /// Share of responses evaluated (`signals.sample`).
+    pub sample: f64,
+    /// Cap of each body copy (`signals.max_body_bytes`).
+    pub max_body_bytes: usize,
+    /// Header naming the session for the λ series.
+    pub session_header: Option<HeaderName>,
+}
+
+impl Settings {
+    /// Whether this request's exchange is copied for evaluation.
+    #[inline]
+    pub fn sampled(&self) -> bool {
+        self.sample >= 1.0 || (self.sample > 0.0 && fastrand::f64() < self.sample)
+    }
 }
 
 /// The routing table: arms, their weights, and the settings the request path reads.
@@ -93,6 +107,9 @@ impl RoutingTable {
             strict_pins: config.strict_pins,
             request_timeout: config.upstream.request_timeout.0,
             access_log: config.log.access,
+            sample: config.signals.sample,
+            max_body_bytes: config.signals.max_body_bytes,
+            session_header: HeaderName::try_from(&config.signals.session_header).ok(),
         };
         Ok(RoutingTable::new(settings, arms, config.arms.iter().map(|a| a.weight).collect(), sticky_header))
     }

@@ -32,16 +32,33 @@ pub enum Hist {
     Latency,
     /// Time to the first response body byte (TTFT for streams), µs.
     Ttfb,
+    /// ΔS(question, retrieved centroid), in [`SIGNAL_SCALE`] units.
+    DeltaSQr,
+    /// ΔS(retrieved centroid, anchor), in [`SIGNAL_SCALE`] units.
+    DeltaSRa,
+    /// max(qr, ra), in [`SIGNAL_SCALE`] units.
+    DeltaS,
+    /// Evidence coverage, in [`SIGNAL_SCALE`] units.
+    Coverage,
 }
 
-impl Hist {
-    pub const ALL: [Hist; 2] = [Hist::Latency, Hist::Ttfb];
+/// Signals in [0, 1] are recorded as integers in units of 1/SIGNAL_SCALE.
+pub const SIGNAL_SCALE: f64 = 10_000.0;
 
-    /// Largest recordable value: 2^32 µs ≈ 71 minutes.
+impl Hist {
+    pub const ALL: [Hist; 6] = [Hist::Latency, Hist::Ttfb, Hist::DeltaSQr, Hist::DeltaSRa, Hist::DeltaS, Hist::Coverage];
+
+    /// Largest recordable value: 2^32 µs ≈ 71 minutes for times, 2^14 > SIGNAL_SCALE for signals.
     const fn max_bits(self) -> u32 {
         match self {
             Hist::Latency | Hist::Ttfb => 32,
+            Hist::DeltaSQr | Hist::DeltaSRa | Hist::DeltaS | Hist::Coverage => 14,
         }
+    }
+
+    /// A value in [0, 1] in this histogram's integer units.
+    pub fn scaled(value: f64) -> u64 {
+        (value.clamp(0.0, 1.0) * SIGNAL_SCALE).round() as u64
     }
 }
 
@@ -62,9 +79,19 @@ pub enum Counter {
     Timeouts,
     /// Upstream-echoed pins that differ from the stamped ones.
     PinMismatches,
+    /// Responses whose signals were computed.
+    Evaluated,
+    LambdaConvergent,
+    LambdaRecursive,
+    LambdaDivergent,
+    LambdaChaotic,
+    /// Responses with a tool loop.
+    ToolLoops,
+    PromptTokens,
+    CompletionTokens,
 }
 
-const COUNTERS: usize = Counter::PinMismatches as usize + 1;
+const COUNTERS: usize = Counter::CompletionTokens as usize + 1;
 
 impl Counter {
     /// The status-class counter for an HTTP status code.
@@ -341,6 +368,24 @@ impl WindowStats {
 
     pub fn counter(&self, counter: Counter) -> u64 {
         self.counters[counter as usize]
+    }
+
+    /// λ flip rate: (divergent + chaotic) / evaluated; `None` before any evaluation.
+    pub fn lambda_flip_rate(&self) -> Option<f64> {
+        let n = self.counter(Counter::Evaluated);
+        let flips = self.counter(Counter::LambdaDivergent) + self.counter(Counter::LambdaChaotic);
+        (n > 0).then(|| flips as f64 / n as f64)
+    }
+
+    /// Quantile of a signal histogram, back in [0, 1].
+    pub fn signal_quantile(&self, hist: Hist, q: f64) -> Option<f64> {
+        // The top bucket's midpoint can sit just above SIGNAL_SCALE.
+        self.hist(hist).quantile(q).map(|v| (v as f64 / SIGNAL_SCALE).min(1.0))
+    }
+
+    /// Mean of a signal histogram, back in [0, 1].
+    pub fn signal_mean(&self, hist: Hist) -> Option<f64> {
+        self.hist(hist).mean().map(|v| (v / SIGNAL_SCALE).min(1.0))
     }
 
     /// Responses of every status class.

@@ -1,0 +1,512 @@
+#!/usr/bin/env bash
+# Load comparison: driftguard vs haproxy vs nginx as a reverse proxy, in front of the same tiny upstream,
+# driven by the same wrk run. Prints a table and PASS/FAIL for the project's performance targets:
+#
+#   driftguard req/s  >= 0.9 x haproxy        driftguard p99      <= 1.1 x haproxy
+#   driftguard CPU/req <= 1.2 x haproxy       driftguard peak RSS <= 30 MB
+#
+# Usage:  benches/load.sh [-t THREADS] [-c CONNS] [-d DURATION] [-w WARMUP] [--no-build]
+#   env:  THREADS=1 CONNS=50 DURATION=10s WARMUP=2s   (wrk -t/-c/-d; WARMUP is an unmeasured run first)
+#         WRK_CPU=0 PROXY_CPU=1 UPSTREAM_CPU=0         (taskset cores, see "Pinning" below)
+#         DG_STDOUT=/dev/null                          (where driftguard's JSON access log goes; a file
+#                                                       path measures the cost of writing it for real)
+#         SKIP="nginx haproxy driftguard-nolog"         (rows to leave out)
+#         NO_BUILD=1                                   (use the existing target/release/driftguard)
+#
+# What runs:
+#   upstream   one nginx process (master_process off, worker_processes 1) answering `200 "ok\n"` on
+#              every path, keep-alive unlimited, access log off.
+#   direct     wrk -> upstream.
+#   driftguard wrk -> driftguard -> upstream. One arm, [runtime] workers = 1, 5 pins, access log ON
+#              (the default), stdout to $DG_STDOUT. It stamps ~13 headers in each direction (pins, arm,
+#              request id, cache ns, x-forwarded-*), generates a request id and writes one log line.
+#   driftguard-nolog  the same with [log] access = false: shows what the access log costs.
+#   haproxy    nbthread 1, http-reuse always, `http-request set-header x-pin-build-id bench`, no
+#              logging, foreground (-db).
+#   nginx      worker_processes 1, proxy_http_version 1.1, upstream keepalive 64,
+#              `proxy_set_header x-pin-build-id bench`, access_log off.
+#
+# Pinning (the machine this was written on has 2 cores):
+#   core PROXY_CPU (1): the system under test, alone — driftguard / haproxy / nginx (all its threads:
+#                       driftguard's log writer thread competes for the same core, as in a 1-CPU pod).
+#                       For the "direct" row the upstream is moved here (taskset -p), so "direct" is the
+#                       bare upstream given the same dedicated core as each proxy.
+#   core WRK_CPU (0):   wrk and, for the proxy rows, the upstream. They share the load-generator core
+#                       so the proxy never competes with them. The catch: when a proxy is very fast,
+#                       core 0 can saturate first and cap the proxy's req/s. The columns show it:
+#                         target%        CPU the target's process tree used / wall time of the run;
+#                         busy% wrk/tgt  how busy the two cores were (from /proc/stat, whoever used
+#                                        them: other load on the machine shows up here as tgt busy%
+#                                        well above target%).
+#                       A target well below ~95% target% was not the bottleneck: its req/s is a floor
+#                       (latency-bound or load-side-bound), while its CPU us/req is still exact.
+#                       CPU us/req (utime+stime of the target's whole process tree over the measured
+#                       run / requests wrk counted) is the comparison that does not depend on this.
+# On a bigger machine put the upstream on a third core: UPSTREAM_CPU=2.
+#
+# Exit status: 0 when every target passes, 3 when one fails, 1 on a setup error.
+#
+# Everything listens on 127.0.0.1 on free ports, lives under one mktemp dir, every started process is
+# killed by PID on exit (trap), and each step is bounded by `timeout`.
+set -euo pipefail
+
+THREADS=${THREADS:-1}
+CONNS=${CONNS:-50}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+WRK_CPU=${WRK_CPU:-0}
+PROXY_CPU=${PROXY_CPU:-1}
+UPSTREAM_CPU=${UPSTREAM_CPU:-0}
+DG_STDOUT=${DG_STDOUT:-/dev/null}
+SKIP=${SKIP:-}
+NO_BUILD=${NO_BUILD:-}
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -t) THREADS=$2; shift 2 ;;
+        -c) CONNS=$2; shift 2 ;;
+        -d) DURATION=$2; shift 2 ;;
+        -w) WARMUP=$2; shift 2 ;;
+        --no-build) NO_BUILD=1; shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "load.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WRK=${WRK:-$(command -v wrk || true)}
+HAPROXY=${HAPROXY:-$(command -v haproxy || echo /usr/sbin/haproxy)}
+NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
+TICKS=$(getconf CLK_TCK)
+
+die() { echo "load.sh: $*" >&2; exit 1; }
+note() { echo "== $*" >&2; }
+skipped() { [[ " $SKIP " == *" $1 "* ]]; }
+
+[[ -x "$WRK" ]] || die "wrk not found (apt-get install wrk)"
+HAVE_NGINX=; [[ -x "$NGINX" ]] && HAVE_NGINX=1
+HAVE_HAPROXY=; [[ -x "$HAPROXY" ]] && HAVE_HAPROXY=1
+[[ -n $HAVE_NGINX || -n $HAVE_HAPROXY ]] || die "neither nginx nor haproxy found: one of them is needed as the upstream"
+command -v taskset >/dev/null || die "taskset not found (util-linux)"
+NCPU=$(nproc)
+for cpu in "$WRK_CPU" "$PROXY_CPU" "$UPSTREAM_CPU"; do
+    (( cpu < NCPU )) || die "core $cpu does not exist ($NCPU cores); set WRK_CPU / PROXY_CPU / UPSTREAM_CPU"
+done
+
+# Seconds in a wrk duration (10s, 1m, 500ms is not accepted by wrk either).
+secs() { local d=$1; case "$d" in *m) echo $(( ${d%m} * 60 )) ;; *s) echo "${d%s}" ;; *) echo "$d" ;; esac; }
+DUR_S=$(secs "$DURATION")
+WARM_S=$(secs "$WARMUP")
+
+# --- processes and cleanup -------------------------------------------------------------------------
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/driftguard-load.XXXXXX")
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    PIDS=()
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'echo "load.sh: interrupted" >&2; exit 130' INT TERM
+
+# Stops one process started here (and forgets it).
+stop() {
+    local pid=$1 keep=() p
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+# A TCP port nobody uses now: below the kernel's ephemeral range (so no outbound connection of wrk or
+# of a proxy can be holding it), random, and checked with ss in every TCP state.
+EPHEMERAL_LOW=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+PORT_LOW=10000
+(( EPHEMERAL_LOW - PORT_LOW > 1000 )) || PORT_LOW=$(( EPHEMERAL_LOW > 2024 ? EPHEMERAL_LOW - 1000 : 1024 ))
+USED_PORTS=" "
+free_port() {  # free_port VAR: sets VAR (not $(...): the taken-ports list must persist)
+    local p
+    for _ in $(seq 200); do
+        p=$(( PORT_LOW + RANDOM % (EPHEMERAL_LOW - PORT_LOW) ))
+        [[ $USED_PORTS == *" $p "* ]] && continue
+        if ! ss -Htan "sport = :$p" 2>/dev/null | grep -q .; then
+            USED_PORTS+="$p "
+            printf -v "$1" '%s' "$p"
+            return
+        fi
+    done
+    die "no free port found"
+}
+
+# Waits (bounded) until something answers HTTP on the port; fails if the process died.
+wait_http() {
+    local port=$1 pid=$2 what=$3
+    for _ in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || { echo "--- $what log:" >&2; cat "$TMP/$what.log" >&2 || true; die "$what exited at start"; }
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    die "$what did not listen on 127.0.0.1:$port within 10 s"
+}
+
+# All PIDs of a process tree (the process and its descendants), from /proc.
+tree_pids() {
+    local root=$1
+    awk -v root="$root" '
+        { ppid[$1] = $2 }
+        END {
+            keep[root] = 1; changed = 1
+            while (changed) { changed = 0; for (p in ppid) if (!(p in keep) && (ppid[p] in keep)) { keep[p] = 1; changed = 1 } }
+            for (p in keep) print p
+        }' < <(for s in /proc/[0-9]*/stat; do
+                   # pid and ppid; the comm field (2) may hold spaces, so cut after its closing paren.
+                   read -r line < "$s" 2>/dev/null || continue
+                   pid=${line%% *}; rest=${line##*) }; set -- $rest; echo "$pid $2"
+               done)
+}
+
+# utime + stime (clock ticks) of a process tree, all threads included (fields 14 and 15 of stat).
+cpu_ticks() {
+    local total=0 pid line rest
+    for pid in $(tree_pids "$1"); do
+        read -r line < "/proc/$pid/stat" 2>/dev/null || continue
+        rest=${line##*) }   # fields from 3 on
+        set -- $rest
+        total=$(( total + ${12} + ${13} ))
+    done
+    echo "$total"
+}
+
+# "busy total" jiffies of one core, from /proc/stat (busy = everything but idle and iowait).
+core_jiffies() {
+    awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat
+}
+
+# Largest VmHWM (peak RSS) in the tree, kB.
+peak_rss_kb() {
+    local max=0 pid v
+    for pid in $(tree_pids "$1"); do
+        v=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+        (( ${v:-0} > max )) && max=$v
+    done
+    echo "$max"
+}
+
+# --- build -----------------------------------------------------------------------------------------
+
+DG="$ROOT/target/release/driftguard"
+if [[ -z $NO_BUILD ]]; then
+    note "cargo build --release"
+    (cd "$ROOT" && timeout 1800 cargo build --release --quiet) || die "cargo build --release failed"
+fi
+[[ -x "$DG" ]] || die "$DG missing (build failed?)"
+
+# --- upstream ----------------------------------------------------------------------------------------
+
+nginx_common() {
+    cat <<EOF
+daemon off;
+error_log $TMP/$1-error.log warn;
+pid $TMP/$1.pid;
+events { worker_connections 8192; multi_accept on; }
+EOF
+}
+nginx_http_common() {
+    cat <<EOF
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+    client_body_temp_path $TMP/$1-body;
+    proxy_temp_path $TMP/$1-proxy;
+    fastcgi_temp_path $TMP/$1-fastcgi;
+    uwsgi_temp_path $TMP/$1-uwsgi;
+    scgi_temp_path $TMP/$1-scgi;
+EOF
+}
+
+free_port UP_PORT
+if [[ -n $HAVE_NGINX ]]; then
+    UPSTREAM_KIND=nginx
+    {
+        echo "master_process off;"
+        echo "worker_processes 1;"
+        nginx_common upstream
+        echo "http {"
+        nginx_http_common upstream
+        cat <<EOF
+    server {
+        listen 127.0.0.1:$UP_PORT;
+        location / { return 200 "ok\n"; }
+    }
+}
+EOF
+    } > "$TMP/upstream.conf"
+    taskset -c "$UPSTREAM_CPU" "$NGINX" -p "$TMP" -e "$TMP/upstream-error.log" -c "$TMP/upstream.conf" > "$TMP/upstream.log" 2>&1 &
+else
+    # No nginx: haproxy answers by itself (http-request return, haproxy >= 2.2).
+    UPSTREAM_KIND=haproxy
+    echo "== nginx not found ($NGINX): the upstream is haproxy answering 200 itself" >&2
+    cat > "$TMP/upstream.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    option http-keep-alive
+    timeout client 30s
+    timeout http-keep-alive 120s
+frontend up
+    bind 127.0.0.1:$UP_PORT
+    http-request return status 200 content-type text/plain string "ok"
+EOF
+    taskset -c "$UPSTREAM_CPU" "$HAPROXY" -db -f "$TMP/upstream.cfg" > "$TMP/upstream.log" 2>&1 &
+fi
+UP_PID=$!
+PIDS+=("$UP_PID")
+wait_http "$UP_PORT" "$UP_PID" upstream
+
+# --- measuring --------------------------------------------------------------------------------------
+
+# wrk latency in ms ("512.00us", "1.23ms", "1.02s").
+to_ms() {
+    awk -v v="$1" 'BEGIN {
+        if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+        else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+        else if (v ~ /m$/) { sub(/m$/, "", v); printf "%.3f", v * 60000 }
+        else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+        else printf "nan" }'
+}
+
+# run_wrk OUT DURATION_S ARGS...: wrk on the load core, as a background job + `wait` so that a
+# Ctrl-C / SIGTERM reaches the trap at once (bash defers traps while a foreground command runs, and
+# wrk exits 0 on SIGINT, so bash would not treat it as an interrupt at all).
+run_wrk() {
+    local out=$1 limit=$(( $2 + 30 )) pid rc=0 keep=() p
+    shift 2
+    timeout "$limit" taskset -c "$WRK_CPU" "$WRK" "$@" > "$out" &
+    pid=$!
+    PIDS+=("$pid")
+    wait "$pid" || rc=$?
+    for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+    (( rc == 0 )) || die "wrk failed (exit $rc): $*"
+}
+
+ROWS=()
+# measure NAME PORT PID: warm-up run, then the measured run with CPU sampled around it.
+measure() {
+    local name=$1 port=$2 pid=$3 url="http://127.0.0.1:$2/bench"
+    local body
+    body=$(timeout 5 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port; printf 'GET /bench HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n' >&3; cat <&3" | tr -d '\r' | head -1)
+    [[ $body == *" 200 "* ]] || die "$name answered '$body' instead of 200"
+    note "$name: warm-up $WARMUP, then wrk -t$THREADS -c$CONNS -d$DURATION --latency $url (wrk on core $WRK_CPU)"
+    if (( WARM_S > 0 )); then
+        run_wrk /dev/null "$WARM_S" -t"$THREADS" -c"$CONNS" -d"$WARMUP" "$url"
+    fi
+    local t0 t1 c0 c1 out w0 w1 p0 p1
+    c0=$(cpu_ticks "$pid")
+    w0=$(core_jiffies "$WRK_CPU"); p0=$(core_jiffies "$PROXY_CPU")
+    t0=$(date +%s.%N)
+    run_wrk "$TMP/wrk-$name.txt" "$DUR_S" -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "$url"
+    t1=$(date +%s.%N)
+    w1=$(core_jiffies "$WRK_CPU"); p1=$(core_jiffies "$PROXY_CPU")
+    c1=$(cpu_ticks "$pid")
+    out=$(< "$TMP/wrk-$name.txt")
+    kill -0 "$pid" 2>/dev/null || die "$name exited during the run"
+    kill -0 "$UP_PID" 2>/dev/null || die "the upstream exited during the run"
+    local rps reqs p50 p99 errs non2xx
+    rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+    reqs=$(awk '/ requests in / {print $1}' <<<"$out")
+    p50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+    p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+    errs=$(awk '/Socket errors:/ {print}' <<<"$out")
+    non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' <<<"$out")
+    [[ -n $errs ]] && echo "   warning: $name: $errs" >&2
+    [[ -n $non2xx ]] && echo "   warning: $name: $non2xx non-2xx responses" >&2
+    [[ -n $rps && -n $reqs && $reqs -gt 0 ]] || { echo "$out" >&2; die "$name: could not parse wrk output"; }
+    local cpu_us core rss
+    cpu_us=$(awk -v d=$(( c1 - c0 )) -v hz="$TICKS" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }')
+    core=$(awk -v d=$(( c1 - c0 )) -v hz="$TICKS" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", 100 * d / hz / (b - a) }')
+    rss=$(awk -v k="$(peak_rss_kb "$pid")" 'BEGIN { printf "%.1f", k / 1024 }')
+    # Busy share of each core over the run, whoever used it (other load on the machine shows up here).
+    local busy
+    busy=$(awk -v w0="$w0" -v w1="$w1" -v p0="$p0" -v p1="$p1" 'BEGIN {
+        split(w0, a, " "); split(w1, b, " "); split(p0, c, " "); split(p1, d, " ")
+        printf "%.0f/%.0f", 100 * (b[1] - a[1]) / (b[2] - a[2]), 100 * (d[1] - c[1]) / (d[2] - c[2]) }')
+    ROWS+=("$name $rps $p50 $p99 $cpu_us $core $rss $busy")
+}
+
+# --- direct -----------------------------------------------------------------------------------------
+
+taskset -a -p -c "$PROXY_CPU" "$UP_PID" > /dev/null
+measure direct "$UP_PORT" "$UP_PID"
+taskset -a -p -c "$UPSTREAM_CPU" "$UP_PID" > /dev/null
+
+# --- driftguard -------------------------------------------------------------------------------------
+
+run_driftguard() {
+    local name=$1 access=$2 port admin
+    free_port port; free_port admin
+    cat > "$TMP/$name.toml" <<EOF
+state_dir = "$TMP/$name-state"
+
+[listen]
+proxy = "127.0.0.1:$port"
+admin = "127.0.0.1:$admin"
+
+[runtime]
+workers = 1
+
+[pins]
+BUILD_ID = "bench"
+GIT_SHA = "0123abc"
+
+[[arms]]
+name = "primary"
+upstream = "http://127.0.0.1:$UP_PORT"
+[arms.pins]
+MODEL_VER = "m-bench"
+PROMPT_VER = "p1"
+INDEX_HASH = "a1b2c3"
+
+[log]
+access = $access
+EOF
+    "$DG" check -c "$TMP/$name.toml" > /dev/null || die "driftguard rejected its bench config"
+    taskset -c "$PROXY_CPU" "$DG" run -c "$TMP/$name.toml" > "$DG_STDOUT" 2> "$TMP/$name.log" &
+    local pid=$!
+    PIDS+=("$pid")
+    wait_http "$port" "$pid" "$name"
+    measure "$name" "$port" "$pid"
+    stop "$pid"
+}
+run_driftguard driftguard true
+skipped driftguard-nolog || run_driftguard driftguard-nolog false
+
+# --- haproxy ----------------------------------------------------------------------------------------
+
+if skipped haproxy; then
+    :
+elif [[ -z $HAVE_HAPROXY ]]; then
+    echo "== haproxy not found ($HAPROXY): skipping its row (apt-get install haproxy)" >&2
+else
+    free_port HA_PORT
+    cat > "$TMP/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 4096
+    tune.bufsize 16384
+
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 120s
+
+frontend fe
+    bind 127.0.0.1:$HA_PORT
+    http-request set-header x-pin-build-id bench
+    default_backend be
+
+backend be
+    http-reuse always
+    server up 127.0.0.1:$UP_PORT
+EOF
+    "$HAPROXY" -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejected its bench config"
+    taskset -c "$PROXY_CPU" "$HAPROXY" -db -f "$TMP/haproxy.cfg" > "$TMP/haproxy.log" 2>&1 &
+    HA_PID=$!
+    PIDS+=("$HA_PID")
+    wait_http "$HA_PORT" "$HA_PID" haproxy
+    measure haproxy "$HA_PORT" "$HA_PID"
+    stop "$HA_PID"
+fi
+
+# --- nginx as a reverse proxy -----------------------------------------------------------------------
+
+if skipped nginx; then
+    :
+elif [[ -z $HAVE_NGINX ]]; then
+    echo "== nginx not found ($NGINX): skipping its row (apt-get install nginx-light)" >&2
+else
+    free_port NG_PORT
+    {
+        echo "worker_processes 1;"
+        nginx_common nginx
+        echo "http {"
+        nginx_http_common nginx
+        cat <<EOF
+    upstream up {
+        server 127.0.0.1:$UP_PORT;
+        keepalive 64;
+        keepalive_requests 10000000;
+    }
+    server {
+        listen 127.0.0.1:$NG_PORT;
+        location / {
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header x-pin-build-id bench;
+            proxy_buffering on;
+        }
+    }
+}
+EOF
+    } > "$TMP/nginx.conf"
+    "$NGINX" -t -q -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" || die "nginx rejected its bench config"
+    # taskset on the master: the worker it forks inherits the affinity.
+    taskset -c "$PROXY_CPU" "$NGINX" -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" > "$TMP/nginx.log" 2>&1 &
+    NG_PID=$!
+    PIDS+=("$NG_PID")
+    wait_http "$NG_PORT" "$NG_PID" nginx
+    measure nginx "$NG_PORT" "$NG_PID"
+    stop "$NG_PID"
+fi
+
+# --- report -----------------------------------------------------------------------------------------
+
+echo
+echo "wrk -t$THREADS -c$CONNS -d$DURATION --latency (warm-up $WARMUP); wrk on core $WRK_CPU, target on core $PROXY_CPU, upstream ($UPSTREAM_KIND, 1 process) on core $UPSTREAM_CPU except in 'direct'"
+echo "$(nproc) cores: $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo); $(uname -r)"
+printf '%s\n' "${ROWS[@]}" | awk -v dg_name=driftguard '
+    { name[NR] = $1; rps[NR] = $2; p50[NR] = $3; p99[NR] = $4; cpu[NR] = $5; core[NR] = $6; rss[NR] = $7; busy[NR] = $8; idx[$1] = NR }
+    END {
+        d = idx["direct"]; h = idx["haproxy"]
+        printf "\n%-17s %9s %8s %8s %8s %9s %11s %8s %9s %12s\n", "target", "req/s", "p50 ms", "p99 ms", "/direct", "/haproxy", "CPU us/req", "target%", "peak RSS", "busy% wrk/tgt"
+        for (i = 1; i <= NR; i++) {
+            rd = d ? sprintf("%.2f", rps[i] / rps[d]) : "-"
+            rh = h ? sprintf("%.2f", rps[i] / rps[h]) : "-"
+            printf "%-17s %9.0f %8.3f %8.3f %8s %9s %11.2f %7s%% %6.1f MB %12s\n", name[i], rps[i], p50[i], p99[i], rd, rh, cpu[i], core[i], rss[i], busy[i]
+        }
+        g = idx[dg_name]
+        printf "\ntargets (driftguard, access log on):\n"
+        fails = 0
+        if (h) {
+            r = rps[g] / rps[h]; ok = r >= 0.9;  fails += !ok
+            printf "  throughput  >= 0.9 x haproxy : %.2f x  %s\n", r, ok ? "PASS" : "FAIL"
+            r = p99[g] / p99[h]; ok = r <= 1.1;  fails += !ok
+            printf "  p99 latency <= 1.1 x haproxy : %.2f x  %s\n", r, ok ? "PASS" : "FAIL"
+            r = cpu[g] / cpu[h]; ok = r <= 1.2;  fails += !ok
+            printf "  CPU/request <= 1.2 x haproxy : %.2f x  %s\n", r, ok ? "PASS" : "FAIL"
+        } else {
+            printf "  haproxy row missing: the three haproxy-relative targets are not checked\n"
+        }
+        ok = rss[g] <= 30; fails += !ok
+        printf "  peak RSS    <= 30 MB         : %.1f MB  %s\n", rss[g], ok ? "PASS" : "FAIL"
+        exit fails > 0 ? 3 : 0
+    }'

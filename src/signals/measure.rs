@@ -1,0 +1,357 @@
+//! Measures (SPEC §3): ΔS, coverage, λ, tool loops and ΔS bands — pure functions of the embeddings
+//! and texts one evaluation extracted. The signals workers call them off the request path and record
+//! the results into the windows; the rule engine reads them there.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+
+use super::embed::{centroid, cosine_f64, fmix, hash_bytes, mix, Words};
+
+/// Values within this distance of a band edge count as on the edge: `0.52 - 0.50` is
+/// `0.020000000000000018` in f64, and a Delta that is mathematically 0.02 must land where SPEC §3 puts
+/// 0.02, whatever the rounding of the subtraction that produced it.
+const EDGE_EPSILON: f64 = 1e-9;
+
+// === ΔS ===
+
+/// ΔS(a, b) = 1 − cos(a, b), clamped to [0, 1]; 1.0 when either vector is zero (or they are not
+/// comparable: different lengths, non-finite values).
+pub fn delta_s(a: &[f32], b: &[f32]) -> f64 {
+    let cos = cosine_f64(a, b);
+    if cos == 0.0 || !cos.is_finite() {
+        return 1.0;
+    }
+    (1.0 - cos).clamp(0.0, 1.0)
+}
+
+/// The three ΔS probes of one evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeltaS {
+    /// ΔS(question, C), C = the retrieved centroid: did retrieval fetch what was asked?
+    pub qr: f64,
+    /// ΔS(C, anchor): does the answer (or the gold anchor) stay on the retrieved evidence?
+    pub ra: f64,
+    /// max(qr, ra): the `delta_s` of SPEC §3.
+    pub max: f64,
+}
+
+/// The ΔS probes from the question, chunk and anchor embeddings. No chunks → C is zero → both probes
+/// are 1.0.
+pub fn delta_s_probes(question: &[f32], chunks: &[Vec<f32>], anchor: &[f32]) -> DeltaS {
+    let c = centroid(chunks);
+    let qr = delta_s(question, &c);
+    let ra = delta_s(&c, anchor);
+    DeltaS { qr, ra, max: qr.max(ra) }
+}
+
+// === ΔS band ===
+
+/// Where a ΔS value sits: stable < 0.40 ≤ transitional < 0.60 ≤ risk < 0.85 ≤ danger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Band {
+    Stable,
+    Transitional,
+    Risk,
+    Danger,
+}
+
+impl Band {
+    pub const ALL: [Band; 4] = [Band::Stable, Band::Transitional, Band::Risk, Band::Danger];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Band::Stable => "stable",
+            Band::Transitional => "transitional",
+            Band::Risk => "risk",
+            Band::Danger => "danger",
+        }
+    }
+}
+
+/// The band of a ΔS value. An edge belongs to the band above it; NaN is [`Band::Danger`].
+pub fn band(ds: f64) -> Band {
+    if ds < 0.40 - EDGE_EPSILON {
+        Band::Stable
+    } else if ds < 0.60 - EDGE_EPSILON {
+        Band::Transitional
+    } else if ds < 0.85 - EDGE_EPSILON {
+        Band::Risk
+    } else {
+        Band::Danger
+    }
+}
+
+// === λ ===
+
+/// The convergence state of a ΔS series (SPEC §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lambda {
+    /// ΔS fell by 0.02 or more.
+    Convergent,
+    /// ΔS moved by less than 0.02 either way.
+    Recursive,
+    /// ΔS rose by 0.02 to 0.04.
+    Divergent,
+    /// ΔS rose by more than 0.04.
+    Chaotic,
+}
+
+impl Lambda {
+    pub const ALL: [Lambda; 4] = [Lambda::Convergent, Lambda::Recursive, Lambda::Divergent, Lambda::Chaotic];
+
+    /// The `state` label of `driftguard_lambda_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lambda::Convergent => "convergent",
+            Lambda::Recursive => "recursive",
+            Lambda::Divergent => "divergent",
+            Lambda::Chaotic => "chaotic",
+        }
+    }
+}
+
+/// λ from the last two steps of a ΔS series, Delta = last − previous: convergent if Delta ≤ −0.02;
+/// recursive if |Delta| < 0.02; divergent if 0.02 ≤ Delta ≤ 0.04; chaotic if Delta > 0.04. Edges
+/// are decided with [`EDGE_EPSILON`]; a NaN Delta is recursive (no evidence of a change).
+pub fn lambda(previous: f64, last: f64) -> Lambda {
+    let delta = last - previous;
+    if delta.is_nan() {
+        Lambda::Recursive
+    } else if delta <= -0.02 + EDGE_EPSILON {
+        Lambda::Convergent
+    } else if delta < 0.02 - EDGE_EPSILON {
+        Lambda::Recursive
+    } else if delta <= 0.04 + EDGE_EPSILON {
+        Lambda::Divergent
+    } else {
+        Lambda::Chaotic
+    }
+}
+
+/// Divergent and chaotic states are the flips of the λ flip rate.
+pub fn is_flip(l: Lambda) -> bool {
+    matches!(l, Lambda::Divergent | Lambda::Chaotic)
+}
+
+// === Coverage ===
+
+/// Stopwords, sorted for binary search. Only words of 3+ chars: shorter words are never content
+/// tokens anyway. Contraction stems (`don`, `isn`) are here because `don't` splits into `don` + `t`.
+const STOPWORDS: &[&str] = &[
+    "about", "above", "across", "after", "again", "against", "all", "almost", "along", "already", "also",
+    "although", "always", "among", "and", "another", "any", "anyone", "anything", "are", "aren", "around",
+    "because", "been", "before", "behind", "being", "below", "beneath", "beside", "besides", "between",
+    "beyond", "both", "but", "can", "cannot", "could", "couldn", "did", "didn", "does", "doesn", "doing",
+    "don", "done", "down", "during", "each", "either", "else", "even", "ever", "every", "few", "for",
+    "from", "further", "had", "hadn", "has", "hasn", "have", "haven", "having", "her", "here", "hers",
+    "herself", "him", "himself", "his", "how", "however", "into", "isn", "its", "itself", "just", "may",
+    "might", "mine", "more", "most", "much", "must", "myself", "near", "neither", "never", "nor", "not",
+    "now", "off", "often", "once", "only", "onto", "other", "others", "ought", "our", "ours", "ourselves",
+    "out", "over", "own", "per", "quite", "rather", "really", "same", "shall", "she", "should", "shouldn",
+    "since", "some", "still", "such", "than", "that", "the", "their", "theirs", "them", "themselves",
+    "then", "there", "therefore", "these", "they", "this", "those", "though", "through", "thus", "till",
+    "too", "toward", "towards", "under", "unless", "until", "upon", "very", "via", "was", "wasn", "were",
+    "weren", "what", "when", "where", "whether", "which", "while", "who", "whom", "whose", "why", "will",
+    "with", "within", "without", "would", "wouldn", "yet", "you", "your", "yours", "yourself",
+    "yourselves",
+];
+
+/// Stemming suffixes, tried in this order; only the first that matches is considered.
+const SUFFIXES: [&str; 12] = ["ations", "ation", "ings", "ing", "ies", "ied", "ers", "er", "ed", "es", "s", "ly"];
+
+fn is_stopword(word: &str) -> bool {
+    STOPWORDS.binary_search(&word).is_ok()
+}
+
+/// Strips the first suffix of [`SUFFIXES`] that `word` ends with, when at least 3 chars remain;
+/// otherwise (and when none matches) the word is its own stem. Later suffixes are not tried once
+/// one matched: `fries` keeps its `ies` (only `fr` would remain) rather than losing just its `s`.
+fn stem(word: &str) -> &str {
+    // Only the suffixes that end in the word's last byte can match; they keep their order.
+    let candidates: &[&str] = match word.as_bytes().last() {
+        Some(b's') => &["ations", "ings", "ies", "ers", "es", "s"],
+        Some(b'n') => &["ation"],
+        Some(b'g') => &["ing"],
+        Some(b'd') => &["ied", "ed"],
+        Some(b'r') => &["er"],
+        Some(b'y') => &["ly"],
+        _ => return word,
+    };
+    for suffix in candidates {
+        if let Some(rest) = word.strip_suffix(suffix) {
+            // The suffixes are ASCII, so `rest` ends on a char boundary.
+            return if rest.len() >= 3 && rest.chars().nth(2).is_some() { rest } else { word };
+        }
+    }
+    word
+}
+
+/// The stem of a lowercased word when it is a content token: 3+ chars, not all numeric (Unicode
+/// `Numeric`, so ASCII digits and other scripts' digits), not a stopword.
+fn content_token(word: &str, chars: usize) -> Option<&str> {
+    if chars < 3 || word.chars().all(char::is_numeric) || is_stopword(word) {
+        return None;
+    }
+    Some(stem(word))
+}
+
+/// The content tokens of `text` in order, repeats kept, stemmed: lowercased words (as the embedder
+/// splits them) of 3+ chars, not all numeric, not stopwords. Allocates; [`coverage`] does not.
+pub fn content_tokens(text: &str) -> impl Iterator<Item = String> {
+    let mut words = Words::default();
+    words.split(text);
+    let tokens: Vec<String> =
+        words.iter().filter_map(|w| content_token(w.text, w.chars)).map(str::to_owned).collect();
+    tokens.into_iter()
+}
+
+/// Evidence coverage (SPEC §3): the share of the answer's **distinct** content tokens (after
+/// stemming) that occur among the chunks' content tokens (after stemming). A token repeated in the
+/// answer counts once, so repetition neither inflates nor dilutes coverage. `None` when the answer has
+/// no content tokens (the sample is not counted).
+pub fn coverage(answer: &str, chunks: &[&str]) -> Option<f64> {
+    COVERAGE.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => scratch.coverage(answer, chunks),
+        // Unreachable (coverage never re-enters), but costs nothing to survive.
+        Err(_) => CoverageScratch::default().coverage(answer, chunks),
+    })
+}
+
+thread_local! {
+    /// Per-thread word buffers of [`coverage`].
+    static COVERAGE: RefCell<CoverageScratch> = RefCell::new(CoverageScratch::default());
+}
+
+#[derive(Default)]
+struct CoverageScratch {
+    answer: Words,
+    chunk: Words,
+}
+
+impl CoverageScratch {
+    fn coverage(&mut self, answer: &str, chunks: &[&str]) -> Option<f64> {
+        let CoverageScratch { answer: answer_words, chunk: chunk_words } = self;
+        answer_words.split(answer);
+        // Distinct answer tokens → found among the chunks yet.
+        let mut wanted: HashMap<&str, bool, TokenHasher> = HashMap::with_hasher(TokenHasher::new());
+        for word in answer_words.iter() {
+            if let Some(token) = content_token(word.text, word.chars) {
+                wanted.entry(token).or_insert(false);
+            }
+        }
+        if wanted.is_empty() {
+            return None;
+        }
+        let (total, mut found) = (wanted.len(), 0);
+        // Chunk words are only looked up, stem first: the full content test runs on hits alone, and
+        // the scan stops once every answer token is found.
+        'chunks: for chunk in chunks {
+            chunk_words.split(chunk);
+            for word in chunk_words.iter() {
+                if word.chars < 3 {
+                    continue;
+                }
+                let Some(seen) = wanted.get_mut(stem(word.text)) else { continue };
+                if !*seen && content_token(word.text, word.chars).is_some() {
+                    *seen = true;
+                    found += 1;
+                    if found == total {
+                        break 'chunks;
+                    }
+                }
+            }
+        }
+        Some(found as f64 / total as f64)
+    }
+}
+
+/// Hashes tokens with the embedder's fast mixer, keyed per map so crafted texts cannot aim at
+/// collisions.
+#[derive(Clone, Copy)]
+struct TokenHasher(u64);
+
+impl TokenHasher {
+    fn new() -> Self {
+        TokenHasher(fastrand::u64(..))
+    }
+}
+
+impl BuildHasher for TokenHasher {
+    type Hasher = TokenHash;
+    fn build_hasher(&self) -> TokenHash {
+        TokenHash(self.0)
+    }
+}
+
+struct TokenHash(u64);
+
+impl Hasher for TokenHash {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = hash_bytes(self.0, bytes);
+    }
+    fn write_u8(&mut self, byte: u8) {
+        self.0 = mix(self.0, u64::from(byte));
+    }
+    fn finish(&self) -> u64 {
+        fmix(self.0)
+    }
+}
+
+// === Tool loops ===
+
+/// One tool call of a response: the function name and its arguments as sent (a JSON string).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ToolCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// The same call (name and arguments) 3 or more times in one response.
+pub fn loops_in_response(calls: &[ToolCall]) -> bool {
+    if calls.len() < 3 {
+        return false;
+    }
+    let mut seen: HashMap<&ToolCall, u32> = HashMap::with_capacity(calls.len());
+    calls.iter().any(|call| {
+        let n = seen.entry(call).or_insert(0);
+        *n += 1;
+        *n >= 3
+    })
+}
+
+/// The cross-response half of the tool-loop rule, one per session: fed the calls of each response
+/// of the session in order, it reports a loop when a call appears in 3 consecutive responses. (The
+/// in-response half is [`loops_in_response`].)
+#[derive(Debug, Clone, Default)]
+pub struct SessionTools {
+    /// The calls of the last response, each with the number of consecutive responses, up to and
+    /// including that one, it appeared in (capped at 2: all the next response needs to know).
+    streaks: HashMap<ToolCall, u8>,
+}
+
+impl SessionTools {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records the next response's calls; true when one of them was also in each of the two
+    /// responses before. A loop that goes on is reported again on every further response.
+    pub fn observe(&mut self, calls: &[ToolCall]) -> bool {
+        let mut looped = false;
+        let mut next = HashMap::with_capacity(calls.len());
+        for call in calls {
+            if next.contains_key(call) {
+                continue;
+            }
+            let streak = self.streaks.get(call).map_or(1, |s| s + 1);
+            looped |= streak >= 3;
+            next.insert(call.clone(), streak.min(2));
+        }
+        self.streaks = next;
+        looped
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,293 @@
+//! The evaluation pipeline: a bounded queue fed by the proxy when a sampled response completes, drained
+//! by dedicated worker threads (not the proxy's runtime) that extract, embed, measure and record.
+//!
+//! `submit` never blocks: a full queue drops the sample and counts it. Nothing here can delay or fail
+//! a request.
+
+use std::num::NonZeroUsize;
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use lru::LruCache;
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
+
+use crate::config::Signals as SignalsConfig;
+use crate::log::ACCESS;
+use crate::metrics::{ArmStats, Evaluation, Metrics, LAMBDA_STATES};
+use crate::signals::embed::Embedder;
+use crate::signals::extract::{Extracted, Extractor, Skip};
+use crate::signals::measure::{self, Lambda, SessionTools, ToolCall};
+use crate::signals::EvalError;
+use crate::tee::Capture;
+
+/// A completed, sampled exchange waiting for evaluation.
+pub struct Sample {
+    pub arm: Arc<ArmStats>,
+    pub request_id: String,
+    pub session: Option<String>,
+    /// The request body copy; `None` when the request body never finished.
+    pub request: Option<Capture>,
+    pub response: Capture,
+    pub sse: bool,
+    pub at: Instant,
+}
+
+/// What the workers need, swapped as a whole on reload.
+pub struct Evaluator {
+    pub extractor: Extractor,
+    pub embedder: Arc<dyn Embedder>,
+}
+
+impl Evaluator {
+    pub fn from_config(config: &SignalsConfig) -> Result<Evaluator, EvalError> {
+        Ok(Evaluator {
+            extractor: Extractor::new(&config.question, &config.retrieved, &config.answer, &config.anchor)?,
+            embedder: crate::signals::embedder(config)?,
+        })
+    }
+}
+
+/// Signals of one exchange, before they are attributed to an arm.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub delta_s_qr: f64,
+    pub delta_s_ra: f64,
+    pub delta_s: f64,
+    pub coverage: Option<f64>,
+}
+
+impl Evaluator {
+    /// Embeds and measures extracted pieces. The anchor defaults to the answer.
+    pub fn score(&self, e: &Extracted) -> Result<Scored, EvalError> {
+        let question = e.question.as_deref().unwrap_or_default();
+        let answer = e.answer.as_deref().unwrap_or_default();
+        let anchor = e.anchor.as_deref().unwrap_or(answer);
+        let mut texts: Vec<&str> = Vec::with_capacity(e.chunks.len() + 2);
+        texts.push(question);
+        texts.extend(e.chunks.iter().map(String::as_str));
+        texts.push(anchor);
+        let vectors = self.embedder.embed_batch(&texts)?;
+        let (q, rest) = vectors.split_first().ok_or(EvalError::Setup("the embedder returned no vectors".into()))?;
+        let (a, chunks) = rest.split_last().ok_or(EvalError::Setup("the embedder returned too few vectors".into()))?;
+        let ds = measure::delta_s_probes(q, chunks, a);
+        let chunk_texts: Vec<&str> = e.chunks.iter().map(String::as_str).collect();
+        Ok(Scored {
+            delta_s_qr: ds.qr,
+            delta_s_ra: ds.ra,
+            delta_s: ds.max,
+            coverage: measure::coverage(answer, &chunk_texts),
+        })
+    }
+}
+
+/// Per-session memory for λ and tool loops: bounded in count and age.
+struct Session {
+    last_delta_s: Option<f64>,
+    tools: SessionTools,
+    seen: Instant,
+}
+
+pub struct Sessions {
+    map: Mutex<LruCache<String, Session>>,
+    ttl: Duration,
+}
+
+impl Sessions {
+    pub fn new(capacity: usize, ttl: Duration) -> Self {
+        let capacity = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
+        Sessions { map: Mutex::new(LruCache::new(capacity)), ttl }
+    }
+
+    /// The λ state of this response: against the session's previous ΔS, or — without a session or on
+    /// its first evaluated response — from the two-step series [qr, ra].
+    fn lambda(&self, session: Option<&str>, s: &Scored, now: Instant) -> Lambda {
+        let two_step = measure::lambda(s.delta_s_qr, s.delta_s_ra);
+        let Some(id) = session else {
+            return two_step;
+        };
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let state = self.entry(&mut map, id, now);
+        let lambda = state.last_delta_s.map_or(two_step, |previous| measure::lambda(previous, s.delta_s));
+        state.last_delta_s = Some(s.delta_s);
+        lambda
+    }
+
+    /// Whether a session has now made the same tool call in 3 consecutive responses.
+    fn tools(&self, session: Option<&str>, calls: &[ToolCall], now: Instant) -> bool {
+        let Some(id) = session else {
+            return false;
+        };
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        self.entry(&mut map, id, now).tools.observe(calls)
+    }
+
+    /// The live state of a session, started afresh when unknown or older than the TTL.
+    fn entry<'m>(&self, map: &'m mut LruCache<String, Session>, id: &str, now: Instant) -> &'m mut Session {
+        let stale = map.peek(id).is_some_and(|s| now.saturating_duration_since(s.seen) > self.ttl);
+        if stale {
+            map.pop(id);
+        }
+        let state = map.get_or_insert_mut(id.to_string(), || Session { last_delta_s: None, tools: SessionTools::default(), seen: now });
+        state.seen = now;
+        state
+    }
+}
+
+/// The proxy's handle on the pipeline.
+pub struct Pipeline {
+    tx: SyncSender<Sample>,
+    depth: IntGauge,
+    dropped: IntCounter,
+    truncated: IntCounterVec,
+    skipped: IntCounterVec,
+    evaluator: Arc<ArcSwap<Evaluator>>,
+}
+
+/// Skip reason of a response that did not complete.
+const INCOMPLETE: &str = "incomplete";
+
+impl Pipeline {
+    /// Starts `config.workers` evaluation threads behind a queue of `config.queue` samples.
+    pub fn start(config: &SignalsConfig, metrics: &Metrics) -> Result<Pipeline, EvalError> {
+        let evaluator = Arc::new(ArcSwap::from_pointee(Evaluator::from_config(config)?));
+        let (tx, rx) = mpsc::sync_channel(config.queue);
+        let rx = Arc::new(Mutex::new(rx));
+        let sessions = Arc::new(Sessions::new(config.max_sessions, config.session_ttl.0));
+        for i in 0..config.workers {
+            let worker = Worker {
+                rx: rx.clone(),
+                evaluator: evaluator.clone(),
+                sessions: sessions.clone(),
+                depth: metrics.eval_queue_depth.clone(),
+                skipped: metrics.eval_skipped.clone(),
+                errors: metrics.eval_errors.clone(),
+            };
+            std::thread::Builder::new()
+                .name(format!("driftguard-eval-{i}"))
+                .spawn(move || worker.run())
+                .map_err(|e| EvalError::Setup(format!("cannot start an evaluation thread: {e}")))?;
+        }
+        for reason in Skip::ALL.iter().map(|s| s.as_str()).chain([INCOMPLETE]) {
+            metrics.eval_skipped.with_label_values(&[reason]);
+        }
+        Ok(Pipeline {
+            tx,
+            depth: metrics.eval_queue_depth.clone(),
+            dropped: metrics.eval_dropped.clone(),
+            truncated: metrics.tee_truncated.clone(),
+            skipped: metrics.eval_skipped.clone(),
+            evaluator,
+        })
+    }
+
+    /// Queues a sample, or drops and counts it when the queue is full.
+    pub fn submit(&self, sample: Sample) {
+        if sample.response.truncated {
+            self.truncated.with_label_values(&["response"]).inc();
+        }
+        if sample.request.as_ref().is_some_and(|c| c.truncated) {
+            self.truncated.with_label_values(&["request"]).inc();
+        }
+        self.depth.inc();
+        match self.tx.try_send(sample) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.depth.dec();
+                self.dropped.inc();
+            }
+        }
+    }
+
+    /// A sampled response that ended early (client gone, upstream error) is not evaluated.
+    pub fn skip_incomplete(&self) {
+        self.skipped.with_label_values(&[INCOMPLETE]).inc();
+    }
+
+    /// Swaps in a new extractor and embedder (config reload).
+    pub fn reconfigure(&self, config: &SignalsConfig) -> Result<(), EvalError> {
+        self.evaluator.store(Arc::new(Evaluator::from_config(config)?));
+        Ok(())
+    }
+}
+
+struct Worker {
+    rx: Arc<Mutex<Receiver<Sample>>>,
+    evaluator: Arc<ArcSwap<Evaluator>>,
+    sessions: Arc<Sessions>,
+    depth: IntGauge,
+    skipped: IntCounterVec,
+    errors: IntCounterVec,
+}
+
+impl Worker {
+    fn run(self) {
+        loop {
+            let next = self.rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+            let Ok(sample) = next else { return };
+            self.depth.dec();
+            self.evaluate(sample);
+        }
+    }
+
+    fn evaluate(&self, sample: Sample) {
+        let evaluator = self.evaluator.load();
+        let (request, request_cut) = match sample.request {
+            Some(c) => {
+                let cut = c.truncated || c.incomplete;
+                (c.into_bytes(), cut)
+            }
+            None => (Bytes::new(), true),
+        };
+        let response_cut = sample.response.truncated;
+        let response = sample.response.into_bytes();
+        let (extracted, skip) = evaluator.extractor.gather(&request, request_cut, &response, response_cut, sample.sse);
+        let tool_calls: Vec<ToolCall> = extracted
+            .tool_calls
+            .iter()
+            .map(|(name, arguments)| ToolCall { name: name.clone(), arguments: arguments.clone() })
+            .collect();
+        let tool_loop = self.sessions.tools(sample.session.as_deref(), &tool_calls, Instant::now())
+            || measure::loops_in_response(&tool_calls);
+        sample.arm.usage(sample.at, extracted.prompt_tokens, extracted.completion_tokens, tool_loop);
+        if let Some(skip) = skip {
+            self.skipped.with_label_values(&[skip.as_str()]).inc();
+            tracing::debug!(request_id = sample.request_id.as_str(), reason = skip.as_str(), "sample skipped");
+            return;
+        }
+        let scored = match evaluator.score(&extracted) {
+            Ok(s) => s,
+            Err(e) => {
+                self.errors.with_label_values(&["embedder"]).inc();
+                tracing::warn!(request_id = sample.request_id.as_str(), error = %e, "evaluation failed; sample skipped");
+                return;
+            }
+        };
+        let lambda = self.sessions.lambda(sample.session.as_deref(), &scored, Instant::now());
+        let evaluation = Evaluation {
+            delta_s_qr: scored.delta_s_qr,
+            delta_s_ra: scored.delta_s_ra,
+            delta_s: scored.delta_s,
+            coverage: scored.coverage,
+            lambda: Lambda::ALL.iter().position(|l| *l == lambda).unwrap_or(0),
+        };
+        sample.arm.evaluated(sample.at, &evaluation);
+        tracing::info!(
+            target: ACCESS,
+            request_id = sample.request_id.as_str(),
+            arm = sample.arm.name.as_str(),
+            event = "signals",
+            delta_s = evaluation.delta_s,
+            delta_s_qr = evaluation.delta_s_qr,
+            delta_s_ra = evaluation.delta_s_ra,
+            band = measure::band(evaluation.delta_s).as_str(),
+            coverage = evaluation.coverage,
+            lambda = LAMBDA_STATES[evaluation.lambda],
+            tool_loop,
+            prompt_tokens = extracted.prompt_tokens,
+            completion_tokens = extracted.completion_tokens,
+        );
+    }
+}

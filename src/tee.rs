@@ -1,0 +1,159 @@
+//! Tee: copies of the request and response bodies, capped at `signals.max_body_bytes`, taken while the
+//! bodies stream through (SPEC §1). The copy holds reference-counted slices of the frames that pass — no
+//! byte is copied until evaluation — and stops at the cap; the stream itself is never touched.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// Up to `cap` bytes of a body.
+#[derive(Debug, Default)]
+pub struct Capture {
+    parts: Vec<Bytes>,
+    len: usize,
+    cap: usize,
+    /// The body was longer than the cap: the copy stops there.
+    pub truncated: bool,
+    /// The body ended with an error or was abandoned before its end.
+    pub incomplete: bool,
+}
+
+impl Capture {
+    pub fn new(cap: usize) -> Self {
+        Capture { parts: Vec::new(), len: 0, cap, truncated: false, incomplete: false }
+    }
+
+    /// Takes a slice of `data`, up to the cap.
+    #[inline]
+    pub fn push(&mut self, data: &Bytes) {
+        if self.truncated || data.is_empty() {
+            return;
+        }
+        let room = self.cap - self.len;
+        if data.len() <= room {
+            self.parts.push(data.clone());
+            self.len += data.len();
+        } else {
+            if room > 0 {
+                self.parts.push(data.slice(..room));
+                self.len += room;
+            }
+            self.truncated = true;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The captured bytes in one buffer.
+    pub fn into_bytes(self) -> Bytes {
+        match self.parts.len() {
+            0 => Bytes::new(),
+            1 => self.parts.into_iter().next().unwrap_or_default(),
+            _ => {
+                let mut buf = BytesMut::with_capacity(self.len);
+                for p in &self.parts {
+                    buf.extend_from_slice(p);
+                }
+                buf.freeze()
+            }
+        }
+    }
+}
+
+/// Where a request body's copy lands once the body has been read, for the response side to pick up.
+pub type RequestSlot = Arc<Mutex<Option<Capture>>>;
+
+/// The client's request body on its way upstream, copied into a [`RequestSlot`] when sampled.
+pub struct RequestBody {
+    inner: Incoming,
+    tee: Option<(Capture, RequestSlot)>,
+}
+
+impl RequestBody {
+    pub fn plain(inner: Incoming) -> Self {
+        RequestBody { inner, tee: None }
+    }
+
+    /// A body whose copy (up to `cap`) is stored in `slot` when it ends or is dropped.
+    pub fn teed(inner: Incoming, cap: usize, slot: RequestSlot) -> Self {
+        RequestBody { inner, tee: Some((Capture::new(cap), slot)) }
+    }
+
+    fn store(&mut self, complete: bool) {
+        if let Some((mut capture, slot)) = self.tee.take() {
+            capture.incomplete |= !complete;
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(capture);
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let (Some((capture, _)), Some(data)) = (this.tee.as_mut(), f.data_ref()) {
+                    capture.push(data);
+                }
+            }
+            Some(Err(_)) => this.store(false),
+            None => this.store(true),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        let complete = self.inner.is_end_stream();
+        self.store(complete);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_stops_at_the_cap() {
+        let mut c = Capture::new(10);
+        c.push(&Bytes::from_static(b"hello"));
+        assert!(!c.truncated);
+        c.push(&Bytes::from_static(b"world, and more"));
+        c.push(&Bytes::from_static(b"ignored"));
+        assert!(c.truncated);
+        assert_eq!(c.len(), 10);
+        assert_eq!(&c.into_bytes()[..], b"helloworld");
+    }
+
+    #[test]
+    fn capture_exactly_at_the_cap_is_whole() {
+        let mut c = Capture::new(4);
+        c.push(&Bytes::from_static(b"ab"));
+        c.push(&Bytes::from_static(b"cd"));
+        assert!(!c.truncated);
+        assert_eq!(&c.into_bytes()[..], b"abcd");
+    }
+}

@@ -1,0 +1,931 @@
+//! Shared harness of the end-to-end tests: a tiny upstream server (hyper 1.x on its own tokio runtime), a
+//! driftguard child process started from a config string, and HTTP helpers for the client side.
+//!
+//! Nothing here sleeps to synchronise: waits are on channels, on log lines read from the child's stdout,
+//! or polls with a deadline.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use tokio::sync::{mpsc, Notify};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ReqBody = BoxBody<Bytes, BoxError>;
+pub type HttpClient = Client<HttpConnector, ReqBody>;
+
+/// Upper bound for any single wait in a test; generous because CI has 2 cores and debug builds.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The `[listen]` table every test config uses: ephemeral ports, learnt from the "listening" log line.
+pub const LISTEN: &str = "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n";
+
+/// Unique names for temp files across the tests of one process and across processes.
+pub fn unique(prefix: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!(
+        "driftguard-e2e-{prefix}-{}-{n}-{nanos}",
+        std::process::id()
+    ))
+}
+
+/// Awaits `fut`, failing the test with `what` when it takes longer than `limit`.
+pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {limit:?}: {what}"),
+    }
+}
+
+/// Polls `check` every 10 ms until it returns `Some`, failing the test after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("condition not met within {limit:?}: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ================================================================================================
+// Test upstream
+// ================================================================================================
+
+/// One request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: Method,
+    /// Path and query.
+    pub path: String,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+impl Recorded {
+    /// The single value of a header; panics when it appears more than once.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let all: Vec<_> = self.headers.get_all(name).iter().collect();
+        assert!(
+            all.len() <= 1,
+            "header {name} received {} times: {all:?}",
+            all.len()
+        );
+        all.first()
+            .map(|v| v.to_str().expect("ascii header").to_string())
+    }
+}
+
+struct UpstreamState {
+    name: String,
+    records: Mutex<Vec<Recorded>>,
+    /// TCP connections accepted.
+    connections: AtomicU64,
+    /// Streaming routes send their first part, then wait here until the test opens the gate.
+    gate: Notify,
+}
+
+/// A small HTTP/1.1 server standing in for the guarded service. Routes (query parameters in brackets):
+/// - `/sse` [events=3, delay_ms=0]: `text/event-stream`; sends event 1, waits for [`Upstream::open_gate`],
+///   then the rest `delay_ms` apart. Each event is `data: {"n":<i>}\n\n`.
+/// - `/bytes` [n]: a streamed (chunked) body of `n` bytes, 64 KiB frames of the pattern `i % 251`.
+/// - `/upload`: counts the request body as it streams in; answers `{"bytes": n}`.
+/// - `/sleep` [ms]: answers after `ms` milliseconds.
+/// - `/echo-pin` [<pin-kebab>=<value>...]: answers with `x-pin-<pin-kebab>: <value>` for each parameter.
+/// - `/truncated` [n]: sends `n` bytes of the pattern, waits for the gate, then fails the stream (the
+///   connection is cut without the end of the body).
+/// - `/hop`: answers with `connection: x-bar` and `x-bar: hop` (a hop-by-hop field the proxy must drop).
+/// - anything else: 200 `hello from <name>`.
+///
+/// Every response carries `x-upstream: <name>`. Every request is recorded with its headers.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    state: Arc<UpstreamState>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+pub const PATTERN_CHUNK: usize = 64 * 1024;
+
+impl Upstream {
+    pub fn start(name: &str) -> Upstream {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(format!("upstream-{name}"))
+            .enable_all()
+            .build()
+            .expect("upstream runtime");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("upstream addr");
+        let state = Arc::new(UpstreamState {
+            name: name.to_string(),
+            records: Mutex::new(Vec::new()),
+            connections: AtomicU64::new(0),
+            gate: Notify::new(),
+        });
+        let st = state.clone();
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                st.connections.fetch_add(1, Ordering::Relaxed);
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| upstream_handle(st.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            state,
+            rt: Some(rt),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.records.lock().unwrap().clone()
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.state.records.lock().unwrap().len()
+    }
+
+    /// TCP connections the upstream accepted so far.
+    pub fn connection_count(&self) -> u64 {
+        self.state.connections.load(Ordering::Relaxed)
+    }
+
+    /// The request the proxy forwarded with this `x-request-id`.
+    pub fn find(&self, request_id: &str) -> Option<Recorded> {
+        self.requests().into_iter().find(|r| {
+            r.headers
+                .get("x-request-id")
+                .is_some_and(|v| v == request_id)
+        })
+    }
+
+    /// Lets one waiting (or the next) streaming response go on past its first part.
+    pub fn open_gate(&self) {
+        self.state.gate.notify_one();
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+type UpBody = BoxBody<Bytes, BoxError>;
+
+fn query(path: &str) -> BTreeMap<String, String> {
+    path.split_once('?')
+        .map(|(_, q)| q)
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn param<T: std::str::FromStr>(q: &BTreeMap<String, String>, key: &str, default: T) -> T {
+    q.get(key).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+pub fn sse_event(n: usize) -> String {
+    format!("data: {{\"n\":{n}}}\n\n")
+}
+
+async fn upstream_handle(
+    st: Arc<UpstreamState>,
+    req: Request<Incoming>,
+) -> Result<Response<UpBody>, Infallible> {
+    let path_q = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    st.records.lock().unwrap().push(Recorded {
+        method: req.method().clone(),
+        path: path_q.clone(),
+        version: req.version(),
+        headers: req.headers().clone(),
+    });
+    let q = query(&path_q);
+    let mut builder = Response::builder().header("x-upstream", st.name.as_str());
+    let body: UpBody = match req.uri().path() {
+        "/sse" => {
+            let events: usize = param(&q, "events", 3);
+            let delay = Duration::from_millis(param(&q, "delay_ms", 0));
+            let (tx, rx) = mpsc::channel(16);
+            let st = st.clone();
+            tokio::spawn(async move {
+                if tx.send(Ok(Bytes::from(sse_event(1)))).await.is_err() {
+                    return;
+                }
+                st.gate.notified().await;
+                for n in 2..=events {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if tx.send(Ok(Bytes::from(sse_event(n)))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            builder = builder
+                .header("content-type", "text/event-stream")
+                .header("cache-control", "no-cache");
+            ChannelBody { rx }.boxed()
+        }
+        "/bytes" => {
+            builder = builder.header("content-type", "application/octet-stream");
+            RepeatBody::new(param(&q, "n", 0))
+                .map_err(|never| match never {})
+                .boxed()
+        }
+        "/upload" => {
+            let mut body = req.into_body();
+            let mut n: u64 = 0;
+            let mut error = None;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+                    Err(e) => {
+                        error = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            builder = builder.header("content-type", "application/json");
+            full_up(serde_json::json!({"bytes": n, "error": error}).to_string())
+        }
+        "/sleep" => {
+            tokio::time::sleep(Duration::from_millis(param(&q, "ms", 0))).await;
+            full_up("slept".to_string())
+        }
+        "/echo-pin" => {
+            for (k, v) in &q {
+                builder = builder.header(format!("x-pin-{k}"), v.as_str());
+            }
+            full_up("echoed".to_string())
+        }
+        "/truncated" => {
+            let n: u64 = param(&q, "n", 1024);
+            builder = builder.header("content-type", "application/octet-stream");
+            let (tx, rx) = mpsc::channel(4);
+            let st = st.clone();
+            tokio::spawn(async move {
+                let mut part = RepeatBody::new(n);
+                while let Some(Ok(frame)) = part.frame().await {
+                    if tx
+                        .send(Ok(frame.into_data().expect("data frame")))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                st.gate.notified().await;
+                let _ = tx.send(Err("upstream died mid-body".into())).await;
+            });
+            ChannelBody { rx }.boxed()
+        }
+        "/hop" => {
+            builder = builder.header("connection", "x-bar").header("x-bar", "hop");
+            full_up(format!("hello from {}", st.name))
+        }
+        _ => full_up(format!("hello from {}", st.name)),
+    };
+    Ok(builder.body(body).expect("upstream response"))
+}
+
+fn full_up(s: String) -> UpBody {
+    Full::new(Bytes::from(s))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A body fed by a channel: each message is one frame (or the error that breaks the stream); the stream
+/// ends when the sender is dropped.
+pub struct ChannelBody {
+    rx: mpsc::Receiver<Result<Bytes, BoxError>>,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.get_mut()
+            .rx
+            .poll_recv(cx)
+            .map(|m| m.map(|r| r.map(Frame::data)))
+    }
+}
+
+/// A body of `n` bytes made on demand in 64 KiB frames (never held in memory at once). Byte `i` of the
+/// stream is `i % 251`, so a receiver can check content at any offset cheaply.
+pub struct RepeatBody {
+    remaining: u64,
+    offset: u64,
+    chunks: Vec<Bytes>,
+}
+
+impl RepeatBody {
+    pub fn new(n: u64) -> Self {
+        // 251 rotations of one chunk cover every starting phase of the pattern.
+        let base: Vec<u8> = (0..PATTERN_CHUNK + 251).map(|i| (i % 251) as u8).collect();
+        let base = Bytes::from(base);
+        let chunks = (0..251)
+            .map(|phase| base.slice(phase..phase + PATTERN_CHUNK))
+            .collect();
+        RepeatBody {
+            remaining: n,
+            offset: 0,
+            chunks,
+        }
+    }
+}
+
+impl Body for RepeatBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let len = (PATTERN_CHUNK as u64).min(this.remaining) as usize;
+        let chunk = this.chunks[(this.offset % 251) as usize].slice(..len);
+        this.remaining -= len as u64;
+        this.offset += len as u64;
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Deliberately inexact so it goes chunked, like a generated answer would.
+        SizeHint::default()
+    }
+}
+
+// ================================================================================================
+// driftguard child process
+// ================================================================================================
+
+#[derive(Default)]
+struct Output {
+    lines: Mutex<Vec<String>>,
+    stdout_closed: Mutex<bool>,
+    changed: Condvar,
+    stderr: Mutex<String>,
+}
+
+/// A running `driftguard run` on ephemeral ports; killed on drop.
+pub struct Proxy {
+    child: Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    state_dir: PathBuf,
+    output: Arc<Output>,
+    exited: Option<ExitStatus>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_driftguard")
+}
+
+/// Environment variables of the host that would change what the child does.
+fn clean_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DRIFTGUARD_") || k == "RUST_LOG" || k.starts_with("OTEL_") {
+            cmd.env_remove(k);
+        }
+    }
+}
+
+impl Proxy {
+    pub fn start(config: &str) -> Proxy {
+        Proxy::start_with_env(config, &[])
+    }
+
+    /// Writes `config` (with a private `state_dir` put in front unless it sets one) to a temp file and
+    /// runs driftguard on it, with `env` added to a cleaned environment. Returns once it listens.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Proxy {
+        let config_path = unique("config").with_extension("toml");
+        let state_dir = unique("state");
+        std::fs::write(&config_path, with_state_dir(config, &state_dir)).expect("write config");
+        let mut cmd = Command::new(bin());
+        cmd.arg("run").arg("--config").arg(&config_path);
+        clean_env(&mut cmd);
+        cmd.envs(env.iter().copied());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn driftguard");
+
+        let output = Arc::new(Output::default());
+        let stdout = child.stdout.take().expect("stdout");
+        let out = output.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                out.lines.lock().unwrap().push(line);
+                out.changed.notify_all();
+            }
+            *out.stdout_closed.lock().unwrap() = true;
+            out.changed.notify_all();
+        });
+        let mut stderr = child.stderr.take().expect("stderr");
+        let out = output.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                out.stderr
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+
+        let mut proxy = Proxy {
+            child,
+            proxy: "0.0.0.0:0".parse().unwrap(),
+            admin: "0.0.0.0:0".parse().unwrap(),
+            config_path,
+            state_dir,
+            output,
+            exited: None,
+        };
+        let listening = proxy.wait_line_blocking(WAIT, |v| v["message"] == "listening");
+        let Some(listening) = listening else {
+            let status = proxy.child.try_wait().ok().flatten();
+            panic!(
+                "driftguard did not log \"listening\" within {WAIT:?} (exit: {status:?})\nstdout:\n{}\nstderr:\n{}",
+                proxy.output.lines.lock().unwrap().join("\n"),
+                proxy.output.stderr.lock().unwrap()
+            );
+        };
+        let addr = |key: &str| -> SocketAddr {
+            listening[key]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in {listening}"))
+        };
+        proxy.proxy = addr("proxy");
+        proxy.admin = addr("admin");
+        proxy
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `http://<proxy><path>`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    /// `http://<admin><path>`
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid; no memory is shared.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.child.id());
+    }
+
+    /// Replaces the config file's content (the same `state_dir` is put in front).
+    pub fn rewrite_config(&self, config: &str) {
+        let tmp = self.config_path.with_extension("tmp");
+        std::fs::write(&tmp, with_state_dir(config, &self.state_dir)).expect("write config");
+        std::fs::rename(&tmp, &self.config_path).expect("replace config");
+    }
+
+    /// Every stdout line so far that parses as JSON.
+    pub fn log_lines(&self) -> Vec<Value> {
+        self.output
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Access-log lines (target `driftguard::access`) so far.
+    pub fn access_log(&self) -> Vec<Value> {
+        self.log_lines()
+            .into_iter()
+            .filter(|v| v["target"] == "driftguard::access")
+            .collect()
+    }
+
+    fn wait_line_blocking(&self, limit: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        let deadline = Instant::now() + limit;
+        let mut lines = self.output.lines.lock().unwrap();
+        let mut seen = 0;
+        loop {
+            for line in &lines[seen..] {
+                if let Ok(v) = serde_json::from_str::<Value>(line) {
+                    if pred(&v) {
+                        return Some(v);
+                    }
+                }
+            }
+            seen = lines.len();
+            if *self.output.stdout_closed.lock().unwrap() {
+                return None;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            lines = self
+                .output
+                .changed
+                .wait_timeout(lines, (deadline - now).min(Duration::from_millis(100)))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Waits (polling, without blocking the test's runtime) for a log line matching `pred`.
+    pub async fn wait_log(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        eventually(WAIT, what, || {
+            let found = self.log_lines().into_iter().find(|v| pred(v));
+            async move { found }
+        })
+        .await
+    }
+
+    /// Number of log lines matching `pred` so far.
+    pub fn count_log(&self, pred: impl Fn(&Value) -> bool) -> usize {
+        self.log_lines().iter().filter(|v| pred(v)).count()
+    }
+
+    /// Polls for the child's exit, up to `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.exited = Some(status);
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
+    pub fn proc_status_kib(&self, field: &str) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        text.lines()
+            .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.pid()))
+    }
+
+    pub fn stderr(&self) -> String {
+        self.output.stderr.lock().unwrap().clone()
+    }
+}
+
+fn with_state_dir(config: &str, state_dir: &Path) -> String {
+    if config
+        .lines()
+        .any(|l| l.trim_start().starts_with("state_dir"))
+    {
+        config.to_string()
+    } else {
+        format!(
+            "state_dir = {:?}\n{config}",
+            state_dir.display().to_string()
+        )
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            let lines = self.output.lines.lock().unwrap();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "--- driftguard stdout (last {} lines) ---\n{}",
+                tail.len(),
+                tail.join("\n")
+            );
+            eprintln!(
+                "--- driftguard stderr ---\n{}",
+                self.output.stderr.lock().unwrap()
+            );
+        }
+        let _ = std::fs::remove_file(&self.config_path);
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+// ================================================================================================
+// Client side
+// ================================================================================================
+
+/// A pooled HTTP/1.1 keep-alive client.
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn empty() -> ReqBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+pub fn full(body: impl Into<Bytes>) -> ReqBody {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn streamed(n: u64) -> ReqBody {
+    RepeatBody::new(n).map_err(|never| match never {}).boxed()
+}
+
+/// A finished exchange: status, headers and the whole (small) body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<String> {
+        let all: Vec<_> = self.headers.get_all(name).iter().collect();
+        assert!(
+            all.len() <= 1,
+            "response header {name} appears {} times: {all:?}",
+            all.len()
+        );
+        all.first()
+            .map(|v| v.to_str().expect("ascii header").to_string())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// Sends a request and reads the whole response, all within [`WAIT`].
+pub async fn exchange(client: &HttpClient, req: Request<ReqBody>) -> Reply {
+    let what = format!("{} {}", req.method(), req.uri());
+    within(WAIT, &what, async {
+        let resp = client
+            .request(req)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: body: {e}"))
+            .to_bytes();
+        Reply {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers,
+            body,
+        }
+    })
+    .await
+}
+
+/// GET `url` with extra headers.
+pub async fn get(client: &HttpClient, url: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    exchange(client, req.body(empty()).unwrap()).await
+}
+
+/// POST to an admin endpoint with an optional bearer token.
+pub async fn admin_post(client: &HttpClient, url: &str, body: &str, token: Option<&str>) -> Reply {
+    let mut req = Request::post(url).header("content-type", "application/json");
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    exchange(client, req.body(full(body.to_string())).unwrap()).await
+}
+
+/// Reads frames from `body` until `until` says the accumulated text is enough, within `limit`.
+pub async fn read_until(
+    body: &mut Incoming,
+    acc: &mut String,
+    limit: Duration,
+    until: impl Fn(&str) -> bool,
+) {
+    within(limit, "reading the streamed body", async {
+        while !until(acc) {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        acc.push_str(std::str::from_utf8(data).expect("utf-8 stream"));
+                    }
+                }
+                Some(Err(e)) => panic!("stream broke: {e}; got so far: {acc:?}"),
+                None => panic!("stream ended early; got: {acc:?}"),
+            }
+        }
+    })
+    .await
+}
+
+/// Reads `body` to its end.
+pub async fn read_to_end(body: &mut Incoming, acc: &mut String, limit: Duration) {
+    within(limit, "reading the body to its end", async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.unwrap_or_else(|e| panic!("stream broke: {e}; got so far: {acc:?}"));
+            if let Some(data) = frame.data_ref() {
+                acc.push_str(std::str::from_utf8(data).expect("utf-8 stream"));
+            }
+        }
+    })
+    .await
+}
+
+pub fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap()
+}
+
+// ================================================================================================
+// Prometheus text
+// ================================================================================================
+
+/// One sample of the Prometheus text exposition.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses sample lines (comments skipped). Label values here never hold `"` or `,`.
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|line| {
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad sample line {line:?}"));
+            let value: f64 = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+            };
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => {
+                    let inner = rest
+                        .strip_suffix('}')
+                        .unwrap_or_else(|| panic!("bad labels in {line:?}"));
+                    let labels = inner
+                        .split(',')
+                        .filter(|kv| !kv.is_empty())
+                        .map(|kv| {
+                            let (k, v) = kv
+                                .split_once('=')
+                                .unwrap_or_else(|| panic!("bad label in {line:?}"));
+                            (k.to_string(), v.trim_matches('"').to_string())
+                        })
+                        .collect();
+                    (name.to_string(), labels)
+                }
+                None => (series.to_string(), BTreeMap::new()),
+            };
+            Sample {
+                name,
+                labels,
+                value,
+            }
+        })
+        .collect()
+}
+
+/// The value of the sample `name` whose labels include all of `labels`.
+pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+}
+
+pub async fn scrape(client: &HttpClient, proxy: &Proxy) -> (String, Vec<Sample>) {
+    let reply = get(client, &proxy.admin_url("/metrics"), &[]).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "GET /metrics: {}",
+        reply.text()
+    );
+    let text = reply.text();
+    let samples = parse_metrics(&text);
+    (text, samples)
+}
+
+/// `[[arms]]` entry text.
+pub fn arm(name: &str, upstream: &str, weight: u32, pins: &[(&str, &str)]) -> String {
+    let mut s =
+        format!("[[arms]]\nname = \"{name}\"\nupstream = \"{upstream}\"\nweight = {weight}\n");
+    if !pins.is_empty() {
+        s.push_str("[arms.pins]\n");
+        for (k, v) in pins {
+            s.push_str(&format!("{k} = \"{v}\"\n"));
+        }
+    }
+    s
+}
