@@ -222,6 +222,12 @@ impl App {
                 "hash": self.config_hash.load().as_str(),
             },
             "total_weight": table.total_weight(),
+            "signals": {
+                "embedder": self.pipeline.embedder_name(),
+                "sample": config.signals.sample,
+                "queue_depth": self.metrics.eval_queue_depth.get(),
+                "dropped": self.metrics.eval_dropped.get(),
+            },
             "arms": arms,
         })
     }
@@ -244,6 +250,28 @@ fn window_json(stats: &WindowStats) -> serde_json::Value {
         "pin_mismatches": stats.counter(Counter::PinMismatches),
         "latency_ms": quantiles(Hist::Latency),
         "ttfb_ms": quantiles(Hist::Ttfb),
+        "signals": {
+            "evaluated": stats.counter(Counter::Evaluated),
+            "delta_s": {
+                "p50": stats.signal_quantile(Hist::DeltaS, 0.5),
+                "p95": stats.signal_quantile(Hist::DeltaS, 0.95),
+            },
+            "delta_s_qr": {
+                "p50": stats.signal_quantile(Hist::DeltaSQr, 0.5),
+                "p95": stats.signal_quantile(Hist::DeltaSQr, 0.95),
+            },
+            "delta_s_ra": {
+                "p50": stats.signal_quantile(Hist::DeltaSRa, 0.5),
+                "p95": stats.signal_quantile(Hist::DeltaSRa, 0.95),
+            },
+            "coverage_mean": stats.signal_mean(Hist::Coverage),
+            "lambda_flip_rate": stats.lambda_flip_rate(),
+            "tool_loops": stats.counter(Counter::ToolLoops),
+            "tokens": {
+                "prompt": stats.counter(Counter::PromptTokens),
+                "completion": stats.counter(Counter::CompletionTokens),
+            },
+        },
     })
 }
 

@@ -710,8 +710,10 @@ impl Config {
             ("signals.answer", &s.answer),
             ("signals.anchor", &s.anchor),
         ] {
-            if !pointer.is_empty() && !pointer.starts_with('/') {
-                errors.push(err(key, format!("{pointer:?} is not a JSON pointer (it must start with '/')")));
+            if !pointer.is_empty() {
+                if let Err(e) = crate::signals::extract::Pointer::parse(pointer) {
+                    errors.push(err(key, e.to_string()));
+                }
             }
         }
         if s.embedder == EmbedderKind::Openai && !s.openai.url.starts_with("http://") {

@@ -277,8 +277,8 @@ impl Scratch {
         };
 
         let mut previous = None;
-        for (word, block) in words.iter().zip(words.first_blocks()) {
-            let hash = if word.text.len() <= 8 { short_word_hash(block, word.text.len()) } else { word_hash(word.text) };
+        for word in words.iter() {
+            let hash = word.hash_prefix(WORD, word.text.len());
             count(hash);
             if let Some(previous) = previous {
                 count(bigram_hash(previous, hash));
@@ -342,32 +342,39 @@ const BIGRAM: u64 = mix(SEED, 2);
 const TRIGRAM: u64 = mix(SEED, 3);
 
 /// Hashes `bytes` in 8-byte little-endian blocks (the last zero-padded), then their length.
-pub(crate) fn hash_bytes(state: u64, bytes: &[u8]) -> u64 {
+/// `const` so that tables of hashed words can be built at compile time.
+pub(crate) const fn hash_bytes(state: u64, bytes: &[u8]) -> u64 {
     let mut h = state;
-    let mut blocks = bytes.chunks_exact(8);
-    for block in &mut blocks {
-        let mut buf = [0u8; 8];
-        buf.copy_from_slice(block);
-        h = mix(h, u64::from_le_bytes(buf));
+    let mut i = 0;
+    while i + 8 <= bytes.len() {
+        let mut block = 0;
+        let mut k = 8;
+        while k > 0 {
+            k -= 1;
+            block = (block << 8) | bytes[i + k] as u64;
+        }
+        h = mix(h, block);
+        i += 8;
     }
-    let rest = blocks.remainder();
-    if !rest.is_empty() {
-        // Byte by byte rather than a copy into a buffer: a variable-length copy is a memcpy call.
-        let block = rest.iter().rev().fold(0u64, |block, &b| (block << 8) | u64::from(b));
+    if i < bytes.len() {
+        let mut block = 0;
+        let mut k = bytes.len();
+        while k > i {
+            k -= 1;
+            block = (block << 8) | bytes[k] as u64;
+        }
         h = mix(h, block);
     }
     fmix(mix(h, bytes.len() as u64))
 }
 
-fn word_hash(word: &str) -> u64 {
-    hash_bytes(WORD, word.as_bytes())
+/// [`hash_bytes`] of at most 8 bytes given as one zero-padded little-endian block.
+const fn hash_block(state: u64, block: u64, len: usize) -> u64 {
+    fmix(mix(mix(state, block), len as u64))
 }
 
-/// [`word_hash`] of a word of 1 to 8 bytes given as its first 8 bytes read from a padded buffer
-/// (see [`Words::first_blocks`]): one masked block, no loop.
-fn short_word_hash(block: u64, len: usize) -> u64 {
-    let block = block & (u64::MAX >> (64 - 8 * len));
-    fmix(mix(mix(WORD, block), len as u64))
+fn word_hash(word: &str) -> u64 {
+    hash_bytes(WORD, word.as_bytes())
 }
 
 fn bigram_hash(first: u64, second: u64) -> u64 {
@@ -397,11 +404,17 @@ struct Span {
     chars: usize,
 }
 
-/// One lowercased word and its length in chars.
+/// One lowercased word, with what the hot loops need of it precomputed.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Word<'a> {
     pub text: &'a str,
+    /// Its length in chars.
     pub chars: usize,
+    /// Its first (up to) 8 bytes as a little-endian block, zero past the word's end.
+    pub head: u64,
+    /// Its last (up to) 8 bytes, last byte lowest, zero before the word's start: `ing` is
+    /// `0x69_6e_67`.
+    pub tail: u64,
 }
 
 impl Word<'_> {
@@ -409,7 +422,30 @@ impl Word<'_> {
     pub fn is_ascii(&self) -> bool {
         self.chars == self.text.len()
     }
+
+    /// [`hash_bytes`] of the word's first `len` bytes (`len` ≤ the word's byte length); words of up
+    /// to 8 bytes take no loop.
+    pub fn hash_prefix(&self, state: u64, len: usize) -> u64 {
+        match self.text.as_bytes().get(..len) {
+            Some(_) if len <= 8 => hash_block(state, self.head & low_bytes(len), len),
+            Some(prefix) => hash_bytes(state, prefix),
+            None => hash_bytes(state, self.text.as_bytes()),
+        }
+    }
 }
+
+/// A mask of the low `n` bytes of a u64.
+pub(crate) const fn low_bytes(n: usize) -> u64 {
+    if n >= 8 {
+        u64::MAX
+    } else {
+        (1 << (8 * n)) - 1
+    }
+}
+
+/// Zero bytes kept before and after the words, so that the 8-byte loads of [`Word::head`] and
+/// [`Word::tail`] never need a bounds branch.
+const PAD: usize = 8;
 
 /// Byte → is an ASCII word char (`char::is_alphanumeric`); false for every non-ASCII byte.
 const ASCII_WORD: [bool; 256] = {
@@ -453,8 +489,9 @@ impl Words {
         };
         out.lowered.clear();
         out.spans.clear();
-        // Lowercasing grows UTF-8 by at most 3/2; 8 more for the padding of `first_blocks`.
-        out.lowered.reserve(text.len() + text.len() / 2 + 8);
+        // Lowercasing grows UTF-8 by at most 3/2.
+        out.lowered.reserve(PAD + text.len() + text.len() / 2 + PAD);
+        out.lowered.extend_from_slice(&[0; PAD]);
 
         let bytes = text.as_bytes();
         let mut i = 0;
@@ -490,27 +527,35 @@ impl Words {
         out.close(end);
         self.chars = out.chars;
         let mut lowered = out.lowered;
-        lowered.extend_from_slice(&[0; 8]);
+        lowered.extend_from_slice(&[0; PAD]);
         // Always valid: ASCII bytes and whole encoded chars only.
         self.lowered = String::from_utf8(lowered)
             .unwrap_or_else(|invalid| String::from_utf8_lossy(invalid.as_bytes()).into_owned());
     }
 
     pub fn iter(&self) -> impl Iterator<Item = Word<'_>> {
-        self.spans.iter().map(|s| Word { text: &self.lowered[s.start..s.end], chars: s.chars })
-    }
-
-    /// The first 8 bytes at each word's start (beyond its end for short words; the buffer is padded
-    /// so they always exist), for [`short_word_hash`].
-    fn first_blocks(&self) -> impl Iterator<Item = u64> + '_ {
         let bytes = self.lowered.as_bytes();
-        self.spans.iter().map(move |s| {
+        let load = move |at: usize| {
             let mut buf = [0u8; 8];
-            if let Some(block) = bytes.get(s.start..s.start + 8) {
+            if let Some(block) = bytes.get(at..at + 8) {
                 buf.copy_from_slice(block);
             }
-            u64::from_le_bytes(buf)
+            buf
+        };
+        self.spans.iter().map(move |s| {
+            let len = s.end - s.start;
+            Word {
+                text: &self.lowered[s.start..s.end],
+                chars: s.chars,
+                head: u64::from_le_bytes(load(s.start)) & low_bytes(len),
+                tail: u64::from_be_bytes(load(s.end.saturating_sub(8))) & low_bytes(len),
+            }
         })
+    }
+
+    /// The word count.
+    pub fn len(&self) -> usize {
+        self.spans.len()
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod embed;
 pub mod extract;
+pub mod gold;
 pub mod measure;
 pub mod openai;
 pub mod pipeline;

@@ -201,6 +201,11 @@ impl Pipeline {
         }
     }
 
+    /// Name of the embedder in use.
+    pub fn embedder_name(&self) -> &'static str {
+        self.evaluator.load().embedder.name()
+    }
+
     /// A sampled response that ended early (client gone, upstream error) is not evaluated.
     pub fn skip_incomplete(&self) {
         self.skipped.with_label_values(&[INCOMPLETE]).inc();

@@ -1,0 +1,315 @@
+//! `driftguard eval --gold FILE --url URL`: the post-rollback audit. Replays a gold set (JSON Lines of
+//! `{"question": .., "anchor": .., "body": {..}}`) against a URL — through the sidecar or direct — and
+//! scores every answer with the same extractor and embedder as the live signals.
+
+use std::io::BufRead;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Signals as SignalsConfig;
+use crate::signals::measure::{self, Lambda};
+use crate::signals::pipeline::Evaluator;
+use crate::signals::EvalError;
+
+/// Largest response body read per item.
+const MAX_RESPONSE: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GoldError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}:{line}: {message}")]
+    Item { path: String, line: usize, message: String },
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GoldItem {
+    question: String,
+    #[serde(default)]
+    anchor: Option<String>,
+    #[serde(default)]
+    body: Option<serde_json::Value>,
+}
+
+/// One replayed item.
+#[derive(Debug, Clone, Serialize)]
+pub struct ItemResult {
+    pub line: usize,
+    pub question: String,
+    pub status: Option<u16>,
+    /// Why the item has no signals (HTTP failure or extraction skip).
+    pub error: Option<String>,
+    pub delta_s: Option<f64>,
+    pub delta_s_qr: Option<f64>,
+    pub delta_s_ra: Option<f64>,
+    pub coverage: Option<f64>,
+    pub lambda: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Totals {
+    pub items: usize,
+    pub evaluated: usize,
+    pub failed: usize,
+    pub delta_s_mean: Option<f64>,
+    pub delta_s_p95: Option<f64>,
+    pub coverage_mean: Option<f64>,
+    pub lambda: std::collections::BTreeMap<&'static str, usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub url: String,
+    pub embedder: &'static str,
+    pub items: Vec<ItemResult>,
+    pub totals: Totals,
+    /// Thresholds breached; non-empty means exit code 1.
+    pub breaches: Vec<String>,
+}
+
+/// Thresholds of the audit.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Largest acceptable p95 ΔS over the evaluated items.
+    pub max_delta_s: Option<f64>,
+    /// Smallest acceptable mean coverage.
+    pub min_coverage: Option<f64>,
+}
+
+/// Replays the gold file against `url` and scores every item.
+pub fn run(gold: &Path, url: &str, signals: &SignalsConfig, limits: &Limits, timeout: Duration) -> Result<Report, GoldError> {
+    let display = gold.display().to_string();
+    let file = std::fs::File::open(gold).map_err(|source| GoldError::Read { path: display.clone(), source })?;
+    let mut items = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|source| GoldError::Read { path: display.clone(), source })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let item: GoldItem = serde_json::from_str(&line)
+            .map_err(|e| GoldError::Item { path: display.clone(), line: i + 1, message: e.to_string() })?;
+        items.push((i + 1, item));
+    }
+    if items.is_empty() {
+        return Err(GoldError::Setup(format!("{display}: no items")));
+    }
+    let uri: http::Uri = url.parse().map_err(|e| GoldError::Setup(format!("--url {url:?}: {e}")))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(GoldError::Setup(format!("--url {url:?}: only http:// is supported")));
+    }
+    let evaluator = Evaluator::from_config(signals)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| GoldError::Setup(format!("cannot start a runtime: {e}")))?;
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+
+    let results: Vec<ItemResult> = items
+        .into_iter()
+        .map(|(line, item)| {
+            let body = item.body.clone().unwrap_or_else(|| serde_json::json!({"question": item.question}));
+            let request_bytes = Bytes::from(body.to_string());
+            let fetched = runtime.block_on(fetch(&client, &uri, request_bytes.clone(), timeout));
+            score_item(&evaluator, line, &item, &request_bytes, fetched)
+        })
+        .collect();
+    let totals = totals(&results);
+    let mut breaches = Vec::new();
+    if totals.failed > 0 {
+        breaches.push(format!("{} of {} items could not be evaluated", totals.failed, totals.items));
+    }
+    if let (Some(max), Some(p95)) = (limits.max_delta_s, totals.delta_s_p95) {
+        if p95 > max {
+            breaches.push(format!("p95 ΔS {p95:.3} > --max-delta-s {max}"));
+        }
+    }
+    if let (Some(min), Some(mean)) = (limits.min_coverage, totals.coverage_mean) {
+        if mean < min {
+            breaches.push(format!("mean coverage {mean:.3} < --min-coverage {min}"));
+        }
+    }
+    Ok(Report { url: url.to_string(), embedder: evaluator.embedder.name(), items: results, totals, breaches })
+}
+
+/// Status, SSE flag and body of one POST.
+async fn fetch(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    uri: &http::Uri,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<(u16, bool, Bytes), String> {
+    let req = Request::post(uri.clone())
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::ACCEPT, "application/json, text/event-stream")
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
+    let call = async {
+        let resp = client.request(req).await.map_err(|e| format!("request failed: {e}"))?;
+        let status = resp.status().as_u16();
+        let sse = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the response: {e}"))?
+            .to_bytes();
+        Ok((status, sse, bytes))
+    };
+    tokio::time::timeout(timeout, call).await.map_err(|_| format!("no complete response within {timeout:?}"))?
+}
+
+fn score_item(
+    evaluator: &Evaluator,
+    line: usize,
+    item: &GoldItem,
+    request: &[u8],
+    fetched: Result<(u16, bool, Bytes), String>,
+) -> ItemResult {
+    let mut result = ItemResult {
+        line,
+        question: item.question.clone(),
+        status: None,
+        error: None,
+        delta_s: None,
+        delta_s_qr: None,
+        delta_s_ra: None,
+        coverage: None,
+        lambda: None,
+    };
+    let (status, sse, body) = match fetched {
+        Ok(f) => f,
+        Err(e) => {
+            result.error = Some(e);
+            return result;
+        }
+    };
+    result.status = Some(status);
+    if !(200..300).contains(&status) {
+        result.error = Some(format!("HTTP {status}"));
+        return result;
+    }
+    let (mut extracted, _) = evaluator.extractor.gather(request, false, &body, false, sse);
+    // The gold item knows the question and the anchor; the response supplies chunks and answer.
+    extracted.question = Some(item.question.clone());
+    if item.anchor.is_some() {
+        extracted.anchor = item.anchor.clone();
+    }
+    if let Some(skip) = extracted.missing() {
+        result.error = Some(format!("skipped: {}", skip.as_str()));
+        return result;
+    }
+    match evaluator.score(&extracted) {
+        Ok(s) => {
+            result.delta_s = Some(s.delta_s);
+            result.delta_s_qr = Some(s.delta_s_qr);
+            result.delta_s_ra = Some(s.delta_s_ra);
+            result.coverage = s.coverage;
+            result.lambda = Some(measure::lambda(s.delta_s_qr, s.delta_s_ra).as_str());
+        }
+        Err(e) => result.error = Some(format!("embedder: {e}")),
+    }
+    result
+}
+
+fn totals(items: &[ItemResult]) -> Totals {
+    let mut delta_s: Vec<f64> = items.iter().filter_map(|i| i.delta_s).collect();
+    delta_s.sort_by(f64::total_cmp);
+    let coverage: Vec<f64> = items.iter().filter_map(|i| i.coverage).collect();
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    let mut lambda: std::collections::BTreeMap<&'static str, usize> = Lambda::ALL.iter().map(|l| (l.as_str(), 0)).collect();
+    for state in items.iter().filter_map(|i| i.lambda) {
+        *lambda.entry(state).or_default() += 1;
+    }
+    Totals {
+        items: items.len(),
+        evaluated: delta_s.len(),
+        failed: items.iter().filter(|i| i.delta_s.is_none()).count(),
+        delta_s_mean: mean(&delta_s),
+        delta_s_p95: nearest_rank(&delta_s, 0.95),
+        coverage_mean: mean(&coverage),
+        lambda,
+    }
+}
+
+/// Nearest-rank quantile of sorted values.
+fn nearest_rank(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+impl Report {
+    /// The human-readable table and totals.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+        let mut out = String::new();
+        let _ = writeln!(out, "gold set against {} (embedder {})", self.url, self.embedder);
+        let _ = writeln!(out, "{:>5}  {:>6}  {:>6}  {:>6}  {:>6}  {:>8}  {:<10}  question", "line", "status", "ΔS", "ΔS_qr", "ΔS_ra", "coverage", "λ");
+        for i in &self.items {
+            let question: String = i.question.chars().take(48).collect();
+            let status = i.status.map_or("-".to_string(), |s| s.to_string());
+            let lambda = i.lambda.unwrap_or("-");
+            let _ = write!(
+                out,
+                "{:>5}  {:>6}  {:>6}  {:>6}  {:>6}  {:>8}  {:<10}  {}",
+                i.line,
+                status,
+                f(i.delta_s),
+                f(i.delta_s_qr),
+                f(i.delta_s_ra),
+                f(i.coverage),
+                lambda,
+                question
+            );
+            if let Some(e) = &i.error {
+                let _ = write!(out, "  [{e}]");
+            }
+            out.push('\n');
+        }
+        let t = &self.totals;
+        let _ = writeln!(out, "\nitems {}  evaluated {}  failed {}", t.items, t.evaluated, t.failed);
+        let _ = writeln!(out, "ΔS mean {}  p95 {}  coverage mean {}", f(t.delta_s_mean), f(t.delta_s_p95), f(t.coverage_mean));
+        let lambda: Vec<String> = t.lambda.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(out, "λ: {}", lambda.join(", "));
+        if self.breaches.is_empty() {
+            let _ = writeln!(out, "PASS");
+        } else {
+            for b in &self.breaches {
+                let _ = writeln!(out, "BREACH: {b}");
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_quantile() {
+        let v: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(nearest_rank(&v, 0.95), Some(19.0));
+        assert_eq!(nearest_rank(&v, 0.5), Some(10.0));
+        assert_eq!(nearest_rank(&[0.3], 0.95), Some(0.3));
+        assert_eq!(nearest_rank(&[], 0.95), None);
+    }
+}
