@@ -10,18 +10,23 @@
 #         WRK_CPU=0 PROXY_CPU=1 UPSTREAM_CPU=0         (taskset cores, see "Pinning" below)
 #         DG_STDOUT=/dev/null                          (where driftguard's JSON access log goes; a file
 #                                                       path measures the cost of writing it for real)
-#         SKIP="nginx haproxy driftguard-nolog"         (rows to leave out)
+#         SKIP="nginx haproxy driftguard-nolog driftguard-nosample"   (rows to leave out)
 #         NO_BUILD=1                                   (use the existing target/release/driftguard)
 #
 # What runs:
 #   upstream   one nginx process (master_process off, worker_processes 1) answering `200 "ok\n"` on
-#              every path, keep-alive unlimited, access log off.
+#              every path, keep-alive unlimited, access log off. Without nginx, a haproxy process
+#              answering by itself (`http-request return`) is the upstream and the nginx row is skipped.
 #   direct     wrk -> upstream.
 #   driftguard wrk -> driftguard -> upstream. One arm, [runtime] workers = 1, 5 pins, access log ON
-#              (the default), stdout to $DG_STDOUT. It stamps ~13 headers in each direction (pins, arm,
-#              request id, cache ns, x-forwarded-*), generates a request id and writes one log line.
+#              (the default), stdout to $DG_STDOUT. It adds 10 headers to the upstream request (5 pins,
+#              arm, request id, cache ns, x-forwarded-for/-proto) and 8 to the response, generates a
+#              request id and writes one log line — the proxies below set one header: CPU/req includes
+#              that difference in work.
 #   driftguard-nolog  the same with [log] access = false: shows what the access log costs.
-#   haproxy    nbthread 1, http-reuse always, `http-request set-header x-pin-build-id bench`, no
+#   driftguard-nosample  the same (access log on) with [signals] sample = 0.0: shows what teeing and
+#              queueing every response for evaluation costs (the default samples every response).
+#   haproxy    nbthread 1, maxconn 4096 (fits a 20000 fd limit), http-reuse always, `http-request set-header x-pin-build-id bench`, no
 #              logging, foreground (-db).
 #   nginx      worker_processes 1, proxy_http_version 1.1, upstream keepalive 64,
 #              `proxy_set_header x-pin-build-id bench`, access_log off.
@@ -358,7 +363,7 @@ taskset -a -p -c "$UPSTREAM_CPU" "$UP_PID" > /dev/null
 # --- driftguard -------------------------------------------------------------------------------------
 
 run_driftguard() {
-    local name=$1 access=$2 port admin
+    local name=$1 access=$2 sample=$3 port admin
     free_port port; free_port admin
     cat > "$TMP/$name.toml" <<EOF
 state_dir = "$TMP/$name-state"
@@ -385,6 +390,9 @@ INDEX_HASH = "a1b2c3"
 [log]
 access = $access
 EOF
+    if [[ -n $sample ]]; then
+        printf '\n[signals]\nsample = %s\n' "$sample" >> "$TMP/$name.toml"
+    fi
     "$DG" check -c "$TMP/$name.toml" > /dev/null || die "driftguard rejected its bench config"
     taskset -c "$PROXY_CPU" "$DG" run -c "$TMP/$name.toml" > "$DG_STDOUT" 2> "$TMP/$name.log" &
     local pid=$!
@@ -393,8 +401,9 @@ EOF
     measure "$name" "$port" "$pid"
     stop "$pid"
 }
-run_driftguard driftguard true
-skipped driftguard-nolog || run_driftguard driftguard-nolog false
+run_driftguard driftguard true ""
+skipped driftguard-nolog || run_driftguard driftguard-nolog false ""
+skipped driftguard-nosample || run_driftguard driftguard-nosample true 0.0
 
 # --- haproxy ----------------------------------------------------------------------------------------
 
@@ -487,11 +496,11 @@ printf '%s\n' "${ROWS[@]}" | awk -v dg_name=driftguard '
     { name[NR] = $1; rps[NR] = $2; p50[NR] = $3; p99[NR] = $4; cpu[NR] = $5; core[NR] = $6; rss[NR] = $7; busy[NR] = $8; idx[$1] = NR }
     END {
         d = idx["direct"]; h = idx["haproxy"]
-        printf "\n%-17s %9s %8s %8s %8s %9s %11s %8s %9s %12s\n", "target", "req/s", "p50 ms", "p99 ms", "/direct", "/haproxy", "CPU us/req", "target%", "peak RSS", "busy% wrk/tgt"
+        printf "\n%-19s %9s %8s %8s %8s %9s %11s %8s %9s %12s\n", "target", "req/s", "p50 ms", "p99 ms", "/direct", "/haproxy", "CPU us/req", "target%", "peak RSS", "busy% wrk/tgt"
         for (i = 1; i <= NR; i++) {
             rd = d ? sprintf("%.2f", rps[i] / rps[d]) : "-"
             rh = h ? sprintf("%.2f", rps[i] / rps[h]) : "-"
-            printf "%-17s %9.0f %8.3f %8.3f %8s %9s %11.2f %7s%% %6.1f MB %12s\n", name[i], rps[i], p50[i], p99[i], rd, rh, cpu[i], core[i], rss[i], busy[i]
+            printf "%-19s %9.0f %8.3f %8.3f %8s %9s %11.2f %7s%% %6.1f MB %12s\n", name[i], rps[i], p50[i], p99[i], rd, rh, cpu[i], core[i], rss[i], busy[i]
         }
         g = idx[dg_name]
         printf "\ntargets (driftguard, access log on):\n"

@@ -32,9 +32,9 @@ pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
             }
         }
         (&Method::GET, "/status") => json(StatusCode::OK, app.status()),
-        (&Method::POST, _) => match authorize(&app, peer, &req) {
-            Err(denied) => denied,
-            Ok(()) => mutate(&app, &path, req).await,
+        (&Method::POST, _) => match refusal(&app, peer, &req) {
+            Some(denied) => denied,
+            None => mutate(&app, &path, req).await,
         },
         (_, "/metrics" | "/healthz" | "/readyz" | "/status") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
         _ => error(StatusCode::NOT_FOUND, "not_found", &format!("no admin endpoint {path}")),
@@ -75,14 +75,14 @@ async fn mutate(app: &App, path: &str, req: Request<Incoming>) -> Response<Full<
     error(StatusCode::NOT_FOUND, "not_found", &format!("no admin endpoint POST {path}"))
 }
 
-/// The bearer-token rule for mutating endpoints.
-fn authorize(app: &App, peer: SocketAddr, req: &Request<Incoming>) -> Result<(), Response<Full<Bytes>>> {
+/// The bearer-token rule for mutating endpoints: the refusal to send, if any.
+fn refusal(app: &App, peer: SocketAddr, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
     let token = app.admin_token();
     let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     match decide(token.as_deref(), peer, presented) {
-        Decision::Allow => Ok(()),
-        Decision::Unauthorized(message) => Err(error(StatusCode::UNAUTHORIZED, "unauthorized", message)),
-        Decision::Forbidden(message) => Err(error(StatusCode::FORBIDDEN, "forbidden", message)),
+        Decision::Allow => None,
+        Decision::Unauthorized(message) => Some(error(StatusCode::UNAUTHORIZED, "unauthorized", message)),
+        Decision::Forbidden(message) => Some(error(StatusCode::FORBIDDEN, "forbidden", message)),
     }
 }
 

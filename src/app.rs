@@ -188,6 +188,7 @@ impl App {
     }
 
     pub fn render_metrics(&self) -> String {
+        self.metrics.eval_queue_depth.set(self.pipeline.depth() as i64);
         self.metrics.render(&self.table(), self.config.load().rules.window.0)
     }
 
@@ -225,7 +226,7 @@ impl App {
             "signals": {
                 "embedder": self.pipeline.embedder_name(),
                 "sample": config.signals.sample,
-                "queue_depth": self.metrics.eval_queue_depth.get(),
+                "queue_depth": self.pipeline.depth(),
                 "dropped": self.metrics.eval_dropped.get(),
             },
             "arms": arms,

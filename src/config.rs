@@ -830,7 +830,7 @@ pub fn parse_upstream(url: &str) -> Result<http::uri::Authority, String> {
     }
     let authority = uri.authority().cloned().ok_or_else(|| format!("{url:?} has no host"))?;
     if authority.port_u16().is_none() {
-        return Ok(format!("{}:80", authority.host()).parse().map_err(|e| format!("{url:?}: {e}"))?);
+        return format!("{}:80", authority.host()).parse().map_err(|e| format!("{url:?}: {e}"));
     }
     Ok(authority)
 }

@@ -5,14 +5,14 @@
 //! the name without the suffix, so `pins` is an object a log pipeline can query, not an escaped string.
 
 use std::fmt::{self, Write as _};
-use std::io::BufWriter;
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
@@ -20,12 +20,8 @@ use tracing_subscriber::EnvFilter;
 pub const ACCESS: &str = "driftguard::access";
 
 /// Installs the JSON subscriber. Keep the guard alive until exit: dropping it flushes the last lines.
-pub fn init(level: &str) -> WorkerGuard {
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(64 * 1024)
-        .thread_name("driftguard-log")
-        .finish(BufWriter::with_capacity(64 * 1024, std::io::stdout()));
+pub fn init(level: &str) -> LogGuard {
+    let (writer, guard) = BatchWriter::stdout();
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -40,6 +36,126 @@ pub fn init(level: &str) -> WorkerGuard {
     guard
 }
 
+/// How long lines gather before the writer thread writes them out.
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
+/// Past this many buffered bytes the logging thread writes the batch itself: back-pressure, not loss.
+const MAX_BUFFERED: usize = 4 << 20;
+
+struct Batch {
+    buf: Vec<u8>,
+    stopping: bool,
+}
+
+struct BatchShared {
+    batch: Mutex<Batch>,
+    ready: Condvar,
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl BatchShared {
+    fn write_out(&self, bytes: &[u8]) {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = out.write_all(bytes).and_then(|()| out.flush());
+    }
+}
+
+/// A log writer that appends each line to a shared buffer — a memcpy under an uncontended lock, no
+/// system call, no wake-up per line — and a thread that writes the buffer out every [`BATCH_WINDOW`].
+#[derive(Clone)]
+pub struct BatchWriter(Arc<BatchShared>);
+
+/// Flushes what is buffered and stops the writer thread when dropped.
+pub struct LogGuard {
+    shared: Arc<BatchShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BatchWriter {
+    pub fn stdout() -> (BatchWriter, LogGuard) {
+        Self::new(Box::new(std::io::stdout()))
+    }
+
+    pub fn new(out: Box<dyn Write + Send>) -> (BatchWriter, LogGuard) {
+        let shared = Arc::new(BatchShared {
+            batch: Mutex::new(Batch { buf: Vec::with_capacity(64 * 1024), stopping: false }),
+            ready: Condvar::new(),
+            out: Mutex::new(out),
+        });
+        let worker = shared.clone();
+        let thread = std::thread::Builder::new().name("driftguard-log".into()).spawn(move || {
+            let mut spare = Vec::with_capacity(64 * 1024);
+            loop {
+                let stopping = {
+                    let mut batch = worker.batch.lock().unwrap_or_else(|p| p.into_inner());
+                    while batch.buf.is_empty() && !batch.stopping {
+                        batch = worker.ready.wait(batch).unwrap_or_else(|p| p.into_inner());
+                    }
+                    batch.stopping
+                };
+                if !stopping {
+                    std::thread::sleep(BATCH_WINDOW);
+                }
+                let stopping = {
+                    let mut batch = worker.batch.lock().unwrap_or_else(|p| p.into_inner());
+                    std::mem::swap(&mut batch.buf, &mut spare);
+                    batch.stopping
+                };
+                worker.write_out(&spare);
+                spare.clear();
+                if stopping {
+                    return;
+                }
+            }
+        });
+        let thread = thread.map_err(|e| eprintln!("driftguard: cannot start the log writer: {e}")).ok();
+        (BatchWriter(shared.clone()), LogGuard { shared, thread })
+    }
+}
+
+impl Write for BatchWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let mut batch = self.0.batch.lock().unwrap_or_else(|p| p.into_inner());
+        if batch.stopping {
+            drop(batch);
+            self.0.write_out(bytes);
+            return Ok(bytes.len());
+        }
+        let was_empty = batch.buf.is_empty();
+        batch.buf.extend_from_slice(bytes);
+        if batch.buf.len() > MAX_BUFFERED {
+            let full = std::mem::take(&mut batch.buf);
+            drop(batch);
+            self.0.write_out(&full);
+        } else if was_empty {
+            drop(batch);
+            self.0.ready.notify_one();
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for BatchWriter {
+    type Writer = BatchWriter;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.shared.batch.lock().unwrap_or_else(|p| p.into_inner()).stopping = true;
+        self.shared.ready.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Formats an event as `{"ts":..,"level":..,"target":..,"message":..,<fields>}`.
 pub struct JsonLines;
 
@@ -52,7 +168,7 @@ where
         let meta = event.metadata();
         let mut line = String::with_capacity(256);
         line.push_str("{\"ts\":\"");
-        SystemTime.format_time(&mut Writer::new(&mut line))?;
+        push_timestamp(&mut line);
         line.push_str("\",\"level\":\"");
         line.push_str(meta.level().as_str());
         line.push_str("\",\"target\":");
@@ -120,9 +236,36 @@ impl Visit for JsonFields<'_> {
     }
 }
 
+/// Appends the current UTC time as RFC 3339 with microseconds; the seconds part is formatted once per
+/// second per thread.
+fn push_timestamp(out: &mut String) {
+    thread_local! {
+        static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let since_epoch = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    SECOND.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if cache.0 != secs {
+            let whole = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+            let text = humantime::format_rfc3339_seconds(whole).to_string();
+            cache.1 = text.trim_end_matches('Z').to_string();
+            cache.0 = secs;
+        }
+        out.push_str(&cache.1);
+    });
+    let _ = write!(out, ".{:06}Z", since_epoch.subsec_micros());
+}
+
 /// Appends `s` as a JSON string literal.
 pub fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),

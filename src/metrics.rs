@@ -14,7 +14,7 @@ use prometheus::{
 };
 
 use crate::router::RoutingTable;
-use crate::windows::{Counter, Hist, Window, SIGNAL_SCALE};
+use crate::windows::{Counter, Hist, Window};
 use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary};
 
 pub const NAMESPACE: &str = "driftguard";
@@ -231,13 +231,15 @@ fn table_families(table: &RoutingTable, window: Duration) -> Vec<MetricFamily> {
         if let Some(g) = &weight {
             g.with_label_values(&[name]).set(f64::from(*w));
         }
-        let quantiles = |hist: Hist, scale: f64| -> Vec<(f64, f64)> {
-            QUANTILES.iter().filter_map(|(q, _)| Some((*q, stats.hist(hist).quantile(*q)? as f64 / scale))).collect()
-        };
+        let latency_q: Vec<(f64, f64)> = QUANTILES
+            .iter()
+            .filter_map(|(q, _)| Some((*q, stats.hist(Hist::Latency).quantile(*q)? as f64 / 1e6)))
+            .collect();
         let d = &arm.stats.duration;
-        latency.push(summary(&[("arm", name)], &quantiles(Hist::Latency, 1e6), d.get_sample_count(), d.get_sample_sum()));
+        latency.push(summary(&[("arm", name)], &latency_q, d.get_sample_count(), d.get_sample_sum()));
         for ((hist, probe), h) in PROBES.iter().zip(&arm.stats.delta_s) {
-            let q = quantiles(*hist, SIGNAL_SCALE);
+            let q: Vec<(f64, f64)> =
+                QUANTILES.iter().filter_map(|(q, _)| Some((*q, stats.signal_quantile(*hist, *q)?))).collect();
             delta_s.push(summary(&[("arm", name), ("probe", probe)], &q, h.get_sample_count(), h.get_sample_sum()));
         }
         if let (Some(g), Some(v)) = (&coverage, stats.signal_mean(Hist::Coverage)) {

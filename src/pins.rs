@@ -107,6 +107,14 @@ impl PinSet {
         self.pins.iter()
     }
 
+    pub fn len(&self) -> usize {
+        self.pins.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pins.is_empty()
+    }
+
     pub fn map(&self) -> &BTreeMap<String, String> {
         &self.map
     }

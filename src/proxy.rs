@@ -85,6 +85,8 @@ pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
     }
 
     strip_hop_by_hop(&mut parts.headers);
+    // One growth up front instead of rehashing as the stamped headers go in.
+    parts.headers.reserve(arm.pins.len() + 5);
     forwarded_for(&mut parts.headers, peer);
     stamp(&mut parts.headers, &arm, &info.request_id);
 
@@ -105,7 +107,7 @@ pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
     parts.version = Version::HTTP_11;
 
     let settings = &table.settings;
-    let (body, tee) = if settings.sampled() {
+    let (body, tee) = if carries_query(&parts) && settings.sampled() {
         let slot = RequestSlot::default();
         let session = settings
             .session_header
@@ -139,18 +141,51 @@ pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
         arm.stats.pin_mismatch(now, &pin.name);
     }
     strip_hop_by_hop(&mut parts.headers);
+    parts.headers.reserve(arm.pins.len() + 3);
     stamp(&mut parts.headers, &arm, &info.request_id);
     let status = parts.status.as_u16();
     arm.stats.response(now, status);
-    let tee = tee.filter(|_| parts.status.is_success()).map(|(request, session)| Tee {
-        request,
-        response: Capture::new(settings.max_body_bytes),
-        sse: parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream")),
-        session,
-        pipeline: app.pipeline.clone(),
-    });
+    let tee = match (tee, parts.status.is_success(), answer_format(&parts.headers)) {
+        (Some((request, session)), true, Some(sse)) => Some(Tee {
+            request,
+            response: Capture::new(settings.max_body_bytes),
+            sse,
+            session,
+            pipeline: app.pipeline.clone(),
+        }),
+        (Some(_), true, None) => {
+            app.pipeline.skip_not_json();
+            None
+        }
+        _ => None,
+    };
     let observed = Observed { arm, info, status, start, first_byte: false, bytes: 0, access_log: settings.access_log, tee };
     Ok(Response::from_parts(parts, ProxyBody(Kind::Upstream { inner: body, observed: Some(observed) })))
+}
+
+/// Whether a request can carry a question: a body-bearing method with a JSON (or unstated) content type.
+/// Only these are sampled, so plain GETs and uploads never pay for the tee.
+fn carries_query(parts: &http::request::Parts) -> bool {
+    matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
+        && parts.headers.get(header::CONTENT_TYPE).is_none_or(|v| contains(v.as_bytes(), b"json"))
+}
+
+/// `Some(is_sse)` when a response can carry an answer: JSON (or unstated) or an event stream.
+fn answer_format(headers: &HeaderMap) -> Option<bool> {
+    let Some(ct) = headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes) else {
+        return Some(false);
+    };
+    if ct.starts_with(b"text/event-stream") {
+        Some(true)
+    } else if contains(ct, b"json") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// Stamps pins, arm, request id and cache namespace.
@@ -193,9 +228,16 @@ fn forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     headers.entry(X_FORWARDED_PROTO).or_insert(HeaderValue::from_static("http"));
 }
 
+/// 32 random hex digits.
 fn new_request_id() -> HeaderValue {
-    let id = format!("{:032x}", fastrand::u128(..));
-    HeaderValue::try_from(id).unwrap_or(HeaderValue::from_static("0"))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut id = [0u8; 32];
+    for b in id.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// 504 for connect or response timeouts, 502 for everything else that kept the upstream from answering.
@@ -336,6 +378,16 @@ impl Observed {
     }
 }
 
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_09 => "HTTP/0.9",
+        _ => "HTTP/3",
+    }
+}
+
 /// One access-log line. `arm` is `None` when no arm could take the request.
 fn access_log(info: &RequestInfo, arm: Option<&Arm>, status: u16, latency: Duration, bytes: u64, complete: bool) {
     tracing::info!(
@@ -345,7 +397,7 @@ fn access_log(info: &RequestInfo, arm: Option<&Arm>, status: u16, latency: Durat
         pins_json = arm.map(|a| a.pins.json()).unwrap_or("{}"),
         method = info.method.as_str(),
         path = info.path.as_str(),
-        version = ?info.version,
+        version = version_str(info.version),
         status,
         latency_ms = latency.as_micros() as f64 / 1e3,
         bytes,
@@ -356,6 +408,8 @@ fn access_log(info: &RequestInfo, arm: Option<&Arm>, status: u16, latency: Durat
 /// The body the proxy sends to clients: an upstream stream being observed, or a response it made itself.
 pub struct ProxyBody(Kind);
 
+// Boxing `Observed` would cost an allocation per proxied response; the enum is moved once.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
     Upstream { inner: Incoming, observed: Option<Observed> },
     Full(Full<Bytes>),

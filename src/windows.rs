@@ -293,8 +293,10 @@ impl Window {
         Window { origin, slots: (0..SLOTS).map(|_| Slot::new()).collect() }
     }
 
+    #[inline]
     fn epoch_at(&self, at: Instant) -> u64 {
-        (at.saturating_duration_since(self.origin).as_millis() / SLOT.as_millis()) as u64
+        // Whole seconds and a u64 division: `as_millis` would divide in u128.
+        at.saturating_duration_since(self.origin).as_secs() / SLOT.as_secs()
     }
 
     #[inline]

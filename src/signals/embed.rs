@@ -65,6 +65,7 @@ pub(crate) fn cosine_f64(a: &[f32], b: &[f32]) -> f64 {
     let (mut dot, mut aa, mut bb) = ([0.0f64; LANES], [0.0f64; LANES], [0.0f64; LANES]);
     let (mut blocks_a, mut blocks_b) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     for (xs, ys) in (&mut blocks_a).zip(&mut blocks_b) {
+        let (Ok(xs), Ok(ys)) = (<&[f32; LANES]>::try_from(xs), <&[f32; LANES]>::try_from(ys)) else { continue };
         for k in 0..LANES {
             let (x, y) = (f64::from(xs[k]), f64::from(ys[k]));
             dot[k] += x * y;
@@ -99,6 +100,7 @@ fn norm(v: &[f32]) -> f64 {
     let mut lanes = [0.0f64; LANES];
     let mut blocks = v.chunks_exact(LANES);
     for xs in &mut blocks {
+        let Ok(xs) = <&[f32; LANES]>::try_from(xs) else { continue };
         for k in 0..LANES {
             lanes[k] += f64::from(xs[k]) * f64::from(xs[k]);
         }
@@ -259,7 +261,8 @@ impl Scratch {
             table.resize(capacity, Slot::default());
             filled.resize(capacity, 0);
         }
-        let mask = capacity - 1;
+        let table = &mut table[..capacity];
+        let mask = table.len() - 1;
         let mut n = 0;
         let mut count = |hash: u64| {
             let mut i = (hash >> 32) as usize & mask;
@@ -556,6 +559,16 @@ impl Words {
     /// The word count.
     pub fn len(&self) -> usize {
         self.spans.len()
+    }
+
+    /// The split buffer the words are slices of.
+    pub fn lowered(&self) -> &str {
+        &self.lowered
+    }
+
+    /// Where `word`, a slice of [`Words::lowered`], starts in it.
+    pub fn offset_of(&self, word: &str) -> usize {
+        word.as_ptr() as usize - self.lowered.as_ptr() as usize
     }
 }
 

@@ -4,9 +4,8 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 
-use super::embed::{centroid, cosine_f64, fmix, hash_bytes, mix, Words};
+use super::embed::{centroid, cosine_f64, hash_bytes, low_bytes, mix, Word, Words};
 
 /// Values within this distance of a band edge count as on the edge: `0.52 - 0.50` is
 /// `0.020000000000000018` in f64, and a Delta that is mathematically 0.02 must land where SPEC §3 puts
@@ -136,7 +135,7 @@ pub fn is_flip(l: Lambda) -> bool {
 
 // === Coverage ===
 
-/// Stopwords, sorted for binary search. Only words of 3+ chars: shorter words are never content
+/// Stopwords, sorted (for the reader). Only words of 3+ chars: shorter words are never content
 /// tokens anyway. Contraction stems (`don`, `isn`) are here because `don't` splits into `don` + `t`.
 const STOPWORDS: &[&str] = &[
     "about", "above", "across", "after", "again", "against", "all", "almost", "along", "already", "also",
@@ -160,40 +159,108 @@ const STOPWORDS: &[&str] = &[
 /// Stemming suffixes, tried in this order; only the first that matches is considered.
 const SUFFIXES: [&str; 12] = ["ations", "ation", "ings", "ing", "ies", "ied", "ers", "er", "ed", "es", "s", "ly"];
 
-fn is_stopword(word: &str) -> bool {
-    STOPWORDS.binary_search(&word).is_ok()
-}
+/// [`SUFFIXES`] in the layout of [`Word::tail`] (last byte lowest), with the mask of their bytes
+/// and their lengths: a suffix test is one masked compare.
+const SUFFIX_TAILS: [(u64, u64, usize); 12] = {
+    let mut tails = [(0, 0, 0); 12];
+    let mut i = 0;
+    while i < SUFFIXES.len() {
+        let bytes = SUFFIXES[i].as_bytes();
+        let mut tail = 0;
+        let mut k = 0;
+        while k < bytes.len() {
+            tail = (tail << 8) | bytes[k] as u64;
+            k += 1;
+        }
+        tails[i] = (tail, low_bytes(bytes.len()), bytes.len());
+        i += 1;
+    }
+    tails
+};
 
-/// Strips the first suffix of [`SUFFIXES`] that `word` ends with, when at least 3 chars remain;
-/// otherwise (and when none matches) the word is its own stem. Later suffixes are not tried once
-/// one matched: `fries` keeps its `ies` (only `fr` would remain) rather than losing just its `s`.
-fn stem(word: &str) -> &str {
-    // Only the suffixes that end in the word's last byte can match; they keep their order.
-    let candidates: &[&str] = match word.as_bytes().last() {
-        Some(b's') => &["ations", "ings", "ies", "ers", "es", "s"],
-        Some(b'n') => &["ation"],
-        Some(b'g') => &["ing"],
-        Some(b'd') => &["ied", "ed"],
-        Some(b'r') => &["er"],
-        Some(b'y') => &["ly"],
-        _ => return word,
-    };
-    for suffix in candidates {
-        if let Some(rest) = word.strip_suffix(suffix) {
-            // The suffixes are ASCII, so `rest` ends on a char boundary.
-            return if rest.len() >= 3 && rest.chars().nth(2).is_some() { rest } else { word };
+/// The byte length of a word's stem: without the first suffix of [`SUFFIXES`] the word ends with,
+/// when at least 3 chars remain; otherwise (and when none matches) the whole word. Later suffixes
+/// are not tried once one matched: `fries` keeps its `ies` (only `fr` would remain) rather than
+/// losing just its `s`.
+fn stem_len(tail: u64, len: usize, chars: usize) -> usize {
+    // Most words end in a letter no suffix ends in.
+    if !matches!(tail as u8, b's' | b'n' | b'g' | b'd' | b'r' | b'y') {
+        return len;
+    }
+    for (suffix, mask, n) in SUFFIX_TAILS {
+        if tail & mask == suffix {
+            // The suffixes are ASCII: n bytes are n chars, and the stem ends on a char boundary.
+            return if chars >= n + 3 { len - n } else { len };
         }
     }
-    word
+    len
 }
 
-/// The stem of a lowercased word when it is a content token: 3+ chars, not all numeric (Unicode
-/// `Numeric`, so ASCII digits and other scripts' digits), not a stopword.
-fn content_token(word: &str, chars: usize) -> Option<&str> {
-    if chars < 3 || word.chars().all(char::is_numeric) || is_stopword(word) {
+/// The tail block of a word given as a str (the split computes it for [`Word`]s).
+fn tail_of(word: &str) -> u64 {
+    let bytes = word.as_bytes();
+    bytes[bytes.len().saturating_sub(8)..].iter().fold(0, |tail, &b| (tail << 8) | u64::from(b))
+}
+
+fn stem(word: &str) -> &str {
+    let len = stem_len(tail_of(word), word.len(), word.chars().count());
+    word.get(..len).unwrap_or(word)
+}
+
+/// Stopwords hash with their own start state.
+const STOPWORD_STATE: u64 = mix(0x7374_6f70_776f_7264, 0); // "stopword"
+const STOPWORD_MAX_LEN: usize = 10;
+const STOPWORD_SLOTS: usize = 512;
+
+/// An open-addressing set of [`STOPWORDS`] built at compile time: (hash, index + 1; 0 = empty).
+const STOPWORD_TABLE: [(u64, u8); STOPWORD_SLOTS] = {
+    let mut table = [(0, 0); STOPWORD_SLOTS];
+    let mut i = 0;
+    while i < STOPWORDS.len() {
+        let word = STOPWORDS[i].as_bytes();
+        assert!(word.len() <= STOPWORD_MAX_LEN && STOPWORDS.len() < 255);
+        let hash = hash_bytes(STOPWORD_STATE, word);
+        let mut slot = hash as usize % STOPWORD_SLOTS;
+        while table[slot].1 != 0 {
+            slot = (slot + 1) % STOPWORD_SLOTS;
+        }
+        table[slot] = (hash, i as u8 + 1);
+        i += 1;
+    }
+    table
+};
+
+fn is_stopword_hashed(word: &str, hash: u64) -> bool {
+    let mut slot = hash as usize % STOPWORD_SLOTS;
+    loop {
+        match STOPWORD_TABLE[slot] {
+            (_, 0) => return false,
+            (h, i) if h == hash && STOPWORDS.get(usize::from(i) - 1) == Some(&word) => return true,
+            _ => slot = (slot + 1) % STOPWORD_SLOTS,
+        }
+    }
+}
+
+fn is_stopword(word: &str) -> bool {
+    word.len() <= STOPWORD_MAX_LEN && is_stopword_hashed(word, hash_bytes(STOPWORD_STATE, word.as_bytes()))
+}
+
+/// A content token: 3+ chars, not all numeric (Unicode `Numeric`, so ASCII digits and other
+/// scripts' digits), not a stopword.
+fn is_content(word: &Word) -> bool {
+    word.chars >= 3
+        && !word.text.chars().all(char::is_numeric)
+        && !(word.text.len() <= STOPWORD_MAX_LEN
+            && is_stopword_hashed(word.text, word.hash_prefix(STOPWORD_STATE, word.text.len())))
+}
+
+/// The stem of a content token.
+fn content_stem<'a>(word: &Word<'a>) -> Option<&'a str> {
+    if !is_content(word) {
         return None;
     }
-    Some(stem(word))
+    let len = stem_len(word.tail, word.text.len(), word.chars);
+    Some(word.text.get(..len).unwrap_or(word.text))
 }
 
 /// The content tokens of `text` in order, repeats kept, stemmed: lowercased words (as the embedder
@@ -201,8 +268,7 @@ fn content_token(word: &str, chars: usize) -> Option<&str> {
 pub fn content_tokens(text: &str) -> impl Iterator<Item = String> {
     let mut words = Words::default();
     words.split(text);
-    let tokens: Vec<String> =
-        words.iter().filter_map(|w| content_token(w.text, w.chars)).map(str::to_owned).collect();
+    let tokens: Vec<String> = words.iter().filter_map(|w| content_stem(&w)).map(str::to_owned).collect();
     tokens.into_iter()
 }
 
@@ -219,42 +285,94 @@ pub fn coverage(answer: &str, chunks: &[&str]) -> Option<f64> {
 }
 
 thread_local! {
-    /// Per-thread word buffers of [`coverage`].
+    /// Per-thread buffers of [`coverage`].
     static COVERAGE: RefCell<CoverageScratch> = RefCell::new(CoverageScratch::default());
 }
 
-#[derive(Default)]
 struct CoverageScratch {
     answer: Words,
     chunk: Words,
+    /// The answer's distinct stems: an open-addressing set (linear probing), emptied after each use.
+    stems: Vec<Stem>,
+    /// Start state of the stem hash, random per thread: texts cannot be crafted to collide in
+    /// `stems`.
+    state: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Stem {
+    hash: u64,
+    /// Where the stem is in the answer's split buffer; `len == 0` marks an empty slot.
+    start: usize,
+    len: usize,
+    found: bool,
+}
+
+impl Default for CoverageScratch {
+    fn default() -> Self {
+        CoverageScratch {
+            answer: Words::default(),
+            chunk: Words::default(),
+            stems: Vec::new(),
+            state: mix(fastrand::u64(..), 5),
+        }
+    }
 }
 
 impl CoverageScratch {
     fn coverage(&mut self, answer: &str, chunks: &[&str]) -> Option<f64> {
-        let CoverageScratch { answer: answer_words, chunk: chunk_words } = self;
+        let CoverageScratch { answer: answer_words, chunk: chunk_words, stems, state } = self;
         answer_words.split(answer);
-        // Distinct answer tokens → found among the chunks yet.
-        let mut wanted: HashMap<&str, bool, TokenHasher> = HashMap::with_hasher(TokenHasher::new());
+        let capacity = (2 * answer_words.len()).next_power_of_two().max(16);
+        if stems.len() < capacity {
+            stems.resize(capacity, Stem::default());
+        }
+        let stems = &mut stems[..capacity];
+        let mask = capacity - 1;
+        let lowered = answer_words.lowered();
+        // The slot of a stem: either the one holding it or the empty one where it belongs.
+        let find = |stems: &[Stem], hash: u64, stem: &str| {
+            let mut i = hash as usize & mask;
+            loop {
+                let slot = stems[i];
+                if slot.len == 0
+                    || (slot.hash == hash && lowered.get(slot.start..slot.start + slot.len) == Some(stem))
+                {
+                    return i;
+                }
+                i = (i + 1) & mask;
+            }
+        };
+
+        let mut total = 0u32;
         for word in answer_words.iter() {
-            if let Some(token) = content_token(word.text, word.chars) {
-                wanted.entry(token).or_insert(false);
+            let Some(stem) = content_stem(&word) else { continue };
+            let hash = word.hash_prefix(*state, stem.len());
+            let i = find(stems, hash, stem);
+            if stems[i].len == 0 {
+                stems[i] = Stem { hash, start: answer_words.offset_of(stem), len: stem.len(), found: false };
+                total += 1;
             }
         }
-        if wanted.is_empty() {
+        if total == 0 {
             return None;
         }
-        let (total, mut found) = (wanted.len(), 0);
-        // Chunk words are only looked up, stem first: the full content test runs on hits alone, and
-        // the scan stops once every answer token is found.
+
+        // Chunk words are only looked up, stem first; the full content test runs on hits alone, and
+        // the scan stops once every answer stem is found.
+        let mut found = 0u32;
         'chunks: for chunk in chunks {
             chunk_words.split(chunk);
             for word in chunk_words.iter() {
                 if word.chars < 3 {
                     continue;
                 }
-                let Some(seen) = wanted.get_mut(stem(word.text)) else { continue };
-                if !*seen && content_token(word.text, word.chars).is_some() {
-                    *seen = true;
+                let len = stem_len(word.tail, word.text.len(), word.chars);
+                let Some(stem) = word.text.get(..len) else { continue };
+                let i = find(stems, word.hash_prefix(*state, len), stem);
+                let slot = &mut stems[i];
+                if slot.len != 0 && !slot.found && is_content(&word) {
+                    slot.found = true;
                     found += 1;
                     if found == total {
                         break 'chunks;
@@ -262,39 +380,8 @@ impl CoverageScratch {
                 }
             }
         }
-        Some(found as f64 / total as f64)
-    }
-}
-
-/// Hashes tokens with the embedder's fast mixer, keyed per map so crafted texts cannot aim at
-/// collisions.
-#[derive(Clone, Copy)]
-struct TokenHasher(u64);
-
-impl TokenHasher {
-    fn new() -> Self {
-        TokenHasher(fastrand::u64(..))
-    }
-}
-
-impl BuildHasher for TokenHasher {
-    type Hasher = TokenHash;
-    fn build_hasher(&self) -> TokenHash {
-        TokenHash(self.0)
-    }
-}
-
-struct TokenHash(u64);
-
-impl Hasher for TokenHash {
-    fn write(&mut self, bytes: &[u8]) {
-        self.0 = hash_bytes(self.0, bytes);
-    }
-    fn write_u8(&mut self, byte: u8) {
-        self.0 = mix(self.0, u64::from(byte));
-    }
-    fn finish(&self) -> u64 {
-        fmix(self.0)
+        stems.fill(Stem::default());
+        Some(f64::from(found) / f64::from(total))
     }
 }
 

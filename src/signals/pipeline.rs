@@ -1,18 +1,21 @@
 //! The evaluation pipeline: a bounded queue fed by the proxy when a sampled response completes, drained
 //! by dedicated worker threads (not the proxy's runtime) that extract, embed, measure and record.
 //!
-//! `submit` never blocks: a full queue drops the sample and counts it. Nothing here can delay or fail
-//! a request.
+//! `submit` never blocks and makes no system call under load: the queue is a lock-free array, and a
+//! worker is unparked only when it had gone to sleep. A full queue drops the sample and counts it.
+//! Nothing here can delay or fail a request.
 
 use std::num::NonZeroUsize;
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use lru::LruCache;
-use prometheus::{IntCounter, IntCounterVec, IntGauge};
+use crossbeam_queue::ArrayQueue;
+use prometheus::{IntCounter, IntCounterVec};
 
 use crate::config::Signals as SignalsConfig;
 use crate::log::ACCESS;
@@ -138,8 +141,8 @@ impl Sessions {
 
 /// The proxy's handle on the pipeline.
 pub struct Pipeline {
-    tx: SyncSender<Sample>,
-    depth: IntGauge,
+    queue: Arc<ArrayQueue<Sample>>,
+    workers: Vec<Arc<Wakeup>>,
     dropped: IntCounter,
     truncated: IntCounterVec,
     skipped: IntCounterVec,
@@ -148,34 +151,49 @@ pub struct Pipeline {
 
 /// Skip reason of a response that did not complete.
 const INCOMPLETE: &str = "incomplete";
+/// Skip reason of a response whose content type holds no JSON.
+pub const NOT_JSON: &str = "response_not_json";
+
+/// How long an idle worker keeps polling before it parks until woken. Under load samples arrive well
+/// within it, so the request path almost never pays for a wake-up.
+const LINGER: Duration = Duration::from_millis(2);
+
+/// A worker's parking spot: the producer wakes it only when it went to sleep.
+struct Wakeup {
+    sleeping: AtomicBool,
+    thread: OnceLock<Thread>,
+}
 
 impl Pipeline {
     /// Starts `config.workers` evaluation threads behind a queue of `config.queue` samples.
     pub fn start(config: &SignalsConfig, metrics: &Metrics) -> Result<Pipeline, EvalError> {
         let evaluator = Arc::new(ArcSwap::from_pointee(Evaluator::from_config(config)?));
-        let (tx, rx) = mpsc::sync_channel(config.queue);
-        let rx = Arc::new(Mutex::new(rx));
+        let queue = Arc::new(ArrayQueue::new(config.queue.max(1)));
         let sessions = Arc::new(Sessions::new(config.max_sessions, config.session_ttl.0));
+        let mut workers = Vec::with_capacity(config.workers);
         for i in 0..config.workers {
+            let wakeup = Arc::new(Wakeup { sleeping: AtomicBool::new(false), thread: OnceLock::new() });
             let worker = Worker {
-                rx: rx.clone(),
+                queue: queue.clone(),
+                wakeup: wakeup.clone(),
                 evaluator: evaluator.clone(),
                 sessions: sessions.clone(),
-                depth: metrics.eval_queue_depth.clone(),
                 skipped: metrics.eval_skipped.clone(),
                 errors: metrics.eval_errors.clone(),
             };
-            std::thread::Builder::new()
+            let handle = std::thread::Builder::new()
                 .name(format!("driftguard-eval-{i}"))
                 .spawn(move || worker.run())
                 .map_err(|e| EvalError::Setup(format!("cannot start an evaluation thread: {e}")))?;
+            let _ = wakeup.thread.set(handle.thread().clone());
+            workers.push(wakeup);
         }
         for reason in Skip::ALL.iter().map(|s| s.as_str()).chain([INCOMPLETE]) {
             metrics.eval_skipped.with_label_values(&[reason]);
         }
         Ok(Pipeline {
-            tx,
-            depth: metrics.eval_queue_depth.clone(),
+            queue,
+            workers,
             dropped: metrics.eval_dropped.clone(),
             truncated: metrics.tee_truncated.clone(),
             skipped: metrics.eval_skipped.clone(),
@@ -183,7 +201,7 @@ impl Pipeline {
         })
     }
 
-    /// Queues a sample, or drops and counts it when the queue is full.
+    /// Queues a sample, or drops and counts it when the queue is full. Never blocks.
     pub fn submit(&self, sample: Sample) {
         if sample.response.truncated {
             self.truncated.with_label_values(&["response"]).inc();
@@ -191,14 +209,23 @@ impl Pipeline {
         if sample.request.as_ref().is_some_and(|c| c.truncated) {
             self.truncated.with_label_values(&["request"]).inc();
         }
-        self.depth.inc();
-        match self.tx.try_send(sample) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.depth.dec();
-                self.dropped.inc();
+        if self.queue.push(sample).is_err() {
+            self.dropped.inc();
+            return;
+        }
+        for w in &self.workers {
+            if w.sleeping.swap(false, SeqCst) {
+                if let Some(t) = w.thread.get() {
+                    t.unpark();
+                }
+                break;
             }
         }
+    }
+
+    /// Samples waiting for a worker.
+    pub fn depth(&self) -> usize {
+        self.queue.len()
     }
 
     /// Name of the embedder in use.
@@ -211,6 +238,11 @@ impl Pipeline {
         self.skipped.with_label_values(&[INCOMPLETE]).inc();
     }
 
+    /// A sampled response that is neither JSON nor an event stream is not evaluated.
+    pub fn skip_not_json(&self) {
+        self.skipped.with_label_values(&[NOT_JSON]).inc();
+    }
+
     /// Swaps in a new extractor and embedder (config reload).
     pub fn reconfigure(&self, config: &SignalsConfig) -> Result<(), EvalError> {
         self.evaluator.store(Arc::new(Evaluator::from_config(config)?));
@@ -219,10 +251,10 @@ impl Pipeline {
 }
 
 struct Worker {
-    rx: Arc<Mutex<Receiver<Sample>>>,
+    queue: Arc<ArrayQueue<Sample>>,
+    wakeup: Arc<Wakeup>,
     evaluator: Arc<ArcSwap<Evaluator>>,
     sessions: Arc<Sessions>,
-    depth: IntGauge,
     skipped: IntCounterVec,
     errors: IntCounterVec,
 }
@@ -230,10 +262,19 @@ struct Worker {
 impl Worker {
     fn run(self) {
         loop {
-            let next = self.rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-            let Ok(sample) = next else { return };
-            self.depth.dec();
-            self.evaluate(sample);
+            while let Some(sample) = self.queue.pop() {
+                self.evaluate(sample);
+            }
+            std::thread::park_timeout(LINGER);
+            if !self.queue.is_empty() {
+                continue;
+            }
+            // Announce the sleep, then look once more so a sample pushed in between is not missed.
+            self.wakeup.sleeping.store(true, SeqCst);
+            if self.queue.is_empty() {
+                std::thread::park();
+            }
+            self.wakeup.sleeping.store(false, SeqCst);
         }
     }
 

@@ -929,3 +929,322 @@ pub fn arm(name: &str, upstream: &str, weight: u32, pins: &[(&str, &str)]) -> St
     }
     s
 }
+
+// ================================================================================================
+// Scripted server: an upstream (or an embeddings endpoint) whose answers a closure decides
+// ================================================================================================
+
+/// What a [`Scripted`] server answers to one request.
+#[derive(Debug, Clone)]
+pub struct Canned {
+    pub status: StatusCode,
+    pub headers: Vec<(String, String)>,
+    /// Body frames in order; each one goes out as its own frame (chunked transfer).
+    pub frames: Vec<Bytes>,
+    /// Wait before sending the response head.
+    pub delay: Duration,
+    /// Wait between two frames.
+    pub gap: Duration,
+}
+
+impl Canned {
+    /// 200 with `content_type` and one frame.
+    pub fn body(content_type: &str, body: impl Into<Bytes>) -> Canned {
+        Canned {
+            status: StatusCode::OK,
+            headers: vec![("content-type".into(), content_type.into())],
+            frames: vec![body.into()],
+            delay: Duration::ZERO,
+            gap: Duration::ZERO,
+        }
+    }
+
+    /// 200 `application/json`.
+    pub fn json(value: &Value) -> Canned {
+        Canned::body("application/json", value.to_string())
+    }
+
+    /// 200 `text/event-stream`: each payload becomes one `data: <payload>\n\n` event in its own frame,
+    /// followed by `data: [DONE]`.
+    pub fn sse<S: AsRef<str>>(payloads: &[S]) -> Canned {
+        let mut frames: Vec<Bytes> = payloads
+            .iter()
+            .map(|p| Bytes::from(format!("data: {}\n\n", p.as_ref())))
+            .collect();
+        frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        Canned {
+            status: StatusCode::OK,
+            headers: vec![
+                ("content-type".into(), "text/event-stream".into()),
+                ("cache-control".into(), "no-cache".into()),
+            ],
+            frames,
+            delay: Duration::ZERO,
+            gap: Duration::ZERO,
+        }
+    }
+
+    pub fn status(mut self, status: StatusCode) -> Canned {
+        self.status = status;
+        self
+    }
+
+    pub fn delay(mut self, delay: Duration) -> Canned {
+        self.delay = delay;
+        self
+    }
+
+    pub fn gap(mut self, gap: Duration) -> Canned {
+        self.gap = gap;
+        self
+    }
+
+    /// The whole body, for comparing with what a client received.
+    pub fn concatenated(&self) -> Bytes {
+        let mut all = Vec::new();
+        for f in &self.frames {
+            all.extend_from_slice(f);
+        }
+        Bytes::from(all)
+    }
+}
+
+/// One request a [`Scripted`] server received, with its whole body.
+#[derive(Debug, Clone)]
+pub struct Exchanged {
+    pub request: Recorded,
+    pub body: Bytes,
+}
+
+impl Exchanged {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "request body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+type Script = dyn Fn(&Recorded, &Bytes) -> Canned + Send + Sync;
+
+struct ScriptedState {
+    exchanges: Mutex<Vec<Exchanged>>,
+    script: Box<Script>,
+}
+
+/// An HTTP/1.1 server on 127.0.0.1 (its own tokio runtime) that reads each request body whole, records
+/// it, and answers what `script(request, body)` returns. Stops when dropped: its port then refuses.
+pub struct Scripted {
+    pub addr: SocketAddr,
+    state: Arc<ScriptedState>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Scripted {
+    pub fn start(
+        name: &str,
+        script: impl Fn(&Recorded, &Bytes) -> Canned + Send + Sync + 'static,
+    ) -> Scripted {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(format!("scripted-{name}"))
+            .enable_all()
+            .build()
+            .expect("scripted runtime");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind scripted server");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("scripted addr");
+        let state = Arc::new(ScriptedState {
+            exchanges: Mutex::new(Vec::new()),
+            script: Box::new(script),
+        });
+        let st = state.clone();
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| scripted_handle(st.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Scripted {
+            addr,
+            state,
+            rt: Some(rt),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn exchanges(&self) -> Vec<Exchanged> {
+        self.state.exchanges.lock().unwrap().clone()
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.state.exchanges.lock().unwrap().len()
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+async fn scripted_handle(
+    st: Arc<ScriptedState>,
+    req: Request<Incoming>,
+) -> Result<Response<UpBody>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let recorded = Recorded {
+        method: parts.method.clone(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+    };
+    let canned = (st.script)(&recorded, &body);
+    st.exchanges.lock().unwrap().push(Exchanged {
+        request: recorded,
+        body,
+    });
+    if !canned.delay.is_zero() {
+        tokio::time::sleep(canned.delay).await;
+    }
+    let mut builder = Response::builder().status(canned.status);
+    for (k, v) in &canned.headers {
+        builder = builder.header(k.as_str(), v.as_str());
+    }
+    let body = if canned.frames.len() == 1 && canned.gap.is_zero() {
+        full_up_bytes(canned.frames[0].clone())
+    } else {
+        let (tx, rx) = mpsc::channel(16);
+        let (frames, gap) = (canned.frames, canned.gap);
+        tokio::spawn(async move {
+            for (i, frame) in frames.into_iter().enumerate() {
+                if i > 0 && !gap.is_zero() {
+                    tokio::time::sleep(gap).await;
+                }
+                if tx.send(Ok(frame)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        ChannelBody { rx }.boxed()
+    };
+    Ok(builder.body(body).expect("scripted response"))
+}
+
+fn full_up_bytes(b: Bytes) -> UpBody {
+    Full::new(b).map_err(|never| match never {}).boxed()
+}
+
+/// An `http://127.0.0.1:<port>` where nothing listens (the port was bound and released just now).
+pub fn closed_port_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+/// POST a JSON body with extra headers.
+pub async fn post_json(
+    client: &HttpClient,
+    url: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut req = Request::post(url).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    exchange(client, req.body(full(body.to_string())).unwrap()).await
+}
+
+/// Scrapes `/metrics` until the sample `name{labels}` exists and satisfies `pred`, within `limit`;
+/// returns that scrape's samples.
+pub async fn wait_metric(
+    client: &HttpClient,
+    proxy: &Proxy,
+    name: &str,
+    labels: &[(&str, &str)],
+    limit: Duration,
+    pred: impl Fn(f64) -> bool,
+) -> Vec<Sample> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (_, samples) = scrape(client, proxy).await;
+        let value = metric(&samples, name, labels);
+        if value.is_some_and(&pred) {
+            return samples;
+        }
+        if Instant::now() > deadline {
+            panic!("{name}{labels:?} did not reach the expected value within {limit:?}; last: {value:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Runs `driftguard <args>` in `cwd` with a cleaned environment, waiting at most `limit` (then kills it
+/// and fails the test).
+pub fn run_cli(args: &[&str], cwd: &Path, limit: Duration) -> std::process::Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).current_dir(cwd);
+    clean_env(&mut cmd);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn driftguard");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("driftguard {args:?} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
