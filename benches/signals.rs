@@ -51,14 +51,20 @@ const CHUNKS: [&str; 5] = [
      semantic distance and the convergence state of each session, it is a leading indicator. It is cheap to compute, needs no model and runs on every sample.",
 ];
 
-const ANSWER: &str = "To roll back the canary, set its weight to zero so that the router sends all \
+const ANSWER: &str =
+    "To roll back the canary, set its weight to zero so that the router sends all \
                       new traffic to the baseline arm, after capturing a snapshot and freezing \
                       writes. If the index alias points at the wrong version, flip the alias back \
                       to the last good INDEX_HASH from the version pins and rotate the cache \
                       namespace, so that no cached answer built on the bad index is served again. \
                       Then watch the exit targets until recovery holds.";
 
-fn evaluate(embedder: &dyn Embedder, question: &str, chunks: &[&str], answer: &str) -> (DeltaS, Option<f64>, Lambda) {
+fn evaluate(
+    embedder: &dyn Embedder,
+    question: &str,
+    chunks: &[&str],
+    answer: &str,
+) -> (DeltaS, Option<f64>, Lambda) {
     let mut texts = Vec::with_capacity(chunks.len() + 2);
     texts.push(question);
     texts.extend_from_slice(chunks);
@@ -72,26 +78,51 @@ fn evaluate(embedder: &dyn Embedder, question: &str, chunks: &[&str], answer: &s
 }
 
 fn bench(c: &mut Criterion) {
-    assert!((90..=130).contains(&QUESTION.len()), "question {} bytes", QUESTION.len());
-    assert!(CHUNKS.iter().all(|c| (570..=650).contains(&c.len())), "chunk sizes");
-    assert!((370..=430).contains(&ANSWER.len()), "answer {} bytes", ANSWER.len());
+    assert!(
+        (90..=130).contains(&QUESTION.len()),
+        "question {} bytes",
+        QUESTION.len()
+    );
+    assert!(
+        CHUNKS.iter().all(|c| (570..=650).contains(&c.len())),
+        "chunk sizes"
+    );
+    assert!(
+        (370..=430).contains(&ANSWER.len()),
+        "answer {} bytes",
+        ANSWER.len()
+    );
     let (probes, covered, state) = evaluate(&Hashed, QUESTION, &CHUNKS, ANSWER);
-    eprintln!("sample evaluation: {probes:?}, coverage {covered:?}, λ {}", state.as_str());
+    eprintln!(
+        "sample evaluation: {probes:?}, coverage {covered:?}, λ {}",
+        state.as_str()
+    );
 
     let mut group = c.benchmark_group("evaluate");
     group.throughput(Throughput::Elements(1));
     group.bench_function("hashed", |b| {
-        b.iter(|| evaluate(black_box(&Hashed), black_box(QUESTION), black_box(&CHUNKS), black_box(ANSWER)))
+        b.iter(|| {
+            evaluate(
+                black_box(&Hashed),
+                black_box(QUESTION),
+                black_box(&CHUNKS),
+                black_box(ANSWER),
+            )
+        })
     });
     group.finish();
 
     let mut group = c.benchmark_group("embed");
     group.throughput(Throughput::Bytes(CHUNKS[0].len() as u64));
-    group.bench_function("chunk_600b", |b| b.iter(|| Hashed.vector(black_box(CHUNKS[0]))));
+    group.bench_function("chunk_600b", |b| {
+        b.iter(|| Hashed.vector(black_box(CHUNKS[0])))
+    });
     group.finish();
 
     let mut group = c.benchmark_group("coverage");
-    group.bench_function("answer_vs_5_chunks", |b| b.iter(|| coverage(black_box(ANSWER), black_box(&CHUNKS))));
+    group.bench_function("answer_vs_5_chunks", |b| {
+        b.iter(|| coverage(black_box(ANSWER), black_box(&CHUNKS)))
+    });
     group.finish();
 }
 

@@ -103,7 +103,10 @@ fn bench_record(c: &mut Criterion) {
                     record_loop(w, at, &values2, iters);
                     start.elapsed()
                 });
-                let (a, b) = (t1.join().expect("recorder thread"), t2.join().expect("recorder thread"));
+                let (a, b) = (
+                    t1.join().expect("recorder thread"),
+                    t2.join().expect("recorder thread"),
+                );
                 a.max(b)
             })
         });
@@ -133,7 +136,11 @@ fn bench_read(c: &mut Criterion) {
     let mut group = c.benchmark_group("read");
     let (w, now) = full_ring();
     let stats = w.stats(now, Duration::from_secs(60));
-    assert_eq!(stats.hist(Hist::Latency).count(), 6 * 20_000, "60 s merges 6 slots of the full ring");
+    assert_eq!(
+        stats.hist(Hist::Latency).count(),
+        6 * 20_000,
+        "60 s merges 6 slots of the full ring"
+    );
 
     group.bench_function("stats_60s_p99", |b| {
         b.iter(|| {
@@ -142,7 +149,12 @@ fn bench_read(c: &mut Criterion) {
         })
     });
     group.bench_function("stats_300s_p99", |b| {
-        b.iter(|| black_box(&w).stats(black_box(now), MAX_SPAN).hist(Hist::Latency).quantile(0.99))
+        b.iter(|| {
+            black_box(&w)
+                .stats(black_box(now), MAX_SPAN)
+                .hist(Hist::Latency)
+                .quantile(0.99)
+        })
     });
     group.bench_function("quantile_p99_only", |b| {
         let snap = stats.hist(Hist::Latency);
@@ -152,7 +164,10 @@ fn bench_read(c: &mut Criterion) {
 }
 
 fn config() -> Criterion {
-    Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3)).sample_size(50)
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(50)
 }
 
 criterion_group! { name = benches; config = config(); targets = bench_record, bench_read }

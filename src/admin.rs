@@ -17,16 +17,32 @@ use crate::router::RouterError;
 /// Largest request body an admin endpoint reads.
 const MAX_BODY: usize = 64 * 1024;
 
-pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+pub async fn handle(
+    app: Arc<App>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
     let response = match (req.method(), path.as_str()) {
-        (&Method::GET, "/metrics") => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", app.render_metrics()),
+        (&Method::GET, "/metrics") => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            app.render_metrics(),
+        ),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, "/readyz") => {
             if app.is_draining() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into())
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "draining\n".into(),
+                )
             } else if app.table().total_weight() == 0 {
-                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "no arm has a weight above 0\n".into())
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "no arm has a weight above 0\n".into(),
+                )
             } else {
                 text(StatusCode::OK, "text/plain", "ready\n".into())
             }
@@ -36,8 +52,16 @@ pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
             Some(denied) => denied,
             None => mutate(&app, &path, req).await,
         },
-        (_, "/metrics" | "/healthz" | "/readyz" | "/status") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
-        _ => error(StatusCode::NOT_FOUND, "not_found", &format!("no admin endpoint {path}")),
+        (_, "/metrics" | "/healthz" | "/readyz" | "/status") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use GET",
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no admin endpoint {path}"),
+        ),
     };
     Ok(response)
 }
@@ -45,7 +69,10 @@ pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
 async fn mutate(app: &App, path: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if path == "/reload" {
         return match app.reload() {
-            Ok(hash) => json(StatusCode::OK, serde_json::json!({"reloaded": true, "config_hash": hash})),
+            Ok(hash) => json(
+                StatusCode::OK,
+                serde_json::json!({"reloaded": true, "config_hash": hash}),
+            ),
             Err(ReloadError::Invalid(errors)) => json(
                 StatusCode::BAD_REQUEST,
                 serde_json::json!({
@@ -57,31 +84,55 @@ async fn mutate(app: &App, path: &str, req: Request<Incoming>) -> Response<Full<
             Err(e) => error(StatusCode::BAD_REQUEST, "reload_failed", &e.to_string()),
         };
     }
-    if let Some(arm) = path.strip_prefix("/arms/").and_then(|rest| rest.strip_suffix("/weight")) {
+    if let Some(arm) = path
+        .strip_prefix("/arms/")
+        .and_then(|rest| rest.strip_suffix("/weight"))
+    {
         let body = match read_json(req).await {
             Ok(body) => body,
             Err(resp) => return resp,
         };
-        let Some(weight) = body.get("weight").and_then(serde_json::Value::as_u64).and_then(|w| u32::try_from(w).ok())
+        let Some(weight) = body
+            .get("weight")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|w| u32::try_from(w).ok())
         else {
-            return error(StatusCode::BAD_REQUEST, "bad_request", "expected {\"weight\": <non-negative integer>}");
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "expected {\"weight\": <non-negative integer>}",
+            );
         };
         return match app.set_weight(arm, weight) {
-            Ok(()) => json(StatusCode::OK, serde_json::json!({"arm": arm, "weight": weight})),
-            Err(e @ RouterError::UnknownArm(_)) => error(StatusCode::NOT_FOUND, "unknown_arm", &e.to_string()),
+            Ok(()) => json(
+                StatusCode::OK,
+                serde_json::json!({"arm": arm, "weight": weight}),
+            ),
+            Err(e @ RouterError::UnknownArm(_)) => {
+                error(StatusCode::NOT_FOUND, "unknown_arm", &e.to_string())
+            }
             Err(e) => error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
         };
     }
-    error(StatusCode::NOT_FOUND, "not_found", &format!("no admin endpoint POST {path}"))
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!("no admin endpoint POST {path}"),
+    )
 }
 
 /// The bearer-token rule for mutating endpoints: the refusal to send, if any.
 fn refusal(app: &App, peer: SocketAddr, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
     let token = app.admin_token();
-    let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     match decide(token.as_deref(), peer, presented) {
         Decision::Allow => None,
-        Decision::Unauthorized(message) => Some(error(StatusCode::UNAUTHORIZED, "unauthorized", message)),
+        Decision::Unauthorized(message) => {
+            Some(error(StatusCode::UNAUTHORIZED, "unauthorized", message))
+        }
         Decision::Forbidden(message) => Some(error(StatusCode::FORBIDDEN, "forbidden", message)),
     }
 }
@@ -115,15 +166,28 @@ async fn read_json(req: Request<Incoming>) -> Result<serde_json::Value, Response
     let bytes = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
-        .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_request", &format!("cannot read the body: {e}")))?
+        .map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("cannot read the body: {e}"),
+            )
+        })?
         .to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, "bad_request", &format!("body is not JSON: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("body is not JSON: {e}"),
+        )
+    })
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }
 
@@ -134,7 +198,10 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
 }
 
 fn error(status: StatusCode, kind: &str, message: &str) -> Response<Full<Bytes>> {
-    json(status, serde_json::json!({"error": kind, "message": message}))
+    json(
+        status,
+        serde_json::json!({"error": kind, "message": message}),
+    )
 }
 
 #[cfg(test)]
@@ -153,10 +220,25 @@ mod tests {
         assert_eq!(decide(None, local, None), Decision::Allow);
         assert_eq!(decide(None, local6, None), Decision::Allow);
         assert!(matches!(decide(None, remote, None), Decision::Forbidden(_)));
-        assert!(matches!(decide(None, remote, Some("Bearer x")), Decision::Forbidden(_)));
-        assert_eq!(decide(Some("s3cret"), remote, Some("Bearer s3cret")), Decision::Allow);
-        assert!(matches!(decide(Some("s3cret"), remote, Some("Bearer nope")), Decision::Unauthorized(_)));
-        assert!(matches!(decide(Some("s3cret"), local, None), Decision::Unauthorized(_)));
-        assert!(matches!(decide(Some("s3cret"), local, Some("Basic s3cret")), Decision::Unauthorized(_)));
+        assert!(matches!(
+            decide(None, remote, Some("Bearer x")),
+            Decision::Forbidden(_)
+        ));
+        assert_eq!(
+            decide(Some("s3cret"), remote, Some("Bearer s3cret")),
+            Decision::Allow
+        );
+        assert!(matches!(
+            decide(Some("s3cret"), remote, Some("Bearer nope")),
+            Decision::Unauthorized(_)
+        ));
+        assert!(matches!(
+            decide(Some("s3cret"), local, None),
+            Decision::Unauthorized(_)
+        ));
+        assert!(matches!(
+            decide(Some("s3cret"), local, Some("Basic s3cret")),
+            Decision::Unauthorized(_)
+        ));
     }
 }

@@ -13,10 +13,10 @@ use sha2::{Digest, Sha256};
 use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::metrics::Metrics;
 use crate::pins;
-use crate::proxy::{self, UpstreamClient};
 use crate::router::{RouterError, RoutingTable};
 use crate::signals::pipeline::Pipeline;
 use crate::signals::EvalError;
+use crate::upstream::Pools;
 use crate::windows::{Counter, Hist, WindowStats};
 
 pub const ADMIN_TOKEN_ENV: &str = "DRIFTGUARD_ADMIN_TOKEN";
@@ -31,12 +31,20 @@ pub struct Loaded {
 /// Reads, parses and validates a config file, resolving the admin token.
 pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError { path: String::new(), message: format!("cannot read {}: {e}", path.display()) }])
+        ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            message: format!("cannot read {}: {e}", path.display()),
+        }])
     })?;
     let config = Config::parse(&text)?;
-    let admin_token = admin_token(&config, std::env::var(ADMIN_TOKEN_ENV).ok()).map_err(|e| ConfigErrors(vec![e]))?;
+    let admin_token = admin_token(&config, std::env::var(ADMIN_TOKEN_ENV).ok())
+        .map_err(|e| ConfigErrors(vec![e]))?;
     let hash = hex::encode(&Sha256::digest(text.as_bytes())[..8]);
-    Ok(Loaded { config, admin_token, hash })
+    Ok(Loaded {
+        config,
+        admin_token,
+        hash,
+    })
 }
 
 /// The admin token: the env var wins, else the first line of `admin.token_file`; `None` when neither.
@@ -53,7 +61,10 @@ fn admin_token(config: &Config, env: Option<String>) -> Result<Option<String>, C
     })?;
     let token = text.lines().next().unwrap_or("").trim().to_string();
     if token.is_empty() {
-        return Err(ConfigError { path: "admin.token_file".into(), message: "the token file is empty".into() });
+        return Err(ConfigError {
+            path: "admin.token_file".into(),
+            message: "the token file is empty".into(),
+        });
     }
     Ok(Some(token))
 }
@@ -67,7 +78,7 @@ pub struct App {
     admin_token: ArcSwap<Option<String>>,
     env_pins: BTreeMap<String, String>,
     pub metrics: Metrics,
-    pub client: UpstreamClient,
+    pub pools: Pools,
     pub pipeline: Arc<Pipeline>,
     started: Instant,
     draining: AtomicBool,
@@ -99,12 +110,13 @@ impl App {
     pub fn new(loaded: Loaded, config_path: Option<PathBuf>) -> Result<App, StartError> {
         let metrics = Metrics::new();
         let env_pins = pins::from_env(std::env::vars());
-        let table = RoutingTable::from_config(&loaded.config, &env_pins, &metrics)?;
+        let pools = Pools::new((&loaded.config.upstream).into());
+        let table = RoutingTable::from_config(&loaded.config, &env_pins, &metrics, &pools)?;
         let pipeline = Arc::new(Pipeline::start(&loaded.config.signals, &metrics)?);
         Ok(App {
             pipeline,
             config_path,
-            client: proxy::client(&loaded.config.upstream),
+            pools,
             config: ArcSwap::from_pointee(loaded.config),
             config_hash: ArcSwap::from_pointee(loaded.hash),
             table: ArcSwap::from_pointee(table),
@@ -144,8 +156,12 @@ impl App {
         let outcome = if result.is_ok() { "ok" } else { "refused" };
         self.metrics.reloads.with_label_values(&[outcome]).inc();
         match &result {
-            Ok(hash) => tracing::info!(config = %path.display(), config_hash = hash.as_str(), "config reloaded"),
-            Err(e) => tracing::error!(config = %path.display(), error = %e, "config reload refused; the running config stays"),
+            Ok(hash) => {
+                tracing::info!(config = %path.display(), config_hash = hash.as_str(), "config reloaded")
+            }
+            Err(e) => {
+                tracing::error!(config = %path.display(), error = %e, "config reload refused; the running config stays")
+            }
         }
         result
     }
@@ -153,21 +169,52 @@ impl App {
     fn try_reload(&self, path: &Path) -> Result<String, ReloadError> {
         let loaded = load(path)?;
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let table = RoutingTable::from_config(&loaded.config, &self.env_pins, &self.metrics)?;
+        let table =
+            RoutingTable::from_config(&loaded.config, &self.env_pins, &self.metrics, &self.pools)?;
         let old = self.config.load();
         for (key, changed) in [
-            ("listen.proxy", old.listen.proxy != loaded.config.listen.proxy),
-            ("listen.admin", old.listen.admin != loaded.config.listen.admin),
-            ("runtime.workers", old.runtime.workers != loaded.config.runtime.workers),
-            ("upstream.connect_timeout", old.upstream.connect_timeout != loaded.config.upstream.connect_timeout),
-            ("upstream.pool_max_idle", old.upstream.pool_max_idle != loaded.config.upstream.pool_max_idle),
-            ("upstream.pool_idle_timeout", old.upstream.pool_idle_timeout != loaded.config.upstream.pool_idle_timeout),
-            ("signals.workers", old.signals.workers != loaded.config.signals.workers),
-            ("signals.queue", old.signals.queue != loaded.config.signals.queue),
-            ("signals.max_sessions", old.signals.max_sessions != loaded.config.signals.max_sessions),
+            (
+                "listen.proxy",
+                old.listen.proxy != loaded.config.listen.proxy,
+            ),
+            (
+                "listen.admin",
+                old.listen.admin != loaded.config.listen.admin,
+            ),
+            (
+                "runtime.workers",
+                old.runtime.workers != loaded.config.runtime.workers,
+            ),
+            (
+                "upstream.connect_timeout",
+                old.upstream.connect_timeout != loaded.config.upstream.connect_timeout,
+            ),
+            (
+                "upstream.pool_max_idle",
+                old.upstream.pool_max_idle != loaded.config.upstream.pool_max_idle,
+            ),
+            (
+                "upstream.pool_idle_timeout",
+                old.upstream.pool_idle_timeout != loaded.config.upstream.pool_idle_timeout,
+            ),
+            (
+                "signals.workers",
+                old.signals.workers != loaded.config.signals.workers,
+            ),
+            (
+                "signals.queue",
+                old.signals.queue != loaded.config.signals.queue,
+            ),
+            (
+                "signals.max_sessions",
+                old.signals.max_sessions != loaded.config.signals.max_sessions,
+            ),
         ] {
             if changed {
-                tracing::warn!(key, "changed in the config file; takes effect on restart only");
+                tracing::warn!(
+                    key,
+                    "changed in the config file; takes effect on restart only"
+                );
             }
         }
         self.pipeline.reconfigure(&loaded.config.signals)?;
@@ -188,8 +235,11 @@ impl App {
     }
 
     pub fn render_metrics(&self) -> String {
-        self.metrics.eval_queue_depth.set(self.pipeline.depth() as i64);
-        self.metrics.render(&self.table(), self.config.load().rules.window.0)
+        self.metrics
+            .eval_queue_depth
+            .set(self.pipeline.depth() as i64);
+        self.metrics
+            .render(&self.table(), self.config.load().rules.window.0)
     }
 
     /// The `/status` document.
@@ -287,7 +337,10 @@ mod tests {
     fn env_token_wins_over_file() {
         let mut config = Config::default();
         config.admin.token_file = "/nonexistent/token".into();
-        assert_eq!(admin_token(&config, Some("t0k".into())).unwrap().as_deref(), Some("t0k"));
+        assert_eq!(
+            admin_token(&config, Some("t0k".into())).unwrap().as_deref(),
+            Some("t0k")
+        );
         let e = admin_token(&config, None).unwrap_err();
         assert_eq!(e.path, "admin.token_file");
         config.admin.token_file = String::new();

@@ -46,7 +46,10 @@ impl fmt::Display for ConfigErrors {
 }
 
 fn err(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError { path: path.into(), message: message.into() }
+    ConfigError {
+        path: path.into(),
+        message: message.into(),
+    }
 }
 
 /// A duration written as "250ms", "10s", "15m", "48h".
@@ -57,7 +60,9 @@ impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration {s:?} ({e}); write it like \"250ms\", \"10s\", \"15m\""))
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); write it like \"250ms\", \"10s\", \"15m\""
+            ))
         })
     }
 }
@@ -141,7 +146,11 @@ pub struct Listen {
 
 impl Default for Listen {
     fn default() -> Self {
-        Listen { proxy: "0.0.0.0:9000".into(), admin: "0.0.0.0:9901".into(), drain_timeout: secs(30) }
+        Listen {
+            proxy: "0.0.0.0:9000".into(),
+            admin: "0.0.0.0:9901".into(),
+            drain_timeout: secs(30),
+        }
     }
 }
 
@@ -228,7 +237,11 @@ pub struct Cache {
 
 impl Default for Cache {
     fn default() -> Self {
-        Cache { key_pins: ["INDEX_HASH", "PROMPT_VER", "RERANK_CONF", "MODEL_VER"].map(String::from).to_vec() }
+        Cache {
+            key_pins: ["INDEX_HASH", "PROMPT_VER", "RERANK_CONF", "MODEL_VER"]
+                .map(String::from)
+                .to_vec(),
+        }
     }
 }
 
@@ -450,7 +463,11 @@ pub const HARD_RULE_KEYS: &[&str] = &[
 ];
 
 /// Rule keys accepted under `[rules.soft]`.
-pub const SOFT_RULE_KEYS: &[&str] = &["p95_latency_uplift_over", "p99_latency_uplift_over", "delta_s_p50_drift_over"];
+pub const SOFT_RULE_KEYS: &[&str] = &[
+    "p95_latency_uplift_over",
+    "p99_latency_uplift_over",
+    "delta_s_p50_drift_over",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -555,7 +572,11 @@ fn default_hook_timeout() -> Dur {
 }
 
 fn default_hook_events() -> Vec<HookEvent> {
-    vec![HookEvent::Tripped, HookEvent::Recovered, HookEvent::Escalated]
+    vec![
+        HookEvent::Tripped,
+        HookEvent::Recovered,
+        HookEvent::Escalated,
+    ]
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -591,7 +612,10 @@ pub struct Log {
 
 impl Default for Log {
     fn default() -> Self {
-        Log { access: true, level: "info".into() }
+        Log {
+            access: true,
+            level: "info".into(),
+        }
     }
 }
 
@@ -600,15 +624,22 @@ impl Default for Log {
 impl Config {
     /// Reads and parses a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigErrors(vec![err("", format!("cannot read {}: {e}", path.display()))]))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![err(
+                "",
+                format!("cannot read {}: {e}", path.display()),
+            )])
+        })?;
         Config::parse(&text)
     }
 
     /// Parses configuration text, returning every error found with its key path.
     pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ConfigErrors(vec![err("", format!("TOML syntax: {}", e.to_string().trim_end()))])
+            ConfigErrors(vec![err(
+                "",
+                format!("TOML syntax: {}", e.to_string().trim_end()),
+            )])
         })?;
         let mut errors = Vec::new();
         // serde stops at the first error; to report all of them, record it, drop the offending key and try
@@ -619,7 +650,14 @@ impl Config {
                 Err(e) => {
                     let path = e.path().to_string();
                     // toml appends "in `key`" on a second line; the path already says where.
-                    let message = e.inner().to_string().lines().next().unwrap_or_default().trim().to_string();
+                    let message = e
+                        .inner()
+                        .to_string()
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string();
                     let (path, message) = locate_unknown_field(path, message);
                     let repeated = errors.iter().any(|x: &ConfigError| x.path == path);
                     if !repeated {
@@ -645,9 +683,15 @@ impl Config {
     /// Semantic checks that types alone cannot express.
     pub fn validate(&self) -> Vec<ConfigError> {
         let mut errors = Vec::new();
-        for (key, value) in [("listen.proxy", &self.listen.proxy), ("listen.admin", &self.listen.admin)] {
+        for (key, value) in [
+            ("listen.proxy", &self.listen.proxy),
+            ("listen.admin", &self.listen.admin),
+        ] {
             if value.parse::<SocketAddr>().is_err() {
-                errors.push(err(key, format!("{value:?} is not an address like \"0.0.0.0:9000\"")));
+                errors.push(err(
+                    key,
+                    format!("{value:?} is not an address like \"0.0.0.0:9000\""),
+                ));
             }
         }
         if self.runtime.workers == 0 {
@@ -660,11 +704,25 @@ impl Config {
         let mut names = HashSet::new();
         for (i, arm) in self.arms.iter().enumerate() {
             let at = |k: &str| format!("arms[{i}].{k}");
-            if arm.name.is_empty() || !arm.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                errors.push(err(at("name"), format!("{:?} must be non-empty and use only [A-Za-z0-9_-]", arm.name)));
+            if arm.name.is_empty()
+                || !arm
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                errors.push(err(
+                    at("name"),
+                    format!(
+                        "{:?} must be non-empty and use only [A-Za-z0-9_-]",
+                        arm.name
+                    ),
+                ));
             }
             if !names.insert(arm.name.as_str()) {
-                errors.push(err(at("name"), format!("duplicate arm name {:?}", arm.name)));
+                errors.push(err(
+                    at("name"),
+                    format!("duplicate arm name {:?}", arm.name),
+                ));
             }
             if let Err(e) = parse_upstream(&arm.upstream) {
                 errors.push(err(at("upstream"), e));
@@ -677,7 +735,9 @@ impl Config {
         if !self.arms.is_empty() && self.arms.iter().all(|a| a.weight == 0) {
             errors.push(err("arms", "at least one arm needs a weight above 0"));
         }
-        if !self.routing.sticky_header.is_empty() && http::HeaderName::try_from(&self.routing.sticky_header).is_err() {
+        if !self.routing.sticky_header.is_empty()
+            && http::HeaderName::try_from(&self.routing.sticky_header).is_err()
+        {
             errors.push(err("routing.sticky_header", "not a valid header name"));
         }
         if self.upstream.connect_timeout.0.is_zero() {
@@ -688,7 +748,10 @@ impl Config {
         }
         for (i, pin) in self.cache.key_pins.iter().enumerate() {
             if !is_pin_name(pin) {
-                errors.push(err(format!("cache.key_pins[{i}]"), format!("{pin:?} is not an UPPER_SNAKE pin name")));
+                errors.push(err(
+                    format!("cache.key_pins[{i}]"),
+                    format!("{pin:?} is not an UPPER_SNAKE pin name"),
+                ));
             }
         }
         let s = &self.signals;
@@ -728,15 +791,20 @@ impl Config {
         if self.budget.burst == 0 {
             errors.push(err("budget.burst", "must be above 0"));
         }
-        for (key, v) in [("breaker.failure_rate", self.breaker.failure_rate), ("breaker.slow_call_rate", self.breaker.slow_call_rate)]
-        {
+        for (key, v) in [
+            ("breaker.failure_rate", self.breaker.failure_rate),
+            ("breaker.slow_call_rate", self.breaker.slow_call_rate),
+        ] {
             if !(v > 0.0 && v <= 1.0) {
                 errors.push(err(key, "must be in (0, 1]"));
             }
         }
         for (i, route) in self.writes.routes.iter().enumerate() {
             if parse_write_route(route).is_none() {
-                errors.push(err(format!("writes.routes[{i}]"), format!("{route:?} must look like \"POST /path-prefix\"")));
+                errors.push(err(
+                    format!("writes.routes[{i}]"),
+                    format!("{route:?} must look like \"POST /path-prefix\""),
+                ));
             }
         }
         if http::HeaderName::try_from(&self.writes.idempotency_header).is_err() {
@@ -750,12 +818,24 @@ impl Config {
             errors.push(err("rules.window", "must be at least 1s"));
         }
         if r.window.0 > crate::windows::MAX_SPAN {
-            errors.push(err("rules.window", format!("must be at most {}s, the span of the window ring", crate::windows::MAX_SPAN.as_secs())));
+            errors.push(err(
+                "rules.window",
+                format!(
+                    "must be at most {}s, the span of the window ring",
+                    crate::windows::MAX_SPAN.as_secs()
+                ),
+            ));
         }
-        for (table, keys, map) in [("rules.hard", HARD_RULE_KEYS, &r.hard), ("rules.soft", SOFT_RULE_KEYS, &r.soft)] {
+        for (table, keys, map) in [
+            ("rules.hard", HARD_RULE_KEYS, &r.hard),
+            ("rules.soft", SOFT_RULE_KEYS, &r.soft),
+        ] {
             for (k, v) in map {
                 if !keys.contains(&k.as_str()) {
-                    errors.push(err(format!("{table}.{k}"), format!("unknown rule; known: {}", keys.join(", "))));
+                    errors.push(err(
+                        format!("{table}.{k}"),
+                        format!("unknown rule; known: {}", keys.join(", ")),
+                    ));
                 } else if !v.is_finite() || *v < 0.0 {
                     errors.push(err(format!("{table}.{k}"), "must be a non-negative number"));
                 }
@@ -766,12 +846,18 @@ impl Config {
             errors.push(err("rollback.throttle_factor", "must be in (0, 1]"));
         }
         if rb.lever == Lever::Flag && rb.flag.is_empty() {
-            errors.push(err("rollback.flag", "required when rollback.lever = \"flag\""));
+            errors.push(err(
+                "rollback.flag",
+                "required when rollback.lever = \"flag\"",
+            ));
         }
         let rule_names: Vec<&str> = HARD_RULE_KEYS.iter().map(|k| rule_name(k)).collect();
         for k in rb.levers.keys() {
             if !rule_names.contains(&k.as_str()) {
-                errors.push(err(format!("rollback.levers.{k}"), format!("unknown rule; known: {}", rule_names.join(", "))));
+                errors.push(err(
+                    format!("rollback.levers.{k}"),
+                    format!("unknown rule; known: {}", rule_names.join(", ")),
+                ));
             }
         }
         check_pins("rollback.alias", &rb.alias, &mut errors);
@@ -781,9 +867,16 @@ impl Config {
                 errors.push(err(at("name"), "must not be empty"));
             }
             match hook.kind {
-                HookKind::Exec if hook.command.is_empty() => errors.push(err(at("command"), "required for kind = \"exec\"")),
-                HookKind::Webhook if !hook.url.starts_with("http://") && !hook.url.starts_with("https://") => {
-                    errors.push(err(at("url"), "an http:// URL is required for kind = \"webhook\""))
+                HookKind::Exec if hook.command.is_empty() => {
+                    errors.push(err(at("command"), "required for kind = \"exec\""))
+                }
+                HookKind::Webhook
+                    if !hook.url.starts_with("http://") && !hook.url.starts_with("https://") =>
+                {
+                    errors.push(err(
+                        at("url"),
+                        "an http:// URL is required for kind = \"webhook\"",
+                    ))
                 }
                 _ => {}
             }
@@ -793,44 +886,68 @@ impl Config {
 
     /// The baseline arm's name: the one marked `baseline = true`, else the first arm.
     pub fn baseline_arm(&self) -> Option<&str> {
-        self.arms.iter().find(|a| a.baseline).or(self.arms.first()).map(|a| a.name.as_str())
+        self.arms
+            .iter()
+            .find(|a| a.baseline)
+            .or(self.arms.first())
+            .map(|a| a.name.as_str())
     }
 }
 
 /// A rule's name is its key without the `_over` / `_under` suffix.
 pub fn rule_name(key: &str) -> &str {
-    key.strip_suffix("_over").or_else(|| key.strip_suffix("_under")).unwrap_or(key)
+    key.strip_suffix("_over")
+        .or_else(|| key.strip_suffix("_under"))
+        .unwrap_or(key)
 }
 
 /// Pin names are UPPER_SNAKE: `A-Z`, `0-9`, `_`, starting with a letter.
 pub fn is_pin_name(name: &str) -> bool {
     name.starts_with(|c: char| c.is_ascii_uppercase())
-        && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
 }
 
 fn check_pins(table: &str, pins: &BTreeMap<String, String>, errors: &mut Vec<ConfigError>) {
     for (name, value) in pins {
         if !is_pin_name(name) {
-            errors.push(err(format!("{table}.{name}"), "pin names are UPPER_SNAKE (e.g. INDEX_HASH)"));
+            errors.push(err(
+                format!("{table}.{name}"),
+                "pin names are UPPER_SNAKE (e.g. INDEX_HASH)",
+            ));
         }
         if http::HeaderValue::from_str(value).is_err() {
-            errors.push(err(format!("{table}.{name}"), "value must be printable ASCII (it becomes a header)"));
+            errors.push(err(
+                format!("{table}.{name}"),
+                "value must be printable ASCII (it becomes a header)",
+            ));
         }
     }
 }
 
 /// Parses an upstream base URL into its authority (`host:port`); only plain `http://` is supported.
 pub fn parse_upstream(url: &str) -> Result<http::uri::Authority, String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
     if uri.scheme_str() != Some("http") {
         return Err(format!("{url:?}: only http:// upstreams are supported"));
     }
-    if uri.path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) {
+    if uri
+        .path_and_query()
+        .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+    {
         return Err(format!("{url:?}: give the base URL without a path"));
     }
-    let authority = uri.authority().cloned().ok_or_else(|| format!("{url:?} has no host"))?;
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{url:?} has no host"))?;
     if authority.port_u16().is_none() {
-        return format!("{}:80", authority.host()).parse().map_err(|e| format!("{url:?}: {e}"));
+        return format!("{}:80", authority.host())
+            .parse()
+            .map_err(|e| format!("{url:?}: {e}"));
     }
     Ok(authority)
 }

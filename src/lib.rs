@@ -16,6 +16,7 @@ pub mod router;
 pub mod shutdown;
 pub mod signals;
 pub mod tee;
+pub mod upstream;
 pub mod windows;
 
 use std::net::SocketAddr;
@@ -34,7 +35,11 @@ pub enum RunError {
     #[error(transparent)]
     Start(#[from] app::StartError),
     #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind { what: &'static str, addr: String, source: std::io::Error },
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -45,9 +50,14 @@ pub fn run(path: &Path) -> Result<(), RunError> {
     let _log = log::init(&loaded.config.log.level);
     let workers = loaded.config.runtime.workers;
     let runtime = if workers <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
     }
     .map_err(RunError::Runtime)?;
     runtime.block_on(serve(loaded, path))
@@ -75,13 +85,21 @@ pub async fn serve(loaded: Loaded, path: &Path) -> Result<(), RunError> {
 
     let drain = config.listen.drain_timeout.0;
     let proxy_app = app.clone();
-    let proxy = tokio::spawn(listener::serve("proxy", proxy_listener, shutdown.clone(), drain, move |peer, req| {
-        proxy::handle(proxy_app.clone(), peer, req)
-    }));
+    let proxy = tokio::spawn(listener::serve(
+        "proxy",
+        proxy_listener,
+        shutdown.clone(),
+        drain,
+        move |peer, req| proxy::handle(proxy_app.clone(), peer, req),
+    ));
     let admin_app = app.clone();
-    let admin = tokio::spawn(listener::serve("admin", admin_listener, shutdown, drain, move |peer, req| {
-        admin::handle(admin_app.clone(), peer, req)
-    }));
+    let admin = tokio::spawn(listener::serve(
+        "admin",
+        admin_listener,
+        shutdown,
+        drain,
+        move |peer, req| admin::handle(admin_app.clone(), peer, req),
+    ));
     let drained = proxy.await.unwrap_or(false);
     let _ = admin.await;
     tracing::info!(drained, "stopped");
@@ -89,17 +107,28 @@ pub async fn serve(loaded: Loaded, path: &Path) -> Result<(), RunError> {
 }
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, RunError> {
-    let parsed: SocketAddr =
-        addr.parse().map_err(|e| RunError::Bind { what, addr: addr.into(), source: std::io::Error::other(e) })?;
-    TcpListener::bind(parsed).await.map_err(|source| RunError::Bind { what, addr: addr.into(), source })
+    let parsed: SocketAddr = addr.parse().map_err(|e| RunError::Bind {
+        what,
+        addr: addr.into(),
+        source: std::io::Error::other(e),
+    })?;
+    TcpListener::bind(parsed)
+        .await
+        .map_err(|source| RunError::Bind {
+            what,
+            addr: addr.into(),
+            source,
+        })
 }
 
 /// SIGHUP reloads; SIGTERM and SIGINT start the drain.
 async fn signals(app: Arc<App>, trigger: shutdown::Trigger) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) =
-        (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return;
     };

@@ -20,7 +20,13 @@ use crate::shutdown::Shutdown;
 /// Serves `handler` on every connection accepted by `listener` until `shutdown` fires, then waits up to
 /// `drain` for in-flight requests (streams included) to complete. Returns whether everything drained
 /// before the deadline.
-pub async fn serve<H, F, B>(name: &'static str, listener: TcpListener, mut shutdown: Shutdown, drain: Duration, handler: H) -> bool
+pub async fn serve<H, F, B>(
+    name: &'static str,
+    listener: TcpListener,
+    mut shutdown: Shutdown,
+    drain: Duration,
+    handler: H,
+) -> bool
 where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
@@ -28,7 +34,10 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -46,7 +55,11 @@ where
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let service = service_fn(move |req| handler(peer, req));
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+        let conn = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned(),
+        );
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");

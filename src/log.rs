@@ -77,37 +77,44 @@ impl BatchWriter {
 
     pub fn new(out: Box<dyn Write + Send>) -> (BatchWriter, LogGuard) {
         let shared = Arc::new(BatchShared {
-            batch: Mutex::new(Batch { buf: Vec::with_capacity(64 * 1024), stopping: false }),
+            batch: Mutex::new(Batch {
+                buf: Vec::with_capacity(64 * 1024),
+                stopping: false,
+            }),
             ready: Condvar::new(),
             out: Mutex::new(out),
         });
         let worker = shared.clone();
-        let thread = std::thread::Builder::new().name("driftguard-log".into()).spawn(move || {
-            let mut spare = Vec::with_capacity(64 * 1024);
-            loop {
-                let stopping = {
-                    let mut batch = worker.batch.lock().unwrap_or_else(|p| p.into_inner());
-                    while batch.buf.is_empty() && !batch.stopping {
-                        batch = worker.ready.wait(batch).unwrap_or_else(|p| p.into_inner());
+        let thread = std::thread::Builder::new()
+            .name("driftguard-log".into())
+            .spawn(move || {
+                let mut spare = Vec::with_capacity(64 * 1024);
+                loop {
+                    let stopping = {
+                        let mut batch = worker.batch.lock().unwrap_or_else(|p| p.into_inner());
+                        while batch.buf.is_empty() && !batch.stopping {
+                            batch = worker.ready.wait(batch).unwrap_or_else(|p| p.into_inner());
+                        }
+                        batch.stopping
+                    };
+                    if !stopping {
+                        std::thread::sleep(BATCH_WINDOW);
                     }
-                    batch.stopping
-                };
-                if !stopping {
-                    std::thread::sleep(BATCH_WINDOW);
+                    let stopping = {
+                        let mut batch = worker.batch.lock().unwrap_or_else(|p| p.into_inner());
+                        std::mem::swap(&mut batch.buf, &mut spare);
+                        batch.stopping
+                    };
+                    worker.write_out(&spare);
+                    spare.clear();
+                    if stopping {
+                        return;
+                    }
                 }
-                let stopping = {
-                    let mut batch = worker.batch.lock().unwrap_or_else(|p| p.into_inner());
-                    std::mem::swap(&mut batch.buf, &mut spare);
-                    batch.stopping
-                };
-                worker.write_out(&spare);
-                spare.clear();
-                if stopping {
-                    return;
-                }
-            }
-        });
-        let thread = thread.map_err(|e| eprintln!("driftguard: cannot start the log writer: {e}")).ok();
+            });
+        let thread = thread
+            .map_err(|e| eprintln!("driftguard: cannot start the log writer: {e}"))
+            .ok();
         (BatchWriter(shared.clone()), LogGuard { shared, thread })
     }
 }
@@ -148,7 +155,11 @@ impl<'a> MakeWriter<'a> for BatchWriter {
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        self.shared.batch.lock().unwrap_or_else(|p| p.into_inner()).stopping = true;
+        self.shared
+            .batch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stopping = true;
         self.shared.ready.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -164,7 +175,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         let meta = event.metadata();
         let mut line = String::with_capacity(256);
         line.push_str("{\"ts\":\"");
@@ -243,7 +259,9 @@ fn push_timestamp(out: &mut String) {
         static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
     }
     let now = std::time::SystemTime::now();
-    let since_epoch = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let since_epoch = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let secs = since_epoch.as_secs();
     SECOND.with(|cache| {
         let mut cache = cache.borrow_mut();

@@ -13,7 +13,11 @@ use driftguard::signals::gold;
 const DEFAULT_CONFIG: &str = "driftguard.toml";
 
 #[derive(Parser)]
-#[command(name = "driftguard", version, about = "Sidecar reverse proxy that guards a RAG / LLM service")]
+#[command(
+    name = "driftguard",
+    version,
+    about = "Sidecar reverse proxy that guards a RAG / LLM service"
+)]
 struct Cli {
     /// Config file (TOML) [default: driftguard.toml].
     #[arg(long, short, global = true, env = "DRIFTGUARD_CONFIG")]
@@ -64,7 +68,14 @@ fn main() -> ExitCode {
             }
         },
         Command::Check => check(&config_path),
-        Command::Eval { gold, url, json, max_delta_s, min_coverage, timeout } => {
+        Command::Eval {
+            gold,
+            url,
+            json,
+            max_delta_s,
+            min_coverage,
+            timeout,
+        } => {
             // The gold audit scores with the configured extractor and embedder when there is a config.
             let signals = if explicit || config_path.exists() {
                 match driftguard::app::load(&config_path) {
@@ -77,11 +88,17 @@ fn main() -> ExitCode {
             } else {
                 Config::default().signals
             };
-            let limits = gold::Limits { max_delta_s, min_coverage };
+            let limits = gold::Limits {
+                max_delta_s,
+                min_coverage,
+            };
             match gold::run(&gold, &url, &signals, &limits, timeout) {
                 Ok(report) => {
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&report).unwrap_or_default()
+                        );
                     } else {
                         print!("{}", report.render());
                     }
@@ -104,8 +121,17 @@ fn check(path: &Path) -> ExitCode {
     match driftguard::app::load(path) {
         Ok(loaded) => {
             let c = &loaded.config;
-            let arms: Vec<String> = c.arms.iter().map(|a| format!("{} (weight {})", a.name, a.weight)).collect();
-            println!("{}: ok — {} arm(s): {}", path.display(), c.arms.len(), arms.join(", "));
+            let arms: Vec<String> = c
+                .arms
+                .iter()
+                .map(|a| format!("{} (weight {})", a.name, a.weight))
+                .collect();
+            println!(
+                "{}: ok — {} arm(s): {}",
+                path.display(),
+                c.arms.len(),
+                arms.join(", ")
+            );
             ExitCode::SUCCESS
         }
         Err(errors) => {

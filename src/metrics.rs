@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::router::RoutingTable;
@@ -20,8 +20,9 @@ use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType, Quantile, S
 pub const NAMESPACE: &str = "driftguard";
 
 /// Latency buckets, seconds: LLM answers range from a cached hit to a minute-long stream.
-const LATENCY_BUCKETS: &[f64] =
-    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
 
 pub const QUANTILES: [(f64, &str); 3] = [(0.5, "0.5"), (0.95, "0.95"), (0.99, "0.99")];
 
@@ -42,8 +43,12 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    pub const ALL: [ProxyError; 4] =
-        [ProxyError::UpstreamUnreachable, ProxyError::UpstreamTimeout, ProxyError::PinMismatch, ProxyError::NoUpstream];
+    pub const ALL: [ProxyError; 4] = [
+        ProxyError::UpstreamUnreachable,
+        ProxyError::UpstreamTimeout,
+        ProxyError::PinMismatch,
+        ProxyError::NoUpstream,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -81,40 +86,71 @@ pub struct Metrics {
 
 /// Buckets of signals in [0, 1].
 const SIGNAL_BUCKETS: &[f64] = &[
-    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0,
+    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85,
+    0.9, 0.95, 1.0,
 ];
 
 /// λ states in the order of their window counters (`Counter::LambdaConvergent` onwards).
 pub const LAMBDA_STATES: [&str; 4] = ["convergent", "recursive", "divergent", "chaotic"];
 
-pub const PROBES: [(Hist, &str); 3] = [(Hist::DeltaSQr, "qr"), (Hist::DeltaSRa, "ra"), (Hist::DeltaS, "max")];
+pub const PROBES: [(Hist, &str); 3] = [
+    (Hist::DeltaSQr, "qr"),
+    (Hist::DeltaSRa, "ra"),
+    (Hist::DeltaS, "max"),
+];
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition is valid");
-    registry.register(Box::new(c.clone())).expect("metric names are unique");
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .expect("static metric definition is valid");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric names are unique");
     c
 }
 
-fn histogram_vec(registry: &Registry, name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+    labels: &[&str],
+) -> HistogramVec {
     let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
     let h = HistogramVec::new(opts, labels).expect("static metric definition is valid");
-    registry.register(Box::new(h.clone())).expect("metric names are unique");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("metric names are unique");
     h
 }
 
 impl Metrics {
     pub fn new() -> Self {
-        let r = Registry::new_custom(Some(NAMESPACE.into()), None).expect("static registry prefix is valid");
-        let build_info = GaugeVec::new(Opts::new("build_info", "Build of this driftguard (value always 1)."), &["version"])
-            .expect("static metric definition is valid");
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);
-        r.register(Box::new(build_info)).expect("metric names are unique");
-        let eval_dropped = IntCounter::new("eval_dropped_total", "Samples dropped because the evaluation queue was full.")
-            .expect("static metric definition is valid");
-        let eval_queue_depth = IntGauge::new("eval_queue_depth", "Samples waiting in the evaluation queue.")
-            .expect("static metric definition is valid");
-        r.register(Box::new(eval_dropped.clone())).expect("metric names are unique");
-        r.register(Box::new(eval_queue_depth.clone())).expect("metric names are unique");
+        let r = Registry::new_custom(Some(NAMESPACE.into()), None)
+            .expect("static registry prefix is valid");
+        let build_info = GaugeVec::new(
+            Opts::new("build_info", "Build of this driftguard (value always 1)."),
+            &["version"],
+        )
+        .expect("static metric definition is valid");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1.0);
+        r.register(Box::new(build_info))
+            .expect("metric names are unique");
+        let eval_dropped = IntCounter::new(
+            "eval_dropped_total",
+            "Samples dropped because the evaluation queue was full.",
+        )
+        .expect("static metric definition is valid");
+        let eval_queue_depth = IntGauge::new(
+            "eval_queue_depth",
+            "Samples waiting in the evaluation queue.",
+        )
+        .expect("static metric definition is valid");
+        r.register(Box::new(eval_dropped.clone()))
+            .expect("metric names are unique");
+        r.register(Box::new(eval_queue_depth.clone()))
+            .expect("metric names are unique");
         let m = Metrics {
             requests: counter_vec(&r, "requests_total", "Responses sent to clients, by arm and status class.", &["arm", "class"]),
             duration: histogram_vec(&r, "request_duration_seconds", "Time from request to the end of the response body.", LATENCY_BUCKETS, &["arm"]),
@@ -162,11 +198,14 @@ impl Metrics {
                     duration: self.duration.with_label_values(&[name]),
                     ttfb: self.ttfb.with_label_values(&[name]),
                     pin_mismatch: self.pin_mismatch.clone(),
-                    delta_s: PROBES.map(|(_, probe)| self.delta_s.with_label_values(&[name, probe])),
+                    delta_s: PROBES
+                        .map(|(_, probe)| self.delta_s.with_label_values(&[name, probe])),
                     coverage: self.coverage.with_label_values(&[name]),
-                    lambda: LAMBDA_STATES.map(|state| self.lambda.with_label_values(&[name, state])),
+                    lambda: LAMBDA_STATES
+                        .map(|state| self.lambda.with_label_values(&[name, state])),
                     tool_loops: self.tool_loops.with_label_values(&[name]),
-                    tokens: ["prompt", "completion"].map(|k| self.tokens.with_label_values(&[name, k])),
+                    tokens: ["prompt", "completion"]
+                        .map(|k| self.tokens.with_label_values(&[name, k])),
                     evaluations: self.evaluations.with_label_values(&[name]),
                 })
             })
@@ -180,7 +219,13 @@ impl Metrics {
     /// Clears the next window slot of every arm ahead of time; run every second or so.
     pub fn rotate_windows(&self) {
         let now = Instant::now();
-        let arms: Vec<Arc<ArmStats>> = self.arms.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let arms: Vec<Arc<ArmStats>> = self
+            .arms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         for arm in arms {
             arm.window.prepare_next(now);
         }
@@ -207,22 +252,42 @@ impl Default for Metrics {
 
 /// Families derived from the routing table and the windows at scrape time.
 fn table_families(table: &RoutingTable, window: Duration) -> Vec<MetricFamily> {
-    let scratch = Registry::new_custom(Some(NAMESPACE.into()), None).expect("static registry prefix is valid");
+    let scratch = Registry::new_custom(Some(NAMESPACE.into()), None)
+        .expect("static registry prefix is valid");
     let gauge = |name: &str, help: &str, labels: &[&str]| -> Option<GaugeVec> {
         let g = GaugeVec::new(Opts::new(name, help), labels).ok()?;
         scratch.register(Box::new(g.clone())).ok()?;
         Some(g)
     };
-    let weight = gauge("arm_weight", "Current routing weight of each arm.", &["arm"]);
+    let weight = gauge(
+        "arm_weight",
+        "Current routing weight of each arm.",
+        &["arm"],
+    );
     let mut latency = Vec::new();
     let mut delta_s = Vec::new();
-    let coverage = gauge("coverage_mean", "Mean evidence coverage over the rule window.", &["arm"]);
-    let flips = gauge("lambda_flip_rate", "(divergent + chaotic) / evaluated over the rule window.", &["arm"]);
-    let pin_names: BTreeSet<String> =
-        table.arms().iter().flat_map(|a| a.pins.map().keys().map(|k| k.to_ascii_lowercase())).collect();
+    let coverage = gauge(
+        "coverage_mean",
+        "Mean evidence coverage over the rule window.",
+        &["arm"],
+    );
+    let flips = gauge(
+        "lambda_flip_rate",
+        "(divergent + chaotic) / evaluated over the rule window.",
+        &["arm"],
+    );
+    let pin_names: BTreeSet<String> = table
+        .arms()
+        .iter()
+        .flat_map(|a| a.pins.map().keys().map(|k| k.to_ascii_lowercase()))
+        .collect();
     let mut labels: Vec<&str> = vec!["arm"];
     labels.extend(pin_names.iter().map(String::as_str));
-    let pins = gauge("pins_info", "Version pins stamped for each arm (value always 1).", &labels);
+    let pins = gauge(
+        "pins_info",
+        "Version pins stamped for each arm (value always 1).",
+        &labels,
+    );
 
     let now = Instant::now();
     for (arm, w) in table.arms().iter().zip(table.weights()) {
@@ -236,11 +301,23 @@ fn table_families(table: &RoutingTable, window: Duration) -> Vec<MetricFamily> {
             .filter_map(|(q, _)| Some((*q, stats.hist(Hist::Latency).quantile(*q)? as f64 / 1e6)))
             .collect();
         let d = &arm.stats.duration;
-        latency.push(summary(&[("arm", name)], &latency_q, d.get_sample_count(), d.get_sample_sum()));
+        latency.push(summary(
+            &[("arm", name)],
+            &latency_q,
+            d.get_sample_count(),
+            d.get_sample_sum(),
+        ));
         for ((hist, probe), h) in PROBES.iter().zip(&arm.stats.delta_s) {
-            let q: Vec<(f64, f64)> =
-                QUANTILES.iter().filter_map(|(q, _)| Some((*q, stats.signal_quantile(*hist, *q)?))).collect();
-            delta_s.push(summary(&[("arm", name), ("probe", probe)], &q, h.get_sample_count(), h.get_sample_sum()));
+            let q: Vec<(f64, f64)> = QUANTILES
+                .iter()
+                .filter_map(|(q, _)| Some((*q, stats.signal_quantile(*hist, *q)?)))
+                .collect();
+            delta_s.push(summary(
+                &[("arm", name), ("probe", probe)],
+                &q,
+                h.get_sample_count(),
+                h.get_sample_sum(),
+            ));
         }
         if let (Some(g), Some(v)) = (&coverage, stats.signal_mean(Hist::Coverage)) {
             g.with_label_values(&[name]).set(v);
@@ -250,7 +327,11 @@ fn table_families(table: &RoutingTable, window: Duration) -> Vec<MetricFamily> {
         }
         if let Some(g) = &pins {
             let mut values: Vec<&str> = vec![name];
-            values.extend(pin_names.iter().map(|p| arm.pins.get(&p.to_ascii_uppercase()).unwrap_or("")));
+            values.extend(
+                pin_names
+                    .iter()
+                    .map(|p| arm.pins.get(&p.to_ascii_uppercase()).unwrap_or("")),
+            );
             g.with_label_values(&values).set(1.0);
         }
     }
@@ -319,8 +400,12 @@ pub struct Evaluation {
     pub lambda: usize,
 }
 
-const LAMBDA_COUNTERS: [Counter; 4] =
-    [Counter::LambdaConvergent, Counter::LambdaRecursive, Counter::LambdaDivergent, Counter::LambdaChaotic];
+const LAMBDA_COUNTERS: [Counter; 4] = [
+    Counter::LambdaConvergent,
+    Counter::LambdaRecursive,
+    Counter::LambdaDivergent,
+    Counter::LambdaChaotic,
+];
 
 // === impl ArmStats ===
 
@@ -363,11 +448,16 @@ impl ArmStats {
     #[inline]
     pub fn completed(&self, at: Instant, latency: Duration) {
         self.duration.observe(latency.as_secs_f64());
-        self.window.record(at, Hist::Latency, latency.as_micros() as u64);
+        self.window
+            .record(at, Hist::Latency, latency.as_micros() as u64);
     }
 
     pub fn upstream_error(&self, at: Instant, kind: ProxyError) {
-        let counter = if kind == ProxyError::UpstreamTimeout { Counter::Timeouts } else { Counter::UpstreamErrors };
+        let counter = if kind == ProxyError::UpstreamTimeout {
+            Counter::Timeouts
+        } else {
+            Counter::UpstreamErrors
+        };
         self.window.count(at, counter, 1);
     }
 
@@ -376,7 +466,11 @@ impl ArmStats {
         let w = &self.window;
         w.count(at, Counter::Evaluated, 1);
         self.evaluations.inc();
-        for ((hist, _), (value, prom)) in PROBES.iter().zip([s.delta_s_qr, s.delta_s_ra, s.delta_s].iter().zip(&self.delta_s)) {
+        for ((hist, _), (value, prom)) in PROBES.iter().zip(
+            [s.delta_s_qr, s.delta_s_ra, s.delta_s]
+                .iter()
+                .zip(&self.delta_s),
+        ) {
             w.record(at, *hist, Hist::scaled(*value));
             prom.observe(*value);
         }
@@ -389,15 +483,24 @@ impl ArmStats {
     }
 
     /// Usage and tool loops of a response, recorded whether or not its signals could be computed.
-    pub fn usage(&self, at: Instant, prompt_tokens: Option<u64>, completion_tokens: Option<u64>, tool_loop: bool) {
+    pub fn usage(
+        &self,
+        at: Instant,
+        prompt_tokens: Option<u64>,
+        completion_tokens: Option<u64>,
+        tool_loop: bool,
+    ) {
         let w = &self.window;
         if tool_loop {
             w.count(at, Counter::ToolLoops, 1);
             self.tool_loops.inc();
         }
-        for ((n, counter), prom) in [(prompt_tokens, Counter::PromptTokens), (completion_tokens, Counter::CompletionTokens)]
-            .into_iter()
-            .zip(&self.tokens)
+        for ((n, counter), prom) in [
+            (prompt_tokens, Counter::PromptTokens),
+            (completion_tokens, Counter::CompletionTokens),
+        ]
+        .into_iter()
+        .zip(&self.tokens)
         {
             if let Some(n) = n {
                 w.count(at, counter, n);
@@ -407,7 +510,9 @@ impl ArmStats {
     }
 
     pub fn pin_mismatch(&self, at: Instant, pin: &str) {
-        self.pin_mismatch.with_label_values(&[self.name.as_str(), pin]).inc();
+        self.pin_mismatch
+            .with_label_values(&[self.name.as_str(), pin])
+            .inc();
         self.window.count(at, Counter::PinMismatches, 1);
     }
 }

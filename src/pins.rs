@@ -18,14 +18,30 @@ pub const ENV_PREFIX: &str = "DRIFTGUARD_PIN_";
 pub fn header_name(pin: &str) -> String {
     let mut s = String::with_capacity(PIN_HEADER_PREFIX.len() + pin.len());
     s.push_str(PIN_HEADER_PREFIX);
-    s.extend(pin.chars().map(|c| if c == '_' { '-' } else { c.to_ascii_lowercase() }));
+    s.extend(pin.chars().map(|c| {
+        if c == '_' {
+            '-'
+        } else {
+            c.to_ascii_lowercase()
+        }
+    }));
     s
 }
 
 /// `x-pin-index-hash` → `INDEX_HASH`; `None` for a header that is not a pin.
 pub fn pin_name(header: &str) -> Option<String> {
     let rest = header.strip_prefix(PIN_HEADER_PREFIX)?;
-    (!rest.is_empty()).then(|| rest.chars().map(|c| if c == '-' { '_' } else { c.to_ascii_uppercase() }).collect())
+    (!rest.is_empty()).then(|| {
+        rest.chars()
+            .map(|c| {
+                if c == '-' {
+                    '_'
+                } else {
+                    c.to_ascii_uppercase()
+                }
+            })
+            .collect()
+    })
 }
 
 /// `DRIFTGUARD_PIN_*` pins from an environment listing, invalid names skipped.
@@ -138,15 +154,24 @@ impl PinSet {
     /// Fast path: a request without pin headers costs one scan of its header names.
     pub fn strip_client_pins(&self, headers: &mut HeaderMap) -> Vec<PinDiff> {
         let mut diffs = Vec::new();
-        let sent: Vec<HeaderName> =
-            headers.keys().filter(|k| k.as_str().starts_with(PIN_HEADER_PREFIX)).cloned().collect();
+        let sent: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with(PIN_HEADER_PREFIX))
+            .cloned()
+            .collect();
         for name in sent {
-            let Some(pin) = pin_name(name.as_str()) else { continue };
+            let Some(pin) = pin_name(name.as_str()) else {
+                continue;
+            };
             for got in headers.get_all(&name) {
                 let got = String::from_utf8_lossy(got.as_bytes()).into_owned();
                 let expected = self.get(&pin);
                 if expected != Some(got.as_str()) {
-                    diffs.push(PinDiff { pin: pin.clone(), expected: expected.map(String::from), got });
+                    diffs.push(PinDiff {
+                        pin: pin.clone(),
+                        expected: expected.map(String::from),
+                        got,
+                    });
                 }
             }
             headers.remove(&name);
@@ -156,8 +181,14 @@ impl PinSet {
     }
 
     /// Pins the upstream echoed back with a value that differs from the stamped one.
-    pub fn echoed_mismatches<'a>(&'a self, headers: &'a HeaderMap) -> impl Iterator<Item = (usize, &'a Pin)> + 'a {
-        self.pins.iter().enumerate().filter(move |(_, pin)| headers.get(&pin.header).is_some_and(|v| v != pin.value))
+    pub fn echoed_mismatches<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+    ) -> impl Iterator<Item = (usize, &'a Pin)> + 'a {
+        self.pins
+            .iter()
+            .enumerate()
+            .filter(move |(_, pin)| headers.get(&pin.header).is_some_and(|v| v != pin.value))
     }
 }
 
@@ -165,7 +196,12 @@ impl PinSet {
 pub fn diff_json(diffs: &[PinDiff], request_id: &str) -> serde_json::Value {
     let diff: serde_json::Map<String, serde_json::Value> = diffs
         .iter()
-        .map(|d| (d.pin.clone(), serde_json::json!({"expected": d.expected, "got": d.got})))
+        .map(|d| {
+            (
+                d.pin.clone(),
+                serde_json::json!({"expected": d.expected, "got": d.got}),
+            )
+        })
         .collect();
     let names: Vec<&str> = diffs.iter().map(|d| d.pin.as_str()).collect();
     serde_json::json!({
@@ -181,7 +217,10 @@ mod tests {
     use super::*;
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -197,19 +236,32 @@ mod tests {
         let global = map(&[("BUILD_ID", "g"), ("MODEL_VER", "g")]);
         let arm = map(&[("MODEL_VER", "a"), ("INDEX_HASH", "a")]);
         let env = from_env(
-            [("DRIFTGUARD_PIN_INDEX_HASH", "e"), ("DRIFTGUARD_PIN_bad", "x"), ("OTHER", "y")]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string())),
+            [
+                ("DRIFTGUARD_PIN_INDEX_HASH", "e"),
+                ("DRIFTGUARD_PIN_bad", "x"),
+                ("OTHER", "y"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
         );
         let pins = resolve(&global, &arm, &env);
-        assert_eq!(pins, map(&[("BUILD_ID", "g"), ("MODEL_VER", "a"), ("INDEX_HASH", "e")]));
+        assert_eq!(
+            pins,
+            map(&[("BUILD_ID", "g"), ("MODEL_VER", "a"), ("INDEX_HASH", "e")])
+        );
     }
 
     #[test]
     fn cache_namespace_follows_key_pins_only() {
         let keys = vec!["INDEX_HASH".to_string(), "MODEL_VER".to_string()];
-        let a = cache_namespace(&map(&[("INDEX_HASH", "a1"), ("MODEL_VER", "m1"), ("BUILD_ID", "1")]), &keys);
-        let b = cache_namespace(&map(&[("INDEX_HASH", "a1"), ("MODEL_VER", "m1"), ("BUILD_ID", "2")]), &keys);
+        let a = cache_namespace(
+            &map(&[("INDEX_HASH", "a1"), ("MODEL_VER", "m1"), ("BUILD_ID", "1")]),
+            &keys,
+        );
+        let b = cache_namespace(
+            &map(&[("INDEX_HASH", "a1"), ("MODEL_VER", "m1"), ("BUILD_ID", "2")]),
+            &keys,
+        );
         let c = cache_namespace(&map(&[("INDEX_HASH", "a2"), ("MODEL_VER", "m1")]), &keys);
         assert_eq!(a.len(), 16);
         assert_eq!(a, b);
@@ -231,8 +283,16 @@ mod tests {
         assert_eq!(
             diffs,
             vec![
-                PinDiff { pin: "EXTRA".into(), expected: None, got: "e".into() },
-                PinDiff { pin: "INDEX_HASH".into(), expected: Some("a1".into()), got: "zz".into() },
+                PinDiff {
+                    pin: "EXTRA".into(),
+                    expected: None,
+                    got: "e".into()
+                },
+                PinDiff {
+                    pin: "INDEX_HASH".into(),
+                    expected: Some("a1".into()),
+                    got: "zz".into()
+                },
             ]
         );
         assert_eq!(headers.len(), 1);

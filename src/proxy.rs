@@ -6,7 +6,6 @@
 //! first byte and the end of the stream for the windows and the access log.
 
 use std::convert::Infallible;
-use std::error::Error as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,18 +18,15 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 use crate::app::App;
-use crate::config::Upstream;
 use crate::log::ACCESS;
 use crate::metrics::ProxyError;
 use crate::pins;
 use crate::router::Arm;
 use crate::signals::pipeline::{Pipeline, Sample};
 use crate::tee::{Capture, RequestBody, RequestSlot};
+use crate::upstream::Lease;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_DRIFTGUARD_ARM: HeaderName = HeaderName::from_static("x-driftguard-arm");
@@ -41,25 +37,21 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Connection-specific header fields of RFC 9110 §7.6.1; never forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; 6] =
-    [header::CONNECTION, PROXY_CONNECTION, KEEP_ALIVE, header::TE, header::TRANSFER_ENCODING, header::UPGRADE];
-
-pub type UpstreamClient = Client<HttpConnector, RequestBody>;
-
-/// The pooled keep-alive client used for every upstream.
-pub fn client(cfg: &Upstream) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(cfg.connect_timeout.0));
-    connector.set_nodelay(true);
-    connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(cfg.pool_max_idle)
-        .pool_idle_timeout(cfg.pool_idle_timeout.0)
-        .build(connector)
-}
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    PROXY_CONNECTION,
+    KEEP_ALIVE,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
 
 /// Handles one client request. Never fails: upstream problems become JSON error responses.
-pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+pub async fn handle(
+    app: Arc<App>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
     let table = app.table();
     let (mut parts, body) = req.into_parts();
@@ -68,12 +60,24 @@ pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
         Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
         _ => new_request_id(),
     };
-    let sticky = table.sticky_header().and_then(|h| parts.headers.get(h)).map(HeaderValue::as_bytes);
+    let sticky = table
+        .sticky_header()
+        .and_then(|h| parts.headers.get(h))
+        .map(HeaderValue::as_bytes);
     let Some(arm) = table.pick(sticky).cloned() else {
         app.metrics.proxy_error(ProxyError::NoUpstream);
         let info = RequestInfo::new(&parts, request_id);
-        tracing::warn!(request_id = info.request_id_str(), "no arm has a weight above 0");
-        return Ok(error_response(None, info, ProxyError::NoUpstream, "no upstream arm has a weight above 0", start));
+        tracing::warn!(
+            request_id = info.request_id_str(),
+            "no arm has a weight above 0"
+        );
+        return Ok(error_response(
+            None,
+            info,
+            ProxyError::NoUpstream,
+            "no upstream arm has a weight above 0",
+            start,
+        ));
     };
     let info = RequestInfo::new(&parts, request_id);
 
@@ -81,7 +85,13 @@ pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
     if table.settings.strict_pins && !diffs.is_empty() {
         app.metrics.proxy_error(ProxyError::PinMismatch);
         let body = pins::diff_json(&diffs, info.request_id_str());
-        return Ok(json_response(Some(&arm), info, StatusCode::CONFLICT, body.to_string(), start));
+        return Ok(json_response(
+            Some(&arm),
+            info,
+            StatusCode::CONFLICT,
+            body.to_string(),
+            start,
+        ));
     }
 
     strip_hop_by_hop(&mut parts.headers);
@@ -90,19 +100,21 @@ pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
     forwarded_for(&mut parts.headers, peer);
     stamp(&mut parts.headers, &arm, &info.request_id);
 
-    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    parts.uri = match Uri::builder().scheme("http").authority(arm.authority.clone()).path_and_query(path_and_query).build()
-    {
-        Ok(uri) => uri,
-        Err(e) => {
-            return Ok(error_response(Some(&arm), info, ProxyError::UpstreamUnreachable, &e.to_string(), start));
-        }
+    // Origin form for the upstream; Host is the client's (h1), its :authority (h2c), else the upstream's.
+    let host = match parts.headers.get(header::HOST) {
+        Some(_) => None,
+        None => Some(
+            info.authority
+                .clone()
+                .unwrap_or_else(|| arm.host_header.clone()),
+        ),
     };
-    if parts.version == Version::HTTP_2 {
-        // An h2c client's :authority becomes the Host the upstream sees.
-        if let Some(authority) = info.authority.as_ref() {
-            parts.headers.entry(header::HOST).or_insert(authority.clone());
-        }
+    if let Some(host) = host {
+        parts.headers.insert(header::HOST, host);
+    }
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let origin = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = Uri::try_from(origin).unwrap_or_else(|_| Uri::from_static("/"));
     }
     parts.version = Version::HTTP_11;
 
@@ -120,18 +132,33 @@ pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
     } else {
         (RequestBody::plain(body), None)
     };
-    let sent = tokio::time::timeout(settings.request_timeout, app.client.request(Request::from_parts(parts, body)));
-    let response = match sent.await {
-        Ok(Ok(response)) => response,
+    let sent = tokio::time::timeout(
+        settings.request_timeout,
+        arm.pool.send(Request::from_parts(parts, body)),
+    );
+    let (response, lease) = match sent.await {
+        Ok(Ok(exchange)) => exchange,
         Ok(Err(e)) => {
-            let kind = classify(&e);
+            let kind = if e.is_timeout() {
+                ProxyError::UpstreamTimeout
+            } else {
+                ProxyError::UpstreamUnreachable
+            };
             let message = format!("upstream {}: {}", arm.upstream, error_chain(&e));
             return Ok(error_response(Some(&arm), info, kind, &message, start));
         }
         Err(_) => {
-            let message =
-                format!("upstream {} sent no response within {:?}", arm.upstream, table.settings.request_timeout);
-            return Ok(error_response(Some(&arm), info, ProxyError::UpstreamTimeout, &message, start));
+            let message = format!(
+                "upstream {} sent no response within {:?}",
+                arm.upstream, table.settings.request_timeout
+            );
+            return Ok(error_response(
+                Some(&arm),
+                info,
+                ProxyError::UpstreamTimeout,
+                &message,
+                start,
+            ));
         }
     };
 
@@ -145,7 +172,11 @@ pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
     stamp(&mut parts.headers, &arm, &info.request_id);
     let status = parts.status.as_u16();
     arm.stats.response(now, status);
-    let tee = match (tee, parts.status.is_success(), answer_format(&parts.headers)) {
+    let tee = match (
+        tee,
+        parts.status.is_success(),
+        answer_format(&parts.headers),
+    ) {
         (Some((request, session)), true, Some(sse)) => Some(Tee {
             request,
             response: Capture::new(settings.max_body_bytes),
@@ -159,15 +190,32 @@ pub async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
         }
         _ => None,
     };
-    let observed = Observed { arm, info, status, start, first_byte: false, bytes: 0, access_log: settings.access_log, tee };
-    Ok(Response::from_parts(parts, ProxyBody(Kind::Upstream { inner: body, observed: Some(observed) })))
+    let observed = Observed {
+        arm,
+        info,
+        status,
+        start,
+        first_byte: false,
+        bytes: 0,
+        access_log: settings.access_log,
+        tee,
+    };
+    let upstream = Kind::Upstream {
+        inner: body,
+        observed: Some(observed),
+        lease: Some(lease),
+    };
+    Ok(Response::from_parts(parts, ProxyBody(upstream)))
 }
 
 /// Whether a request can carry a question: a body-bearing method with a JSON (or unstated) content type.
 /// Only these are sampled, so plain GETs and uploads never pay for the tee.
 fn carries_query(parts: &http::request::Parts) -> bool {
     matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
-        && parts.headers.get(header::CONTENT_TYPE).is_none_or(|v| contains(v.as_bytes(), b"json"))
+        && parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_none_or(|v| contains(v.as_bytes(), b"json"))
 }
 
 /// `Some(is_sse)` when a response can carry an answer: JSON (or unstated) or an event stream.
@@ -185,7 +233,9 @@ fn answer_format(headers: &HeaderMap) -> Option<bool> {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// Stamps pins, arm, request id and cache namespace.
@@ -225,7 +275,9 @@ fn forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     if let Ok(value) = value {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    headers.entry(X_FORWARDED_PROTO).or_insert(HeaderValue::from_static("http"));
+    headers
+        .entry(X_FORWARDED_PROTO)
+        .or_insert(HeaderValue::from_static("http"));
 }
 
 /// 32 random hex digits.
@@ -240,20 +292,6 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
 }
 
-/// 504 for connect or response timeouts, 502 for everything else that kept the upstream from answering.
-fn classify(e: &hyper_util::client::legacy::Error) -> ProxyError {
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return ProxyError::UpstreamTimeout;
-            }
-        }
-        source = s.source();
-    }
-    ProxyError::UpstreamUnreachable
-}
-
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
@@ -266,7 +304,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// A JSON error made by the proxy: `{"error": kind, "message": .., "request_id": ..}`.
-fn error_response(arm: Option<&Arc<Arm>>, info: RequestInfo, kind: ProxyError, message: &str, start: Instant) -> Response<ProxyBody> {
+fn error_response(
+    arm: Option<&Arc<Arm>>,
+    info: RequestInfo,
+    kind: ProxyError,
+    message: &str,
+    start: Instant,
+) -> Response<ProxyBody> {
     let status = match kind {
         ProxyError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
         ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -280,11 +324,20 @@ fn error_response(arm: Option<&Arc<Arm>>, info: RequestInfo, kind: ProxyError, m
     json_response(arm, info, status, body.to_string(), start)
 }
 
-fn json_response(arm: Option<&Arc<Arm>>, info: RequestInfo, status: StatusCode, body: String, start: Instant) -> Response<ProxyBody> {
+fn json_response(
+    arm: Option<&Arc<Arm>>,
+    info: RequestInfo,
+    status: StatusCode,
+    body: String,
+    start: Instant,
+) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody(Kind::Full(Full::new(Bytes::from(body)))));
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if status == StatusCode::SERVICE_UNAVAILABLE {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
@@ -299,7 +352,14 @@ fn json_response(arm: Option<&Arc<Arm>>, info: RequestInfo, status: StatusCode, 
             headers.insert(X_REQUEST_ID, info.request_id.clone());
         }
     }
-    access_log(&info, arm.map(|a| a.as_ref()), status.as_u16(), now - start, 0, true);
+    access_log(
+        &info,
+        arm.map(|a| a.as_ref()),
+        status.as_u16(),
+        now - start,
+        0,
+        true,
+    );
     response
 }
 
@@ -319,7 +379,10 @@ impl RequestInfo {
             method: parts.method.clone(),
             path: parts.uri.path().to_string(),
             version: parts.version,
-            authority: parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+            authority: parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         }
     }
 
@@ -357,7 +420,14 @@ impl Observed {
         }
         self.arm.stats.completed(now, now - self.start);
         if self.access_log {
-            access_log(&self.info, Some(&self.arm), self.status, now - self.start, self.bytes, complete);
+            access_log(
+                &self.info,
+                Some(&self.arm),
+                self.status,
+                now - self.start,
+                self.bytes,
+                complete,
+            );
         }
         if let Some(tee) = self.tee.take() {
             if complete {
@@ -389,7 +459,14 @@ fn version_str(v: Version) -> &'static str {
 }
 
 /// One access-log line. `arm` is `None` when no arm could take the request.
-fn access_log(info: &RequestInfo, arm: Option<&Arm>, status: u16, latency: Duration, bytes: u64, complete: bool) {
+fn access_log(
+    info: &RequestInfo,
+    arm: Option<&Arm>,
+    status: u16,
+    latency: Duration,
+    bytes: u64,
+    complete: bool,
+) {
     tracing::info!(
         target: ACCESS,
         request_id = info.request_id_str(),
@@ -411,7 +488,11 @@ pub struct ProxyBody(Kind);
 // Boxing `Observed` would cost an allocation per proxied response; the enum is moved once.
 #[allow(clippy::large_enum_variant)]
 enum Kind {
-    Upstream { inner: Incoming, observed: Option<Observed> },
+    Upstream {
+        inner: Incoming,
+        observed: Option<Observed>,
+        lease: Option<Lease>,
+    },
     Full(Full<Bytes>),
 }
 
@@ -419,11 +500,25 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.get_mut().0 {
-            Kind::Full(full) => Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
-            Kind::Upstream { inner, observed } => {
+            Kind::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            Kind::Upstream {
+                inner,
+                observed,
+                lease,
+            } => {
                 let frame = ready!(Pin::new(inner).poll_frame(cx));
+                if frame.is_none() {
+                    if let Some(lease) = lease.take() {
+                        lease.release();
+                    }
+                }
                 if let Some(obs) = observed.as_mut() {
                     match &frame {
                         Some(Ok(f)) => {
@@ -473,10 +568,19 @@ impl Body for ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
-        if let Kind::Upstream { observed, inner } = &mut self.0 {
+        if let Kind::Upstream {
+            observed,
+            inner,
+            lease,
+        } = &mut self.0
+        {
+            // An empty body is never polled; anything else dropped early means the client went away.
+            let complete = inner.is_end_stream();
+            if let (true, Some(lease)) = (complete, lease.take()) {
+                lease.release();
+            }
             if let Some(mut obs) = observed.take() {
-                // An empty body is never polled; anything else dropped early means the client went away.
-                obs.finish(inner.is_end_stream());
+                obs.finish(complete);
             }
         }
     }
@@ -489,10 +593,16 @@ mod tests {
     #[test]
     fn hop_by_hop_fields_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);

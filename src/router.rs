@@ -15,6 +15,7 @@ use http::{HeaderName, HeaderValue};
 use crate::config::{parse_upstream, Config};
 use crate::metrics::{ArmStats, Metrics};
 use crate::pins::{self, PinSet};
+use crate::upstream::{Pool, Pools};
 
 /// One upstream arm with everything the request path needs, prepared once.
 pub struct Arm {
@@ -28,6 +29,9 @@ pub struct Arm {
     pub arm_header: HeaderValue,
     /// `x-cache-ns` value.
     pub cache_ns_header: HeaderValue,
+    /// Host header for requests that arrive without one.
+    pub host_header: HeaderValue,
+    pub pool: Arc<Pool>,
     pub stats: Arc<ArmStats>,
 }
 
@@ -77,16 +81,24 @@ impl RoutingTable {
         config: &Config,
         env: &BTreeMap<String, String>,
         metrics: &Metrics,
+        pools: &Pools,
     ) -> Result<RoutingTable, RouterError> {
         let mut arms = Vec::with_capacity(config.arms.len());
         for a in &config.arms {
-            let invalid = |message: String| RouterError::InvalidArm { arm: a.name.clone(), message };
+            let invalid = |message: String| RouterError::InvalidArm {
+                arm: a.name.clone(),
+                message,
+            };
             let authority = parse_upstream(&a.upstream).map_err(invalid)?;
             let pin_map = pins::resolve(&config.pins, &a.pins, env);
             let cache_ns = pins::cache_namespace(&pin_map, &config.cache.key_pins);
             arms.push(Arc::new(Arm {
                 arm_header: HeaderValue::from_str(&a.name).map_err(|e| invalid(e.to_string()))?,
-                cache_ns_header: HeaderValue::from_str(&cache_ns).map_err(|e| invalid(e.to_string()))?,
+                cache_ns_header: HeaderValue::from_str(&cache_ns)
+                    .map_err(|e| invalid(e.to_string()))?,
+                host_header: HeaderValue::from_str(authority.as_str())
+                    .map_err(|e| invalid(e.to_string()))?,
+                pool: pools.get(&authority),
                 name: a.name.clone(),
                 upstream: a.upstream.clone(),
                 authority,
@@ -99,8 +111,10 @@ impl RoutingTable {
         let sticky_header = match config.routing.sticky_header.as_str() {
             "" => None,
             h => Some(
-                HeaderName::try_from(h)
-                    .map_err(|e| RouterError::InvalidArm { arm: String::new(), message: e.to_string() })?,
+                HeaderName::try_from(h).map_err(|e| RouterError::InvalidArm {
+                    arm: String::new(),
+                    message: e.to_string(),
+                })?,
             ),
         };
         let settings = Settings {
@@ -111,10 +125,20 @@ impl RoutingTable {
             max_body_bytes: config.signals.max_body_bytes,
             session_header: HeaderName::try_from(&config.signals.session_header).ok(),
         };
-        Ok(RoutingTable::new(settings, arms, config.arms.iter().map(|a| a.weight).collect(), sticky_header))
+        Ok(RoutingTable::new(
+            settings,
+            arms,
+            config.arms.iter().map(|a| a.weight).collect(),
+            sticky_header,
+        ))
     }
 
-    fn new(settings: Settings, arms: Vec<Arc<Arm>>, weights: Vec<u32>, sticky_header: Option<HeaderName>) -> RoutingTable {
+    fn new(
+        settings: Settings,
+        arms: Vec<Arc<Arm>>,
+        weights: Vec<u32>,
+        sticky_header: Option<HeaderName>,
+    ) -> RoutingTable {
         let cumulative = weights
             .iter()
             .scan(0u64, |sum, w| {
@@ -122,15 +146,28 @@ impl RoutingTable {
                 Some(*sum)
             })
             .collect();
-        RoutingTable { settings, arms, weights, cumulative, sticky_header }
+        RoutingTable {
+            settings,
+            arms,
+            weights,
+            cumulative,
+            sticky_header,
+        }
     }
 
     /// A copy of this table with one arm's weight changed.
     pub fn with_weight(&self, arm: &str, weight: u32) -> Result<RoutingTable, RouterError> {
-        let i = self.index_of(arm).ok_or_else(|| RouterError::UnknownArm(arm.to_string()))?;
+        let i = self
+            .index_of(arm)
+            .ok_or_else(|| RouterError::UnknownArm(arm.to_string()))?;
         let mut weights = self.weights.clone();
         weights[i] = weight;
-        Ok(RoutingTable::new(self.settings.clone(), self.arms.clone(), weights, self.sticky_header.clone()))
+        Ok(RoutingTable::new(
+            self.settings.clone(),
+            self.arms.clone(),
+            weights,
+            self.sticky_header.clone(),
+        ))
     }
 
     pub fn arms(&self) -> &[Arc<Arm>] {
@@ -204,18 +241,29 @@ mod tests {
     fn table(weights: &[u32]) -> RoutingTable {
         let mut text = String::new();
         for (i, w) in weights.iter().enumerate() {
-            text.push_str(&format!("[[arms]]\nname = \"a{i}\"\nupstream = \"http://127.0.0.1:{}\"\nweight = {w}\n", 8000 + i));
+            text.push_str(&format!(
+                "[[arms]]\nname = \"a{i}\"\nupstream = \"http://127.0.0.1:{}\"\nweight = {w}\n",
+                8000 + i
+            ));
         }
         text.push_str("[routing]\nsticky_header = \"x-user-id\"\n");
         let config = Config::parse(&text).expect("valid test config");
-        RoutingTable::from_config(&config, &BTreeMap::new(), &Metrics::new()).expect("table")
+        RoutingTable::from_config(
+            &config,
+            &BTreeMap::new(),
+            &Metrics::new(),
+            &Pools::new((&config.upstream).into()),
+        )
+        .expect("table")
     }
 
     #[test]
     fn random_split_follows_weights() {
         let t = table(&[90, 10]);
         let n = 100_000;
-        let canary = (0..n).filter(|_| t.pick(None).map(|a| a.name.as_str()) == Some("a1")).count();
+        let canary = (0..n)
+            .filter(|_| t.pick(None).map(|a| a.name.as_str()) == Some("a1"))
+            .count();
         let share = canary as f64 / n as f64;
         assert!((share - 0.10).abs() < 0.01, "canary share {share}");
     }
@@ -224,7 +272,11 @@ mod tests {
     fn zero_weight_arm_gets_nothing() {
         let t = table(&[1, 0]);
         assert!((0..1000).all(|i| t.pick(Some(format!("u{i}").as_bytes())).unwrap().name == "a0"));
-        assert!(table(&[1, 0]).with_weight("a0", 0).unwrap().pick(None).is_none());
+        assert!(table(&[1, 0])
+            .with_weight("a0", 0)
+            .unwrap()
+            .pick(None)
+            .is_none());
     }
 
     #[test]
@@ -246,6 +298,9 @@ mod tests {
     fn with_weight_changes_one_arm() {
         let t = table(&[95, 5]).with_weight("a1", 0).unwrap();
         assert_eq!(t.weights(), &[95, 0]);
-        assert!(matches!(t.with_weight("nope", 1), Err(RouterError::UnknownArm(_))));
+        assert!(matches!(
+            t.with_weight("nope", 1),
+            Err(RouterError::UnknownArm(_))
+        ));
     }
 }

@@ -24,7 +24,13 @@ pub struct Capture {
 
 impl Capture {
     pub fn new(cap: usize) -> Self {
-        Capture { parts: Vec::new(), len: 0, cap, truncated: false, incomplete: false }
+        Capture {
+            parts: Vec::new(),
+            len: 0,
+            cap,
+            truncated: false,
+            incomplete: false,
+        }
     }
 
     /// Takes a slice of `data`, up to the cap.
@@ -86,7 +92,10 @@ impl RequestBody {
 
     /// A body whose copy (up to `cap`) is stored in `slot` when it ends or is dropped.
     pub fn teed(inner: Incoming, cap: usize, slot: RequestSlot) -> Self {
-        RequestBody { inner, tee: Some((Capture::new(cap), slot)) }
+        RequestBody {
+            inner,
+            tee: Some((Capture::new(cap), slot)),
+        }
     }
 
     fn store(&mut self, complete: bool) {
@@ -101,7 +110,10 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         match &frame {

@@ -46,7 +46,14 @@ pub enum Hist {
 pub const SIGNAL_SCALE: f64 = 10_000.0;
 
 impl Hist {
-    pub const ALL: [Hist; 6] = [Hist::Latency, Hist::Ttfb, Hist::DeltaSQr, Hist::DeltaSRa, Hist::DeltaS, Hist::Coverage];
+    pub const ALL: [Hist; 6] = [
+        Hist::Latency,
+        Hist::Ttfb,
+        Hist::DeltaSQr,
+        Hist::DeltaSRa,
+        Hist::DeltaS,
+        Hist::Coverage,
+    ];
 
     /// Largest recordable value: 2^32 µs ≈ 71 minutes for times, 2^14 > SIGNAL_SCALE for signals.
     const fn max_bits(self) -> u32 {
@@ -118,7 +125,10 @@ impl AtomicHistogram {
     pub fn new(max_bits: u32) -> Self {
         let max_value = (1u64 << max_bits) - 1;
         let len = index_of(max_value) + 1;
-        AtomicHistogram { counts: (0..len).map(|_| AtomicU64::new(0)).collect(), max_value }
+        AtomicHistogram {
+            counts: (0..len).map(|_| AtomicU64::new(0)).collect(),
+            max_value,
+        }
     }
 
     #[inline]
@@ -172,7 +182,10 @@ pub struct Snapshot {
 
 impl Snapshot {
     fn for_hist(h: &AtomicHistogram) -> Self {
-        Snapshot { counts: vec![0; h.counts.len()], total: 0 }
+        Snapshot {
+            counts: vec![0; h.counts.len()],
+            total: 0,
+        }
     }
 
     pub fn count(&self) -> u64 {
@@ -216,10 +229,14 @@ impl Snapshot {
 
     /// Non-empty buckets as (midpoint value, count), ascending.
     pub fn buckets(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.counts.iter().enumerate().filter(|(_, &n)| n > 0).map(|(i, &n)| {
-            let (low, width) = bucket_range(i);
-            (low + (width - 1) / 2, n)
-        })
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(i, &n)| {
+                let (low, width) = bucket_range(i);
+                (low + (width - 1) / 2, n)
+            })
     }
 }
 
@@ -262,7 +279,11 @@ impl Slot {
             if current != EMPTY && current > epoch {
                 return false;
             }
-            if self.epoch.compare_exchange(current, RESETTING, Acquire, Relaxed).is_ok() {
+            if self
+                .epoch
+                .compare_exchange(current, RESETTING, Acquire, Relaxed)
+                .is_ok()
+            {
                 for h in &self.hists {
                     h.reset();
                 }
@@ -290,7 +311,10 @@ pub struct Window {
 impl Window {
     /// A window whose slot periods count from `origin` (share one origin so all windows rotate together).
     pub fn new(origin: Instant) -> Self {
-        Window { origin, slots: (0..SLOTS).map(|_| Slot::new()).collect() }
+        Window {
+            origin,
+            slots: (0..SLOTS).map(|_| Slot::new()).collect(),
+        }
     }
 
     #[inline]
@@ -332,7 +356,10 @@ impl Window {
     /// Merges the slots covering the last `span` (rounded up to whole slots, current slot included).
     pub fn stats(&self, now: Instant, span: Duration) -> WindowStats {
         let newest = self.epoch_at(now);
-        let n = span.as_millis().div_ceil(SLOT.as_millis()).clamp(1, SLOTS as u128) as u64;
+        let n = span
+            .as_millis()
+            .div_ceil(SLOT.as_millis())
+            .clamp(1, SLOTS as u128) as u64;
         let oldest = newest.saturating_sub(n - 1);
         let mut stats = WindowStats {
             span: Duration::from_millis(n * SLOT.as_millis() as u64),
@@ -382,7 +409,9 @@ impl WindowStats {
     /// Quantile of a signal histogram, back in [0, 1].
     pub fn signal_quantile(&self, hist: Hist, q: f64) -> Option<f64> {
         // The top bucket's midpoint can sit just above SIGNAL_SCALE.
-        self.hist(hist).quantile(q).map(|v| (v as f64 / SIGNAL_SCALE).min(1.0))
+        self.hist(hist)
+            .quantile(q)
+            .map(|v| (v as f64 / SIGNAL_SCALE).min(1.0))
     }
 
     /// Mean of a signal histogram, back in [0, 1].

@@ -8,7 +8,11 @@ fn errors_of(text: &str) -> Vec<ConfigError> {
 
 #[test]
 fn spec_example_parses_with_its_values() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/driftguard.toml")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/driftguard.toml"
+    ))
+    .unwrap();
     let c = Config::parse(&text).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.arms.len(), 2);
     assert_eq!(c.arms[1].weight, 5);
@@ -30,7 +34,10 @@ fn defaults_fill_a_minimal_file() {
     assert_eq!(c.arms[0].weight, 1);
     assert_eq!(c.rules.window.0, Duration::from_secs(60));
     assert_eq!(c.signals.session_header, "x-session-id");
-    assert_eq!(c.cache.key_pins, ["INDEX_HASH", "PROMPT_VER", "RERANK_CONF", "MODEL_VER"]);
+    assert_eq!(
+        c.cache.key_pins,
+        ["INDEX_HASH", "PROMPT_VER", "RERANK_CONF", "MODEL_VER"]
+    );
     assert!(c.log.access);
 }
 
@@ -42,11 +49,26 @@ fn every_error_is_reported_with_its_key_path() {
     );
     let errors = errors_of(&text);
     let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
-    for expected in ["bogus", "listen.admn", "upstream.connect_timeout", "arms[1].extra", "listen.proxy", "arms[1].upstream", "arms[1].name"] {
+    for expected in [
+        "bogus",
+        "listen.admn",
+        "upstream.connect_timeout",
+        "arms[1].extra",
+        "listen.proxy",
+        "arms[1].upstream",
+        "arms[1].name",
+    ] {
         assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
     }
-    let duration = errors.iter().find(|e| e.path == "upstream.connect_timeout").unwrap();
-    assert!(duration.message.contains("5 parsecs"), "{}", duration.message);
+    let duration = errors
+        .iter()
+        .find(|e| e.path == "upstream.connect_timeout")
+        .unwrap();
+    assert!(
+        duration.message.contains("5 parsecs"),
+        "{}",
+        duration.message
+    );
     assert!(!duration.message.contains('\n'));
 }
 
@@ -60,16 +82,28 @@ fn semantic_checks() {
         ("[writes]\nroutes = [\"/ingest\"]\n", "writes.routes[0]"),
         ("[rules]\nconfidence = 1.0\n", "rules.confidence"),
         ("[rules]\nwindow = \"1h\"\n", "rules.window"),
-        ("[rules.hard]\nmystery_over = 1\n", "rules.hard.mystery_over"),
-        ("[rollback.levers]\nmystery = \"route\"\n", "rollback.levers.mystery"),
+        (
+            "[rules.hard]\nmystery_over = 1\n",
+            "rules.hard.mystery_over",
+        ),
+        (
+            "[rollback.levers]\nmystery = \"route\"\n",
+            "rollback.levers.mystery",
+        ),
         ("[rollback]\nlever = \"flag\"\n", "rollback.flag"),
         ("[rollback]\nlever = \"sideways\"\n", "rollback.lever"),
         ("[cache]\nkey_pins = [\"x\"]\n", "cache.key_pins[0]"),
-        ("[routing]\nsticky_header = \"bad header\"\n", "routing.sticky_header"),
+        (
+            "[routing]\nsticky_header = \"bad header\"\n",
+            "routing.sticky_header",
+        ),
     ];
     for (extra, path) in bad {
         let errors = errors_of(&format!("{MINIMAL}{extra}"));
-        assert!(errors.iter().any(|e| e.path == path), "{extra:?}: expected an error at {path}, got {errors:?}");
+        assert!(
+            errors.iter().any(|e| e.path == path),
+            "{extra:?}: expected an error at {path}, got {errors:?}"
+        );
     }
 }
 
@@ -77,13 +111,17 @@ fn semantic_checks() {
 fn arms_are_checked() {
     assert!(errors_of("").iter().any(|e| e.path == "arms"));
     let two_baselines = format!("{MINIMAL}baseline = true\n[[arms]]\nname = \"b\"\nupstream = \"http://h:1\"\nbaseline = true\n");
-    assert!(errors_of(&two_baselines).iter().any(|e| e.message.contains("baseline")));
+    assert!(errors_of(&two_baselines)
+        .iter()
+        .any(|e| e.message.contains("baseline")));
     let all_zero = "[[arms]]\nname = \"a\"\nupstream = \"http://h:1\"\nweight = 0\n";
     assert!(errors_of(all_zero).iter().any(|e| e.path == "arms"));
     let dup = format!("{MINIMAL}[[arms]]\nname = \"a\"\nupstream = \"http://h:2\"\n");
     assert!(errors_of(&dup).iter().any(|e| e.path == "arms[1].name"));
     let with_path = "[[arms]]\nname = \"a\"\nupstream = \"http://h:1/v1\"\n";
-    assert!(errors_of(with_path).iter().any(|e| e.path == "arms[0].upstream"));
+    assert!(errors_of(with_path)
+        .iter()
+        .any(|e| e.path == "arms[0].upstream"));
 }
 
 #[test]
@@ -95,8 +133,14 @@ fn syntax_errors_are_reported() {
 
 #[test]
 fn upstream_authority_defaults_port_80() {
-    assert_eq!(parse_upstream("http://example.com").unwrap().as_str(), "example.com:80");
-    assert_eq!(parse_upstream("http://127.0.0.1:8000/").unwrap().as_str(), "127.0.0.1:8000");
+    assert_eq!(
+        parse_upstream("http://example.com").unwrap().as_str(),
+        "example.com:80"
+    );
+    assert_eq!(
+        parse_upstream("http://127.0.0.1:8000/").unwrap().as_str(),
+        "127.0.0.1:8000"
+    );
     assert!(parse_upstream("https://example.com").is_err());
 }
 

@@ -45,7 +45,10 @@ pub trait Embedder: Send + Sync {
         let mut vectors = self.embed_batch(&[text])?;
         match (vectors.pop(), vectors.len()) {
             (Some(vector), 0) => Ok(vector),
-            (last, rest) => Err(EmbedError::Count { expected: 1, got: rest + usize::from(last.is_some()) }),
+            (last, rest) => Err(EmbedError::Count {
+                expected: 1,
+                got: rest + usize::from(last.is_some()),
+            }),
         }
     }
 }
@@ -65,7 +68,10 @@ pub(crate) fn cosine_f64(a: &[f32], b: &[f32]) -> f64 {
     let (mut dot, mut aa, mut bb) = ([0.0f64; LANES], [0.0f64; LANES], [0.0f64; LANES]);
     let (mut blocks_a, mut blocks_b) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     for (xs, ys) in (&mut blocks_a).zip(&mut blocks_b) {
-        let (Ok(xs), Ok(ys)) = (<&[f32; LANES]>::try_from(xs), <&[f32; LANES]>::try_from(ys)) else { continue };
+        let (Ok(xs), Ok(ys)) = (<&[f32; LANES]>::try_from(xs), <&[f32; LANES]>::try_from(ys))
+        else {
+            continue;
+        };
         for k in 0..LANES {
             let (x, y) = (f64::from(xs[k]), f64::from(ys[k]));
             dot[k] += x * y;
@@ -73,7 +79,12 @@ pub(crate) fn cosine_f64(a: &[f32], b: &[f32]) -> f64 {
             bb[k] += y * y;
         }
     }
-    for (k, (&x, &y)) in blocks_a.remainder().iter().zip(blocks_b.remainder()).enumerate() {
+    for (k, (&x, &y)) in blocks_a
+        .remainder()
+        .iter()
+        .zip(blocks_b.remainder())
+        .enumerate()
+    {
         let (x, y) = (f64::from(x), f64::from(y));
         dot[k] += x * y;
         aa[k] += x * x;
@@ -100,7 +111,9 @@ fn norm(v: &[f32]) -> f64 {
     let mut lanes = [0.0f64; LANES];
     let mut blocks = v.chunks_exact(LANES);
     for xs in &mut blocks {
-        let Ok(xs) = <&[f32; LANES]>::try_from(xs) else { continue };
+        let Ok(xs) = <&[f32; LANES]>::try_from(xs) else {
+            continue;
+        };
         for k in 0..LANES {
             lanes[k] += f64::from(xs[k]) * f64::from(xs[k]);
         }
@@ -202,10 +215,21 @@ pub fn features(text: &str) -> Vec<String> {
     words.split(text);
     let words: Vec<&str> = words.iter().map(|w| w.text).collect();
     let mut out: Vec<String> = words.iter().map(|w| w.to_string()).collect();
-    out.extend(words.windows(2).map(|pair| format!("{} {}", pair[0], pair[1])));
+    out.extend(
+        words
+            .windows(2)
+            .map(|pair| format!("{} {}", pair[0], pair[1])),
+    );
     for word in &words {
-        let marked: Vec<char> = std::iter::once('<').chain(word.chars()).chain(std::iter::once('>')).collect();
-        out.extend(marked.windows(3).map(|gram| gram.iter().collect::<String>()));
+        let marked: Vec<char> = std::iter::once('<')
+            .chain(word.chars())
+            .chain(std::iter::once('>'))
+            .collect();
+        out.extend(
+            marked
+                .windows(3)
+                .map(|gram| gram.iter().collect::<String>()),
+        );
     }
     out
 }
@@ -238,7 +262,12 @@ impl Default for Scratch {
         for (tf, w) in weights.iter_mut().enumerate() {
             *w = weight(tf as u32);
         }
-        Scratch { words: Words::default(), table: Vec::new(), filled: Vec::new(), weights }
+        Scratch {
+            words: Words::default(),
+            table: Vec::new(),
+            filled: Vec::new(),
+            weights,
+        }
     }
 }
 
@@ -248,7 +277,12 @@ fn weight(tf: u32) -> f32 {
 
 impl Scratch {
     fn embed(&mut self, text: &str) -> Vec<f32> {
-        let Scratch { words, table, filled, weights } = self;
+        let Scratch {
+            words,
+            table,
+            filled,
+            weights,
+        } = self;
         words.split(text);
         if words.spans.is_empty() {
             return vec![0.0; DIMS];
@@ -272,7 +306,10 @@ impl Scratch {
                     // Written every time, kept only when new: cheaper than a branch on "is new".
                     filled[n] = i;
                     n += usize::from(slot.count == 0);
-                    *slot = Slot { hash, count: slot.count + 1 };
+                    *slot = Slot {
+                        hash,
+                        count: slot.count + 1,
+                    };
                     return;
                 }
                 i = (i + 1) & mask;
@@ -288,16 +325,23 @@ impl Scratch {
             }
             previous = Some(hash);
             if word.is_ascii() {
-                trigrams(word.text.bytes().map(u32::from), |packed| count(trigram_hash(packed)));
+                trigrams(word.text.bytes().map(u32::from), |packed| {
+                    count(trigram_hash(packed))
+                });
             } else {
-                trigrams(word.text.chars().map(u32::from), |packed| count(trigram_hash(packed)));
+                trigrams(word.text.chars().map(u32::from), |packed| {
+                    count(trigram_hash(packed))
+                });
             }
         }
 
         let mut vector = vec![0.0f32; DIMS];
         for &i in &filled[..n] {
             let Slot { hash, count } = std::mem::take(&mut table[i]);
-            let w = weights.get(count as usize).copied().unwrap_or_else(|| weight(count));
+            let w = weights
+                .get(count as usize)
+                .copied()
+                .unwrap_or_else(|| weight(count));
             vector[(hash % DIMS as u64) as usize] += if hash >> 63 == 1 { -w } else { w };
         }
         normalise(&mut vector);
@@ -326,7 +370,10 @@ const C2: u64 = 0x4cf5_ad43_2745_937f;
 
 /// One block into the state; a bijection of `block` for a fixed `state` and vice versa.
 pub(crate) const fn mix(state: u64, block: u64) -> u64 {
-    (state ^ block).wrapping_mul(C1).rotate_left(31).wrapping_mul(C2)
+    (state ^ block)
+        .wrapping_mul(C1)
+        .rotate_left(31)
+        .wrapping_mul(C2)
 }
 
 /// MurmurHash3's 64-bit finaliser: a bijection in which every input bit flips each output bit with
@@ -499,7 +546,9 @@ impl Words {
         let bytes = text.as_bytes();
         let mut i = 0;
         while i < bytes.len() {
-            let Some(block) = bytes.get(i..i + 8) else { break };
+            let Some(block) = bytes.get(i..i + 8) else {
+                break;
+            };
             let mut buf = [0u8; 8];
             buf.copy_from_slice(block);
             let block = u64::from_le_bytes(buf);
@@ -512,7 +561,8 @@ impl Words {
             let digits = at_least(block, b'0') & !above(block, b'9');
             let word = letters | digits;
             let base = out.lowered.len();
-            out.lowered.extend_from_slice(&(block | (word >> 2)).to_le_bytes());
+            out.lowered
+                .extend_from_slice(&(block | (word >> 2)).to_le_bytes());
             // One bit per byte, then one per change between word and non-word.
             let bits = ((word >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56) as u32;
             let mut changes = (bits ^ ((bits << 1) | u32::from(out.start.is_some()))) & 0xff;
@@ -603,8 +653,14 @@ impl Splitter<'_> {
 
     /// One char at `i` (a char boundary), the slow way; returns the index after it.
     fn char_at(&mut self, text: &str, i: usize) -> usize {
-        let Some(c) = text.get(i..).and_then(|rest| rest.chars().next()) else { return text.len() };
-        let is_word = if c.is_ascii() { ASCII_WORD[c as usize] } else { c.is_alphanumeric() };
+        let Some(c) = text.get(i..).and_then(|rest| rest.chars().next()) else {
+            return text.len();
+        };
+        let is_word = if c.is_ascii() {
+            ASCII_WORD[c as usize]
+        } else {
+            c.is_alphanumeric()
+        };
         let at = self.lowered.len();
         if !is_word {
             self.close(at);

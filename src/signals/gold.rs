@@ -25,9 +25,16 @@ const MAX_RESPONSE: usize = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum GoldError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}: {message}")]
-    Item { path: String, line: usize, message: String },
+    Item {
+        path: String,
+        line: usize,
+        message: String,
+    },
     #[error("{0}")]
     Setup(String),
     #[error(transparent)]
@@ -90,37 +97,60 @@ pub struct Limits {
 }
 
 /// Replays the gold file against `url` and scores every item.
-pub fn run(gold: &Path, url: &str, signals: &SignalsConfig, limits: &Limits, timeout: Duration) -> Result<Report, GoldError> {
+pub fn run(
+    gold: &Path,
+    url: &str,
+    signals: &SignalsConfig,
+    limits: &Limits,
+    timeout: Duration,
+) -> Result<Report, GoldError> {
     let display = gold.display().to_string();
-    let file = std::fs::File::open(gold).map_err(|source| GoldError::Read { path: display.clone(), source })?;
+    let file = std::fs::File::open(gold).map_err(|source| GoldError::Read {
+        path: display.clone(),
+        source,
+    })?;
     let mut items = Vec::new();
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|source| GoldError::Read { path: display.clone(), source })?;
+        let line = line.map_err(|source| GoldError::Read {
+            path: display.clone(),
+            source,
+        })?;
         if line.trim().is_empty() {
             continue;
         }
-        let item: GoldItem = serde_json::from_str(&line)
-            .map_err(|e| GoldError::Item { path: display.clone(), line: i + 1, message: e.to_string() })?;
+        let item: GoldItem = serde_json::from_str(&line).map_err(|e| GoldError::Item {
+            path: display.clone(),
+            line: i + 1,
+            message: e.to_string(),
+        })?;
         items.push((i + 1, item));
     }
     if items.is_empty() {
         return Err(GoldError::Setup(format!("{display}: no items")));
     }
-    let uri: http::Uri = url.parse().map_err(|e| GoldError::Setup(format!("--url {url:?}: {e}")))?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| GoldError::Setup(format!("--url {url:?}: {e}")))?;
     if uri.scheme_str() != Some("http") {
-        return Err(GoldError::Setup(format!("--url {url:?}: only http:// is supported")));
+        return Err(GoldError::Setup(format!(
+            "--url {url:?}: only http:// is supported"
+        )));
     }
     let evaluator = Evaluator::from_config(signals)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| GoldError::Setup(format!("cannot start a runtime: {e}")))?;
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
 
     let results: Vec<ItemResult> = items
         .into_iter()
         .map(|(line, item)| {
-            let body = item.body.clone().unwrap_or_else(|| serde_json::json!({"question": item.question}));
+            let body = item
+                .body
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({"question": item.question}));
             let request_bytes = Bytes::from(body.to_string());
             let fetched = runtime.block_on(fetch(&client, &uri, request_bytes.clone(), timeout));
             score_item(&evaluator, line, &item, &request_bytes, fetched)
@@ -129,7 +159,10 @@ pub fn run(gold: &Path, url: &str, signals: &SignalsConfig, limits: &Limits, tim
     let totals = totals(&results);
     let mut breaches = Vec::new();
     if totals.failed > 0 {
-        breaches.push(format!("{} of {} items could not be evaluated", totals.failed, totals.items));
+        breaches.push(format!(
+            "{} of {} items could not be evaluated",
+            totals.failed, totals.items
+        ));
     }
     if let (Some(max), Some(p95)) = (limits.max_delta_s, totals.delta_s_p95) {
         if p95 > max {
@@ -141,7 +174,13 @@ pub fn run(gold: &Path, url: &str, signals: &SignalsConfig, limits: &Limits, tim
             breaches.push(format!("mean coverage {mean:.3} < --min-coverage {min}"));
         }
     }
-    Ok(Report { url: url.to_string(), embedder: evaluator.embedder.name(), items: results, totals, breaches })
+    Ok(Report {
+        url: url.to_string(),
+        embedder: evaluator.embedder.name(),
+        items: results,
+        totals,
+        breaches,
+    })
 }
 
 /// Status, SSE flag and body of one POST.
@@ -157,7 +196,10 @@ async fn fetch(
         .body(Full::new(body))
         .map_err(|e| e.to_string())?;
     let call = async {
-        let resp = client.request(req).await.map_err(|e| format!("request failed: {e}"))?;
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
         let status = resp.status().as_u16();
         let sse = resp
             .headers()
@@ -170,7 +212,9 @@ async fn fetch(
             .to_bytes();
         Ok((status, sse, bytes))
     };
-    tokio::time::timeout(timeout, call).await.map_err(|_| format!("no complete response within {timeout:?}"))?
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| format!("no complete response within {timeout:?}"))?
 }
 
 fn score_item(
@@ -203,7 +247,9 @@ fn score_item(
         result.error = Some(format!("HTTP {status}"));
         return result;
     }
-    let (mut extracted, _) = evaluator.extractor.gather(request, false, &body, false, sse);
+    let (mut extracted, _) = evaluator
+        .extractor
+        .gather(request, false, &body, false, sse);
     // The gold item knows the question and the anchor; the response supplies chunks and answer.
     extracted.question = Some(item.question.clone());
     if item.anchor.is_some() {
@@ -231,7 +277,8 @@ fn totals(items: &[ItemResult]) -> Totals {
     delta_s.sort_by(f64::total_cmp);
     let coverage: Vec<f64> = items.iter().filter_map(|i| i.coverage).collect();
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-    let mut lambda: std::collections::BTreeMap<&'static str, usize> = Lambda::ALL.iter().map(|l| (l.as_str(), 0)).collect();
+    let mut lambda: std::collections::BTreeMap<&'static str, usize> =
+        Lambda::ALL.iter().map(|l| (l.as_str(), 0)).collect();
     for state in items.iter().filter_map(|i| i.lambda) {
         *lambda.entry(state).or_default() += 1;
     }
@@ -261,8 +308,16 @@ impl Report {
         use std::fmt::Write;
         let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
         let mut out = String::new();
-        let _ = writeln!(out, "gold set against {} (embedder {})", self.url, self.embedder);
-        let _ = writeln!(out, "{:>5}  {:>6}  {:>6}  {:>6}  {:>6}  {:>8}  {:<10}  question", "line", "status", "ΔS", "ΔS_qr", "ΔS_ra", "coverage", "λ");
+        let _ = writeln!(
+            out,
+            "gold set against {} (embedder {})",
+            self.url, self.embedder
+        );
+        let _ = writeln!(
+            out,
+            "{:>5}  {:>6}  {:>6}  {:>6}  {:>6}  {:>8}  {:<10}  question",
+            "line", "status", "ΔS", "ΔS_qr", "ΔS_ra", "coverage", "λ"
+        );
         for i in &self.items {
             let question: String = i.question.chars().take(48).collect();
             let status = i.status.map_or("-".to_string(), |s| s.to_string());
@@ -285,8 +340,18 @@ impl Report {
             out.push('\n');
         }
         let t = &self.totals;
-        let _ = writeln!(out, "\nitems {}  evaluated {}  failed {}", t.items, t.evaluated, t.failed);
-        let _ = writeln!(out, "ΔS mean {}  p95 {}  coverage mean {}", f(t.delta_s_mean), f(t.delta_s_p95), f(t.coverage_mean));
+        let _ = writeln!(
+            out,
+            "\nitems {}  evaluated {}  failed {}",
+            t.items, t.evaluated, t.failed
+        );
+        let _ = writeln!(
+            out,
+            "ΔS mean {}  p95 {}  coverage mean {}",
+            f(t.delta_s_mean),
+            f(t.delta_s_p95),
+            f(t.coverage_mean)
+        );
         let lambda: Vec<String> = t.lambda.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(out, "λ: {}", lambda.join(", "));
         if self.breaches.is_empty() {

@@ -41,7 +41,11 @@ pub fn delta_s_probes(question: &[f32], chunks: &[Vec<f32>], anchor: &[f32]) -> 
     let c = centroid(chunks);
     let qr = delta_s(question, &c);
     let ra = delta_s(&c, anchor);
-    DeltaS { qr, ra, max: qr.max(ra) }
+    DeltaS {
+        qr,
+        ra,
+        max: qr.max(ra),
+    }
 }
 
 // === ΔS band ===
@@ -97,7 +101,12 @@ pub enum Lambda {
 }
 
 impl Lambda {
-    pub const ALL: [Lambda; 4] = [Lambda::Convergent, Lambda::Recursive, Lambda::Divergent, Lambda::Chaotic];
+    pub const ALL: [Lambda; 4] = [
+        Lambda::Convergent,
+        Lambda::Recursive,
+        Lambda::Divergent,
+        Lambda::Chaotic,
+    ];
 
     /// The `state` label of `driftguard_lambda_total`.
     pub fn as_str(self) -> &'static str {
@@ -138,26 +147,185 @@ pub fn is_flip(l: Lambda) -> bool {
 /// Stopwords, sorted (for the reader). Only words of 3+ chars: shorter words are never content
 /// tokens anyway. Contraction stems (`don`, `isn`) are here because `don't` splits into `don` + `t`.
 const STOPWORDS: &[&str] = &[
-    "about", "above", "across", "after", "again", "against", "all", "almost", "along", "already", "also",
-    "although", "always", "among", "and", "another", "any", "anyone", "anything", "are", "aren", "around",
-    "because", "been", "before", "behind", "being", "below", "beneath", "beside", "besides", "between",
-    "beyond", "both", "but", "can", "cannot", "could", "couldn", "did", "didn", "does", "doesn", "doing",
-    "don", "done", "down", "during", "each", "either", "else", "even", "ever", "every", "few", "for",
-    "from", "further", "had", "hadn", "has", "hasn", "have", "haven", "having", "her", "here", "hers",
-    "herself", "him", "himself", "his", "how", "however", "into", "isn", "its", "itself", "just", "may",
-    "might", "mine", "more", "most", "much", "must", "myself", "near", "neither", "never", "nor", "not",
-    "now", "off", "often", "once", "only", "onto", "other", "others", "ought", "our", "ours", "ourselves",
-    "out", "over", "own", "per", "quite", "rather", "really", "same", "shall", "she", "should", "shouldn",
-    "since", "some", "still", "such", "than", "that", "the", "their", "theirs", "them", "themselves",
-    "then", "there", "therefore", "these", "they", "this", "those", "though", "through", "thus", "till",
-    "too", "toward", "towards", "under", "unless", "until", "upon", "very", "via", "was", "wasn", "were",
-    "weren", "what", "when", "where", "whether", "which", "while", "who", "whom", "whose", "why", "will",
-    "with", "within", "without", "would", "wouldn", "yet", "you", "your", "yours", "yourself",
+    "about",
+    "above",
+    "across",
+    "after",
+    "again",
+    "against",
+    "all",
+    "almost",
+    "along",
+    "already",
+    "also",
+    "although",
+    "always",
+    "among",
+    "and",
+    "another",
+    "any",
+    "anyone",
+    "anything",
+    "are",
+    "aren",
+    "around",
+    "because",
+    "been",
+    "before",
+    "behind",
+    "being",
+    "below",
+    "beneath",
+    "beside",
+    "besides",
+    "between",
+    "beyond",
+    "both",
+    "but",
+    "can",
+    "cannot",
+    "could",
+    "couldn",
+    "did",
+    "didn",
+    "does",
+    "doesn",
+    "doing",
+    "don",
+    "done",
+    "down",
+    "during",
+    "each",
+    "either",
+    "else",
+    "even",
+    "ever",
+    "every",
+    "few",
+    "for",
+    "from",
+    "further",
+    "had",
+    "hadn",
+    "has",
+    "hasn",
+    "have",
+    "haven",
+    "having",
+    "her",
+    "here",
+    "hers",
+    "herself",
+    "him",
+    "himself",
+    "his",
+    "how",
+    "however",
+    "into",
+    "isn",
+    "its",
+    "itself",
+    "just",
+    "may",
+    "might",
+    "mine",
+    "more",
+    "most",
+    "much",
+    "must",
+    "myself",
+    "near",
+    "neither",
+    "never",
+    "nor",
+    "not",
+    "now",
+    "off",
+    "often",
+    "once",
+    "only",
+    "onto",
+    "other",
+    "others",
+    "ought",
+    "our",
+    "ours",
+    "ourselves",
+    "out",
+    "over",
+    "own",
+    "per",
+    "quite",
+    "rather",
+    "really",
+    "same",
+    "shall",
+    "she",
+    "should",
+    "shouldn",
+    "since",
+    "some",
+    "still",
+    "such",
+    "than",
+    "that",
+    "the",
+    "their",
+    "theirs",
+    "them",
+    "themselves",
+    "then",
+    "there",
+    "therefore",
+    "these",
+    "they",
+    "this",
+    "those",
+    "though",
+    "through",
+    "thus",
+    "till",
+    "too",
+    "toward",
+    "towards",
+    "under",
+    "unless",
+    "until",
+    "upon",
+    "very",
+    "via",
+    "was",
+    "wasn",
+    "were",
+    "weren",
+    "what",
+    "when",
+    "where",
+    "whether",
+    "which",
+    "while",
+    "who",
+    "whom",
+    "whose",
+    "why",
+    "will",
+    "with",
+    "within",
+    "without",
+    "would",
+    "wouldn",
+    "yet",
+    "you",
+    "your",
+    "yours",
+    "yourself",
     "yourselves",
 ];
 
 /// Stemming suffixes, tried in this order; only the first that matches is considered.
-const SUFFIXES: [&str; 12] = ["ations", "ation", "ings", "ing", "ies", "ied", "ers", "er", "ed", "es", "s", "ly"];
+const SUFFIXES: [&str; 12] = [
+    "ations", "ation", "ings", "ing", "ies", "ied", "ers", "er", "ed", "es", "s", "ly",
+];
 
 /// [`SUFFIXES`] in the layout of [`Word::tail`] (last byte lowest), with the mask of their bytes
 /// and their lengths: a suffix test is one masked compare.
@@ -199,7 +367,9 @@ fn stem_len(tail: u64, len: usize, chars: usize) -> usize {
 /// The tail block of a word given as a str (the split computes it for [`Word`]s).
 fn tail_of(word: &str) -> u64 {
     let bytes = word.as_bytes();
-    bytes[bytes.len().saturating_sub(8)..].iter().fold(0, |tail, &b| (tail << 8) | u64::from(b))
+    bytes[bytes.len().saturating_sub(8)..]
+        .iter()
+        .fold(0, |tail, &b| (tail << 8) | u64::from(b))
 }
 
 fn stem(word: &str) -> &str {
@@ -242,7 +412,8 @@ fn is_stopword_hashed(word: &str, hash: u64) -> bool {
 }
 
 fn is_stopword(word: &str) -> bool {
-    word.len() <= STOPWORD_MAX_LEN && is_stopword_hashed(word, hash_bytes(STOPWORD_STATE, word.as_bytes()))
+    word.len() <= STOPWORD_MAX_LEN
+        && is_stopword_hashed(word, hash_bytes(STOPWORD_STATE, word.as_bytes()))
 }
 
 /// A content token: 3+ chars, not all numeric (Unicode `Numeric`, so ASCII digits and other
@@ -268,7 +439,11 @@ fn content_stem<'a>(word: &Word<'a>) -> Option<&'a str> {
 pub fn content_tokens(text: &str) -> impl Iterator<Item = String> {
     let mut words = Words::default();
     words.split(text);
-    let tokens: Vec<String> = words.iter().filter_map(|w| content_stem(&w)).map(str::to_owned).collect();
+    let tokens: Vec<String> = words
+        .iter()
+        .filter_map(|w| content_stem(&w))
+        .map(str::to_owned)
+        .collect();
     tokens.into_iter()
 }
 
@@ -321,7 +496,12 @@ impl Default for CoverageScratch {
 
 impl CoverageScratch {
     fn coverage(&mut self, answer: &str, chunks: &[&str]) -> Option<f64> {
-        let CoverageScratch { answer: answer_words, chunk: chunk_words, stems, state } = self;
+        let CoverageScratch {
+            answer: answer_words,
+            chunk: chunk_words,
+            stems,
+            state,
+        } = self;
         answer_words.split(answer);
         let capacity = (2 * answer_words.len()).next_power_of_two().max(16);
         if stems.len() < capacity {
@@ -336,7 +516,8 @@ impl CoverageScratch {
             loop {
                 let slot = stems[i];
                 if slot.len == 0
-                    || (slot.hash == hash && lowered.get(slot.start..slot.start + slot.len) == Some(stem))
+                    || (slot.hash == hash
+                        && lowered.get(slot.start..slot.start + slot.len) == Some(stem))
                 {
                     return i;
                 }
@@ -346,11 +527,18 @@ impl CoverageScratch {
 
         let mut total = 0u32;
         for word in answer_words.iter() {
-            let Some(stem) = content_stem(&word) else { continue };
+            let Some(stem) = content_stem(&word) else {
+                continue;
+            };
             let hash = word.hash_prefix(*state, stem.len());
             let i = find(stems, hash, stem);
             if stems[i].len == 0 {
-                stems[i] = Stem { hash, start: answer_words.offset_of(stem), len: stem.len(), found: false };
+                stems[i] = Stem {
+                    hash,
+                    start: answer_words.offset_of(stem),
+                    len: stem.len(),
+                    found: false,
+                };
                 total += 1;
             }
         }
@@ -368,7 +556,9 @@ impl CoverageScratch {
                     continue;
                 }
                 let len = stem_len(word.tail, word.text.len(), word.chars);
-                let Some(stem) = word.text.get(..len) else { continue };
+                let Some(stem) = word.text.get(..len) else {
+                    continue;
+                };
                 let i = find(stems, word.hash_prefix(*state, len), stem);
                 let slot = &mut stems[i];
                 if slot.len != 0 && !slot.found && is_content(&word) {

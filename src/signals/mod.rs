@@ -33,8 +33,16 @@ pub fn embedder(config: &SignalsConfig) -> Result<Arc<dyn Embedder>, EvalError> 
         EmbedderKind::Hashed => Arc::new(Hashed),
         EmbedderKind::Openai => {
             let o = &config.openai;
-            let api_key = (!o.api_key_env.is_empty()).then(|| std::env::var(&o.api_key_env).ok()).flatten();
-            Arc::new(openai::OpenAi::new(&o.url, &o.model, o.timeout.0, api_key, o.cache_entries)?)
+            let api_key = (!o.api_key_env.is_empty())
+                .then(|| std::env::var(&o.api_key_env).ok())
+                .flatten();
+            Arc::new(openai::OpenAi::new(
+                &o.url,
+                &o.model,
+                o.timeout.0,
+                api_key,
+                o.cache_entries,
+            )?)
         }
     })
 }

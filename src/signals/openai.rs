@@ -36,17 +36,29 @@ pub struct OpenAi {
 }
 
 impl OpenAi {
-    pub fn new(url: &str, model: &str, timeout: Duration, api_key: Option<String>, cache_entries: usize) -> Result<Self, EmbedError> {
-        let url: Uri = url.parse().map_err(|e| EmbedError::Endpoint(format!("embeddings url {url:?}: {e}")))?;
+    pub fn new(
+        url: &str,
+        model: &str,
+        timeout: Duration,
+        api_key: Option<String>,
+        cache_entries: usize,
+    ) -> Result<Self, EmbedError> {
+        let url: Uri = url
+            .parse()
+            .map_err(|e| EmbedError::Endpoint(format!("embeddings url {url:?}: {e}")))?;
         if url.scheme_str() != Some("http") {
-            return Err(EmbedError::Endpoint(format!("embeddings url {url}: only http:// is supported")));
+            return Err(EmbedError::Endpoint(format!(
+                "embeddings url {url}: only http:// is supported"
+            )));
         }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("driftguard-embed-io")
             .enable_all()
             .build()
-            .map_err(|e| EmbedError::Endpoint(format!("cannot start the embedder's runtime: {e}")))?;
+            .map_err(|e| {
+                EmbedError::Endpoint(format!("cannot start the embedder's runtime: {e}"))
+            })?;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
@@ -77,7 +89,11 @@ impl OpenAi {
             req.headers_mut().insert(header::AUTHORIZATION, key.clone());
         }
         let call = async {
-            let resp = self.client.request(req).await.map_err(|e| EmbedError::Endpoint(format!("{}: {e}", self.url)))?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| EmbedError::Endpoint(format!("{}: {e}", self.url)))?;
             let status = resp.status();
             let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
                 .collect()
@@ -86,7 +102,10 @@ impl OpenAi {
                 .to_bytes();
             if !status.is_success() {
                 let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
-                return Err(EmbedError::Endpoint(format!("{} answered {status}: {text}", self.url)));
+                return Err(EmbedError::Endpoint(format!(
+                    "{} answered {status}: {text}",
+                    self.url
+                )));
             }
             Ok(bytes)
         };
@@ -113,16 +132,23 @@ fn parse_response(bytes: &[u8], expected: usize) -> Result<Vec<Vec<f32>>, EmbedE
     let parsed: Response =
         serde_json::from_slice(bytes).map_err(|e| EmbedError::Malformed(e.to_string()))?;
     if parsed.data.len() != expected {
-        return Err(EmbedError::Count { expected, got: parsed.data.len() });
+        return Err(EmbedError::Count {
+            expected,
+            got: parsed.data.len(),
+        });
     }
     let mut out = vec![Vec::new(); expected];
     for (i, item) in parsed.data.into_iter().enumerate() {
         let at = item.index.unwrap_or(i);
-        let slot = out.get_mut(at).ok_or_else(|| EmbedError::Malformed(format!("embedding index {at} out of range")))?;
+        let slot = out
+            .get_mut(at)
+            .ok_or_else(|| EmbedError::Malformed(format!("embedding index {at} out of range")))?;
         *slot = item.embedding;
     }
     if out.iter().any(Vec::is_empty) {
-        return Err(EmbedError::Malformed("an embedding is missing or empty".into()));
+        return Err(EmbedError::Malformed(
+            "an embedding is missing or empty".into(),
+        ));
     }
     Ok(out)
 }
@@ -167,7 +193,10 @@ impl Embedder for OpenAi {
             }
         }
         out.into_iter()
-            .map(|v| v.map(|v| v.as_ref().clone()).ok_or_else(|| EmbedError::Malformed("embedding missing".into())))
+            .map(|v| {
+                v.map(|v| v.as_ref().clone())
+                    .ok_or_else(|| EmbedError::Malformed("embedding missing".into()))
+            })
             .collect()
     }
 }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use lru::LruCache;
 use crossbeam_queue::ArrayQueue;
+use lru::LruCache;
 use prometheus::{IntCounter, IntCounterVec};
 
 use crate::config::Signals as SignalsConfig;
@@ -47,7 +47,12 @@ pub struct Evaluator {
 impl Evaluator {
     pub fn from_config(config: &SignalsConfig) -> Result<Evaluator, EvalError> {
         Ok(Evaluator {
-            extractor: Extractor::new(&config.question, &config.retrieved, &config.answer, &config.anchor)?,
+            extractor: Extractor::new(
+                &config.question,
+                &config.retrieved,
+                &config.answer,
+                &config.anchor,
+            )?,
             embedder: crate::signals::embedder(config)?,
         })
     }
@@ -73,8 +78,12 @@ impl Evaluator {
         texts.extend(e.chunks.iter().map(String::as_str));
         texts.push(anchor);
         let vectors = self.embedder.embed_batch(&texts)?;
-        let (q, rest) = vectors.split_first().ok_or(EvalError::Setup("the embedder returned no vectors".into()))?;
-        let (a, chunks) = rest.split_last().ok_or(EvalError::Setup("the embedder returned too few vectors".into()))?;
+        let (q, rest) = vectors
+            .split_first()
+            .ok_or(EvalError::Setup("the embedder returned no vectors".into()))?;
+        let (a, chunks) = rest.split_last().ok_or(EvalError::Setup(
+            "the embedder returned too few vectors".into(),
+        ))?;
         let ds = measure::delta_s_probes(q, chunks, a);
         let chunk_texts: Vec<&str> = e.chunks.iter().map(String::as_str).collect();
         Ok(Scored {
@@ -101,7 +110,10 @@ pub struct Sessions {
 impl Sessions {
     pub fn new(capacity: usize, ttl: Duration) -> Self {
         let capacity = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
-        Sessions { map: Mutex::new(LruCache::new(capacity)), ttl }
+        Sessions {
+            map: Mutex::new(LruCache::new(capacity)),
+            ttl,
+        }
     }
 
     /// The λ state of this response: against the session's previous ΔS, or — without a session or on
@@ -113,7 +125,9 @@ impl Sessions {
         };
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let state = self.entry(&mut map, id, now);
-        let lambda = state.last_delta_s.map_or(two_step, |previous| measure::lambda(previous, s.delta_s));
+        let lambda = state
+            .last_delta_s
+            .map_or(two_step, |previous| measure::lambda(previous, s.delta_s));
         state.last_delta_s = Some(s.delta_s);
         lambda
     }
@@ -128,12 +142,23 @@ impl Sessions {
     }
 
     /// The live state of a session, started afresh when unknown or older than the TTL.
-    fn entry<'m>(&self, map: &'m mut LruCache<String, Session>, id: &str, now: Instant) -> &'m mut Session {
-        let stale = map.peek(id).is_some_and(|s| now.saturating_duration_since(s.seen) > self.ttl);
+    fn entry<'m>(
+        &self,
+        map: &'m mut LruCache<String, Session>,
+        id: &str,
+        now: Instant,
+    ) -> &'m mut Session {
+        let stale = map
+            .peek(id)
+            .is_some_and(|s| now.saturating_duration_since(s.seen) > self.ttl);
         if stale {
             map.pop(id);
         }
-        let state = map.get_or_insert_mut(id.to_string(), || Session { last_delta_s: None, tools: SessionTools::default(), seen: now });
+        let state = map.get_or_insert_mut(id.to_string(), || Session {
+            last_delta_s: None,
+            tools: SessionTools::default(),
+            seen: now,
+        });
         state.seen = now;
         state
     }
@@ -172,7 +197,10 @@ impl Pipeline {
         let sessions = Arc::new(Sessions::new(config.max_sessions, config.session_ttl.0));
         let mut workers = Vec::with_capacity(config.workers);
         for i in 0..config.workers {
-            let wakeup = Arc::new(Wakeup { sleeping: AtomicBool::new(false), thread: OnceLock::new() });
+            let wakeup = Arc::new(Wakeup {
+                sleeping: AtomicBool::new(false),
+                thread: OnceLock::new(),
+            });
             let worker = Worker {
                 queue: queue.clone(),
                 wakeup: wakeup.clone(),
@@ -245,7 +273,8 @@ impl Pipeline {
 
     /// Swaps in a new extractor and embedder (config reload).
     pub fn reconfigure(&self, config: &SignalsConfig) -> Result<(), EvalError> {
-        self.evaluator.store(Arc::new(Evaluator::from_config(config)?));
+        self.evaluator
+            .store(Arc::new(Evaluator::from_config(config)?));
         Ok(())
     }
 }
@@ -289,18 +318,35 @@ impl Worker {
         };
         let response_cut = sample.response.truncated;
         let response = sample.response.into_bytes();
-        let (extracted, skip) = evaluator.extractor.gather(&request, request_cut, &response, response_cut, sample.sse);
+        let (extracted, skip) =
+            evaluator
+                .extractor
+                .gather(&request, request_cut, &response, response_cut, sample.sse);
         let tool_calls: Vec<ToolCall> = extracted
             .tool_calls
             .iter()
-            .map(|(name, arguments)| ToolCall { name: name.clone(), arguments: arguments.clone() })
+            .map(|(name, arguments)| ToolCall {
+                name: name.clone(),
+                arguments: arguments.clone(),
+            })
             .collect();
-        let tool_loop = self.sessions.tools(sample.session.as_deref(), &tool_calls, Instant::now())
+        let tool_loop = self
+            .sessions
+            .tools(sample.session.as_deref(), &tool_calls, Instant::now())
             || measure::loops_in_response(&tool_calls);
-        sample.arm.usage(sample.at, extracted.prompt_tokens, extracted.completion_tokens, tool_loop);
+        sample.arm.usage(
+            sample.at,
+            extracted.prompt_tokens,
+            extracted.completion_tokens,
+            tool_loop,
+        );
         if let Some(skip) = skip {
             self.skipped.with_label_values(&[skip.as_str()]).inc();
-            tracing::debug!(request_id = sample.request_id.as_str(), reason = skip.as_str(), "sample skipped");
+            tracing::debug!(
+                request_id = sample.request_id.as_str(),
+                reason = skip.as_str(),
+                "sample skipped"
+            );
             return;
         }
         let scored = match evaluator.score(&extracted) {
@@ -311,7 +357,9 @@ impl Worker {
                 return;
             }
         };
-        let lambda = self.sessions.lambda(sample.session.as_deref(), &scored, Instant::now());
+        let lambda = self
+            .sessions
+            .lambda(sample.session.as_deref(), &scored, Instant::now());
         let evaluation = Evaluation {
             delta_s_qr: scored.delta_s_qr,
             delta_s_ra: scored.delta_s_ra,

@@ -31,7 +31,10 @@ fn quantiles_within_one_percent_of_exact() {
     for q in [0.5, 0.9, 0.95, 0.99, 0.999] {
         let exact = values[((q * values.len() as f64).ceil() as usize).max(1) - 1] as f64;
         let got = snap.quantile(q).unwrap() as f64;
-        assert!((got - exact).abs() / exact <= 0.01, "q{q}: got {got}, exact {exact}");
+        assert!(
+            (got - exact).abs() / exact <= 0.01,
+            "q{q}: got {got}, exact {exact}"
+        );
     }
     let exact_mean = values.iter().sum::<u64>() as f64 / values.len() as f64;
     assert!((snap.mean().unwrap() - exact_mean).abs() / exact_mean < 0.01);
@@ -39,7 +42,8 @@ fn quantiles_within_one_percent_of_exact() {
 
 #[test]
 fn agrees_with_hdrhistogram_crate() {
-    let mut reference = hdrhistogram::Histogram::<u64>::new_with_bounds(1, u32::MAX as u64, 2).unwrap();
+    let mut reference =
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, u32::MAX as u64, 2).unwrap();
     let w = Window::new(Instant::now());
     let now = Instant::now();
     for _ in 0..20_000 {
@@ -51,7 +55,10 @@ fn agrees_with_hdrhistogram_crate() {
     for q in [0.5, 0.95, 0.99] {
         let ours = stats.hist(Hist::Ttfb).quantile(q).unwrap() as f64;
         let theirs = reference.value_at_quantile(q) as f64;
-        assert!((ours - theirs).abs() / theirs <= 0.01, "q{q}: ours {ours}, hdrhistogram {theirs}");
+        assert!(
+            (ours - theirs).abs() / theirs <= 0.01,
+            "q{q}: ours {ours}, hdrhistogram {theirs}"
+        );
     }
 }
 
@@ -62,7 +69,10 @@ fn values_past_the_top_are_clamped() {
     w.record(now, Hist::Latency, u64::MAX);
     let stats = w.stats(now, SLOT);
     let top = stats.hist(Hist::Latency).quantile(1.0).unwrap();
-    assert!(((1u64 << 32) - (1u64 << 25)..1u64 << 32).contains(&top), "{top}");
+    assert!(
+        ((1u64 << 32) - (1u64 << 25)..1u64 << 32).contains(&top),
+        "{top}"
+    );
 }
 
 #[test]
@@ -86,9 +96,17 @@ fn window_merges_only_the_newest_slots() {
     assert_eq!(last3.counter(Counter::Class5xx), 1);
     assert!((last3.error_rate() - 0.25).abs() < 1e-9);
     let min = last3.hist(Hist::Latency).quantile(0.0).unwrap();
-    assert!((7900..=8100).contains(&min), "oldest value in the window is period 7's: {min}");
+    assert!(
+        (7900..=8100).contains(&min),
+        "oldest value in the window is period 7's: {min}"
+    );
     // A span longer than the ring is capped at the ring.
-    assert_eq!(w.stats(now, Duration::from_secs(3600)).hist(Hist::Latency).count(), 10);
+    assert_eq!(
+        w.stats(now, Duration::from_secs(3600))
+            .hist(Hist::Latency)
+            .count(),
+        10
+    );
 }
 
 #[test]

@@ -2,7 +2,8 @@ use super::*;
 
 /// A 3-gram packed as the embedder packs it.
 fn pack(gram: &str) -> u64 {
-    gram.chars().fold(0, |packed, c| (packed << 21) | u64::from(u32::from(c)))
+    gram.chars()
+        .fold(0, |packed, c| (packed << 21) | u64::from(u32::from(c)))
 }
 
 /// The vector of a text rebuilt from its [`features`] list, hashing each feature from its string.
@@ -31,15 +32,24 @@ fn vector_from_features(text: &str) -> Vec<f32> {
         sum[(hash % DIMS as u64) as usize] += if hash >> 63 == 1 { -weight } else { weight };
     }
     let norm = sum.iter().map(|x| x * x).sum::<f64>().sqrt();
-    sum.iter().map(|x| if norm == 0.0 { 0.0 } else { (x / norm) as f32 }).collect()
+    sum.iter()
+        .map(|x| if norm == 0.0 { 0.0 } else { (x / norm) as f32 })
+        .collect()
 }
 
 fn non_zero(v: &[f32]) -> Vec<(usize, f32)> {
-    v.iter().copied().enumerate().filter(|(_, x)| *x != 0.0).collect()
+    v.iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, x)| *x != 0.0)
+        .collect()
 }
 
 fn norm(v: &[f32]) -> f64 {
-    v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
+    v.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
 }
 
 #[test]
@@ -59,14 +69,23 @@ fn three_grams_of_short_long_and_non_ascii_words() {
     assert_eq!(features("ab"), ["ab", "<ab", "ab>"]);
     assert_eq!(features("Word"), ["word", "<wo", "wor", "ord", "rd>"]);
     // Over chars, not bytes; lowercased.
-    assert_eq!(features("STRASSE")[1..], ["<st", "str", "tra", "ras", "ass", "sse", "se>"]);
-    assert_eq!(features("Straße")[1..], ["<st", "str", "tra", "raß", "aße", "ße>"]);
+    assert_eq!(
+        features("STRASSE")[1..],
+        ["<st", "str", "tra", "ras", "ass", "sse", "se>"]
+    );
+    assert_eq!(
+        features("Straße")[1..],
+        ["<st", "str", "tra", "raß", "aße", "ße>"]
+    );
     assert_eq!(features("Ωμέγα")[0], "ωμέγα");
 }
 
 #[test]
 fn words_are_alphanumeric_runs() {
-    assert_eq!(features("gpt4o, v2.1 foo_bar")[..6], ["gpt4o", "v2", "1", "foo", "bar", "gpt4o v2"]);
+    assert_eq!(
+        features("gpt4o, v2.1 foo_bar")[..6],
+        ["gpt4o", "v2", "1", "foo", "bar", "gpt4o v2"]
+    );
     assert_eq!(features("don't")[..3], ["don", "t", "don t"]);
     assert!(features("  ,.!? -- ").is_empty());
 }
@@ -93,13 +112,21 @@ fn one_word_vector_has_one_plus_ln_tf_weights() {
     // banana: the word and the 3-grams <ba ban ana nan ana na> — 6 distinct features, `ana` twice.
     let v = Hashed.vector("banana");
     let dims = non_zero(&v);
-    assert_eq!(dims.len(), 6, "6 distinct features in 6 distinct dims (no index collision here)");
+    assert_eq!(
+        dims.len(),
+        6,
+        "6 distinct features in 6 distinct dims (no index collision here)"
+    );
     let mut weights: Vec<f64> = dims.iter().map(|&(_, x)| f64::from(x.abs())).collect();
     weights.sort_by(f64::total_cmp);
     let raw = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0 + 2f64.ln()];
     let raw_norm = raw.iter().map(|w| w * w).sum::<f64>().sqrt();
     for (got, w) in weights.iter().zip(raw) {
-        assert!((got - w / raw_norm).abs() < 1e-6, "{got} vs {}", w / raw_norm);
+        assert!(
+            (got - w / raw_norm).abs() < 1e-6,
+            "{got} vs {}",
+            w / raw_norm
+        );
     }
     assert!((norm(&v) - 1.0).abs() < 1e-6);
 
@@ -112,7 +139,10 @@ fn one_word_vector_has_one_plus_ln_tf_weights() {
     let bigram = (bigram_hash(word_hash("hi"), word_hash("hi")) % DIMS as u64) as usize;
     for (i, x) in dims {
         let expected = if i == bigram { w2 } else { w3 } / raw_norm;
-        assert!((f64::from(x.abs()) - expected).abs() < 1e-6, "dim {i}: {x} vs {expected}");
+        assert!(
+            (f64::from(x.abs()) - expected).abs() < 1e-6,
+            "dim {i}: {x} vs {expected}"
+        );
     }
 }
 
@@ -138,19 +168,62 @@ fn hash_is_fixed_across_platforms_and_runs() {
     assert_eq!(word_hash("hi"), 0xd6b6_8439_c0bb_2d3a);
     assert_eq!(word_hash("the"), 0x9de6_823e_a5d5_d972);
     assert_eq!(trigram_hash(pack("<he")), 0x57f9_bb41_e11e_51b2);
-    assert_eq!(bigram_hash(word_hash("hello"), word_hash("world")), 0x1bee_d997_048b_c7da);
+    assert_eq!(
+        bigram_hash(word_hash("hello"), word_hash("world")),
+        0x1bee_d997_048b_c7da
+    );
 
     // 48 distinct features; 4 share a dim with another, 2 of which cancel out.
     let expected: [(usize, i8); 43] = [
-        (18, 1), (44, -1), (57, -1), (62, -1), (126, 1), (162, -1), (262, -1), (264, 1), (279, -1),
-        (282, -1), (291, -1), (306, -1), (344, -1), (345, -1), (351, -1), (360, -1), (362, 1),
-        (370, -1), (387, -1), (416, -1), (449, 1), (474, -1), (493, -1), (501, -1), (511, 1),
-        (521, 1), (546, -1), (591, -1), (636, 1), (733, 1), (735, 1), (790, 1), (806, -1),
-        (813, -1), (833, -1), (840, 1), (851, 1), (905, -1), (909, -1), (915, -1), (932, 1),
-        (949, -1), (988, -1),
+        (18, 1),
+        (44, -1),
+        (57, -1),
+        (62, -1),
+        (126, 1),
+        (162, -1),
+        (262, -1),
+        (264, 1),
+        (279, -1),
+        (282, -1),
+        (291, -1),
+        (306, -1),
+        (344, -1),
+        (345, -1),
+        (351, -1),
+        (360, -1),
+        (362, 1),
+        (370, -1),
+        (387, -1),
+        (416, -1),
+        (449, 1),
+        (474, -1),
+        (493, -1),
+        (501, -1),
+        (511, 1),
+        (521, 1),
+        (546, -1),
+        (591, -1),
+        (636, 1),
+        (733, 1),
+        (735, 1),
+        (790, 1),
+        (806, -1),
+        (813, -1),
+        (833, -1),
+        (840, 1),
+        (851, 1),
+        (905, -1),
+        (909, -1),
+        (915, -1),
+        (932, 1),
+        (949, -1),
+        (988, -1),
     ];
     let v = Hashed.vector("The quick brown fox jumps over the lazy dog.");
-    let got: Vec<(usize, i8)> = non_zero(&v).into_iter().map(|(i, x)| (i, if x > 0.0 { 1 } else { -1 })).collect();
+    let got: Vec<(usize, i8)> = non_zero(&v)
+        .into_iter()
+        .map(|(i, x)| (i, if x > 0.0 { 1 } else { -1 }))
+        .collect();
     assert_eq!(got, expected);
 }
 
@@ -169,10 +242,20 @@ fn hash_spreads_evenly_over_dims_and_signs() {
     }
     let n = 26.0f64.powi(3);
     let mean = n / DIMS as f64;
-    let variance = buckets.iter().map(|&b| (f64::from(b) - mean).powi(2)).sum::<f64>() / DIMS as f64;
+    let variance = buckets
+        .iter()
+        .map(|&b| (f64::from(b) - mean).powi(2))
+        .sum::<f64>()
+        / DIMS as f64;
     // Uniform random placement gives a Poisson count per dim: variance ≈ mean.
-    assert!((variance / mean - 1.0).abs() < 0.25, "variance {variance}, mean {mean}");
-    assert!((negative as f64 / n - 0.5).abs() < 0.02, "{negative} negative of {n}");
+    assert!(
+        (variance / mean - 1.0).abs() < 0.25,
+        "variance {variance}, mean {mean}"
+    );
+    assert!(
+        (negative as f64 / n - 0.5).abs() < 0.02,
+        "{negative} negative of {n}"
+    );
 }
 
 #[test]
@@ -183,13 +266,21 @@ fn cosine_and_centroid_by_hand() {
     assert!((cosine(&[1.0, 0.0], &[1.0, 1.0]) - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-7);
     assert!((cosine(&[3.0, 4.0], &[4.0, 3.0]) - 24.0 / 25.0).abs() < 1e-7);
     assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0, "zero vector");
-    assert_eq!(cosine(&[1.0, 0.0], &[1.0, 0.0, 0.0]), 0.0, "different lengths");
+    assert_eq!(
+        cosine(&[1.0, 0.0], &[1.0, 0.0, 0.0]),
+        0.0,
+        "different lengths"
+    );
 
     let c = centroid(&[vec![1.0, 0.0], vec![0.0, 1.0]]);
     let h = std::f32::consts::FRAC_1_SQRT_2;
     assert!((c[0] - h).abs() < 1e-7 && (c[1] - h).abs() < 1e-7, "{c:?}");
     assert_eq!(centroid(&[vec![0.0, 2.0], vec![0.0, 3.0]]), [0.0, 1.0]);
-    assert_eq!(centroid(&[vec![1.0, 0.0], vec![-1.0, 0.0]]), [0.0, 0.0], "zero sum → zero vector");
+    assert_eq!(
+        centroid(&[vec![1.0, 0.0], vec![-1.0, 0.0]]),
+        [0.0, 0.0],
+        "zero sum → zero vector"
+    );
     assert!(centroid(&[]).is_empty());
 }
 
@@ -197,9 +288,17 @@ fn cosine_and_centroid_by_hand() {
 fn embedder_is_object_safe_and_batches_in_order() {
     let embedder: Box<dyn Embedder> = Box::new(Hashed);
     assert_eq!(embedder.name(), "hashed");
-    let batch = embedder.embed_batch(&["first text", "second text"]).expect("hashed never fails");
-    assert_eq!(batch, [Hashed.vector("first text"), Hashed.vector("second text")]);
-    assert_eq!(embedder.embed("first text").expect("hashed never fails"), batch[0]);
+    let batch = embedder
+        .embed_batch(&["first text", "second text"])
+        .expect("hashed never fails");
+    assert_eq!(
+        batch,
+        [Hashed.vector("first text"), Hashed.vector("second text")]
+    );
+    assert_eq!(
+        embedder.embed("first text").expect("hashed never fails"),
+        batch[0]
+    );
 }
 
 #[test]
@@ -214,7 +313,10 @@ fn default_embed_rejects_a_wrong_vector_count() {
         }
     }
     match Broken.embed("x") {
-        Err(EmbedError::Count { expected: 1, got: 2 }) => {}
+        Err(EmbedError::Count {
+            expected: 1,
+            got: 2,
+        }) => {}
         other => panic!("{other:?}"),
     }
 }

@@ -5,7 +5,10 @@ use super::*;
 use crate::signals::embed::Hashed;
 
 fn call(name: &str, arguments: &str) -> ToolCall {
-    ToolCall { name: name.into(), arguments: arguments.into() }
+    ToolCall {
+        name: name.into(),
+        arguments: arguments.into(),
+    }
 }
 
 // === ΔS ===
@@ -15,7 +18,11 @@ fn delta_s_by_hand() {
     assert_eq!(delta_s(&[1.0, 0.0], &[2.0, 0.0]), 0.0);
     assert_eq!(delta_s(&[1.0, 0.0], &[0.0, 1.0]), 1.0);
     assert!((delta_s(&[1.0, 0.0], &[1.0, 1.0]) - (1.0 - FRAC_1_SQRT_2)).abs() < 1e-12);
-    assert_eq!(delta_s(&[1.0, 0.0], &[-1.0, 0.0]), 1.0, "cos −1 clamps to 1");
+    assert_eq!(
+        delta_s(&[1.0, 0.0], &[-1.0, 0.0]),
+        1.0,
+        "cos −1 clamps to 1"
+    );
     assert_eq!(delta_s(&[0.0, 0.0], &[1.0, 0.0]), 1.0, "zero vector");
     assert_eq!(delta_s(&[1.0, 0.0], &[0.0, 0.0]), 1.0, "zero vector");
     assert_eq!(delta_s(&[0.0, 0.0], &[0.0, 0.0]), 1.0, "both zero");
@@ -39,7 +46,11 @@ fn delta_s_of_disjoint_vocabularies_is_one() {
     let (a, b) = (Hashed.vector("alpha beta"), Hashed.vector("xyz qqq"));
     let ds = delta_s(&a, &b);
     assert!(ds >= 0.99, "{ds}");
-    let shared = a.iter().zip(&b).filter(|(x, y)| **x != 0.0 && **y != 0.0).count();
+    let shared = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| **x != 0.0 && **y != 0.0)
+        .count();
     assert_eq!(shared, 0);
     assert_eq!(ds, 1.0);
 }
@@ -58,7 +69,15 @@ fn delta_s_probes_by_hand() {
     assert!(p.qr.abs() < 1e-6 && p.max == p.ra, "{p:?}");
 
     let none = delta_s_probes(&question, &[], &anchor);
-    assert_eq!(none, DeltaS { qr: 1.0, ra: 1.0, max: 1.0 }, "no chunks: C is zero");
+    assert_eq!(
+        none,
+        DeltaS {
+            qr: 1.0,
+            ra: 1.0,
+            max: 1.0
+        },
+        "no chunks: C is zero"
+    );
 }
 
 // === Bands and λ ===
@@ -145,8 +164,13 @@ fn flips_are_divergent_and_chaotic() {
 
 #[test]
 fn stopword_list_is_sorted_lowercase_and_long_enough_to_matter() {
-    assert!(STOPWORDS.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates");
-    assert!(STOPWORDS.iter().all(|w| w.chars().count() >= 3 && *w == w.to_lowercase()));
+    assert!(
+        STOPWORDS.windows(2).all(|w| w[0] < w[1]),
+        "sorted, no duplicates"
+    );
+    assert!(STOPWORDS
+        .iter()
+        .all(|w| w.chars().count() >= 3 && *w == w.to_lowercase()));
     assert!(STOPWORDS.len() >= 150, "{}", STOPWORDS.len());
     assert!(is_stopword("the") && is_stopword("yourselves") && is_stopword("about"));
     assert!(!is_stopword("index") && !is_stopword("th"));
@@ -179,16 +203,26 @@ fn stemming_strips_the_first_matching_suffix() {
 
 #[test]
 fn content_tokens_follow_the_rules() {
-    let tokens: Vec<String> = content_tokens("The 3 cats, 2024 and a dog's Indexing! Über-fast ２０２４ 12th").collect();
+    let tokens: Vec<String> =
+        content_tokens("The 3 cats, 2024 and a dog's Indexing! Über-fast ２０２４ 12th").collect();
     assert_eq!(tokens, ["cat", "dog", "index", "über", "fast", "12th"]);
-    assert_eq!(content_tokens("it was there and then, of course not").collect::<Vec<_>>(), ["course"]);
+    assert_eq!(
+        content_tokens("it was there and then, of course not").collect::<Vec<_>>(),
+        ["course"]
+    );
 }
 
 #[test]
 fn coverage_counts_distinct_stemmed_tokens() {
     assert_eq!(coverage("indexing indexes indexed", &["index"]), Some(1.0));
-    assert_eq!(coverage("Cats cats cats and dogs.", &["A cat sat."]), Some(0.5));
-    assert_eq!(coverage("alpha beta gamma delta", &["gamma", "zeta alpha", "beta"]), Some(0.75));
+    assert_eq!(
+        coverage("Cats cats cats and dogs.", &["A cat sat."]),
+        Some(0.5)
+    );
+    assert_eq!(
+        coverage("alpha beta gamma delta", &["gamma", "zeta alpha", "beta"]),
+        Some(0.75)
+    );
     assert_eq!(coverage("alpha beta", &[]), Some(0.0));
 }
 
@@ -227,7 +261,8 @@ fn coverage_matches_a_reference_built_from_content_tokens() {
     for answer in answers {
         let wanted: HashSet<String> = content_tokens(answer).collect();
         let have: HashSet<String> = chunks.iter().flat_map(|c| content_tokens(c)).collect();
-        let expected = wanted.iter().filter(|t| have.contains(*t)).count() as f64 / wanted.len() as f64;
+        let expected =
+            wanted.iter().filter(|t| have.contains(*t)).count() as f64 / wanted.len() as f64;
         assert_eq!(coverage(answer, &chunks), Some(expected), "{answer}");
     }
 }
@@ -237,11 +272,28 @@ fn coverage_matches_a_reference_built_from_content_tokens() {
 #[test]
 fn tool_loops_in_one_response() {
     let search = call("search", r#"{"q":"x"}"#);
-    assert!(loops_in_response(&[search.clone(), search.clone(), search.clone()]));
-    assert!(loops_in_response(&[search.clone(), call("open", "{}"), search.clone(), search.clone()]));
-    assert!(!loops_in_response(&[search.clone(), search.clone(), call("open", "{}")]));
+    assert!(loops_in_response(&[
+        search.clone(),
+        search.clone(),
+        search.clone()
+    ]));
+    assert!(loops_in_response(&[
+        search.clone(),
+        call("open", "{}"),
+        search.clone(),
+        search.clone()
+    ]));
+    assert!(!loops_in_response(&[
+        search.clone(),
+        search.clone(),
+        call("open", "{}")
+    ]));
     // Same name, different arguments: different calls.
-    assert!(!loops_in_response(&[search.clone(), search.clone(), call("search", r#"{"q":"y"}"#)]));
+    assert!(!loops_in_response(&[
+        search.clone(),
+        search.clone(),
+        call("search", r#"{"q":"y"}"#)
+    ]));
     assert!(!loops_in_response(&[]));
 }
 
@@ -251,14 +303,20 @@ fn tool_loops_across_responses() {
     let mut session = SessionTools::new();
     assert!(!session.observe(&[a.clone()]));
     assert!(!session.observe(&[a.clone(), b.clone()]));
-    assert!(session.observe(&[a.clone()]), "a in 3 consecutive responses");
+    assert!(
+        session.observe(&[a.clone()]),
+        "a in 3 consecutive responses"
+    );
     assert!(session.observe(&[a.clone()]), "still looping");
 
     let mut session = SessionTools::new();
     assert!(!session.observe(&[a.clone()]));
     assert!(!session.observe(&[]));
     assert!(!session.observe(&[a.clone()]));
-    assert!(!session.observe(&[a.clone(), b.clone()]), "a: 2 in a row, b: 1");
+    assert!(
+        !session.observe(&[a.clone(), b.clone()]),
+        "a: 2 in a row, b: 1"
+    );
     assert!(!session.observe(&[b.clone()]), "b: 2 in a row");
 
     // Repeats within one response are one response, not a streak.
@@ -272,13 +330,20 @@ fn stemming_by_last_byte_equals_trying_every_suffix_in_order() {
     let naive = |word: &'static str| -> &'static str {
         for suffix in SUFFIXES {
             if let Some(rest) = word.strip_suffix(suffix) {
-                return if rest.chars().count() >= 3 { rest } else { word };
+                return if rest.chars().count() >= 3 {
+                    rest
+                } else {
+                    word
+                };
             }
         }
         word
     };
     let stems = ["", "a", "ab", "abc", "abcd", "ét", "été"];
-    let endings = SUFFIXES.iter().copied().chain(["", "x", "ss", "ng", "ry", "tion", "ings", "ly", "sly"]);
+    let endings = SUFFIXES
+        .iter()
+        .copied()
+        .chain(["", "x", "ss", "ng", "ry", "tion", "ings", "ly", "sly"]);
     for ending in endings {
         for stem_part in stems {
             let word: &'static str = Box::leak(format!("{stem_part}{ending}").into_boxed_str());
