@@ -90,7 +90,10 @@ pub async fn serve(loaded: Loaded, path: &Path) -> Result<(), RunError> {
         proxy_listener,
         shutdown.clone(),
         drain,
-        move |peer, req| proxy::handle(proxy_app.clone(), peer, req),
+        move |addr| {
+            let (app, peer) = (proxy_app.clone(), proxy::Peer::new(addr));
+            move |req| proxy::handle(app.clone(), peer.clone(), req)
+        },
     ));
     let admin_app = app.clone();
     let admin = tokio::spawn(listener::serve(
@@ -98,7 +101,10 @@ pub async fn serve(loaded: Loaded, path: &Path) -> Result<(), RunError> {
         admin_listener,
         shutdown,
         drain,
-        move |peer, req| admin::handle(admin_app.clone(), peer, req),
+        move |peer| {
+            let app = admin_app.clone();
+            move |req| admin::handle(app.clone(), peer, req)
+        },
     ));
     let drained = proxy.await.unwrap_or(false);
     let _ = admin.await;

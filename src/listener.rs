@@ -17,18 +17,20 @@ use tokio::net::TcpListener;
 
 use crate::shutdown::Shutdown;
 
-/// Serves `handler` on every connection accepted by `listener` until `shutdown` fires, then waits up to
+/// Serves every connection accepted by `listener` with the handler `connection` makes for its peer (so
+/// per-connection work happens once), until `shutdown` fires, then waits up to
 /// `drain` for in-flight requests (streams included) to complete. Returns whether everything drained
 /// before the deadline.
-pub async fn serve<H, F, B>(
+pub async fn serve<M, H, F, B>(
     name: &'static str,
     listener: TcpListener,
     mut shutdown: Shutdown,
     drain: Duration,
-    handler: H,
+    connection: M,
 ) -> bool
 where
-    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    M: Fn(SocketAddr) -> H,
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
     B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -53,8 +55,8 @@ where
             _ = shutdown.wait() => break,
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = service_fn(move |req| handler(peer, req));
+        let handler = connection(peer);
+        let service = service_fn(handler);
         let conn = graceful.watch(
             builder
                 .serve_connection(TokioIo::new(stream), service)

@@ -49,7 +49,7 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 /// Handles one client request. Never fails: upstream problems become JSON error responses.
 pub async fn handle(
     app: Arc<App>,
-    peer: SocketAddr,
+    peer: Peer,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
@@ -97,7 +97,7 @@ pub async fn handle(
     strip_hop_by_hop(&mut parts.headers);
     // One growth up front instead of rehashing as the stamped headers go in.
     parts.headers.reserve(arm.pins.len() + 5);
-    forwarded_for(&mut parts.headers, peer);
+    forwarded_for(&mut parts.headers, &peer);
     stamp(&mut parts.headers, &arm, &info.request_id);
 
     // Origin form for the upstream; Host is the client's (h1), its :authority (h2c), else the upstream's.
@@ -248,6 +248,11 @@ fn stamp(headers: &mut HeaderMap, arm: &Arm, request_id: &HeaderValue) {
 
 /// Removes hop-by-hop fields, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names finds the (rare) hop-by-hop fields; removing blindly would hash six names
+    // per message.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -265,14 +270,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The client end of a connection, with its address ready as a header value.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = HeaderValue::try_from(addr.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        Peer { addr, ip }
+    }
+}
+
 /// Appends the peer to `x-forwarded-for` and sets `x-forwarded-proto` unless a front proxy did.
-fn forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
+fn forwarded_for(headers: &mut HeaderMap, peer: &Peer) {
     let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => HeaderValue::try_from(format!("{prior}, {ip}")),
-        None => HeaderValue::try_from(ip),
+        Some(prior) => HeaderValue::try_from(format!("{prior}, {}", peer.addr.ip())).ok(),
+        None => Some(peer.ip.clone()),
     };
-    if let Ok(value) = value {
+    if let Some(value) = value {
         headers.insert(X_FORWARDED_FOR, value);
     }
     headers
@@ -367,7 +385,8 @@ fn json_response(
 struct RequestInfo {
     request_id: HeaderValue,
     method: Method,
-    path: String,
+    /// The request target as received (shares the parsed bytes; the log prints its path).
+    uri: Uri,
     version: Version,
     authority: Option<HeaderValue>,
 }
@@ -377,7 +396,7 @@ impl RequestInfo {
         RequestInfo {
             request_id,
             method: parts.method.clone(),
-            path: parts.uri.path().to_string(),
+            uri: parts.uri.clone(),
             version: parts.version,
             authority: parts
                 .uri
@@ -473,7 +492,7 @@ fn access_log(
         arm = arm.map(|a| a.name.as_str()).unwrap_or(""),
         pins_json = arm.map(|a| a.pins.json()).unwrap_or("{}"),
         method = info.method.as_str(),
-        path = info.path.as_str(),
+        path = info.uri.path(),
         version = version_str(info.version),
         status,
         latency_ms = latency.as_micros() as f64 / 1e3,
@@ -613,11 +632,11 @@ mod tests {
     #[test]
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
-        forwarded_for(&mut h, "10.0.0.2:5000".parse().unwrap());
+        forwarded_for(&mut h, &Peer::new("10.0.0.2:5000".parse().unwrap()));
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.2");
         assert_eq!(h[X_FORWARDED_PROTO], "http");
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        forwarded_for(&mut h, "10.0.0.3:5000".parse().unwrap());
+        forwarded_for(&mut h, &Peer::new("10.0.0.3:5000".parse().unwrap()));
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.2, 10.0.0.3");
         assert_eq!(h[X_FORWARDED_PROTO], "https");
     }

@@ -459,6 +459,11 @@ pub fn coverage(answer: &str, chunks: &[&str]) -> Option<f64> {
     })
 }
 
+/// Bits of the answer-stem prefix filter of [`coverage`] (a power of two).
+const PREFIX_BITS: usize = 4096;
+/// An odd constant for the multiplicative hash of the prefix filter.
+const C_PREFIX: u64 = 0x9e37_79b9_7f4a_7c15;
+
 thread_local! {
     /// Per-thread buffers of [`coverage`].
     static COVERAGE: RefCell<CoverageScratch> = RefCell::new(CoverageScratch::default());
@@ -525,11 +530,17 @@ impl CoverageScratch {
             }
         };
 
+        // A stem has 3+ chars, so 3+ bytes, all of them a prefix of its word. A bit per answer stem
+        // for its first 3 bytes lets most chunk words go after one lookup.
+        let mut prefixes = [0u64; PREFIX_BITS / 64];
+        let prefix_bit = |head: u64| ((head & 0xff_ffff).wrapping_mul(C_PREFIX) >> (64 - PREFIX_BITS.trailing_zeros())) as usize;
         let mut total = 0u32;
         for word in answer_words.iter() {
             let Some(stem) = content_stem(&word) else {
                 continue;
             };
+            let bit = prefix_bit(word.head);
+            prefixes[bit / 64] |= 1 << (bit % 64);
             let hash = word.hash_prefix(*state, stem.len());
             let i = find(stems, hash, stem);
             if stems[i].len == 0 {
@@ -553,6 +564,10 @@ impl CoverageScratch {
             chunk_words.split(chunk);
             for word in chunk_words.iter() {
                 if word.chars < 3 {
+                    continue;
+                }
+                let bit = prefix_bit(word.head);
+                if prefixes[bit / 64] & (1 << (bit % 64)) == 0 {
                     continue;
                 }
                 let len = stem_len(word.tail, word.text.len(), word.chars);
