@@ -5,15 +5,21 @@
 #   driftguard req/s  >= 0.9 x haproxy        driftguard p99      <= 1.1 x haproxy
 #   driftguard CPU/req <= 1.2 x haproxy       driftguard peak RSS <= 30 MB
 #
-# Usage:  benches/load.sh [-t THREADS] [-c CONNS] [-d DURATION] [-w WARMUP] [--no-build]
+# A second table follows: the RAG scenario (below), with its own target:
+#
+#   driftguard req/s with signals on (sample = 1.0) >= 0.9 x the same with signals off (sample = 0.0)
+#
+# Usage:  benches/load.sh [-t THREADS] [-c CONNS] [-d DURATION] [-w WARMUP] [--no-build] [--rag-only]
 #   env:  THREADS=1 CONNS=50 DURATION=10s WARMUP=2s   (wrk -t/-c/-d; WARMUP is an unmeasured run first)
 #         WRK_CPU=0 PROXY_CPU=1 UPSTREAM_CPU=0         (taskset cores, see "Pinning" below)
 #         DG_STDOUT=/dev/null                          (where driftguard's JSON access log goes; a file
 #                                                       path measures the cost of writing it for real)
 #         SKIP="nginx haproxy driftguard-nolog driftguard-nosample"   (rows to leave out)
+#         SKIP="rag"          leave out the whole RAG table; SKIP="rag-direct rag-haproxy" its reference rows
+#         SKIP="base"         leave out the whole first table (--rag-only does the same)
 #         NO_BUILD=1                                   (use the existing target/release/driftguard)
 #
-# What runs:
+# What runs (first table: a tiny text response to GET, no quality signals evaluated):
 #   upstream   one nginx process (master_process off, worker_processes 1) answering `200 "ok\n"` on
 #              every path, keep-alive unlimited, access log off. Without nginx, a haproxy process
 #              answering by itself (`http-request return`) is the upstream and the nginx row is skipped.
@@ -49,7 +55,27 @@
 #                       run / requests wrk counted) is the comparison that does not depend on this.
 # On a bigger machine put the upstream on a third core: UPSTREAM_CPU=2.
 #
-# Exit status: 0 when every target passes, 3 when one fails, 1 on a setup error.
+# RAG scenario (second table): RAG-shaped JSON traffic with the quality signals on.
+#   upstream   a fresh nginx (same settings; haproxy `http-request return ... file` without nginx)
+#              answering every request with a fixed ~3.6 KB `Content-Type: application/json` body:
+#              {"answer": "<~420 B of prose grounded in the chunks>", "contexts": [{"text": "<~600 B>"} x 5],
+#               "usage": {"prompt_tokens": 900, "completion_tokens": 120}}  (nginx `return 200 '<json>'`).
+#   client     wrk -s rag.lua: `POST /rag`, `Content-Type: application/json`, body {"question": "<~95 B>"}.
+#   rows       direct (as above), driftguard-signals ([signals] sample = 1.0: every response is teed,
+#              queued and evaluated — default hashed embedder, default signals.workers = 1 and
+#              signals.queue = 4096), driftguard-nosignals (sample = 0.0: nothing teed), haproxy (reference;
+#              same config as above). Both driftguard rows keep the access log on, as in the first table.
+#   pinning    as above. The evaluation worker is a thread of the driftguard process, so taskset puts it on
+#              core PROXY_CPU with the proxy: signals-on is measured as a one-core sidecar doing both
+#              proxying and evaluation, which is the fair comparison (its CPU us/req includes evaluation).
+#   evaluated / dropped   from driftguard's admin /metrics: driftguard_evaluations_total and
+#              driftguard_eval_dropped_total (queue full), as increments over the measured run only (the
+#              queue is let drain after the warm-up, then scraped before and right after the wrk run).
+#              The line under the table adds eval_skipped_total and the queue depth left at the end:
+#              dropped = 0 means evaluation kept up. Samples still queued when wrk ends are evaluated
+#              after the CPU sample is taken, so with a large "queued" the CPU us/req slightly understates.
+#
+# Exit status: 0 when every target (of both tables) passes, 3 when one fails, 1 on a setup error.
 #
 # Everything listens on 127.0.0.1 on free ports, lives under one mktemp dir, every started process is
 # killed by PID on exit (trap), and each step is bounded by `timeout`.
@@ -73,6 +99,7 @@ while [[ $# -gt 0 ]]; do
         -d) DURATION=$2; shift 2 ;;
         -w) WARMUP=$2; shift 2 ;;
         --no-build) NO_BUILD=1; shift ;;
+        --rag-only) SKIP+=" base"; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "load.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -107,6 +134,7 @@ WARM_S=$(secs "$WARMUP")
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/driftguard-load.XXXXXX")
 PIDS=()
+# shellcheck disable=SC2317  # invoked by the trap
 cleanup() {
     local pid
     for pid in "${PIDS[@]}"; do
@@ -179,7 +207,9 @@ tree_pids() {
         }' < <(for s in /proc/[0-9]*/stat; do
                    # pid and ppid; the comm field (2) may hold spaces, so cut after its closing paren.
                    read -r line < "$s" 2>/dev/null || continue
-                   pid=${line%% *}; rest=${line##*) }; set -- $rest; echo "$pid $2"
+                   pid=${line%% *}; rest=${line##*) }
+                   # shellcheck disable=SC2086  # split into fields on purpose
+                   set -- $rest; echo "$pid $2"
                done)
 }
 
@@ -189,6 +219,7 @@ cpu_ticks() {
     for pid in $(tree_pids "$1"); do
         read -r line < "/proc/$pid/stat" 2>/dev/null || continue
         rest=${line##*) }   # fields from 3 on
+        # shellcheck disable=SC2086  # split into fields on purpose
         set -- $rest
         total=$(( total + ${12} + ${13} ))
     done
@@ -219,6 +250,32 @@ if [[ -z $NO_BUILD ]]; then
 fi
 [[ -x "$DG" ]] || die "$DG missing (build failed?)"
 
+# --- RAG payload ------------------------------------------------------------------------------------
+
+# The RAG scenario's request and response. Plain ASCII prose without ' " \ or $, so that it can stand
+# inside nginx's '...' (where $ would be a variable), a JSON string and a Lua '...' string unescaped.
+RAG_QUESTION='How long does the gateway keep idle upstream connections open, and how do I change that limit?'
+RAG_ANSWER='The gateway keeps an idle upstream connection for 90 seconds by default before closing it. You change the limit with the pool.idle_timeout key in the upstream section of the configuration file, using a duration such as 30s or 2m; the new value applies after the next configuration reload. Keep it a few seconds shorter than the keep-alive timeout of the upstream server to avoid connection reset errors, and use pool.max_idle to bound how many idle connections are kept.'
+RAG_CONTEXTS=(
+    'Connection pooling. The gateway keeps a pool of idle keep-alive connections to every upstream so that a new request can reuse an open connection instead of paying for a fresh TCP and TLS handshake. Each pool is keyed by upstream address and protocol. An idle connection stays in the pool until the idle timeout expires, until the upstream closes it, or until the pool is full and a newer connection replaces it. The default idle timeout is 90 seconds, which matches the keep-alive timeout of most common web servers and load balancers and avoids reusing a connection that the upstream is about to close.'
+    'Configuring the idle timeout. The idle timeout is set with the pool.idle_timeout key in the upstream section of the configuration file. It accepts a duration such as 30s, 2m or 500ms. Setting it to 0 disables pooling entirely, so every request opens a new connection. A change to this key takes effect on the next configuration reload: connections that are already idle keep the timeout they were created with and are closed when it expires. Keep the gateway timeout shorter than the idle timeout of the upstream server, otherwise the gateway may send a request on a connection that the server has just closed.'
+    'Pool size limits. Besides the timeout, the pool.max_idle key bounds how many idle connections are kept per upstream; the default is 64. When a connection is returned to a full pool, the oldest idle connection is closed first. The limit applies per worker thread, so a gateway with four workers may hold up to four times the configured number of idle connections to one upstream. Raising the limit helps bursty traffic reuse connections after a quiet period, while lowering it reduces the number of file descriptors and sockets that the upstream must keep open for the gateway.'
+    'Troubleshooting connection resets. If clients see occasional 502 errors with the reason connection reset by peer, the usual cause is a race between the gateway reusing an idle connection and the upstream closing it at the end of its own keep-alive timeout. The fix is to make the gateway idle timeout a few seconds shorter than the upstream keep-alive timeout. Requests with an idempotent method are retried once on a fresh connection when this race is detected, but POST requests are not retried, which is why they show the error more often under light traffic.'
+    'Metrics for the pool. The gateway exports pool_idle_connections, a gauge of idle connections per upstream, and pool_reuse_total and pool_new_total, counters of requests that reused a pooled connection or opened a new one. A high share of new connections under steady load means the idle timeout or the max_idle limit is too low for the traffic pattern. The reuse ratio is also shown on the upstream page of the admin dashboard, next to the average connection age, so operators can check the effect of a timeout change within a few minutes of reloading.'
+)
+for piece in "$RAG_QUESTION" "$RAG_ANSWER" "${RAG_CONTEXTS[@]}"; do
+    [[ $piece =~ ^[[:print:]]+$ && $piece != *[\'\"\\\$]* ]] || die "RAG text must be printable ASCII without ' \" \\ \$: $piece"
+done
+RAG_REQUEST="{\"question\":\"$RAG_QUESTION\"}"
+RAG_JSON="{\"answer\": \"$RAG_ANSWER\", \"contexts\": ["
+for i in "${!RAG_CONTEXTS[@]}"; do
+    (( i == 0 )) || RAG_JSON+=", "
+    RAG_JSON+="{\"text\": \"${RAG_CONTEXTS[i]}\"}"
+done
+RAG_JSON+="], \"usage\": {\"prompt_tokens\": 900, \"completion_tokens\": 120}}"
+# nginx refuses a config token of 4 KB or more ("too long parameter").
+(( ${#RAG_JSON} < 4000 )) || die "the RAG response is ${#RAG_JSON} bytes: nginx return needs < 4000"
+
 # --- upstream ----------------------------------------------------------------------------------------
 
 nginx_common() {
@@ -242,29 +299,42 @@ nginx_http_common() {
 EOF
 }
 
-free_port UP_PORT
-if [[ -n $HAVE_NGINX ]]; then
-    UPSTREAM_KIND=nginx
-    {
-        echo "master_process off;"
-        echo "worker_processes 1;"
-        nginx_common upstream
-        echo "http {"
-        nginx_http_common upstream
-        cat <<EOF
+# start_upstream base|rag: sets UP_PORT, UP_PID, UPSTREAM_KIND. base answers `200 "ok\n"` to anything,
+# rag answers $RAG_JSON as application/json to anything.
+start_upstream() {
+    local scen=$1 name=upstream location answer
+    [[ $scen == base ]] || name=upstream-$scen
+    free_port UP_PORT
+    if [[ -n $HAVE_NGINX ]]; then
+        UPSTREAM_KIND=nginx
+        location='location / { return 200 "ok\n"; }'
+        [[ $scen == rag ]] && location="default_type application/json;
+        location / { return 200 '$RAG_JSON'; }"
+        {
+            echo "master_process off;"
+            echo "worker_processes 1;"
+            nginx_common "$name"
+            echo "http {"
+            nginx_http_common "$name"
+            cat <<EOF
     server {
         listen 127.0.0.1:$UP_PORT;
-        location / { return 200 "ok\n"; }
+        $location
     }
 }
 EOF
-    } > "$TMP/upstream.conf"
-    taskset -c "$UPSTREAM_CPU" "$NGINX" -p "$TMP" -e "$TMP/upstream-error.log" -c "$TMP/upstream.conf" > "$TMP/upstream.log" 2>&1 &
-else
-    # No nginx: haproxy answers by itself (http-request return, haproxy >= 2.2).
-    UPSTREAM_KIND=haproxy
-    echo "== nginx not found ($NGINX): the upstream is haproxy answering 200 itself" >&2
-    cat > "$TMP/upstream.cfg" <<EOF
+        } > "$TMP/$name.conf"
+        taskset -c "$UPSTREAM_CPU" "$NGINX" -p "$TMP" -e "$TMP/$name-error.log" -c "$TMP/$name.conf" > "$TMP/$name.log" 2>&1 &
+    else
+        # No nginx: haproxy answers by itself (http-request return, haproxy >= 2.2).
+        UPSTREAM_KIND=haproxy
+        echo "== nginx not found ($NGINX): the upstream is haproxy answering 200 itself" >&2
+        answer='http-request return status 200 content-type text/plain string "ok"'
+        if [[ $scen == rag ]]; then
+            printf '%s' "$RAG_JSON" > "$TMP/rag.json"
+            answer="http-request return status 200 content-type application/json file $TMP/rag.json"
+        fi
+        cat > "$TMP/$name.cfg" <<EOF
 global
     nbthread 1
     maxconn 4096
@@ -275,13 +345,16 @@ defaults
     timeout http-keep-alive 120s
 frontend up
     bind 127.0.0.1:$UP_PORT
-    http-request return status 200 content-type text/plain string "ok"
+    $answer
 EOF
-    taskset -c "$UPSTREAM_CPU" "$HAPROXY" -db -f "$TMP/upstream.cfg" > "$TMP/upstream.log" 2>&1 &
-fi
-UP_PID=$!
-PIDS+=("$UP_PID")
-wait_http "$UP_PORT" "$UP_PID" upstream
+        taskset -c "$UPSTREAM_CPU" "$HAPROXY" -db -f "$TMP/$name.cfg" > "$TMP/$name.log" 2>&1 &
+    fi
+    UP_PID=$!
+    PIDS+=("$UP_PID")
+    wait_http "$UP_PORT" "$UP_PID" "$name"
+}
+SCEN=base   # the scenario being measured now: base (first table) or rag
+skipped base || start_upstream base
 
 # --- measuring --------------------------------------------------------------------------------------
 
@@ -310,26 +383,92 @@ run_wrk() {
     (( rc == 0 )) || die "wrk failed (exit $rc): $*"
 }
 
-ROWS=()
-# measure NAME PORT PID: warm-up run, then the measured run with CPU sampled around it.
+# http_exchange PORT REQUEST: sends one raw request (Connection: close) and prints the response, CRs removed.
+http_exchange() {
+    # shellcheck disable=SC2016  # $1 / $2 belong to the inner bash
+    timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"; printf "%s" "$2" >&3; cat <&3' _ "$1" "$2" | tr -d '\r'
+}
+
+# eval_metrics ADMIN_PORT: driftguard's admin /metrics text (dies when it cannot be read).
+eval_metrics() {
+    local text
+    text=$(http_exchange "$1" $'GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n' || true)
+    [[ $text == *driftguard_build_info* ]] || die "could not read driftguard's /metrics on 127.0.0.1:$1"
+    printf '%s\n' "$text"
+}
+
+# eval_counts: "evaluated dropped skipped queued" from /metrics text on stdin (counters summed over labels).
+eval_counts() {
+    awk '
+        { n = $1; sub(/\{.*/, "", n) }
+        n == "driftguard_evaluations_total"  { ev += $2 }
+        n == "driftguard_eval_dropped_total" { dr += $2 }
+        n == "driftguard_eval_skipped_total" { sk += $2 }
+        n == "driftguard_eval_queue_depth"   { q = $2 }
+        END { printf "%d %d %d %d\n", ev, dr, sk, q }'
+}
+
+# wait_eval_idle ADMIN_PORT: waits (at most 30 s) until driftguard's evaluation queue is empty.
+wait_eval_idle() {
+    local counts
+    for _ in $(seq 300); do
+        counts=$(eval_metrics "$1" | eval_counts)
+        [[ ${counts##* } == 0 ]] && return 0
+        sleep 0.1
+    done
+    echo "   warning: the evaluation queue did not drain within 30 s (${counts##* } queued)" >&2
+}
+
+# check_answer NAME PORT: one request of the current scenario must get a 200 (and, for rag, the JSON body).
+check_answer() {
+    local name=$1 port=$2 resp status
+    if [[ $SCEN == rag ]]; then
+        resp=$(http_exchange "$port" "$(printf 'POST /rag HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s' "${#RAG_REQUEST}" "$RAG_REQUEST")" || true)
+        status=${resp%%$'\n'*}
+        [[ $status == *" 200 "* ]] || die "$name answered '$status' instead of 200 to POST /rag"
+        grep -qi '^content-type: application/json' <<<"$resp" || die "$name: the RAG answer is not Content-Type: application/json"
+        [[ $resp == *"$RAG_JSON"* ]] || die "$name: the RAG answer does not carry the upstream's JSON body unchanged"
+    else
+        local body
+        body=$(timeout 5 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port; printf 'GET /bench HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n' >&3; cat <&3" | tr -d '\r' | head -1)
+        [[ $body == *" 200 "* ]] || die "$name answered '$body' instead of 200"
+    fi
+}
+
+ROWS=()       # first table
+RAG_ROWS=()   # RAG table
+# measure NAME PORT PID [ADMIN_PORT]: warm-up run, then the measured run with CPU sampled around it.
+# In the rag scenario wrk POSTs the RAG question (wrk -s rag.lua) to /rag, and with ADMIN_PORT the
+# evaluation counters of driftguard's /metrics are read before and right after the measured run.
 measure() {
-    local name=$1 port=$2 pid=$3 url="http://127.0.0.1:$2/bench"
-    local body
-    body=$(timeout 5 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port; printf 'GET /bench HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n' >&3; cat <&3" | tr -d '\r' | head -1)
-    [[ $body == *" 200 "* ]] || die "$name answered '$body' instead of 200"
-    note "$name: warm-up $WARMUP, then wrk -t$THREADS -c$CONNS -d$DURATION --latency $url (wrk on core $WRK_CPU)"
+    local name=$1 port=$2 pid=$3 admin=${4:-} path=/bench tag=$1 wrk_args=()
+    if [[ $SCEN == rag ]]; then
+        path=/rag; tag=rag-$name; wrk_args=(-s "$TMP/rag.lua")
+    fi
+    local url="http://127.0.0.1:$port$path"
+    check_answer "$name" "$port"
+    note "$name: warm-up $WARMUP, then wrk -t$THREADS -c$CONNS -d$DURATION --latency ${wrk_args[*]} $url (wrk on core $WRK_CPU)"
     if (( WARM_S > 0 )); then
-        run_wrk /dev/null "$WARM_S" -t"$THREADS" -c"$CONNS" -d"$WARMUP" "$url"
+        run_wrk /dev/null "$WARM_S" "${wrk_args[@]}" -t"$THREADS" -c"$CONNS" -d"$WARMUP" "$url"
+    fi
+    local m0="0 0 0 0" m1="0 0 0 0"
+    if [[ -n $admin ]]; then
+        wait_eval_idle "$admin"
+        m0=$(eval_metrics "$admin" | eval_counts)
     fi
     local t0 t1 c0 c1 out w0 w1 p0 p1
     c0=$(cpu_ticks "$pid")
     w0=$(core_jiffies "$WRK_CPU"); p0=$(core_jiffies "$PROXY_CPU")
     t0=$(date +%s.%N)
-    run_wrk "$TMP/wrk-$name.txt" "$DUR_S" -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "$url"
+    run_wrk "$TMP/wrk-$tag.txt" "$DUR_S" "${wrk_args[@]}" -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "$url"
     t1=$(date +%s.%N)
     w1=$(core_jiffies "$WRK_CPU"); p1=$(core_jiffies "$PROXY_CPU")
     c1=$(cpu_ticks "$pid")
-    out=$(< "$TMP/wrk-$name.txt")
+    if [[ -n $admin ]]; then
+        eval_metrics "$admin" > "$TMP/metrics-$tag.txt"
+        m1=$(eval_counts < "$TMP/metrics-$tag.txt")
+    fi
+    out=$(< "$TMP/wrk-$tag.txt")
     kill -0 "$pid" 2>/dev/null || die "$name exited during the run"
     kill -0 "$UP_PID" 2>/dev/null || die "the upstream exited during the run"
     local rps reqs p50 p99 errs non2xx
@@ -351,17 +490,35 @@ measure() {
     busy=$(awk -v w0="$w0" -v w1="$w1" -v p0="$p0" -v p1="$p1" 'BEGIN {
         split(w0, a, " "); split(w1, b, " "); split(p0, c, " "); split(p1, d, " ")
         printf "%.0f/%.0f", 100 * (b[1] - a[1]) / (b[2] - a[2]), 100 * (d[1] - c[1]) / (d[2] - c[2]) }')
-    ROWS+=("$name $rps $p50 $p99 $cpu_us $core $rss $busy")
+    if [[ $SCEN == base ]]; then
+        ROWS+=("$name $rps $p50 $p99 $cpu_us $core $rss $busy")
+        return
+    fi
+    # Evaluation counters over the measured run ("-" where there is no driftguard to ask).
+    local evals="- - - -"
+    if [[ -n $admin ]]; then
+        local -a a b
+        read -ra a <<<"$m0"; read -ra b <<<"$m1"
+        evals="$(( b[0] - a[0] )) $(( b[1] - a[1] )) $(( b[2] - a[2] )) ${b[3]}"
+        if (( b[0] - a[0] == 0 )) && awk -v s="${DG_SAMPLE:-0}" 'BEGIN { exit !(s > 0) }'; then
+            echo "   warning: $name evaluated no sample; its skip counters:" >&2
+            grep '^driftguard_eval_skipped_total' "$TMP/metrics-$tag.txt" >&2 || echo "   (none)" >&2
+        fi
+    fi
+    RAG_ROWS+=("$name $rps $p50 $p99 $cpu_us $core $rss $busy $reqs $evals")
 }
 
 # --- direct -----------------------------------------------------------------------------------------
 
-taskset -a -p -c "$PROXY_CPU" "$UP_PID" > /dev/null
-measure direct "$UP_PORT" "$UP_PID"
-taskset -a -p -c "$UPSTREAM_CPU" "$UP_PID" > /dev/null
+measure_direct() {
+    taskset -a -p -c "$PROXY_CPU" "$UP_PID" > /dev/null
+    measure direct "$UP_PORT" "$UP_PID"
+    taskset -a -p -c "$UPSTREAM_CPU" "$UP_PID" > /dev/null
+}
 
 # --- driftguard -------------------------------------------------------------------------------------
 
+# run_driftguard NAME ACCESS SAMPLE: SAMPLE "" leaves [signals] sample at its default (1.0).
 run_driftguard() {
     local name=$1 access=$2 sample=$3 port admin
     free_port port; free_port admin
@@ -398,22 +555,27 @@ EOF
     local pid=$!
     PIDS+=("$pid")
     wait_http "$port" "$pid" "$name"
-    measure "$name" "$port" "$pid"
+    if [[ $SCEN == rag ]]; then
+        # Seen by measure (dynamic scope): whether it should expect evaluations.
+        local DG_SAMPLE=${sample:-1.0}
+        measure "$name" "$port" "$pid" "$admin"
+    else
+        measure "$name" "$port" "$pid"
+    fi
     stop "$pid"
 }
-run_driftguard driftguard true ""
-skipped driftguard-nolog || run_driftguard driftguard-nolog false ""
-skipped driftguard-nosample || run_driftguard driftguard-nosample true 0.0
 
 # --- haproxy ----------------------------------------------------------------------------------------
 
-if skipped haproxy; then
-    :
-elif [[ -z $HAVE_HAPROXY ]]; then
-    echo "== haproxy not found ($HAPROXY): skipping its row (apt-get install haproxy)" >&2
-else
-    free_port HA_PORT
-    cat > "$TMP/haproxy.cfg" <<EOF
+run_haproxy() {
+    if [[ -z $HAVE_HAPROXY ]]; then
+        echo "== haproxy not found ($HAPROXY): skipping its row (apt-get install haproxy)" >&2
+        return
+    fi
+    local tag=haproxy port pid
+    [[ $SCEN == base ]] || tag=$SCEN-haproxy
+    free_port port
+    cat > "$TMP/$tag.cfg" <<EOF
 global
     nbthread 1
     maxconn 4096
@@ -428,7 +590,7 @@ defaults
     timeout http-keep-alive 120s
 
 frontend fe
-    bind 127.0.0.1:$HA_PORT
+    bind 127.0.0.1:$port
     http-request set-header x-pin-build-id bench
     default_backend be
 
@@ -436,23 +598,24 @@ backend be
     http-reuse always
     server up 127.0.0.1:$UP_PORT
 EOF
-    "$HAPROXY" -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejected its bench config"
-    taskset -c "$PROXY_CPU" "$HAPROXY" -db -f "$TMP/haproxy.cfg" > "$TMP/haproxy.log" 2>&1 &
-    HA_PID=$!
-    PIDS+=("$HA_PID")
-    wait_http "$HA_PORT" "$HA_PID" haproxy
-    measure haproxy "$HA_PORT" "$HA_PID"
-    stop "$HA_PID"
-fi
+    "$HAPROXY" -c -q -f "$TMP/$tag.cfg" || die "haproxy rejected its bench config"
+    taskset -c "$PROXY_CPU" "$HAPROXY" -db -f "$TMP/$tag.cfg" > "$TMP/$tag.log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    wait_http "$port" "$pid" "$tag"
+    measure haproxy "$port" "$pid"
+    stop "$pid"
+}
 
 # --- nginx as a reverse proxy -----------------------------------------------------------------------
 
-if skipped nginx; then
-    :
-elif [[ -z $HAVE_NGINX ]]; then
-    echo "== nginx not found ($NGINX): skipping its row (apt-get install nginx-light)" >&2
-else
-    free_port NG_PORT
+run_nginx() {
+    if [[ -z $HAVE_NGINX ]]; then
+        echo "== nginx not found ($NGINX): skipping its row (apt-get install nginx-light)" >&2
+        return
+    fi
+    local port pid
+    free_port port
     {
         echo "worker_processes 1;"
         nginx_common nginx
@@ -465,7 +628,7 @@ else
         keepalive_requests 10000000;
     }
     server {
-        listen 127.0.0.1:$NG_PORT;
+        listen 127.0.0.1:$port;
         location / {
             proxy_pass http://up;
             proxy_http_version 1.1;
@@ -480,15 +643,16 @@ EOF
     "$NGINX" -t -q -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" || die "nginx rejected its bench config"
     # taskset on the master: the worker it forks inherits the affinity.
     taskset -c "$PROXY_CPU" "$NGINX" -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" > "$TMP/nginx.log" 2>&1 &
-    NG_PID=$!
-    PIDS+=("$NG_PID")
-    wait_http "$NG_PORT" "$NG_PID" nginx
-    measure nginx "$NG_PORT" "$NG_PID"
-    stop "$NG_PID"
-fi
+    pid=$!
+    PIDS+=("$pid")
+    wait_http "$port" "$pid" nginx
+    measure nginx "$port" "$pid"
+    stop "$pid"
+}
 
-# --- report -----------------------------------------------------------------------------------------
+# --- reports ----------------------------------------------------------------------------------------
 
+report_base() {
 echo
 echo "wrk -t$THREADS -c$CONNS -d$DURATION --latency (warm-up $WARMUP); wrk on core $WRK_CPU, target on core $PROXY_CPU, upstream ($UPSTREAM_KIND, 1 process) on core $UPSTREAM_CPU except in 'direct'"
 echo "$(nproc) cores: $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo); $(uname -r)"
@@ -519,3 +683,60 @@ printf '%s\n' "${ROWS[@]}" | awk -v dg_name=driftguard '
         printf "  peak RSS    <= 30 MB         : %.1f MB  %s\n", rss[g], ok ? "PASS" : "FAIL"
         exit fails > 0 ? 3 : 0
     }'
+}
+
+report_rag() {
+    echo
+    echo "RAG-shaped JSON: POST /rag with a ${#RAG_REQUEST} B JSON question, upstream answers ${#RAG_JSON} B of application/json (answer + 5 contexts + usage)"
+    echo "wrk -t$THREADS -c$CONNS -d$DURATION --latency -s rag.lua (warm-up $WARMUP); wrk on core $WRK_CPU, target on core $PROXY_CPU (driftguard: proxy and evaluation worker both), upstream ($UPSTREAM_KIND, 1 process) on core $UPSTREAM_CPU except in 'direct'"
+    echo "driftguard-signals: [signals] sample = 1.0, embedder hashed, signals.workers 1, queue 4096 (defaults); driftguard-nosignals: sample = 0.0; both access log on"
+    printf '%s\n' "${RAG_ROWS[@]}" | awk -v cpu_core="$PROXY_CPU" '
+        { name[NR] = $1; rps[NR] = $2; p50[NR] = $3; p99[NR] = $4; cpu[NR] = $5; core[NR] = $6; rss[NR] = $7; busy[NR] = $8
+          reqs[NR] = $9; ev[NR] = $10; dr[NR] = $11; sk[NR] = $12; q[NR] = $13; idx[$1] = NR }
+        END {
+            d = idx["direct"]; h = idx["haproxy"]; on = idx["driftguard-signals"]; off = idx["driftguard-nosignals"]
+            printf "\n%-21s %9s %8s %8s %8s %9s %11s %8s %9s %12s %10s %8s\n", "target", "req/s", "p50 ms", "p99 ms", "/direct", "/haproxy", "CPU us/req", "target%", "peak RSS", "busy% wrk/tgt", "evaluated", "dropped"
+            for (i = 1; i <= NR; i++) {
+                rd = d ? sprintf("%.2f", rps[i] / rps[d]) : "-"
+                rh = h ? sprintf("%.2f", rps[i] / rps[h]) : "-"
+                printf "%-21s %9.0f %8.3f %8.3f %8s %9s %11.2f %7s%% %6.1f MB %12s %10s %8s\n", name[i], rps[i], p50[i], p99[i], rd, rh, cpu[i], core[i], rss[i], busy[i], ev[i], dr[i]
+            }
+            printf "\ntargets (RAG JSON, access log on, proxy + evaluation on core %s):\n", cpu_core
+            r = rps[on] / rps[off]; ok = r >= 0.9
+            printf "  signals on >= 0.9 x signals off : %.2f x  %s\n", r, ok ? "PASS" : "FAIL"
+            printf "\nevaluation over the measured run (driftguard-signals): %d of %d requests evaluated, %d dropped (queue full), %d skipped, %d still queued at the end: %s\n", ev[on], reqs[on], dr[on], sk[on], q[on], dr[on] == 0 ? "kept up" : sprintf("fell behind (%.1f%% dropped)", 100 * dr[on] / reqs[on])
+            exit ok ? 0 : 3
+        }'
+}
+
+# --- first table: a tiny text response -------------------------------------------------------------
+
+STATUS=0
+if ! skipped base; then
+    measure_direct
+    run_driftguard driftguard true ""
+    skipped driftguard-nolog || run_driftguard driftguard-nolog false ""
+    skipped driftguard-nosample || run_driftguard driftguard-nosample true 0.0
+    skipped haproxy || run_haproxy
+    skipped nginx || run_nginx
+    report_base || STATUS=$?
+fi
+
+# --- second table: RAG-shaped JSON, quality signals on vs off ---------------------------------------
+
+if ! skipped rag; then
+    SCEN=rag
+    if [[ -n ${UP_PID:-} ]]; then stop "$UP_PID"; fi
+    start_upstream rag
+    cat > "$TMP/rag.lua" <<EOF
+wrk.method = "POST"
+wrk.body = '$RAG_REQUEST'
+wrk.headers["Content-Type"] = "application/json"
+EOF
+    skipped rag-direct || measure_direct
+    run_driftguard driftguard-signals true 1.0
+    run_driftguard driftguard-nosignals true 0.0
+    skipped rag-haproxy || run_haproxy
+    report_rag || STATUS=$?
+fi
+exit "$STATUS"

@@ -279,7 +279,8 @@ pub struct Peer {
 
 impl Peer {
     pub fn new(addr: SocketAddr) -> Self {
-        let ip = HeaderValue::try_from(addr.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        let ip = HeaderValue::try_from(addr.ip().to_string())
+            .unwrap_or(HeaderValue::from_static("unknown"));
         Peer { addr, ip }
     }
 }

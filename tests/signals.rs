@@ -1819,7 +1819,7 @@ async fn abandoned_stream_is_skipped_as_incomplete() {
         let mut payloads = sse_payloads(t, t.grounded);
         // A long tail of empty keep-alive deltas keeps the stream open for a while.
         let filler = json!({"choices": [{"index": 0, "delta": {"content": ""}}]}).to_string();
-        payloads.splice(1..1, std::iter::repeat(filler).take(40));
+        payloads.splice(1..1, std::iter::repeat_n(filler, 40));
         Canned::sse(&payloads).gap(Duration::from_millis(50))
     });
     let proxy = Proxy::start(&config("[signals]\nsample = 1.0\n", &[("main", up.url())]));

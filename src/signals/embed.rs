@@ -172,11 +172,12 @@ fn normalise(v: &mut [f32]) {
 /// The hash is written out here (not `std`'s, which may change between releases and is seeded per
 /// process) so that vectors are identical on every platform, build and run. It is built from the
 /// MurmurHash3 x64 multiply–rotate step over 8-byte little-endian blocks and its `fmix64`
-/// finaliser, with a fixed seed and a start state per feature kind (the kind tag is hashed first):
+/// finaliser, with a fixed seed; each feature kind starts from its own state (the seed with the
+/// kind tag hashed in), so a word, a bigram and a 3-gram never hash the same input:
 /// - word: its lowercased UTF-8 bytes in blocks (the last zero-padded), then its byte length;
 /// - bigram: the hashes of its two words;
-/// - 3-gram: its three chars packed into 63 bits (`c1 << 42 | c2 << 21 | c3`), through `fmix64`
-///   alone.
+/// - 3-gram: its three chars packed into 63 bits (`c1 << 42 | c2 << 21 | c3`), xor the 3-gram
+///   state, through `fmix64`.
 ///
 /// For a fixed kind (and, for words, length) one block maps to the hash bijectively, so words of up
 /// to 8 bytes never share a hash with each other, nor 3-grams — only their `h % DIMS` can coincide.
@@ -302,7 +303,9 @@ impl Scratch {
             let mut i = (hash >> 32) as usize & mask;
             loop {
                 let slot = &mut table[i];
-                if slot.count == 0 || slot.hash == hash {
+                // `|`, not `||`: "new or a repeat" is almost always true, while "new" alone is a
+                // coin flip the branch predictor would lose.
+                if (slot.count == 0) | (slot.hash == hash) {
                     // Written every time, kept only when new: cheaper than a branch on "is new".
                     filled[n] = i;
                     n += usize::from(slot.count == 0);
@@ -342,7 +345,10 @@ impl Scratch {
                 .get(count as usize)
                 .copied()
                 .unwrap_or_else(|| weight(count));
-            vector[(hash % DIMS as u64) as usize] += if hash >> 63 == 1 { -w } else { w };
+            // The sign bit of the hash onto the weight: a branch on it would be mispredicted half the
+            // time.
+            let signed = f32::from_bits(w.to_bits() ^ (((hash >> 63) as u32) << 31));
+            vector[(hash % DIMS as u64) as usize] += signed;
         }
         normalise(&mut vector);
         vector
@@ -423,6 +429,8 @@ const fn hash_block(state: u64, block: u64, len: usize) -> u64 {
     fmix(mix(mix(state, block), len as u64))
 }
 
+/// The word hash from the word alone (the hot path uses [`Word::hash_prefix`]).
+#[cfg(test)]
 fn word_hash(word: &str) -> u64 {
     hash_bytes(WORD, word.as_bytes())
 }
@@ -493,20 +501,9 @@ pub(crate) const fn low_bytes(n: usize) -> u64 {
     }
 }
 
-/// Zero bytes kept before and after the words, so that the 8-byte loads of [`Word::head`] and
-/// [`Word::tail`] never need a bounds branch.
+/// Zero bytes kept before and after the words, so that the 8-byte loads that make [`Word::head`]
+/// and [`Word::tail`] are always in bounds.
 const PAD: usize = 8;
-
-/// Byte → is an ASCII word char (`char::is_alphanumeric`); false for every non-ASCII byte.
-const ASCII_WORD: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut b = 0;
-    while b < 128 {
-        table[b] = (b as u8).is_ascii_alphanumeric();
-        b += 1;
-    }
-    table
-};
 
 /// `0x01` / `0x80` in every byte of a u64.
 const ONES: u64 = 0x0101_0101_0101_0101;
@@ -586,6 +583,7 @@ impl Words {
             .unwrap_or_else(|invalid| String::from_utf8_lossy(invalid.as_bytes()).into_owned());
     }
 
+    /// The words in order.
     pub fn iter(&self) -> impl Iterator<Item = Word<'_>> {
         let bytes = self.lowered.as_bytes();
         let load = move |at: usize| {
@@ -598,7 +596,7 @@ impl Words {
         self.spans.iter().map(move |s| {
             let len = s.end - s.start;
             Word {
-                text: &self.lowered[s.start..s.end],
+                text: self.lowered.get(s.start..s.end).unwrap_or_default(),
                 chars: s.chars,
                 head: u64::from_le_bytes(load(s.start)) & low_bytes(len),
                 tail: u64::from_be_bytes(load(s.end.saturating_sub(8))) & low_bytes(len),
@@ -657,7 +655,7 @@ impl Splitter<'_> {
             return text.len();
         };
         let is_word = if c.is_ascii() {
-            ASCII_WORD[c as usize]
+            c.is_ascii_alphanumeric()
         } else {
             c.is_alphanumeric()
         };

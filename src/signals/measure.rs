@@ -146,180 +146,25 @@ pub fn is_flip(l: Lambda) -> bool {
 
 /// Stopwords, sorted (for the reader). Only words of 3+ chars: shorter words are never content
 /// tokens anyway. Contraction stems (`don`, `isn`) are here because `don't` splits into `don` + `t`.
+#[rustfmt::skip]
 const STOPWORDS: &[&str] = &[
-    "about",
-    "above",
-    "across",
-    "after",
-    "again",
-    "against",
-    "all",
-    "almost",
-    "along",
-    "already",
-    "also",
-    "although",
-    "always",
-    "among",
-    "and",
-    "another",
-    "any",
-    "anyone",
-    "anything",
-    "are",
-    "aren",
-    "around",
-    "because",
-    "been",
-    "before",
-    "behind",
-    "being",
-    "below",
-    "beneath",
-    "beside",
-    "besides",
-    "between",
-    "beyond",
-    "both",
-    "but",
-    "can",
-    "cannot",
-    "could",
-    "couldn",
-    "did",
-    "didn",
-    "does",
-    "doesn",
-    "doing",
-    "don",
-    "done",
-    "down",
-    "during",
-    "each",
-    "either",
-    "else",
-    "even",
-    "ever",
-    "every",
-    "few",
-    "for",
-    "from",
-    "further",
-    "had",
-    "hadn",
-    "has",
-    "hasn",
-    "have",
-    "haven",
-    "having",
-    "her",
-    "here",
-    "hers",
-    "herself",
-    "him",
-    "himself",
-    "his",
-    "how",
-    "however",
-    "into",
-    "isn",
-    "its",
-    "itself",
-    "just",
-    "may",
-    "might",
-    "mine",
-    "more",
-    "most",
-    "much",
-    "must",
-    "myself",
-    "near",
-    "neither",
-    "never",
-    "nor",
-    "not",
-    "now",
-    "off",
-    "often",
-    "once",
-    "only",
-    "onto",
-    "other",
-    "others",
-    "ought",
-    "our",
-    "ours",
-    "ourselves",
-    "out",
-    "over",
-    "own",
-    "per",
-    "quite",
-    "rather",
-    "really",
-    "same",
-    "shall",
-    "she",
-    "should",
-    "shouldn",
-    "since",
-    "some",
-    "still",
-    "such",
-    "than",
-    "that",
-    "the",
-    "their",
-    "theirs",
-    "them",
-    "themselves",
-    "then",
-    "there",
-    "therefore",
-    "these",
-    "they",
-    "this",
-    "those",
-    "though",
-    "through",
-    "thus",
-    "till",
-    "too",
-    "toward",
-    "towards",
-    "under",
-    "unless",
-    "until",
-    "upon",
-    "very",
-    "via",
-    "was",
-    "wasn",
-    "were",
-    "weren",
-    "what",
-    "when",
-    "where",
-    "whether",
-    "which",
-    "while",
-    "who",
-    "whom",
-    "whose",
-    "why",
-    "will",
-    "with",
-    "within",
-    "without",
-    "would",
-    "wouldn",
-    "yet",
-    "you",
-    "your",
-    "yours",
-    "yourself",
-    "yourselves",
+    "about", "above", "across", "after", "again", "against", "all", "almost", "along", "already",
+    "also", "although", "always", "among", "and", "another", "any", "anyone", "anything", "are",
+    "aren", "around", "because", "been", "before", "behind", "being", "below", "beneath", "beside",
+    "besides", "between", "beyond", "both", "but", "can", "cannot", "could", "couldn", "did",
+    "didn", "does", "doesn", "doing", "don", "done", "down", "during", "each", "either", "else",
+    "even", "ever", "every", "few", "for", "from", "further", "had", "hadn", "has", "hasn", "have",
+    "haven", "having", "her", "here", "hers", "herself", "him", "himself", "his", "how", "however",
+    "into", "isn", "its", "itself", "just", "may", "might", "mine", "more", "most", "much", "must",
+    "myself", "near", "neither", "never", "nor", "not", "now", "off", "often", "once", "only",
+    "onto", "other", "others", "ought", "our", "ours", "ourselves", "out", "over", "own", "per",
+    "quite", "rather", "really", "same", "shall", "she", "should", "shouldn", "since", "some",
+    "still", "such", "than", "that", "the", "their", "theirs", "them", "themselves", "then",
+    "there", "therefore", "these", "they", "this", "those", "though", "through", "thus", "till",
+    "too", "toward", "towards", "under", "unless", "until", "upon", "very", "via", "was", "wasn",
+    "were", "weren", "what", "when", "where", "whether", "which", "while", "who", "whom", "whose",
+    "why", "will", "with", "within", "without", "would", "wouldn", "yet", "you", "your", "yours",
+    "yourself", "yourselves",
 ];
 
 /// Stemming suffixes, tried in this order; only the first that matches is considered.
@@ -329,7 +174,7 @@ const SUFFIXES: [&str; 12] = [
 
 /// [`SUFFIXES`] in the layout of [`Word::tail`] (last byte lowest), with the mask of their bytes
 /// and their lengths: a suffix test is one masked compare.
-const SUFFIX_TAILS: [(u64, u64, usize); 12] = {
+static SUFFIX_TAILS: [(u64, u64, usize); 12] = {
     let mut tails = [(0, 0, 0); 12];
     let mut i = 0;
     while i < SUFFIXES.len() {
@@ -355,7 +200,7 @@ fn stem_len(tail: u64, len: usize, chars: usize) -> usize {
     if !matches!(tail as u8, b's' | b'n' | b'g' | b'd' | b'r' | b'y') {
         return len;
     }
-    for (suffix, mask, n) in SUFFIX_TAILS {
+    for &(suffix, mask, n) in &SUFFIX_TAILS {
         if tail & mask == suffix {
             // The suffixes are ASCII: n bytes are n chars, and the stem ends on a char boundary.
             return if chars >= n + 3 { len - n } else { len };
@@ -365,6 +210,7 @@ fn stem_len(tail: u64, len: usize, chars: usize) -> usize {
 }
 
 /// The tail block of a word given as a str (the split computes it for [`Word`]s).
+#[cfg(test)]
 fn tail_of(word: &str) -> u64 {
     let bytes = word.as_bytes();
     bytes[bytes.len().saturating_sub(8)..]
@@ -372,6 +218,8 @@ fn tail_of(word: &str) -> u64 {
         .fold(0, |tail, &b| (tail << 8) | u64::from(b))
 }
 
+/// [`stem_len`] applied to a str.
+#[cfg(test)]
 fn stem(word: &str) -> &str {
     let len = stem_len(tail_of(word), word.len(), word.chars().count());
     word.get(..len).unwrap_or(word)
@@ -383,7 +231,7 @@ const STOPWORD_MAX_LEN: usize = 10;
 const STOPWORD_SLOTS: usize = 512;
 
 /// An open-addressing set of [`STOPWORDS`] built at compile time: (hash, index + 1; 0 = empty).
-const STOPWORD_TABLE: [(u64, u8); STOPWORD_SLOTS] = {
+static STOPWORD_TABLE: [(u64, u8); STOPWORD_SLOTS] = {
     let mut table = [(0, 0); STOPWORD_SLOTS];
     let mut i = 0;
     while i < STOPWORDS.len() {
@@ -411,6 +259,7 @@ fn is_stopword_hashed(word: &str, hash: u64) -> bool {
     }
 }
 
+#[cfg(test)]
 fn is_stopword(word: &str) -> bool {
     word.len() <= STOPWORD_MAX_LEN
         && is_stopword_hashed(word, hash_bytes(STOPWORD_STATE, word.as_bytes()))
@@ -533,7 +382,10 @@ impl CoverageScratch {
         // A stem has 3+ chars, so 3+ bytes, all of them a prefix of its word. A bit per answer stem
         // for its first 3 bytes lets most chunk words go after one lookup.
         let mut prefixes = [0u64; PREFIX_BITS / 64];
-        let prefix_bit = |head: u64| ((head & 0xff_ffff).wrapping_mul(C_PREFIX) >> (64 - PREFIX_BITS.trailing_zeros())) as usize;
+        let prefix_bit = |head: u64| {
+            ((head & 0xff_ffff).wrapping_mul(C_PREFIX) >> (64 - PREFIX_BITS.trailing_zeros()))
+                as usize
+        };
         let mut total = 0u32;
         for word in answer_words.iter() {
             let Some(stem) = content_stem(&word) else {

@@ -54,12 +54,17 @@ fn norm(v: &[f32]) -> f64 {
 
 #[test]
 fn features_of_hi_there_hi() {
-    let expected = [
-        // words
-        "hi", "there", "hi", // bigrams, across the comma
-        "hi there", "there hi", // 3-grams of each word
+    let words = ["hi", "there", "hi"];
+    let bigrams = ["hi there", "there hi"]; // across the comma
+    let grams = [
         "<hi", "hi>", "<th", "the", "her", "ere", "re>", "<hi", "hi>",
     ];
+    let expected: Vec<&str> = words
+        .iter()
+        .chain(&bigrams)
+        .chain(&grams)
+        .copied()
+        .collect();
     assert_eq!(features("Hi there, hi!"), expected);
 }
 
@@ -168,16 +173,58 @@ fn hash_is_fixed_across_platforms_and_runs() {
     assert_eq!(word_hash("hi"), 0xd6b6_8439_c0bb_2d3a);
     assert_eq!(word_hash("the"), 0x9de6_823e_a5d5_d972);
     assert_eq!(trigram_hash(pack("<he")), 0xa01d_e79d_25d5_c047);
-    assert_eq!(bigram_hash(word_hash("hello"), word_hash("world")), 0x1bee_d997_048b_c7da);
+    assert_eq!(
+        bigram_hash(word_hash("hello"), word_hash("world")),
+        0x1bee_d997_048b_c7da
+    );
 
     // 48 distinct features land in 45 dims.
     let expected: [(usize, i8); 45] = [
-        (18, 1), (22, 1), (26, 1), (44, 1), (62, -1), (66, -1), (89, 1), (136, 1), (185, -1),
-        (205, -1), (241, -1), (253, 1), (257, -1), (282, -1), (303, 1), (328, 1), (344, -1),
-        (362, 1), (370, -1), (374, 1), (384, 1), (406, 1), (416, -1), (433, -1), (449, 1),
-        (470, 1), (493, -1), (546, -1), (579, -1), (584, -1), (590, -1), (592, -1), (636, 1),
-        (733, 1), (768, -1), (790, -1), (795, 1), (809, 1), (828, 1), (833, -1), (867, 1),
-        (905, -1), (909, -1), (925, 1), (988, -1),
+        (18, 1),
+        (22, 1),
+        (26, 1),
+        (44, 1),
+        (62, -1),
+        (66, -1),
+        (89, 1),
+        (136, 1),
+        (185, -1),
+        (205, -1),
+        (241, -1),
+        (253, 1),
+        (257, -1),
+        (282, -1),
+        (303, 1),
+        (328, 1),
+        (344, -1),
+        (362, 1),
+        (370, -1),
+        (374, 1),
+        (384, 1),
+        (406, 1),
+        (416, -1),
+        (433, -1),
+        (449, 1),
+        (470, 1),
+        (493, -1),
+        (546, -1),
+        (579, -1),
+        (584, -1),
+        (590, -1),
+        (592, -1),
+        (636, 1),
+        (733, 1),
+        (768, -1),
+        (790, -1),
+        (795, 1),
+        (809, 1),
+        (828, 1),
+        (833, -1),
+        (867, 1),
+        (905, -1),
+        (909, -1),
+        (925, 1),
+        (988, -1),
     ];
     let v = Hashed.vector("The quick brown fox jumps over the lazy dog.");
     let got: Vec<(usize, i8)> = non_zero(&v)
@@ -314,15 +361,31 @@ fn split_matches_a_char_by_char_reference() {
     let mut words = Words::default();
     for len in 0..120 {
         for _ in 0..30 {
-            let text: String = (0..len).map(|_| alphabet[rng.usize(..alphabet.len())]).collect();
+            let text: String = (0..len)
+                .map(|_| alphabet[rng.usize(..alphabet.len())])
+                .collect();
             words.split(&text);
-            let got: Vec<(String, usize)> = words.iter().map(|w| (w.text.to_string(), w.chars)).collect();
+            let got: Vec<(String, usize)> = words
+                .iter()
+                .map(|w| (w.text.to_string(), w.chars))
+                .collect();
             assert_eq!(got, reference_words(&text), "{text:?}");
             for word in words.iter() {
                 let bytes = word.text.as_bytes();
-                let head = bytes.iter().take(8).rev().fold(0u64, |h, &b| (h << 8) | u64::from(b));
-                let tail = bytes[bytes.len().saturating_sub(8)..].iter().fold(0u64, |t, &b| (t << 8) | u64::from(b));
-                assert_eq!((word.head, word.tail), (head, tail), "{:?} in {text:?}", word.text);
+                let head = bytes
+                    .iter()
+                    .take(8)
+                    .rev()
+                    .fold(0u64, |h, &b| (h << 8) | u64::from(b));
+                let tail = bytes[bytes.len().saturating_sub(8)..]
+                    .iter()
+                    .fold(0u64, |t, &b| (t << 8) | u64::from(b));
+                assert_eq!(
+                    (word.head, word.tail),
+                    (head, tail),
+                    "{:?} in {text:?}",
+                    word.text
+                );
                 assert_eq!(word.hash_prefix(WORD, bytes.len()), word_hash(word.text));
             }
         }
