@@ -447,7 +447,7 @@ measure() {
     fi
     local url="http://127.0.0.1:$port$path"
     check_answer "$name" "$port"
-    note "$name: warm-up $WARMUP, then wrk -t$THREADS -c$CONNS -d$DURATION --latency ${wrk_args[*]} $url (wrk on core $WRK_CPU)"
+    note "$name: warm-up $WARMUP, then wrk -t$THREADS -c$CONNS -d$DURATION --latency ${wrk_args[*]:+${wrk_args[*]} }$url (wrk on core $WRK_CPU)"
     if (( WARM_S > 0 )); then
         run_wrk /dev/null "$WARM_S" "${wrk_args[@]}" -t"$THREADS" -c"$CONNS" -d"$WARMUP" "$url"
     fi

@@ -65,14 +65,24 @@ impl Capture {
         match self.parts.len() {
             0 => Bytes::new(),
             1 => self.parts.into_iter().next().unwrap_or_default(),
-            _ => {
-                let mut buf = BytesMut::with_capacity(self.len);
-                for p in &self.parts {
-                    buf.extend_from_slice(p);
-                }
-                buf.freeze()
-            }
+            _ => self.copied(),
         }
+    }
+
+    /// The same capture in one buffer of its own. The slices a capture holds keep alive the whole
+    /// read buffers they were cut from; a sample waiting in the queue must hold only its own bytes.
+    pub fn compact(self) -> Capture {
+        let (truncated, incomplete, cap, len) = (self.truncated, self.incomplete, self.cap, self.len);
+        let parts = if len == 0 { Vec::new() } else { vec![self.copied()] };
+        Capture { parts, len, cap, truncated, incomplete }
+    }
+
+    fn copied(&self) -> Bytes {
+        let mut buf = BytesMut::with_capacity(self.len);
+        for p in &self.parts {
+            buf.extend_from_slice(p);
+        }
+        buf.freeze()
     }
 }
 
@@ -157,7 +167,10 @@ mod tests {
         c.push(&Bytes::from_static(b"ignored"));
         assert!(c.truncated);
         assert_eq!(c.len(), 10);
-        assert_eq!(&c.into_bytes()[..], b"helloworld");
+        let compact = c.compact();
+        assert!(compact.truncated);
+        assert_eq!(compact.parts.len(), 1);
+        assert_eq!(&compact.into_bytes()[..], b"helloworld");
     }
 
     #[test]

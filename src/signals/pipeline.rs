@@ -230,13 +230,19 @@ impl Pipeline {
     }
 
     /// Queues a sample, or drops and counts it when the queue is full. Never blocks.
-    pub fn submit(&self, sample: Sample) {
+    pub fn submit(&self, mut sample: Sample) {
         if sample.response.truncated {
             self.truncated.with_label_values(&["response"]).inc();
         }
         if sample.request.as_ref().is_some_and(|c| c.truncated) {
             self.truncated.with_label_values(&["request"]).inc();
         }
+        if self.queue.is_full() {
+            self.dropped.inc();
+            return;
+        }
+        sample.response = sample.response.compact();
+        sample.request = sample.request.map(Capture::compact);
         if self.queue.push(sample).is_err() {
             self.dropped.inc();
             return;
