@@ -83,7 +83,9 @@ pub struct App {
     started: Instant,
     draining: AtomicBool,
     /// Serialises table rebuilds (reload, weight changes) so none is lost between load and store.
-    write_lock: Mutex<()>,
+    /// Also holds the weights set at run time (admin API, later the rollback lever), by arm; a reload
+    /// keeps them so re-reading the file never silently undoes a rollback.
+    write_lock: Mutex<BTreeMap<String, u32>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +127,7 @@ impl App {
             metrics,
             started: Instant::now(),
             draining: AtomicBool::new(false),
-            write_lock: Mutex::new(()),
+            write_lock: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -168,9 +170,18 @@ impl App {
 
     fn try_reload(&self, path: &Path) -> Result<String, ReloadError> {
         let loaded = load(path)?;
-        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let table =
+        let mut overrides = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table =
             RoutingTable::from_config(&loaded.config, &self.env_pins, &self.metrics, &self.pools)?;
+        overrides.retain(|arm, _| table.index_of(arm).is_some());
+        for (arm, weight) in overrides.iter() {
+            table = table.with_weight(arm, *weight)?;
+            tracing::info!(
+                arm = arm.as_str(),
+                weight,
+                "keeping the weight set at run time over the file's"
+            );
+        }
         let old = self.config.load();
         for (key, changed) in [
             (
@@ -227,9 +238,10 @@ impl App {
 
     /// Sets one arm's weight with a single swap of the routing table.
     pub fn set_weight(&self, arm: &str, weight: u32) -> Result<(), RouterError> {
-        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut overrides = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let table = self.table.load().with_weight(arm, weight)?;
         self.table.store(Arc::new(table));
+        overrides.insert(arm.to_string(), weight);
         tracing::info!(arm, weight, "arm weight set");
         Ok(())
     }

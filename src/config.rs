@@ -223,7 +223,9 @@ impl Default for Upstream {
             connect_timeout: secs(1),
             request_timeout: secs(30),
             pool_max_idle: 256,
-            pool_idle_timeout: secs(90),
+            // Below the 5 s keep-alive of uvicorn and Node, so a pooled connection is dropped here
+            // before the upstream closes it under a request in flight.
+            pool_idle_timeout: secs(4),
         }
     }
 }
@@ -275,6 +277,8 @@ pub struct Signals {
     pub max_sessions: usize,
     /// A session not seen for this long starts over.
     pub session_ttl: Dur,
+    /// Most bytes of body copies waiting in the queue; past it samples are dropped (counted).
+    pub max_queue_bytes: usize,
     pub openai: OpenAiEmbedder,
 }
 
@@ -293,6 +297,7 @@ impl Default for Signals {
             session_header: "x-session-id".into(),
             max_sessions: 100_000,
             session_ttl: secs(30 * 60),
+            max_queue_bytes: 32 << 20,
             openai: OpenAiEmbedder::default(),
         }
     }
@@ -817,12 +822,12 @@ impl Config {
         if r.window.0 < Duration::from_secs(1) {
             errors.push(err("rules.window", "must be at least 1s"));
         }
-        if r.window.0 > crate::windows::MAX_SPAN {
+        if r.window.0 > crate::windows::MAX_WINDOW {
             errors.push(err(
                 "rules.window",
                 format!(
                     "must be at most {}s, the span of the window ring",
-                    crate::windows::MAX_SPAN.as_secs()
+                    crate::windows::MAX_WINDOW.as_secs()
                 ),
             ));
         }

@@ -40,10 +40,14 @@ pub enum ProxyError {
     PinMismatch,
     /// No arm has a weight above 0: 503.
     NoUpstream,
+    /// The client went away while its request was in flight (its upload broke off): 499, not counted
+    /// against the arm's upstream.
+    ClientClosed,
 }
 
 impl ProxyError {
-    pub const ALL: [ProxyError; 4] = [
+    pub const ALL: [ProxyError; 5] = [
+        ProxyError::ClientClosed,
         ProxyError::UpstreamUnreachable,
         ProxyError::UpstreamTimeout,
         ProxyError::PinMismatch,
@@ -56,6 +60,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::PinMismatch => "pin_mismatch",
             ProxyError::NoUpstream => "no_upstream",
+            ProxyError::ClientClosed => "client_closed",
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::app::App;
 use crate::log::ACCESS;
 use crate::metrics::ProxyError;
 use crate::pins;
-use crate::router::Arm;
+use crate::router::{Arm, RoutingTable};
 use crate::signals::pipeline::{Pipeline, Sample};
 use crate::tee::{Capture, RequestBody, RequestSlot};
 use crate::upstream::Lease;
@@ -54,7 +54,7 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
     let table = app.table();
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
 
     let request_id = match parts.headers.get(X_REQUEST_ID) {
         Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
@@ -80,25 +80,59 @@ pub async fn handle(
         ));
     };
     let info = RequestInfo::new(&parts, request_id);
+    // If the client goes away before the response head, hyper drops this future mid-await; the guard
+    // still logs and counts the request.
+    let guard = Cancelled {
+        arm: arm.clone(),
+        info: Some(info.clone()),
+        start,
+    };
+    let response = forward(&app, &table, &arm, &peer, info, parts, body, start).await;
+    guard.disarm();
+    Ok(response)
+}
 
+/// The request path once an arm is chosen.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    app: &Arc<App>,
+    table: &RoutingTable,
+    arm: &Arc<Arm>,
+    peer: &Peer,
+    info: RequestInfo,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    start: Instant,
+) -> Response<ProxyBody> {
     let diffs = arm.pins.strip_client_pins(&mut parts.headers);
     if table.settings.strict_pins && !diffs.is_empty() {
         app.metrics.proxy_error(ProxyError::PinMismatch);
         let body = pins::diff_json(&diffs, info.request_id_str());
-        return Ok(json_response(
-            Some(&arm),
+        return json_response(
+            Some(arm),
             info,
             StatusCode::CONFLICT,
             body.to_string(),
             start,
-        ));
+        );
     }
 
+    let chunked = has_chunked_body(&parts.headers, &body);
     strip_hop_by_hop(&mut parts.headers);
     // One growth up front instead of rehashing as the stamped headers go in.
     parts.headers.reserve(arm.pins.len() + 5);
-    forwarded_for(&mut parts.headers, &peer);
-    stamp(&mut parts.headers, &arm, &info.request_id);
+    forwarded_for(&mut parts.headers, peer);
+    stamp(&mut parts.headers, arm, &info.request_id);
+    if chunked {
+        // hyper sends a GET/HEAD/DELETE without a length as bodiless; say there is a body.
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+    if parts.version == Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
+    }
 
     // Origin form for the upstream; Host is the client's (h1), its :authority (h2c), else the upstream's.
     let host = match parts.headers.get(header::HOST) {
@@ -139,26 +173,28 @@ pub async fn handle(
     let (response, lease) = match sent.await {
         Ok(Ok(exchange)) => exchange,
         Ok(Err(e)) => {
-            let kind = if e.is_timeout() {
+            let kind = if e.is_client_abort() {
+                ProxyError::ClientClosed
+            } else if e.is_timeout() {
                 ProxyError::UpstreamTimeout
             } else {
                 ProxyError::UpstreamUnreachable
             };
             let message = format!("upstream {}: {}", arm.upstream, error_chain(&e));
-            return Ok(error_response(Some(&arm), info, kind, &message, start));
+            return error_response(Some(arm), info, kind, &message, start);
         }
         Err(_) => {
             let message = format!(
                 "upstream {} sent no response within {:?}",
                 arm.upstream, table.settings.request_timeout
             );
-            return Ok(error_response(
-                Some(&arm),
+            return error_response(
+                Some(arm),
                 info,
                 ProxyError::UpstreamTimeout,
                 &message,
                 start,
-            ));
+            );
         }
     };
 
@@ -167,9 +203,13 @@ pub async fn handle(
     for (_, pin) in arm.pins.echoed_mismatches(&parts.headers) {
         arm.stats.pin_mismatch(now, &pin.name);
     }
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        // RFC 9112 §6.3: with both, the length is wrong; the client gets the stream re-framed.
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.reserve(arm.pins.len() + 3);
-    stamp(&mut parts.headers, &arm, &info.request_id);
+    stamp(&mut parts.headers, arm, &info.request_id);
     let status = parts.status.as_u16();
     arm.stats.response(now, status);
     let tee = match (
@@ -191,7 +231,7 @@ pub async fn handle(
         _ => None,
     };
     let observed = Observed {
-        arm,
+        arm: arm.clone(),
         info,
         status,
         start,
@@ -205,7 +245,64 @@ pub async fn handle(
         observed: Some(observed),
         lease: Some(lease),
     };
-    Ok(Response::from_parts(parts, ProxyBody(upstream)))
+    Response::from_parts(parts, ProxyBody(upstream))
+}
+
+/// Logs and counts a request whose client went away before the response head (status 499).
+struct Cancelled {
+    arm: Arc<Arm>,
+    info: Option<RequestInfo>,
+    start: Instant,
+}
+
+impl Cancelled {
+    fn disarm(mut self) {
+        self.info = None;
+    }
+}
+
+impl Drop for Cancelled {
+    fn drop(&mut self) {
+        if let Some(info) = self.info.take() {
+            let now = Instant::now();
+            self.arm.stats.response(now, CLIENT_CLOSED.as_u16());
+            self.arm.stats.completed(now, now - self.start);
+            access_log(
+                &info,
+                Some(&self.arm),
+                CLIENT_CLOSED.as_u16(),
+                now - self.start,
+                0,
+                false,
+            );
+        }
+    }
+}
+
+/// nginx's "client closed request": the client left before the response.
+const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
+/// A request body sent without a length (chunked, or an h2c stream without content-length).
+fn has_chunked_body(headers: &HeaderMap, body: &Incoming) -> bool {
+    !body.is_end_stream() && !headers.contains_key(header::CONTENT_LENGTH)
+}
+
+/// RFC 9113 §8.2.3: an HTTP/2 client may split `cookie` into several fields; HTTP/1.1 wants one.
+fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if let Ok(value) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 /// Whether a request can carry a question: a body-bearing method with a JSON (or unstated) content type.
@@ -335,8 +432,10 @@ fn error_response(
         ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         ProxyError::PinMismatch => StatusCode::CONFLICT,
         ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
+        ProxyError::ClientClosed => CLIENT_CLOSED,
     };
-    if let Some(arm) = arm {
+    if let (Some(arm), ProxyError::UpstreamUnreachable | ProxyError::UpstreamTimeout) = (arm, kind)
+    {
         arm.stats.upstream_error(Instant::now(), kind);
     }
     let body = serde_json::json!({"error": kind.as_str(), "message": message, "request_id": info.request_id_str()});
@@ -383,6 +482,7 @@ fn json_response(
 }
 
 /// What the access log needs to know about the request.
+#[derive(Clone)]
 struct RequestInfo {
     request_id: HeaderValue,
     method: Method,
@@ -556,6 +656,11 @@ impl Body for ProxyBody {
                         }
                         Some(Err(_)) => {
                             if let Some(mut obs) = observed.take() {
+                                // The upstream broke off mid-body: its failure, though the head said 2xx.
+                                obs.arm.stats.upstream_error(
+                                    Instant::now(),
+                                    ProxyError::UpstreamUnreachable,
+                                );
                                 obs.finish(false);
                             }
                         }

@@ -72,9 +72,20 @@ impl Capture {
     /// The same capture in one buffer of its own. The slices a capture holds keep alive the whole
     /// read buffers they were cut from; a sample waiting in the queue must hold only its own bytes.
     pub fn compact(self) -> Capture {
-        let (truncated, incomplete, cap, len) = (self.truncated, self.incomplete, self.cap, self.len);
-        let parts = if len == 0 { Vec::new() } else { vec![self.copied()] };
-        Capture { parts, len, cap, truncated, incomplete }
+        let (truncated, incomplete, cap, len) =
+            (self.truncated, self.incomplete, self.cap, self.len);
+        let parts = if len == 0 {
+            Vec::new()
+        } else {
+            vec![self.copied()]
+        };
+        Capture {
+            parts,
+            len,
+            cap,
+            truncated,
+            incomplete,
+        }
     }
 
     fn copied(&self) -> Bytes {

@@ -29,14 +29,20 @@ pub enum UpstreamError {
     },
     #[error("connect to {addr}: no connection within {timeout:?}")]
     ConnectTimeout { addr: String, timeout: Duration },
-    #[error("{addr}: {source}")]
-    Exchange { addr: String, source: hyper::Error },
+    #[error("{addr}: {detail}")]
+    Exchange { addr: String, detail: hyper::Error },
 }
 
 impl UpstreamError {
     /// Whether this is a timeout (504) rather than an unreachable or failing upstream (502).
     pub fn is_timeout(&self) -> bool {
         matches!(self, UpstreamError::ConnectTimeout { .. })
+    }
+
+    /// Whether the client's request body failed (the client went away mid-upload): not the upstream's
+    /// fault, and not to be counted against the arm.
+    pub fn is_client_abort(&self) -> bool {
+        matches!(self, UpstreamError::Exchange { detail, .. } if detail.is_user())
     }
 }
 
@@ -115,7 +121,13 @@ impl Pool {
                 Some(sender) if stale < MAX_STALE_RETRIES => (sender, true),
                 _ => (self.connect().await?, false),
             };
-            if sender.ready().await.is_err() {
+            if let Err(source) = sender.ready().await {
+                if !reused {
+                    return Err(UpstreamError::Exchange {
+                        addr: self.addr.clone(),
+                        detail: source,
+                    });
+                }
                 // Closed by the upstream while idle; the request was not touched.
                 stale += 1;
                 continue;
@@ -139,7 +151,7 @@ impl Pool {
                     _ => {
                         return Err(UpstreamError::Exchange {
                             addr: self.addr.clone(),
-                            source: e.into_error(),
+                            detail: e.into_error(),
                         })
                     }
                 },
@@ -194,9 +206,9 @@ impl Pool {
         let _ = stream.set_nodelay(true);
         let (sender, conn) = http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|source| UpstreamError::Exchange {
+            .map_err(|detail| UpstreamError::Exchange {
                 addr: self.addr.clone(),
-                source,
+                detail,
             })?;
         let addr = self.addr.clone();
         tokio::spawn(async move {

@@ -19,6 +19,8 @@ pub const SLOT: Duration = Duration::from_secs(10);
 pub const SLOTS: usize = 30;
 /// The longest span a window can merge.
 pub const MAX_SPAN: Duration = Duration::from_secs(SLOT.as_secs() * SLOTS as u64);
+/// The longest rule window: the ring less the slot being cleared ahead of its period.
+pub const MAX_WINDOW: Duration = Duration::from_secs(SLOT.as_secs() * (SLOTS as u64 - 1));
 
 /// log2 of the sub-bucket count; 8 → 256 sub-buckets, bucket width ≤ 1/128 of its values.
 const SUB_BITS: u32 = 8;

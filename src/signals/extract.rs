@@ -893,7 +893,12 @@ impl ToolCallAssembly {
             .and_then(|f| f.get("name"))
             .and_then(Value::as_str)
             .unwrap_or("");
-        let next_free = || self.calls.keys().next_back().map_or(0, |last| last + 1);
+        let next_free = || {
+            self.calls
+                .keys()
+                .next_back()
+                .map_or(0, |last| last.saturating_add(1))
+        };
         let index = match (fragment.get("index").and_then(Value::as_u64), self.last) {
             (Some(index), _) => index,
             (None, Some(last)) if name.is_empty() => last,

@@ -31,7 +31,8 @@ pub struct OpenAi {
     timeout: Duration,
     api_key: Option<HeaderValue>,
     client: Client<HttpConnector, Full<Bytes>>,
-    runtime: tokio::runtime::Runtime,
+    /// Always `Some` until drop; see `Drop`.
+    runtime: Option<tokio::runtime::Runtime>,
     cache: Mutex<LruCache<[u8; 16], Arc<Vec<f32>>>>,
 }
 
@@ -74,7 +75,7 @@ impl OpenAi {
             timeout,
             api_key,
             client,
-            runtime,
+            runtime: Some(runtime),
             cache: Mutex::new(LruCache::new(capacity)),
         })
     }
@@ -111,6 +112,8 @@ impl OpenAi {
         };
         let bytes = self
             .runtime
+            .as_ref()
+            .ok_or_else(|| EmbedError::Endpoint("the embedder is shutting down".into()))?
             .block_on(async { tokio::time::timeout(self.timeout, call).await })
             .map_err(|_| EmbedError::Timeout(self.timeout))??;
         parse_response(&bytes, texts.len())
@@ -158,6 +161,16 @@ fn text_key(text: &str) -> [u8; 16] {
     let mut key = [0u8; 16];
     key.copy_from_slice(&digest[..16]);
     key
+}
+
+impl Drop for OpenAi {
+    /// A reload or shutdown can drop the embedder on a thread of the proxy's runtime, where dropping a
+    /// runtime would panic; shutting it down in the background is allowed anywhere.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Embedder for OpenAi {

@@ -6,7 +6,7 @@
 //! Nothing here can delay or fail a request.
 
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -36,6 +36,13 @@ pub struct Sample {
     pub response: Capture,
     pub sse: bool,
     pub at: Instant,
+}
+
+impl Sample {
+    /// Bytes of body copies this sample holds.
+    fn bytes(&self) -> usize {
+        self.response.len() + self.request.as_ref().map_or(0, Capture::len)
+    }
 }
 
 /// What the workers need, swapped as a whole on reload.
@@ -102,9 +109,11 @@ struct Session {
     seen: Instant,
 }
 
+/// Sessions are keyed by a keyed hash of their id, so a client's long ids cost no memory here.
 pub struct Sessions {
-    map: Mutex<LruCache<String, Session>>,
+    map: Mutex<LruCache<u64, Session>>,
     ttl: Duration,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 impl Sessions {
@@ -113,6 +122,7 @@ impl Sessions {
         Sessions {
             map: Mutex::new(LruCache::new(capacity)),
             ttl,
+            hasher: std::collections::hash_map::RandomState::new(),
         }
     }
 
@@ -144,17 +154,18 @@ impl Sessions {
     /// The live state of a session, started afresh when unknown or older than the TTL.
     fn entry<'m>(
         &self,
-        map: &'m mut LruCache<String, Session>,
+        map: &'m mut LruCache<u64, Session>,
         id: &str,
         now: Instant,
     ) -> &'m mut Session {
+        let key = std::hash::BuildHasher::hash_one(&self.hasher, id);
         let stale = map
-            .peek(id)
+            .peek(&key)
             .is_some_and(|s| now.saturating_duration_since(s.seen) > self.ttl);
         if stale {
-            map.pop(id);
+            map.pop(&key);
         }
-        let state = map.get_or_insert_mut(id.to_string(), || Session {
+        let state = map.get_or_insert_mut(key, || Session {
             last_delta_s: None,
             tools: SessionTools::default(),
             seen: now,
@@ -167,6 +178,9 @@ impl Sessions {
 /// The proxy's handle on the pipeline.
 pub struct Pipeline {
     queue: Arc<ArrayQueue<Sample>>,
+    /// Bytes of body copies in the queue, bounded by `max_queue_bytes`.
+    queued_bytes: Arc<AtomicUsize>,
+    max_queue_bytes: usize,
     workers: Vec<Arc<Wakeup>>,
     dropped: IntCounter,
     truncated: IntCounterVec,
@@ -194,6 +208,7 @@ impl Pipeline {
     pub fn start(config: &SignalsConfig, metrics: &Metrics) -> Result<Pipeline, EvalError> {
         let evaluator = Arc::new(ArcSwap::from_pointee(Evaluator::from_config(config)?));
         let queue = Arc::new(ArrayQueue::new(config.queue.max(1)));
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         let sessions = Arc::new(Sessions::new(config.max_sessions, config.session_ttl.0));
         let mut workers = Vec::with_capacity(config.workers);
         for i in 0..config.workers {
@@ -203,6 +218,7 @@ impl Pipeline {
             });
             let worker = Worker {
                 queue: queue.clone(),
+                queued_bytes: queued_bytes.clone(),
                 wakeup: wakeup.clone(),
                 evaluator: evaluator.clone(),
                 sessions: sessions.clone(),
@@ -221,6 +237,8 @@ impl Pipeline {
         }
         Ok(Pipeline {
             queue,
+            queued_bytes,
+            max_queue_bytes: config.max_queue_bytes,
             workers,
             dropped: metrics.eval_dropped.clone(),
             truncated: metrics.tee_truncated.clone(),
@@ -241,9 +259,16 @@ impl Pipeline {
             self.dropped.inc();
             return;
         }
+        let bytes = sample.bytes();
+        if self.queued_bytes.fetch_add(bytes, SeqCst) + bytes > self.max_queue_bytes {
+            self.queued_bytes.fetch_sub(bytes, SeqCst);
+            self.dropped.inc();
+            return;
+        }
         sample.response = sample.response.compact();
         sample.request = sample.request.map(Capture::compact);
         if self.queue.push(sample).is_err() {
+            self.queued_bytes.fetch_sub(bytes, SeqCst);
             self.dropped.inc();
             return;
         }
@@ -300,6 +325,7 @@ const EVAL_NICE: libc::c_int = 19;
 
 struct Worker {
     queue: Arc<ArrayQueue<Sample>>,
+    queued_bytes: Arc<AtomicUsize>,
     wakeup: Arc<Wakeup>,
     evaluator: Arc<ArcSwap<Evaluator>>,
     sessions: Arc<Sessions>,
@@ -312,6 +338,7 @@ impl Worker {
         lower_priority();
         loop {
             while let Some(sample) = self.queue.pop() {
+                self.queued_bytes.fetch_sub(sample.bytes(), SeqCst);
                 self.evaluate(sample);
             }
             std::thread::park_timeout(LINGER);
