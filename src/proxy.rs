@@ -181,6 +181,7 @@ async fn forward(
                 ProxyError::UpstreamUnreachable
             };
             let message = format!("upstream {}: {}", arm.upstream, error_chain(&e));
+            app.metrics.proxy_error(kind);
             return error_response(Some(arm), info, kind, &message, start);
         }
         Err(_) => {
@@ -188,6 +189,7 @@ async fn forward(
                 "upstream {} sent no response within {:?}",
                 arm.upstream, table.settings.request_timeout
             );
+            app.metrics.proxy_error(ProxyError::UpstreamTimeout);
             return error_response(
                 Some(arm),
                 info,

@@ -159,14 +159,22 @@ impl Pool {
         }
     }
 
+    /// The most recently used idle connection that can take a request now. One that is still busy —
+    /// the upstream answered early and the client is still uploading — stays in the pool for later
+    /// rather than making this request wait behind someone else's upload.
     fn checkout(&self) -> Option<SendRequest<RequestBody>> {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(conn) = idle.pop() {
-            if !conn.sender.is_closed()
-                && now.duration_since(conn.since) < self.settings.idle_timeout
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let conn = &idle[i];
+            if conn.sender.is_closed()
+                || now.duration_since(conn.since) >= self.settings.idle_timeout
             {
-                return Some(conn.sender);
+                idle.remove(i);
+            } else if conn.sender.is_ready() {
+                return Some(idle.remove(i).sender);
             }
         }
         None

@@ -1248,3 +1248,162 @@ pub fn run_cli(args: &[&str], cwd: &Path, limit: Duration) -> std::process::Outp
         stderr: err.join().unwrap_or_default(),
     }
 }
+
+// ================================================================================================
+// Raw TCP: an upstream that writes its own bytes, and helpers for a client that does
+// ================================================================================================
+
+/// A TCP server on 127.0.0.1 (its own tokio runtime) whose every accepted connection is handed to
+/// `handler`: for upstreams that must misbehave in ways an HTTP library will not (answer early without
+/// reading the body, send both `Transfer-Encoding` and `Content-Length`, break off mid-body).
+/// Stops when dropped.
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+    connections: Arc<AtomicU64>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl RawUpstream {
+    pub fn start<F, Fut>(name: &str, handler: F) -> RawUpstream
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(format!("raw-{name}"))
+            .enable_all()
+            .build()
+            .expect("raw upstream runtime");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind raw upstream");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("raw upstream addr");
+        let connections = Arc::new(AtomicU64::new(0));
+        let count = connections.clone();
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(handler(stream));
+            }
+        });
+        RawUpstream {
+            addr,
+            connections,
+            rt: Some(rt),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connection_count(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Reads from `stream` until `buf` holds a whole message head (`\r\n\r\n`); returns the head (without
+/// the blank line) and leaves the bytes after it in `buf`. `None` on EOF or error before a whole head.
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            buf.drain(..end + 4);
+            return Some(head);
+        }
+        let mut chunk = [0u8; 8192];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The value of header `name` (case-insensitive) in a raw message head; the first one.
+pub fn head_field(head: &str, name: &str) -> Option<String> {
+    head.split("\r\n").skip(1).find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// Every value of header `name` (case-insensitive) in a raw message head.
+pub fn head_fields(head: &str, name: &str) -> Vec<String> {
+    head.split("\r\n")
+        .skip(1)
+        .filter_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+        .collect()
+}
+
+/// Decodes a complete chunked body (RFC 9112 §7.1; extensions and trailers ignored). `None` when the
+/// bytes are not a complete, well-formed chunked body.
+pub fn decode_chunked(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&data[..line_end]).ok()?;
+        let size_text = size_text.split(';').next()?.trim();
+        let size = usize::from_str_radix(size_text, 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            // Trailer section: lines until an empty one.
+            loop {
+                let end = data.windows(2).position(|w| w == b"\r\n")?;
+                if end == 0 {
+                    return Some(out);
+                }
+                data = &data[end + 2..];
+            }
+        }
+        if data.len() < size + 2 || &data[size..size + 2] != b"\r\n" {
+            return None;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// Reads `stream` to EOF (within `limit`), returning everything received.
+pub async fn read_to_eof<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    limit: Duration,
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    within(limit, "reading the connection to EOF", async {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => all.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    all
+}
