@@ -84,6 +84,35 @@ async fn mutate(app: &App, path: &str, req: Request<Incoming>) -> Response<Full<
             Err(e) => error(StatusCode::BAD_REQUEST, "reload_failed", &e.to_string()),
         };
     }
+    match path {
+        "/freeze" | "/unfreeze" => {
+            let frozen = path == "/freeze";
+            app.set_frozen(frozen);
+            return json(StatusCode::OK, serde_json::json!({ "frozen": frozen }));
+        }
+        "/flags" => {
+            let body = match read_json(req).await {
+                Ok(body) => body,
+                Err(resp) => return resp,
+            };
+            return match app.set_flags(&body) {
+                Ok(()) => {
+                    let table = app.table();
+                    let degrade = table
+                        .controls
+                        .degrade
+                        .as_ref()
+                        .and_then(|v| v.to_str().ok());
+                    json(
+                        StatusCode::OK,
+                        serde_json::json!({"degrade": degrade, "flags": &table.controls.flags}),
+                    )
+                }
+                Err(e) => error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
+            };
+        }
+        _ => {}
+    }
     if let Some(arm) = path
         .strip_prefix("/arms/")
         .and_then(|rest| rest.strip_suffix("/weight"))

@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::metrics::Metrics;
 use crate::pins;
-use crate::router::{RouterError, RoutingTable};
+use crate::router::{is_flag_name, Controls, RouterError, RoutingTable, MAX_FLAGS};
 use crate::signals::pipeline::Pipeline;
 use crate::signals::EvalError;
 use crate::upstream::Pools;
@@ -82,10 +83,40 @@ pub struct App {
     pub pipeline: Arc<Pipeline>,
     started: Instant,
     draining: AtomicBool,
-    /// Serialises table rebuilds (reload, weight changes) so none is lost between load and store.
-    /// Also holds the weights set at run time (admin API, later the rollback lever), by arm; a reload
-    /// keeps them so re-reading the file never silently undoes a rollback.
-    write_lock: Mutex<BTreeMap<String, u32>>,
+    /// Serialises table rebuilds (reload, weights, controls) so none is lost between load and store, and
+    /// holds what was set at run time; a reload re-applies it so re-reading the file never silently
+    /// undoes a rollback or a freeze.
+    write_lock: Mutex<RuntimeState>,
+}
+
+/// What operators (admin API) and, later, the rollback engine set at run time.
+#[derive(Debug, Default)]
+struct RuntimeState {
+    weights: BTreeMap<String, u32>,
+    frozen: bool,
+    degrade: bool,
+    flags: BTreeMap<String, bool>,
+}
+
+impl RuntimeState {
+    fn controls(&self, config: &Config) -> Controls {
+        let degrade = self
+            .degrade
+            .then(|| HeaderValue::try_from(config.rollback.degrade.as_str()).ok())
+            .flatten();
+        Controls::new(self.frozen, degrade, self.flags.clone())
+    }
+}
+
+/// A change to the controls requested through `POST /flags`.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagsError {
+    #[error("expected a JSON object of flag names to true/false, e.g. {{\"degrade\": true}}")]
+    Shape,
+    #[error("flag {0:?}: names are 1-64 characters of [A-Za-z0-9_.-] and values true or false")]
+    Invalid(String),
+    #[error("at most {MAX_FLAGS} named flags")]
+    TooMany,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +158,7 @@ impl App {
             metrics,
             started: Instant::now(),
             draining: AtomicBool::new(false),
-            write_lock: Mutex::new(BTreeMap::new()),
+            write_lock: Mutex::new(RuntimeState::default()),
         })
     }
 
@@ -170,11 +201,12 @@ impl App {
 
     fn try_reload(&self, path: &Path) -> Result<String, ReloadError> {
         let loaded = load(path)?;
-        let mut overrides = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut table =
-            RoutingTable::from_config(&loaded.config, &self.env_pins, &self.metrics, &self.pools)?;
-        overrides.retain(|arm, _| table.index_of(arm).is_some());
-        for (arm, weight) in overrides.iter() {
+            RoutingTable::from_config(&loaded.config, &self.env_pins, &self.metrics, &self.pools)?
+                .with_controls(state.controls(&loaded.config));
+        state.weights.retain(|arm, _| table.index_of(arm).is_some());
+        for (arm, weight) in state.weights.iter() {
             table = table.with_weight(arm, *weight)?;
             tracing::info!(
                 arm = arm.as_str(),
@@ -238,12 +270,64 @@ impl App {
 
     /// Sets one arm's weight with a single swap of the routing table.
     pub fn set_weight(&self, arm: &str, weight: u32) -> Result<(), RouterError> {
-        let mut overrides = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let table = self.table.load().with_weight(arm, weight)?;
         self.table.store(Arc::new(table));
-        overrides.insert(arm.to_string(), weight);
+        state.weights.insert(arm.to_string(), weight);
         tracing::info!(arm, weight, "arm weight set");
         Ok(())
+    }
+
+    /// Freezes or unfreezes writes with one swap of the routing table.
+    pub fn set_frozen(&self, frozen: bool) {
+        let mut state = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        state.frozen = frozen;
+        self.swap_controls(&state);
+        tracing::info!(
+            frozen,
+            "writes {}",
+            if frozen { "frozen" } else { "unfrozen" }
+        );
+    }
+
+    /// Applies `POST /flags`: `degrade` switches degrade mode, any other key sets a named flag.
+    pub fn set_flags(&self, changes: &serde_json::Value) -> Result<(), FlagsError> {
+        let changes = changes.as_object().ok_or(FlagsError::Shape)?;
+        let mut parsed = Vec::with_capacity(changes.len());
+        for (name, value) in changes {
+            match (name.as_str(), value.as_bool()) {
+                (name, Some(on)) if name == "degrade" || is_flag_name(name) => {
+                    parsed.push((name.to_string(), on))
+                }
+                _ => return Err(FlagsError::Invalid(name.clone())),
+            }
+        }
+        let mut state = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut flags = state.flags.clone();
+        let mut degrade = state.degrade;
+        for (name, on) in parsed {
+            if name == "degrade" {
+                degrade = on;
+            } else {
+                flags.insert(name, on);
+            }
+        }
+        if flags.len() > MAX_FLAGS {
+            return Err(FlagsError::TooMany);
+        }
+        state.flags = flags;
+        state.degrade = degrade;
+        self.swap_controls(&state);
+        tracing::info!(degrade, flags = ?state.flags, "flags set");
+        Ok(())
+    }
+
+    fn swap_controls(&self, state: &RuntimeState) {
+        let table = self
+            .table
+            .load()
+            .with_controls(state.controls(&self.config.load()));
+        self.table.store(Arc::new(table));
     }
 
     pub fn render_metrics(&self) -> String {
@@ -285,6 +369,9 @@ impl App {
                 "hash": self.config_hash.load().as_str(),
             },
             "total_weight": table.total_weight(),
+            "frozen": table.controls.frozen,
+            "degrade": table.controls.degrade.as_ref().and_then(|v| v.to_str().ok()),
+            "flags": &table.controls.flags,
             "signals": {
                 "embedder": self.pipeline.embedder_name(),
                 "sample": config.signals.sample,

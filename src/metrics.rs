@@ -43,11 +43,14 @@ pub enum ProxyError {
     /// The client went away while its request was in flight (its upload broke off): 499, not counted
     /// against the arm's upstream.
     ClientClosed,
+    /// A write while writes are frozen: 503.
+    WritesFrozen,
 }
 
 impl ProxyError {
-    pub const ALL: [ProxyError; 5] = [
+    pub const ALL: [ProxyError; 6] = [
         ProxyError::ClientClosed,
+        ProxyError::WritesFrozen,
         ProxyError::UpstreamUnreachable,
         ProxyError::UpstreamTimeout,
         ProxyError::PinMismatch,
@@ -61,6 +64,7 @@ impl ProxyError {
             ProxyError::PinMismatch => "pin_mismatch",
             ProxyError::NoUpstream => "no_upstream",
             ProxyError::ClientClosed => "client_closed",
+            ProxyError::WritesFrozen => "writes_frozen",
         }
     }
 }
@@ -269,6 +273,11 @@ fn table_families(table: &RoutingTable, window: Duration) -> Vec<MetricFamily> {
         "Current routing weight of each arm.",
         &["arm"],
     );
+    if let Some(frozen) = gauge("writes_frozen", "1 while writes are frozen, else 0.", &[]) {
+        frozen
+            .with_label_values::<&str>(&[])
+            .set(if table.controls.frozen { 1.0 } else { 0.0 });
+    }
     let mut latency = Vec::new();
     let mut delta_s = Vec::new();
     let coverage = gauge(

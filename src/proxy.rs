@@ -31,6 +31,8 @@ use crate::upstream::Lease;
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_DRIFTGUARD_ARM: HeaderName = HeaderName::from_static("x-driftguard-arm");
 pub const X_CACHE_NS: HeaderName = HeaderName::from_static("x-cache-ns");
+pub const X_DRIFTGUARD_DEGRADE: HeaderName = HeaderName::from_static("x-driftguard-degrade");
+pub const X_DRIFTGUARD_FLAGS: HeaderName = HeaderName::from_static("x-driftguard-flags");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -117,12 +119,39 @@ async fn forward(
         );
     }
 
+    let controls = &table.controls;
+    if controls.frozen
+        && table
+            .settings
+            .writes
+            .is_write(&parts.method, parts.uri.path())
+    {
+        app.metrics.proxy_error(ProxyError::WritesFrozen);
+        return error_response(
+            Some(arm),
+            info,
+            ProxyError::WritesFrozen,
+            "writes are frozen",
+            start,
+        );
+    }
     let chunked = has_chunked_body(&parts.headers, &body);
     strip_hop_by_hop(&mut parts.headers);
     // One growth up front instead of rehashing as the stamped headers go in.
     parts.headers.reserve(arm.pins.len() + 5);
     forwarded_for(&mut parts.headers, peer);
     stamp(&mut parts.headers, arm, &info.request_id);
+    // Only driftguard says what degrade mode and the flags are.
+    parts.headers.remove(X_DRIFTGUARD_DEGRADE);
+    parts.headers.remove(X_DRIFTGUARD_FLAGS);
+    if let Some(directives) = &controls.degrade {
+        parts
+            .headers
+            .insert(X_DRIFTGUARD_DEGRADE, directives.clone());
+    }
+    if let Some(flags) = controls.flags_header() {
+        parts.headers.insert(X_DRIFTGUARD_FLAGS, flags.clone());
+    }
     if chunked {
         // hyper sends a GET/HEAD/DELETE without a length as bodiless; say there is a body.
         parts.headers.insert(
@@ -435,6 +464,7 @@ fn error_response(
         ProxyError::PinMismatch => StatusCode::CONFLICT,
         ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
         ProxyError::ClientClosed => CLIENT_CLOSED,
+        ProxyError::WritesFrozen => StatusCode::SERVICE_UNAVAILABLE,
     };
     if let (Some(arm), ProxyError::UpstreamUnreachable | ProxyError::UpstreamTimeout) = (arm, kind)
     {
@@ -458,7 +488,7 @@ fn json_response(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::GATEWAY_TIMEOUT {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     let now = Instant::now();

@@ -13,6 +13,7 @@ use http::uri::Authority;
 use http::{HeaderName, HeaderValue};
 
 use crate::config::{parse_upstream, Config};
+use crate::guards::freeze::WriteRoutes;
 use crate::metrics::{ArmStats, Metrics};
 use crate::pins::{self, PinSet};
 use crate::upstream::{Pool, Pools};
@@ -47,6 +48,58 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Header naming the session for the λ series.
     pub session_header: Option<HeaderName>,
+    /// Which requests are writes (`writes.routes`).
+    pub writes: WriteRoutes,
+}
+
+/// The levers operators and the rollback engine pull at run time. They live in the table so a change is
+/// one swap like any other, and survive reloads (the app re-applies them).
+#[derive(Debug, Clone, Default)]
+pub struct Controls {
+    /// Writes (`writes.routes`) get 503 while set.
+    pub frozen: bool,
+    /// Degrade mode: `x-driftguard-degrade` stamped with these directives while on.
+    pub degrade: Option<HeaderValue>,
+    /// Named flags, stamped as `x-driftguard-flags: a=on,b=off`.
+    pub flags: std::collections::BTreeMap<String, bool>,
+    flags_header: Option<HeaderValue>,
+}
+
+/// Most named flags kept; the header and the status document stay small.
+pub const MAX_FLAGS: usize = 64;
+
+impl Controls {
+    pub fn new(
+        frozen: bool,
+        degrade: Option<HeaderValue>,
+        flags: std::collections::BTreeMap<String, bool>,
+    ) -> Self {
+        let joined: Vec<String> = flags
+            .iter()
+            .map(|(k, v)| format!("{k}={}", if *v { "on" } else { "off" }))
+            .collect();
+        let flags_header = (!joined.is_empty())
+            .then(|| HeaderValue::try_from(joined.join(",")).ok())
+            .flatten();
+        Controls {
+            frozen,
+            degrade,
+            flags,
+            flags_header,
+        }
+    }
+
+    pub fn flags_header(&self) -> Option<&HeaderValue> {
+        self.flags_header.as_ref()
+    }
+}
+
+/// Flag names: 1–64 of `[A-Za-z0-9_.-]`, so they fit a header and a label.
+pub fn is_flag_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 impl Settings {
@@ -60,6 +113,7 @@ impl Settings {
 /// The routing table: arms, their weights, and the settings the request path reads.
 pub struct RoutingTable {
     pub settings: Settings,
+    pub controls: Controls,
     arms: Vec<Arc<Arm>>,
     weights: Vec<u32>,
     /// Running sums of `weights`, for the weighted pick.
@@ -124,9 +178,11 @@ impl RoutingTable {
             sample: config.signals.sample,
             max_body_bytes: config.signals.max_body_bytes,
             session_header: HeaderName::try_from(&config.signals.session_header).ok(),
+            writes: WriteRoutes::new(&config.writes.routes),
         };
         Ok(RoutingTable::new(
             settings,
+            Controls::default(),
             arms,
             config.arms.iter().map(|a| a.weight).collect(),
             sticky_header,
@@ -135,6 +191,7 @@ impl RoutingTable {
 
     fn new(
         settings: Settings,
+        controls: Controls,
         arms: Vec<Arc<Arm>>,
         weights: Vec<u32>,
         sticky_header: Option<HeaderName>,
@@ -148,6 +205,7 @@ impl RoutingTable {
             .collect();
         RoutingTable {
             settings,
+            controls,
             arms,
             weights,
             cumulative,
@@ -164,10 +222,22 @@ impl RoutingTable {
         weights[i] = weight;
         Ok(RoutingTable::new(
             self.settings.clone(),
+            self.controls.clone(),
             self.arms.clone(),
             weights,
             self.sticky_header.clone(),
         ))
+    }
+
+    /// A copy of this table with other controls.
+    pub fn with_controls(&self, controls: Controls) -> RoutingTable {
+        RoutingTable::new(
+            self.settings.clone(),
+            controls,
+            self.arms.clone(),
+            self.weights.clone(),
+            self.sticky_header.clone(),
+        )
     }
 
     pub fn arms(&self) -> &[Arc<Arm>] {

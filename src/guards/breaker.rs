@@ -1,0 +1,1 @@
+//! Circuit breaker per arm (SPEC §5).
