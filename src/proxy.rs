@@ -116,6 +116,7 @@ async fn forward(
             StatusCode::CONFLICT,
             body.to_string(),
             start,
+            false,
         );
     }
 
@@ -471,7 +472,8 @@ fn error_response(
         arm.stats.upstream_error(Instant::now(), kind);
     }
     let body = serde_json::json!({"error": kind.as_str(), "message": message, "request_id": info.request_id_str()});
-    json_response(arm, info, status, body.to_string(), start)
+    let deliberate = kind == ProxyError::WritesFrozen;
+    json_response(arm, info, status, body.to_string(), start, deliberate)
 }
 
 fn json_response(
@@ -480,7 +482,9 @@ fn json_response(
     status: StatusCode,
     body: String,
     start: Instant,
+    deliberate: bool,
 ) -> Response<ProxyBody> {
+    let bytes = body.len() as u64;
     let mut response = Response::new(ProxyBody(Kind::Full(Full::new(Bytes::from(body)))));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -495,8 +499,12 @@ fn json_response(
     match arm {
         Some(arm) => {
             stamp(headers, arm, &info.request_id);
-            arm.stats.response(now, status.as_u16());
-            arm.stats.completed(now, now - start);
+            // A frozen write is a rollback step doing its job, not the arm failing: counting it would
+            // hold the error rate up while the freeze is what recovery waits on.
+            if !deliberate {
+                arm.stats.response(now, status.as_u16());
+                arm.stats.completed(now, now - start);
+            }
         }
         None => {
             headers.insert(X_REQUEST_ID, info.request_id.clone());
@@ -507,7 +515,7 @@ fn json_response(
         arm.map(|a| a.as_ref()),
         status.as_u16(),
         now - start,
-        0,
+        bytes,
         true,
     );
     response

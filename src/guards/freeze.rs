@@ -15,8 +15,14 @@ impl WriteRoutes {
     }
 
     /// Whether a request is a write: its method matches and its path starts with the prefix at a
-    /// segment boundary (`/ingest` covers `/ingest` and `/ingest/x`, not `/ingestion`).
+    /// segment boundary (`/ingest` covers `/ingest` and `/ingest/x`, not `/ingestion`). The path is
+    /// compared in its normal form, so `/%69ngest`, `/./ingest` or `//ingest` are writes too.
     pub fn is_write(&self, method: &Method, path: &str) -> bool {
+        if !self.0.iter().any(|(m, _)| m == method) {
+            return false;
+        }
+        let path = normalize(path);
+        let path = path.as_ref();
         self.0.iter().any(|(m, prefix)| {
             m == method
                 && path.starts_with(prefix.as_str())
@@ -28,6 +34,51 @@ impl WriteRoutes {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+}
+
+/// The path as an upstream would route it: percent-decoded, empty and `.` segments dropped, `..`
+/// resolved. Borrowed when there is nothing to do (the common case).
+fn normalize(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains('%') && !path.contains("//") && !path.contains("/.") {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).and_then(|b| hex(*b)), bytes.get(i + 2).and_then(|b| hex(*b))) {
+            (b'%', Some(hi), Some(lo)) => {
+                decoded.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    let decoded = String::from_utf8_lossy(&decoded);
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let trailing = decoded.ends_with('/') && !segments.is_empty();
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || trailing {
+        out.push('/');
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -48,5 +99,17 @@ mod tests {
         assert!(w.is_write(&Method::DELETE, "/docs/42"));
         assert!(w.is_write(&Method::PUT, "/a/b"));
         assert!(!w.is_write(&Method::POST, "/ask"));
+    }
+
+    #[test]
+    fn other_spellings_of_a_write_path_are_writes() {
+        let w = WriteRoutes::new(&["POST /ingest".into(), "DELETE /docs".into()]);
+        for path in ["/%69ngest", "/./ingest", "/x/../ingest", "//ingest", "/ingest%2Fbatch", "/%2e/ingest"] {
+            assert!(w.is_write(&Method::POST, path), "{path}");
+        }
+        assert!(w.is_write(&Method::DELETE, "/%64ocs/1"));
+        assert!(!w.is_write(&Method::POST, "/%69ngestion"));
+        assert_eq!(normalize("/a/b/"), "/a/b/");
+        assert_eq!(normalize("/../.."), "/");
     }
 }

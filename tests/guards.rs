@@ -1,0 +1,698 @@
+//! Guards driven by operators (SPEC §5 "Write freeze" and "Degrade mode"): `POST /freeze` / `/unfreeze`
+//! refuse and release the writes of `writes.routes`; `POST /flags` switches degrade mode and named flags,
+//! which driftguard alone stamps on upstream requests. Both survive a config reload.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::*;
+use http::{Method, Request, StatusCode};
+use serde_json::{json, Value};
+
+const WRITES: &str = "[writes]\nroutes = [\"POST /ingest\", \"DELETE /docs\"]\n";
+const TOKEN: &str = "fr33ze-t0ken";
+
+fn config(up: &Upstream, extra: &str) -> String {
+    format!(
+        "{LISTEN}\n{WRITES}\n{extra}\n{}",
+        arm("main", &up.url(), 1, &[])
+    )
+}
+
+/// Sends `method path` through the proxy with `x-request-id: id` and any extra headers.
+async fn send(
+    client: &HttpClient,
+    proxy: &Proxy,
+    method: Method,
+    path: &str,
+    id: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let with_body = method == Method::POST || method == Method::PUT;
+    let mut req = Request::builder()
+        .method(method)
+        .uri(proxy.url(path))
+        .header("x-request-id", id);
+    if with_body {
+        req = req.header("content-type", "application/json");
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let body = if with_body {
+        full(r#"{"doc":"x"}"#)
+    } else {
+        empty()
+    };
+    exchange(client, req.body(body).unwrap()).await
+}
+
+/// The request went through: 200 from the upstream, which saw it under `id`.
+async fn assert_passes(
+    client: &HttpClient,
+    proxy: &Proxy,
+    up: &Upstream,
+    method: Method,
+    path: &str,
+    id: &str,
+) -> Recorded {
+    let what = format!("{method} {path}");
+    let reply = send(client, proxy, method.clone(), path, id, &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{what}: {}", reply.text());
+    assert_eq!(
+        reply.header("x-upstream").as_deref(),
+        Some("main"),
+        "{what}"
+    );
+    let seen = up
+        .find(id)
+        .unwrap_or_else(|| panic!("{what}: the upstream did not see {id}"));
+    assert_eq!(seen.method, method, "{what}");
+    seen
+}
+
+/// The request was refused as a frozen write: 503 JSON `writes_frozen` with `Retry-After` and the
+/// request id, and the upstream never saw it.
+async fn assert_frozen(
+    client: &HttpClient,
+    proxy: &Proxy,
+    up: &Upstream,
+    method: Method,
+    path: &str,
+    id: &str,
+) {
+    let what = format!("{method} {path}");
+    let before = up.request_count();
+    let reply = send(client, proxy, method, path, id, &[]).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{what}: {}",
+        reply.text()
+    );
+    assert_eq!(
+        reply.header("content-type").as_deref(),
+        Some("application/json"),
+        "{what}"
+    );
+    let body = reply.json();
+    assert_eq!(body["error"], "writes_frozen", "{what}: {body}");
+    assert!(body["message"].is_string(), "{what}: {body}");
+    assert_eq!(body["request_id"], id, "{what}: {body}");
+    let retry_after = reply
+        .header("retry-after")
+        .unwrap_or_else(|| panic!("{what}: no Retry-After"));
+    assert!(
+        retry_after.parse::<u64>().is_ok_and(|s| s >= 1),
+        "{what}: Retry-After {retry_after:?}"
+    );
+    assert_eq!(
+        reply.header("x-request-id").as_deref(),
+        Some(id),
+        "{what}: x-request-id"
+    );
+    assert!(
+        up.find(id).is_none(),
+        "{what}: the upstream saw a frozen write"
+    );
+    assert_eq!(
+        up.request_count(),
+        before,
+        "{what}: the upstream saw a request"
+    );
+}
+
+async fn status(client: &HttpClient, proxy: &Proxy) -> Value {
+    let reply = get(client, &proxy.admin_url("/status"), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    reply.json()
+}
+
+async fn metric_now(
+    client: &HttpClient,
+    proxy: &Proxy,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
+    let (text, samples) = scrape(client, proxy).await;
+    metric(&samples, name, labels).unwrap_or_else(|| panic!("no {name}{labels:?} in:\n{text}"))
+}
+
+async fn frozen_gauge(client: &HttpClient, proxy: &Proxy) -> f64 {
+    metric_now(client, proxy, "driftguard_writes_frozen", &[]).await
+}
+
+async fn frozen_refusals(client: &HttpClient, proxy: &Proxy) -> f64 {
+    metric_now(
+        client,
+        proxy,
+        "driftguard_proxy_errors_total",
+        &[("kind", "writes_frozen")],
+    )
+    .await
+}
+
+async fn post_admin(client: &HttpClient, proxy: &Proxy, path: &str, body: &str) -> Reply {
+    admin_post(client, &proxy.admin_url(path), body, None).await
+}
+
+async fn freeze(client: &HttpClient, proxy: &Proxy, on: bool) {
+    let path = if on { "/freeze" } else { "/unfreeze" };
+    let reply = post_admin(client, proxy, path, "").await;
+    assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.text());
+    assert_eq!(reply.json(), json!({ "frozen": on }), "{path}");
+}
+
+async fn set_flags(client: &HttpClient, proxy: &Proxy, body: &str) -> Value {
+    let reply = post_admin(client, proxy, "/flags", body).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "/flags {body}: {}",
+        reply.text()
+    );
+    reply.json()
+}
+
+/// The degrade and flags headers one request carried to the upstream.
+async fn stamped(
+    client: &HttpClient,
+    proxy: &Proxy,
+    up: &Upstream,
+    id: &str,
+    headers: &[(&str, &str)],
+) -> (Option<String>, Option<String>) {
+    let reply = send(client, proxy, Method::POST, "/ask", id, headers).await;
+    assert_eq!(reply.status, StatusCode::OK, "POST /ask: {}", reply.text());
+    let seen = up
+        .find(id)
+        .unwrap_or_else(|| panic!("the upstream did not see {id}"));
+    (
+        seen.header("x-driftguard-degrade"),
+        seen.header("x-driftguard-flags"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_refuses_writes_and_lets_reads_through() {
+    let up = Upstream::start("main");
+    let proxy = Proxy::start(&config(&up, ""));
+    let client = client();
+
+    // Not frozen: writes pass.
+    assert_passes(&client, &proxy, &up, Method::POST, "/ingest", "pre-1").await;
+    assert_eq!(frozen_gauge(&client, &proxy).await, 0.0);
+    assert_eq!(frozen_refusals(&client, &proxy).await, 0.0);
+    assert_eq!(status(&client, &proxy).await["frozen"], false);
+
+    freeze(&client, &proxy, true).await;
+    assert_eq!(status(&client, &proxy).await["frozen"], true);
+    assert_eq!(frozen_gauge(&client, &proxy).await, 1.0);
+
+    assert_frozen(&client, &proxy, &up, Method::POST, "/ingest", "fz-1").await;
+    assert_frozen(&client, &proxy, &up, Method::POST, "/ingest/batch", "fz-2").await;
+    assert_frozen(&client, &proxy, &up, Method::DELETE, "/docs/1", "fz-3").await;
+    assert_frozen(
+        &client,
+        &proxy,
+        &up,
+        Method::POST,
+        "/ingest?mode=full",
+        "fz-4",
+    )
+    .await;
+    assert_frozen(&client, &proxy, &up, Method::DELETE, "/docs", "fz-5").await;
+
+    // Reads and non-matching routes go on.
+    assert_passes(&client, &proxy, &up, Method::POST, "/ingestion", "rd-1").await;
+    assert_passes(&client, &proxy, &up, Method::GET, "/ingest", "rd-2").await;
+    assert_passes(&client, &proxy, &up, Method::POST, "/ask", "rd-3").await;
+    assert_passes(&client, &proxy, &up, Method::GET, "/docs/1", "rd-4").await;
+    assert_passes(&client, &proxy, &up, Method::POST, "/docs/1", "rd-5").await;
+
+    assert_eq!(frozen_refusals(&client, &proxy).await, 5.0);
+    assert_eq!(frozen_gauge(&client, &proxy).await, 1.0);
+
+    // Freezing twice is harmless.
+    freeze(&client, &proxy, true).await;
+    assert_eq!(frozen_gauge(&client, &proxy).await, 1.0);
+
+    freeze(&client, &proxy, false).await;
+    assert_eq!(status(&client, &proxy).await["frozen"], false);
+    assert_eq!(frozen_gauge(&client, &proxy).await, 0.0);
+    assert_passes(&client, &proxy, &up, Method::POST, "/ingest", "post-1").await;
+    assert_passes(
+        &client,
+        &proxy,
+        &up,
+        Method::POST,
+        "/ingest/batch",
+        "post-2",
+    )
+    .await;
+    assert_passes(&client, &proxy, &up, Method::DELETE, "/docs/1", "post-3").await;
+    assert_eq!(
+        frozen_refusals(&client, &proxy).await,
+        5.0,
+        "the counter keeps its total and grows no more"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_levers_need_the_configured_token() {
+    let up = Upstream::start("main");
+    let proxy = Proxy::start_with_env(&config(&up, ""), &[("DRIFTGUARD_ADMIN_TOKEN", TOKEN)]);
+    let client = client();
+
+    for (path, body) in [
+        ("/freeze", ""),
+        ("/unfreeze", ""),
+        ("/flags", r#"{"degrade": true}"#),
+    ] {
+        for token in [None, Some("wrong"), Some(&*format!("{TOKEN}x"))] {
+            let reply = admin_post(&client, &proxy.admin_url(path), body, token).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::UNAUTHORIZED,
+                "{path} with {token:?}: {}",
+                reply.text()
+            );
+            assert_eq!(reply.json()["error"], "unauthorized", "{path}");
+        }
+    }
+    let st = status(&client, &proxy).await;
+    assert_eq!(st["frozen"], false, "{st}");
+    assert_eq!(st["degrade"], Value::Null, "{st}");
+    assert_eq!(frozen_gauge(&client, &proxy).await, 0.0);
+    let seen = assert_passes(&client, &proxy, &up, Method::POST, "/ingest", "tok-1").await;
+    assert_eq!(seen.header("x-driftguard-degrade"), None);
+
+    let reply = admin_post(&client, &proxy.admin_url("/freeze"), "", Some(TOKEN)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json(), json!({"frozen": true}));
+    assert_frozen(&client, &proxy, &up, Method::POST, "/ingest", "tok-2").await;
+
+    // Unfreezing without the token is refused too, and the freeze holds.
+    let reply = admin_post(&client, &proxy.admin_url("/unfreeze"), "", None).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    assert_eq!(status(&client, &proxy).await["frozen"], true);
+    assert_frozen(&client, &proxy, &up, Method::POST, "/ingest", "tok-3").await;
+
+    let reply = admin_post(&client, &proxy.admin_url("/unfreeze"), "", Some(TOKEN)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_passes(&client, &proxy, &up, Method::POST, "/ingest", "tok-4").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_degrade_and_flags_survive_reload() {
+    let up = Upstream::start("main");
+    let proxy = Proxy::start(&config(&up, ""));
+    let client = client();
+
+    freeze(&client, &proxy, true).await;
+    set_flags(&client, &proxy, r#"{"degrade": true, "beta": true}"#).await;
+
+    // Unchanged file.
+    let reply = post_admin(&client, &proxy, "/reload", "").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["reloaded"], true);
+    let st = status(&client, &proxy).await;
+    assert_eq!(st["frozen"], true, "after an unchanged reload: {st}");
+    assert_eq!(frozen_gauge(&client, &proxy).await, 1.0);
+    assert_frozen(&client, &proxy, &up, Method::POST, "/ingest", "rl-1").await;
+    assert_eq!(
+        stamped(&client, &proxy, &up, "rl-2", &[]).await,
+        (
+            Some("skip_rerank;k=3;cite_only".into()),
+            Some("beta=on".into())
+        )
+    );
+
+    // A slightly changed file: another write route, other degrade directives, a request timeout.
+    proxy.rewrite_config(&format!(
+        "{LISTEN}\n[writes]\nroutes = [\"POST /ingest\", \"DELETE /docs\", \"PUT /items\"]\n\n\
+         [upstream]\nrequest_timeout = \"29s\"\n\n[rollback]\ndegrade = \"k=2\"\n\n{}",
+        arm("main", &up.url(), 1, &[])
+    ));
+    let reply = post_admin(&client, &proxy, "/reload", "").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let st = status(&client, &proxy).await;
+    assert_eq!(st["frozen"], true, "after a changed reload: {st}");
+    assert_eq!(st["degrade"], "k=2", "the new directives: {st}");
+    assert_eq!(st["flags"], json!({"beta": true}), "{st}");
+    assert_eq!(frozen_gauge(&client, &proxy).await, 1.0);
+    assert_frozen(&client, &proxy, &up, Method::POST, "/ingest", "rl-3").await;
+    assert_frozen(&client, &proxy, &up, Method::PUT, "/items/9", "rl-4").await;
+    assert_eq!(
+        stamped(&client, &proxy, &up, "rl-5", &[]).await,
+        (Some("k=2".into()), Some("beta=on".into()))
+    );
+
+    // A refused reload changes nothing either.
+    proxy.rewrite_config(&format!(
+        "{LISTEN}\n[writes]\nroutes = [\"nonsense\"]\n\n{}",
+        arm("main", &up.url(), 1, &[])
+    ));
+    let reply = post_admin(&client, &proxy, "/reload", "").await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert_eq!(status(&client, &proxy).await["frozen"], true);
+    assert_frozen(&client, &proxy, &up, Method::PUT, "/items/9", "rl-6").await;
+
+    freeze(&client, &proxy, false).await;
+    assert_passes(&client, &proxy, &up, Method::PUT, "/items/9", "rl-7").await;
+    assert_eq!(frozen_gauge(&client, &proxy).await, 0.0);
+    assert_eq!(frozen_refusals(&client, &proxy).await, 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn degrade_and_flags_are_stamped_by_driftguard_only() {
+    let up = Upstream::start("main");
+    let proxy = Proxy::start(&config(&up, ""));
+    let client = client();
+    let forged = [
+        ("x-driftguard-degrade", "forged;k=99"),
+        ("x-driftguard-flags", "evil=on"),
+    ];
+
+    // Off by default; a client's headers are dropped.
+    assert_eq!(
+        stamped(&client, &proxy, &up, "dg-0", &[]).await,
+        (None, None)
+    );
+    assert_eq!(
+        stamped(&client, &proxy, &up, "dg-1", &forged).await,
+        (None, None),
+        "client-sent degrade/flags headers reached the upstream"
+    );
+    let st = status(&client, &proxy).await;
+    assert_eq!(st["degrade"], Value::Null, "{st}");
+    assert_eq!(st["flags"], json!({}), "{st}");
+
+    let reply = set_flags(&client, &proxy, r#"{"degrade": true}"#).await;
+    assert_eq!(reply["degrade"], "skip_rerank;k=3;cite_only", "{reply}");
+    let st = status(&client, &proxy).await;
+    assert_eq!(st["degrade"], "skip_rerank;k=3;cite_only", "{st}");
+    assert_eq!(
+        stamped(&client, &proxy, &up, "dg-2", &[]).await,
+        (Some("skip_rerank;k=3;cite_only".into()), None)
+    );
+    assert_eq!(
+        stamped(&client, &proxy, &up, "dg-3", &forged).await,
+        (Some("skip_rerank;k=3;cite_only".into()), None),
+        "the client's values are replaced"
+    );
+
+    let reply = set_flags(
+        &client,
+        &proxy,
+        r#"{"prompt_pack_v2": false, "beta": true}"#,
+    )
+    .await;
+    assert_eq!(
+        reply["flags"],
+        json!({"beta": true, "prompt_pack_v2": false}),
+        "{reply}"
+    );
+    assert_eq!(
+        reply["degrade"], "skip_rerank;k=3;cite_only",
+        "flags leave degrade alone"
+    );
+    let want = (
+        Some("skip_rerank;k=3;cite_only".to_string()),
+        Some("beta=on,prompt_pack_v2=off".to_string()),
+    );
+    assert_eq!(stamped(&client, &proxy, &up, "dg-4", &[]).await, want);
+    assert_eq!(stamped(&client, &proxy, &up, "dg-5", &forged).await, want);
+    let st = status(&client, &proxy).await;
+    assert_eq!(
+        st["flags"],
+        json!({"beta": true, "prompt_pack_v2": false}),
+        "{st}"
+    );
+
+    // Flags also reach requests that are not POSTs, and writes while not frozen.
+    let seen = assert_passes(&client, &proxy, &up, Method::GET, "/search?q=x", "dg-6").await;
+    assert_eq!(
+        seen.header("x-driftguard-flags").as_deref(),
+        Some("beta=on,prompt_pack_v2=off")
+    );
+    let seen = assert_passes(&client, &proxy, &up, Method::POST, "/ingest", "dg-7").await;
+    assert_eq!(
+        seen.header("x-driftguard-degrade").as_deref(),
+        Some("skip_rerank;k=3;cite_only")
+    );
+
+    // Degrade off: its header is gone, the flags stay; a flag can be flipped.
+    let reply = set_flags(&client, &proxy, r#"{"degrade": false, "beta": false}"#).await;
+    assert_eq!(reply["degrade"], Value::Null, "{reply}");
+    assert_eq!(
+        stamped(&client, &proxy, &up, "dg-8", &forged).await,
+        (None, Some("beta=off,prompt_pack_v2=off".into()))
+    );
+    let st = status(&client, &proxy).await;
+    assert_eq!(st["degrade"], Value::Null, "{st}");
+    assert_eq!(
+        st["flags"],
+        json!({"beta": false, "prompt_pack_v2": false}),
+        "{st}"
+    );
+
+    // An empty object changes nothing.
+    let reply = set_flags(&client, &proxy, "{}").await;
+    assert_eq!(
+        reply["flags"],
+        json!({"beta": false, "prompt_pack_v2": false})
+    );
+    assert_eq!(reply["degrade"], Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_degrade_directives_are_stamped() {
+    let up = Upstream::start("main");
+    let proxy = Proxy::start(&config(&up, "[rollback]\ndegrade = \"k=2\"\n"));
+    let client = client();
+
+    assert_eq!(
+        stamped(&client, &proxy, &up, "cd-0", &[]).await,
+        (None, None)
+    );
+    let reply = set_flags(&client, &proxy, r#"{"degrade": true}"#).await;
+    assert_eq!(reply["degrade"], "k=2", "{reply}");
+    assert_eq!(status(&client, &proxy).await["degrade"], "k=2");
+    assert_eq!(
+        stamped(
+            &client,
+            &proxy,
+            &up,
+            "cd-1",
+            &[("x-driftguard-degrade", "skip_rerank;k=3;cite_only")]
+        )
+        .await,
+        (Some("k=2".into()), None)
+    );
+    set_flags(&client, &proxy, r#"{"degrade": false}"#).await;
+    assert_eq!(
+        stamped(&client, &proxy, &up, "cd-2", &[]).await,
+        (None, None)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_flags_bodies_are_refused_and_change_nothing() {
+    let up = Upstream::start("main");
+    let proxy = Proxy::start(&config(&up, ""));
+    let client = client();
+
+    set_flags(&client, &proxy, r#"{"degrade": true, "beta": true}"#).await;
+    let before = status(&client, &proxy).await;
+    let want = (
+        Some("skip_rerank;k=3;cite_only".to_string()),
+        Some("beta=on".to_string()),
+    );
+    assert_eq!(stamped(&client, &proxy, &up, "inv-0", &[]).await, want);
+
+    let too_many: serde_json::Map<String, Value> = (0..65)
+        .map(|i| (format!("f{i}"), Value::Bool(true)))
+        .collect();
+    let too_many = Value::Object(too_many).to_string();
+    let name_too_long = format!(r#"{{"{}": true}}"#, "a".repeat(65));
+    for body in [
+        r#"{"bad name": true}"#,
+        r#"{"x": "yes"}"#,
+        r#"{"x": 1}"#,
+        r#"{"x": null}"#,
+        r#"{"degrade": "on"}"#,
+        r#"{"": true}"#,
+        r#"{"ok": true, "bad name": true}"#,
+        r#"{"degrade": false, "x": "yes"}"#,
+        "[1,2]",
+        "true",
+        r#""degrade""#,
+        "not json",
+        "",
+        r#"{"degrade": true"#,
+        too_many.as_str(),
+        name_too_long.as_str(),
+    ] {
+        let reply = post_admin(&client, &proxy, "/flags", body).await;
+        let shown: String = body.chars().take(60).collect();
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "/flags {shown}: {}",
+            reply.text()
+        );
+        let err = reply.json();
+        assert_eq!(err["error"], "bad_request", "/flags {shown}: {err}");
+        assert!(err["message"].is_string(), "/flags {shown}: {err}");
+        let now = status(&client, &proxy).await;
+        assert_eq!(
+            now["degrade"], before["degrade"],
+            "/flags {shown} changed degrade"
+        );
+        assert_eq!(
+            now["flags"], before["flags"],
+            "/flags {shown} changed the flags"
+        );
+    }
+    assert_eq!(stamped(&client, &proxy, &up, "inv-1", &[]).await, want);
+
+    // Exactly 64 named flags is the limit, not over it.
+    let mut max: serde_json::Map<String, Value> = (0..63)
+        .map(|i| (format!("f{i:02}"), Value::Bool(false)))
+        .collect();
+    max.insert("degrade".into(), Value::Bool(true));
+    let reply = set_flags(&client, &proxy, &Value::Object(max).to_string()).await;
+    assert_eq!(
+        reply["flags"].as_object().map(|m| m.len()),
+        Some(64),
+        "{reply}"
+    );
+    let reply = post_admin(&client, &proxy, "/flags", r#"{"one_more": true}"#).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert_eq!(
+        status(&client, &proxy).await["flags"]
+            .as_object()
+            .map(|m| m.len()),
+        Some(64)
+    );
+}
+
+/// Same acceptance rule as `metrics_pass_promtool_check` in tests/admin.rs: the only findings allowed are
+/// the unit-abbreviation lints on the two ΔS families whose names SPEC §7 fixes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_with_writes_frozen_pass_promtool_check() {
+    let promtool = ["/usr/bin/promtool", "promtool"].into_iter().find(|p| {
+        Command::new(p)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    });
+    let Some(promtool) = promtool else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is required in CI (apt-get install prometheus)"
+        );
+        eprintln!(
+            "SKIPPED metrics_with_writes_frozen_pass_promtool_check: promtool is not installed"
+        );
+        return;
+    };
+    let up = Upstream::start("main");
+    let proxy = Proxy::start(&config(&up, ""));
+    let client = client();
+    freeze(&client, &proxy, true).await;
+    set_flags(&client, &proxy, r#"{"degrade": true, "beta": true}"#).await;
+    assert_frozen(&client, &proxy, &up, Method::POST, "/ingest", "pm-1").await;
+    assert_passes(&client, &proxy, &up, Method::POST, "/ask", "pm-2").await;
+    let (text, samples) = scrape(&client, &proxy).await;
+    assert_eq!(metric(&samples, "driftguard_writes_frozen", &[]), Some(1.0));
+    assert!(
+        text.contains("# TYPE driftguard_writes_frozen gauge"),
+        "the gauge is typed:\n{text}"
+    );
+    assert!(
+        text.contains("# HELP driftguard_writes_frozen "),
+        "the gauge has help:\n{text}"
+    );
+
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .expect("pipe to promtool");
+    let out = child.wait_with_output().expect("promtool output");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    const ACCEPTED: [&str; 2] = [
+        "driftguard_delta_s metric names should not contain abbreviated units",
+        "driftguard_delta_s_quantile metric names should not contain abbreviated units",
+    ];
+    let findings: Vec<&str> = report
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !ACCEPTED.contains(&l.trim()))
+        .collect();
+    assert!(
+        findings.is_empty(),
+        "promtool check metrics found problems:\n{report}"
+    );
+    assert!(
+        out.status.success() || report.lines().any(|l| ACCEPTED.contains(&l.trim())),
+        "promtool check metrics failed ({}):\n{report}",
+        out.status
+    );
+}
+
+/// A write spelled another way is the same write: percent-encoded unreserved characters are equivalent to
+/// the characters (RFC 3986 §2.3, §6.2.2.2) and dot segments are removed (§5.2.4, §6.2.2.3) — an upstream
+/// that decodes or normalises its path (Starlette/FastAPI decode `%69` to `i`; Go's ServeMux and most
+/// front servers clean `.`/`..`) routes these to its `/ingest` / `/docs` handlers, so a freeze that only
+/// compares the raw bytes lets them through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_holds_for_equivalent_spellings_of_a_write_path() {
+    let up = Upstream::start("main");
+    let proxy = Proxy::start(&config(&up, ""));
+    let client = client();
+    freeze(&client, &proxy, true).await;
+    let mut leaked = Vec::new();
+    for (i, (method, path)) in [
+        (Method::POST, "/%69ngest"),
+        (Method::POST, "/ingest/%62atch"),
+        (Method::DELETE, "/%64ocs/1"),
+        (Method::POST, "/./ingest"),
+        (Method::POST, "/x/../ingest"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = format!("eq-{i}");
+        let reply = send(&client, &proxy, method.clone(), path, &id, &[]).await;
+        if reply.status != StatusCode::SERVICE_UNAVAILABLE || up.find(&id).is_some() {
+            leaked.push(format!(
+                "{method} {path} -> {} (upstream saw {:?})",
+                reply.status,
+                up.find(&id).map(|r| r.path)
+            ));
+        }
+    }
+    assert!(
+        leaked.is_empty(),
+        "writes got past the freeze:\n{}",
+        leaked.join("\n")
+    );
+}
