@@ -12,6 +12,7 @@ use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ConfigError, ConfigErrors};
+use crate::guards::Breakers;
 use crate::metrics::Metrics;
 use crate::pins;
 use crate::router::{is_flag_name, Controls, RouterError, RoutingTable, MAX_FLAGS};
@@ -80,6 +81,7 @@ pub struct App {
     env_pins: BTreeMap<String, String>,
     pub metrics: Metrics,
     pub pools: Pools,
+    pub breakers: Breakers,
     pub pipeline: Arc<Pipeline>,
     started: Instant,
     draining: AtomicBool,
@@ -144,12 +146,15 @@ impl App {
         let metrics = Metrics::new();
         let env_pins = pins::from_env(std::env::vars());
         let pools = Pools::new((&loaded.config.upstream).into());
-        let table = RoutingTable::from_config(&loaded.config, &env_pins, &metrics, &pools)?;
+        let breakers = Breakers::default();
+        let table =
+            RoutingTable::from_config(&loaded.config, &env_pins, &metrics, &pools, &breakers)?;
         let pipeline = Arc::new(Pipeline::start(&loaded.config.signals, &metrics)?);
         Ok(App {
             pipeline,
             config_path,
             pools,
+            breakers,
             config: ArcSwap::from_pointee(loaded.config),
             config_hash: ArcSwap::from_pointee(loaded.hash),
             table: ArcSwap::from_pointee(table),
@@ -202,9 +207,14 @@ impl App {
     fn try_reload(&self, path: &Path) -> Result<String, ReloadError> {
         let loaded = load(path)?;
         let mut state = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut table =
-            RoutingTable::from_config(&loaded.config, &self.env_pins, &self.metrics, &self.pools)?
-                .with_controls(state.controls(&loaded.config));
+        let mut table = RoutingTable::from_config(
+            &loaded.config,
+            &self.env_pins,
+            &self.metrics,
+            &self.pools,
+            &self.breakers,
+        )?
+        .with_controls(state.controls(&loaded.config));
         state.weights.retain(|arm, _| table.index_of(arm).is_some());
         for (arm, weight) in state.weights.iter() {
             table = table.with_weight(arm, *weight)?;
@@ -356,6 +366,7 @@ impl App {
                     "baseline": arm.baseline,
                     "pins": arm.pins.map(),
                     "cache_ns": arm.cache_ns,
+                    "breaker": arm.breaker.state(now).as_str(),
                     "window": window_json(&arm.stats.window.stats(now, span)),
                 })
             })

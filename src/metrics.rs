@@ -45,12 +45,15 @@ pub enum ProxyError {
     ClientClosed,
     /// A write while writes are frozen: 503.
     WritesFrozen,
+    /// The arm's circuit breaker is open: 503 with `x-driftguard-breaker: open`.
+    BreakerOpen,
 }
 
 impl ProxyError {
-    pub const ALL: [ProxyError; 6] = [
+    pub const ALL: [ProxyError; 7] = [
         ProxyError::ClientClosed,
         ProxyError::WritesFrozen,
+        ProxyError::BreakerOpen,
         ProxyError::UpstreamUnreachable,
         ProxyError::UpstreamTimeout,
         ProxyError::PinMismatch,
@@ -65,6 +68,7 @@ impl ProxyError {
             ProxyError::NoUpstream => "no_upstream",
             ProxyError::ClientClosed => "client_closed",
             ProxyError::WritesFrozen => "writes_frozen",
+            ProxyError::BreakerOpen => "breaker_open",
         }
     }
 }
@@ -273,6 +277,11 @@ fn table_families(table: &RoutingTable, window: Duration) -> Vec<MetricFamily> {
         "Current routing weight of each arm.",
         &["arm"],
     );
+    let breaker = gauge(
+        "breaker_state",
+        "Circuit breaker of each arm: 0 closed, 1 open, 2 half-open.",
+        &["arm"],
+    );
     if let Some(frozen) = gauge("writes_frozen", "1 while writes are frozen, else 0.", &[]) {
         frozen
             .with_label_values::<&str>(&[])
@@ -309,6 +318,10 @@ fn table_families(table: &RoutingTable, window: Duration) -> Vec<MetricFamily> {
         let stats = arm.stats.window.stats(now, window);
         if let Some(g) = &weight {
             g.with_label_values(&[name]).set(f64::from(*w));
+        }
+        if let Some(g) = &breaker {
+            g.with_label_values(&[name])
+                .set(arm.breaker.state(now).as_metric() as f64);
         }
         let latency_q: Vec<(f64, f64)> = QUANTILES
             .iter()

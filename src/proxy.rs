@@ -20,6 +20,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::app::App;
+use crate::guards::breaker::Admission;
 use crate::log::ACCESS;
 use crate::metrics::ProxyError;
 use crate::pins;
@@ -33,6 +34,7 @@ pub const X_DRIFTGUARD_ARM: HeaderName = HeaderName::from_static("x-driftguard-a
 pub const X_CACHE_NS: HeaderName = HeaderName::from_static("x-cache-ns");
 pub const X_DRIFTGUARD_DEGRADE: HeaderName = HeaderName::from_static("x-driftguard-degrade");
 pub const X_DRIFTGUARD_FLAGS: HeaderName = HeaderName::from_static("x-driftguard-flags");
+pub const X_DRIFTGUARD_BREAKER: HeaderName = HeaderName::from_static("x-driftguard-breaker");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -136,6 +138,20 @@ async fn forward(
             start,
         );
     }
+    let ticket = match arm.breaker.admit(Instant::now()) {
+        Admission::Allowed(ticket) => ticket,
+        Admission::Rejected { retry_after } => {
+            app.metrics.proxy_error(ProxyError::BreakerOpen);
+            let message = format!("the circuit breaker of arm {:?} is open", arm.name);
+            let mut response =
+                error_response(Some(arm), info, ProxyError::BreakerOpen, &message, start);
+            let headers = response.headers_mut();
+            headers.insert(X_DRIFTGUARD_BREAKER, HeaderValue::from_static("open"));
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            return response;
+        }
+    };
     let chunked = has_chunked_body(&parts.headers, &body);
     strip_hop_by_hop(&mut parts.headers);
     // One growth up front instead of rehashing as the stamped headers go in.
@@ -201,8 +217,15 @@ async fn forward(
         arm.pool.send(Request::from_parts(parts, body)),
     );
     let (response, lease) = match sent.await {
-        Ok(Ok(exchange)) => exchange,
+        Ok(Ok(exchange)) => {
+            let failed = exchange.0.status().is_server_error();
+            ticket.complete(Instant::now(), start.elapsed(), failed);
+            exchange
+        }
         Ok(Err(e)) => {
+            if !e.is_client_abort() {
+                ticket.complete(Instant::now(), start.elapsed(), true);
+            }
             let kind = if e.is_client_abort() {
                 ProxyError::ClientClosed
             } else if e.is_timeout() {
@@ -215,6 +238,7 @@ async fn forward(
             return error_response(Some(arm), info, kind, &message, start);
         }
         Err(_) => {
+            ticket.complete(Instant::now(), start.elapsed(), true);
             let message = format!(
                 "upstream {} sent no response within {:?}",
                 arm.upstream, table.settings.request_timeout
@@ -465,7 +489,7 @@ fn error_response(
         ProxyError::PinMismatch => StatusCode::CONFLICT,
         ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
         ProxyError::ClientClosed => CLIENT_CLOSED,
-        ProxyError::WritesFrozen => StatusCode::SERVICE_UNAVAILABLE,
+        ProxyError::WritesFrozen | ProxyError::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
     };
     if let (Some(arm), ProxyError::UpstreamUnreachable | ProxyError::UpstreamTimeout) = (arm, kind)
     {

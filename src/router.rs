@@ -13,7 +13,9 @@ use http::uri::Authority;
 use http::{HeaderName, HeaderValue};
 
 use crate::config::{parse_upstream, Config};
+use crate::guards::breaker::Breaker;
 use crate::guards::freeze::WriteRoutes;
+use crate::guards::Breakers;
 use crate::metrics::{ArmStats, Metrics};
 use crate::pins::{self, PinSet};
 use crate::upstream::{Pool, Pools};
@@ -33,6 +35,7 @@ pub struct Arm {
     /// Host header for requests that arrive without one.
     pub host_header: HeaderValue,
     pub pool: Arc<Pool>,
+    pub breaker: Breaker,
     pub stats: Arc<ArmStats>,
 }
 
@@ -136,6 +139,7 @@ impl RoutingTable {
         env: &BTreeMap<String, String>,
         metrics: &Metrics,
         pools: &Pools,
+        breakers: &Breakers,
     ) -> Result<RoutingTable, RouterError> {
         let mut arms = Vec::with_capacity(config.arms.len());
         for a in &config.arms {
@@ -153,6 +157,7 @@ impl RoutingTable {
                 host_header: HeaderValue::from_str(authority.as_str())
                     .map_err(|e| invalid(e.to_string()))?,
                 pool: pools.get(&authority),
+                breaker: breakers.get(&a.name, (&config.breaker).into()),
                 name: a.name.clone(),
                 upstream: a.upstream.clone(),
                 authority,
@@ -323,6 +328,7 @@ mod tests {
             &BTreeMap::new(),
             &Metrics::new(),
             &Pools::new((&config.upstream).into()),
+            &Breakers::default(),
         )
         .expect("table")
     }

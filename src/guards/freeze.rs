@@ -47,7 +47,11 @@ fn normalize(path: &str) -> std::borrow::Cow<'_, str> {
     let mut i = 0;
     while i < bytes.len() {
         let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1).and_then(|b| hex(*b)), bytes.get(i + 2).and_then(|b| hex(*b))) {
+        match (
+            bytes[i],
+            bytes.get(i + 1).and_then(|b| hex(*b)),
+            bytes.get(i + 2).and_then(|b| hex(*b)),
+        ) {
             (b'%', Some(hi), Some(lo)) => {
                 decoded.push((hi * 16 + lo) as u8);
                 i += 3;
@@ -104,7 +108,14 @@ mod tests {
     #[test]
     fn other_spellings_of_a_write_path_are_writes() {
         let w = WriteRoutes::new(&["POST /ingest".into(), "DELETE /docs".into()]);
-        for path in ["/%69ngest", "/./ingest", "/x/../ingest", "//ingest", "/ingest%2Fbatch", "/%2e/ingest"] {
+        for path in [
+            "/%69ngest",
+            "/./ingest",
+            "/x/../ingest",
+            "//ingest",
+            "/ingest%2Fbatch",
+            "/%2e/ingest",
+        ] {
             assert!(w.is_write(&Method::POST, path), "{path}");
         }
         assert!(w.is_write(&Method::DELETE, "/%64ocs/1"));
