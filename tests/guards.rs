@@ -6,6 +6,9 @@ mod common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::*;
 use http::{Method, Request, StatusCode};
@@ -695,4 +698,437 @@ async fn freeze_holds_for_equivalent_spellings_of_a_write_path() {
         "writes got past the freeze:\n{}",
         leaked.join("\n")
     );
+}
+
+// ================================================================================================
+// Circuit breaker per arm (SPEC §5)
+// ================================================================================================
+
+const BREAKER: &str =
+    "[breaker]\nwindow = \"10s\"\nfailure_rate = 0.5\nmin_calls = 10\nopen_for = \"1s\"\n\
+                       half_open_probes = 3\nslow_call = \"5s\"\nslow_call_rate = 0.8\n";
+
+/// An answer from an open breaker must come well before a failing upstream would have answered.
+const FAIL_FAST: Duration = Duration::from_millis(100);
+/// `open_for` is 1 s ± 10 % jitter: half-open is expected well within this.
+const HALF_OPEN_WITHIN: Duration = Duration::from_secs(3);
+
+fn breaker_config(arms: &str) -> String {
+    format!("{LISTEN}\n{BREAKER}\n{arms}")
+}
+
+/// An upstream whose health the test switches at run time: failing, it answers 500 after `fail_delay`;
+/// healthy, 200 at once. Every response carries `x-upstream: <name>`.
+struct Flaky {
+    server: Scripted,
+    failing: Arc<AtomicBool>,
+}
+
+impl Flaky {
+    fn start(name: &str, fail_delay: Duration) -> Flaky {
+        let failing = Arc::new(AtomicBool::new(true));
+        let flag = failing.clone();
+        let name = name.to_string();
+        let server = Scripted::start(&name.clone(), move |_, _| {
+            let canned = Canned::body("text/plain", format!("hello from {name}"));
+            let mut canned = if flag.load(Ordering::SeqCst) {
+                canned
+                    .status(StatusCode::INTERNAL_SERVER_ERROR)
+                    .delay(fail_delay)
+            } else {
+                canned
+            };
+            canned.headers.push(("x-upstream".into(), name.clone()));
+            canned
+        });
+        Flaky { server, failing }
+    }
+
+    fn url(&self) -> String {
+        self.server.url()
+    }
+
+    fn set_failing(&self, on: bool) {
+        self.failing.store(on, Ordering::SeqCst);
+    }
+
+    fn request_count(&self) -> usize {
+        self.server.request_count()
+    }
+
+    fn saw(&self, id: &str) -> bool {
+        self.server.exchanges().iter().any(|e| {
+            e.request
+                .headers
+                .get("x-request-id")
+                .is_some_and(|v| v == id)
+        })
+    }
+}
+
+/// `driftguard_breaker_state{arm}` now: 0 closed, 1 open, 2 half-open.
+async fn breaker_gauge(client: &HttpClient, proxy: &Proxy, arm: &str) -> f64 {
+    metric_now(client, proxy, "driftguard_breaker_state", &[("arm", arm)]).await
+}
+
+/// `driftguard_proxy_errors_total{kind}`, 0 while the series does not exist yet.
+async fn proxy_errors(client: &HttpClient, proxy: &Proxy, kind: &str) -> f64 {
+    let (_, samples) = scrape(client, proxy).await;
+    metric(&samples, "driftguard_proxy_errors_total", &[("kind", kind)]).unwrap_or(0.0)
+}
+
+/// `/status` arms[i].breaker by arm name.
+async fn status_breaker(client: &HttpClient, proxy: &Proxy, arm: &str) -> String {
+    let st = status(client, proxy).await;
+    st["arms"]
+        .as_array()
+        .and_then(|arms| arms.iter().find(|a| a["name"] == arm))
+        .and_then(|a| a["breaker"].as_str())
+        .unwrap_or_else(|| panic!("no arms[name={arm}].breaker in /status: {st}"))
+        .to_string()
+}
+
+/// Sends `n` GET /ask at once (ids `<prefix>-<i>`) and returns the replies in id order.
+async fn burst(client: &HttpClient, proxy: &Proxy, n: usize, prefix: &str) -> Vec<Reply> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let client = client.clone();
+            let req = Request::get(proxy.url("/ask"))
+                .header("x-request-id", format!("{prefix}-{i}"))
+                .body(empty())
+                .unwrap();
+            tokio::spawn(async move { exchange(&client, req).await })
+        })
+        .collect();
+    let mut replies = Vec::with_capacity(n);
+    for task in tasks {
+        replies.push(task.await.expect("request task"));
+    }
+    replies
+}
+
+/// Opens the breaker of a single-arm proxy whose upstream is failing: 10 calls at once, all 500.
+async fn trip(client: &HttpClient, proxy: &Proxy, up: &Flaky, prefix: &str) {
+    let before = up.request_count();
+    for (i, reply) in burst(client, proxy, 10, prefix).await.iter().enumerate() {
+        assert_eq!(
+            reply.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{prefix}-{i} while closed: {}",
+            reply.text()
+        );
+    }
+    assert_eq!(
+        up.request_count(),
+        before + 10,
+        "every call of the closed breaker reaches the upstream"
+    );
+}
+
+/// A fail-fast answer of an open breaker: 503 JSON `breaker_open`, `x-driftguard-breaker: open`,
+/// `Retry-After` ≥ 1, stamped with the arm and request id.
+fn assert_breaker_open(reply: &Reply, arm: &str, id: &str) {
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{id}: {}",
+        reply.text()
+    );
+    assert_eq!(
+        reply.header("content-type").as_deref(),
+        Some("application/json"),
+        "{id}"
+    );
+    let body = reply.json();
+    assert_eq!(body["error"], "breaker_open", "{id}: {body}");
+    assert!(body["message"].is_string(), "{id}: {body}");
+    assert_eq!(body["request_id"], id, "{id}: {body}");
+    assert_eq!(
+        reply.header("x-driftguard-breaker").as_deref(),
+        Some("open"),
+        "{id}"
+    );
+    let retry_after = reply
+        .header("retry-after")
+        .unwrap_or_else(|| panic!("{id}: no Retry-After"));
+    assert!(
+        retry_after.parse::<u64>().is_ok_and(|s| s >= 1),
+        "{id}: Retry-After {retry_after:?}"
+    );
+    assert_eq!(
+        reply.header("x-driftguard-arm").as_deref(),
+        Some(arm),
+        "{id}"
+    );
+    assert_eq!(reply.header("x-request-id").as_deref(), Some(id), "{id}");
+}
+
+/// Sends one request that an open breaker must turn away fast, without the upstream seeing it.
+async fn assert_fails_fast(client: &HttpClient, proxy: &Proxy, up: &Flaky, arm: &str, id: &str) {
+    let before = up.request_count();
+    let started = Instant::now();
+    let reply = send(client, proxy, Method::GET, "/ask", id, &[]).await;
+    let took = started.elapsed();
+    assert_breaker_open(&reply, arm, id);
+    assert!(
+        took < FAIL_FAST,
+        "{id}: an open breaker answered in {took:?} (the failing upstream takes 200 ms)"
+    );
+    assert!(
+        !up.saw(id),
+        "{id}: the upstream saw a request the open breaker refused"
+    );
+    assert_eq!(
+        up.request_count(),
+        before,
+        "{id}: the upstream saw a request"
+    );
+}
+
+async fn wait_breaker(client: &HttpClient, proxy: &Proxy, arm: &str, state: f64, what: &str) {
+    let started = Instant::now();
+    wait_metric(
+        client,
+        proxy,
+        "driftguard_breaker_state",
+        &[("arm", arm)],
+        HALF_OPEN_WITHIN,
+        |v| v == state,
+    )
+    .await;
+    eprintln!(
+        "{what}: breaker_state{{arm={arm}}} = {state} after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_on_5xx_fails_fast_then_good_probes_close_it() {
+    let up = Flaky::start("main", Duration::from_millis(200));
+    let proxy = Proxy::start(&breaker_config(&arm("main", &up.url(), 1, &[])));
+    let client = client();
+    assert_eq!(breaker_gauge(&client, &proxy, "main").await, 0.0);
+    assert_eq!(status_breaker(&client, &proxy, "main").await, "closed");
+
+    // 10 failures (min_calls, failure share 1.0 ≥ 0.5): open. It stays open for at least 0.9 s, far
+    // more than the checks below need.
+    trip(&client, &proxy, &up, "fail").await;
+    for i in 0..3 {
+        assert_fails_fast(&client, &proxy, &up, "main", &format!("open-{i}")).await;
+    }
+    assert_eq!(breaker_gauge(&client, &proxy, "main").await, 1.0);
+    assert_eq!(status_breaker(&client, &proxy, "main").await, "open");
+    assert_eq!(proxy_errors(&client, &proxy, "breaker_open").await, 3.0);
+
+    // Half-open once open_for has passed, even before a request arrives.
+    wait_breaker(&client, &proxy, "main", 2.0, "after open_for").await;
+    assert_eq!(status_breaker(&client, &proxy, "main").await, "half_open");
+
+    // The arm recovered: three good probes close it; until the third, it stays half-open.
+    up.set_failing(false);
+    for i in 0..3 {
+        let id = format!("probe-{i}");
+        let reply = send(&client, &proxy, Method::GET, "/ask", &id, &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{id}: {}", reply.text());
+        assert_eq!(reply.header("x-upstream").as_deref(), Some("main"), "{id}");
+        assert!(up.saw(&id), "{id}: the probe did not reach the upstream");
+        let want = if i < 2 { 2.0 } else { 0.0 };
+        assert_eq!(
+            breaker_gauge(&client, &proxy, "main").await,
+            want,
+            "after {} good probe(s)",
+            i + 1
+        );
+    }
+    assert_eq!(status_breaker(&client, &proxy, "main").await, "closed");
+    for (i, reply) in burst(&client, &proxy, 5, "closed").await.iter().enumerate() {
+        assert_eq!(reply.status, StatusCode::OK, "closed-{i}: {}", reply.text());
+        assert!(reply.header("x-driftguard-breaker").is_none(), "closed-{i}");
+        assert!(up.saw(&format!("closed-{i}")), "closed-{i}");
+    }
+    assert_eq!(breaker_gauge(&client, &proxy, "main").await, 0.0);
+    assert_eq!(proxy_errors(&client, &proxy, "breaker_open").await, 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_one_failed_probe_reopens_it() {
+    let up = Flaky::start("main", Duration::from_millis(200));
+    let proxy = Proxy::start(&breaker_config(&arm("main", &up.url(), 1, &[])));
+    let client = client();
+
+    trip(&client, &proxy, &up, "fail").await;
+    assert_eq!(breaker_gauge(&client, &proxy, "main").await, 1.0);
+    wait_breaker(&client, &proxy, "main", 2.0, "after open_for").await;
+
+    // Still failing: the first probe reaches the upstream, fails, and the breaker is open again.
+    let before = up.request_count();
+    let reply = send(&client, &proxy, Method::GET, "/ask", "probe", &[]).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the probe: {}",
+        reply.text()
+    );
+    assert_eq!(
+        up.request_count(),
+        before + 1,
+        "the probe reached the upstream"
+    );
+    assert_eq!(breaker_gauge(&client, &proxy, "main").await, 1.0);
+    assert_eq!(status_breaker(&client, &proxy, "main").await, "open");
+    assert_fails_fast(&client, &proxy, &up, "main", "reopened").await;
+    assert_eq!(proxy_errors(&client, &proxy, "breaker_open").await, 1.0);
+
+    // Half-open again: at most half_open_probes = 3 probes at once; the others are turned away, and
+    // the failing probes reopen it.
+    wait_breaker(&client, &proxy, "main", 2.0, "after reopening").await;
+    let before = up.request_count();
+    let replies = burst(&client, &proxy, 5, "probes").await;
+    let probed = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::INTERNAL_SERVER_ERROR)
+        .count();
+    assert_eq!(probed, 3, "probes let through: {replies:?}");
+    assert_eq!(up.request_count(), before + 3, "requests the upstream saw");
+    for (i, reply) in replies.iter().enumerate() {
+        if reply.status != StatusCode::INTERNAL_SERVER_ERROR {
+            assert_breaker_open(reply, "main", &format!("probes-{i}"));
+        }
+    }
+    assert_eq!(breaker_gauge(&client, &proxy, "main").await, 1.0);
+    assert_eq!(proxy_errors(&client, &proxy, "breaker_open").await, 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_on_an_unreachable_upstream() {
+    let dead = closed_port_url();
+    let proxy = Proxy::start(&breaker_config(&arm("main", &dead, 1, &[])));
+    let client = client();
+
+    for i in 0..10 {
+        let id = format!("refused-{i}");
+        let reply = send(&client, &proxy, Method::GET, "/ask", &id, &[]).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_GATEWAY,
+            "{id}: {}",
+            reply.text()
+        );
+        assert_eq!(reply.json()["error"], "upstream_unreachable", "{id}");
+    }
+    assert_eq!(breaker_gauge(&client, &proxy, "main").await, 1.0);
+    assert_eq!(status_breaker(&client, &proxy, "main").await, "open");
+    let started = Instant::now();
+    let reply = send(&client, &proxy, Method::GET, "/ask", "open", &[]).await;
+    assert_breaker_open(&reply, "main", "open");
+    assert!(
+        started.elapsed() < FAIL_FAST,
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(proxy_errors(&client, &proxy, "breaker_open").await, 1.0);
+    assert_eq!(
+        proxy_errors(&client, &proxy, "upstream_unreachable").await,
+        10.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_is_per_arm() {
+    let blue = Upstream::start("blue");
+    let green = Flaky::start("green", Duration::ZERO);
+    let proxy = Proxy::start(&breaker_config(&format!(
+        "{}\n{}",
+        arm("blue", &blue.url(), 50, &[]),
+        arm("green", &green.url(), 50, &[])
+    )));
+    let client = client();
+
+    // Random 50/50 routing until a green request meets the open breaker.
+    let (mut blue_ok, mut green_failed) = (0, 0);
+    let mut opened = false;
+    for i in 0..400 {
+        let id = format!("r-{i}");
+        let reply = send(&client, &proxy, Method::GET, "/ask", &id, &[]).await;
+        match reply.header("x-driftguard-arm").as_deref() {
+            Some("blue") => {
+                assert_eq!(reply.status, StatusCode::OK, "{id}: {}", reply.text());
+                assert_eq!(reply.header("x-upstream").as_deref(), Some("blue"), "{id}");
+                blue_ok += 1;
+            }
+            Some("green") if reply.status == StatusCode::INTERNAL_SERVER_ERROR => {
+                green_failed += 1;
+            }
+            Some("green") => {
+                assert_breaker_open(&reply, "green", &id);
+                assert!(!green.saw(&id), "{id}: green saw a refused request");
+                opened = true;
+                break;
+            }
+            other => panic!("{id}: x-driftguard-arm {other:?}: {}", reply.text()),
+        }
+    }
+    assert!(
+        opened,
+        "green's breaker never opened ({green_failed} failures, {blue_ok} blue)"
+    );
+    assert_eq!(
+        green_failed, 10,
+        "green's breaker opens on its own 10th failure, whatever blue does ({blue_ok} blue successes in between)"
+    );
+    assert_eq!(breaker_gauge(&client, &proxy, "green").await, 1.0);
+    assert_eq!(breaker_gauge(&client, &proxy, "blue").await, 0.0);
+    assert_eq!(status_breaker(&client, &proxy, "blue").await, "closed");
+
+    // Blue keeps serving; green keeps being refused (or, once half-open, probed and failing).
+    let mut blue_after = 0;
+    for (i, reply) in burst(&client, &proxy, 20, "after").await.iter().enumerate() {
+        let id = format!("after-{i}");
+        match reply.header("x-driftguard-arm").as_deref() {
+            Some("blue") => {
+                assert_eq!(reply.status, StatusCode::OK, "{id}: {}", reply.text());
+                blue_after += 1;
+            }
+            Some("green") => assert_ne!(reply.status, StatusCode::OK, "{id}"),
+            other => panic!("{id}: x-driftguard-arm {other:?}"),
+        }
+    }
+    assert!(blue_after > 0, "no request of 20 went to blue");
+    assert_eq!(breaker_gauge(&client, &proxy, "blue").await, 0.0);
+    assert_eq!(status_breaker(&client, &proxy, "blue").await, "closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_stays_closed_below_min_calls() {
+    let up = Flaky::start("main", Duration::ZERO);
+    let proxy = Proxy::start(&breaker_config(&arm("main", &up.url(), 1, &[])));
+    let client = client();
+
+    // 9 failures out of 9 calls: a share of 1.0, but fewer calls than min_calls = 10.
+    for i in 0..9 {
+        let id = format!("few-{i}");
+        let reply = send(&client, &proxy, Method::GET, "/ask", &id, &[]).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{id}: {}",
+            reply.text()
+        );
+        assert!(reply.header("x-driftguard-breaker").is_none(), "{id}");
+    }
+    assert_eq!(up.request_count(), 9);
+    assert_eq!(breaker_gauge(&client, &proxy, "main").await, 0.0);
+    assert_eq!(status_breaker(&client, &proxy, "main").await, "closed");
+    assert_eq!(proxy_errors(&client, &proxy, "breaker_open").await, 0.0);
+
+    // The 10th call still goes through (the breaker was closed when it was admitted) and opens it.
+    let reply = send(&client, &proxy, Method::GET, "/ask", "tenth", &[]).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{}",
+        reply.text()
+    );
+    assert!(up.saw("tenth"));
+    assert_eq!(breaker_gauge(&client, &proxy, "main").await, 1.0);
 }
