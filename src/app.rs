@@ -18,6 +18,7 @@ use crate::pins;
 use crate::router::{is_flag_name, Controls, RouterError, RoutingTable, MAX_FLAGS};
 use crate::signals::pipeline::Pipeline;
 use crate::signals::EvalError;
+use crate::state::{RuntimeState, StateError, StateFile};
 use crate::upstream::Pools;
 use crate::windows::{Counter, Hist, WindowStats};
 
@@ -89,25 +90,36 @@ pub struct App {
     /// holds what was set at run time; a reload re-applies it so re-reading the file never silently
     /// undoes a rollback or a freeze.
     write_lock: Mutex<RuntimeState>,
+    state_file: StateFile,
 }
 
-/// What operators (admin API) and, later, the rollback engine set at run time.
-#[derive(Debug, Default)]
-struct RuntimeState {
-    weights: BTreeMap<String, u32>,
-    frozen: bool,
-    degrade: bool,
-    flags: BTreeMap<String, bool>,
+/// The routing-table controls a runtime state and config call for.
+fn controls(state: &RuntimeState, config: &Config) -> Controls {
+    let degrade = state
+        .degrade
+        .then(|| HeaderValue::try_from(config.rollback.degrade.as_str()).ok())
+        .flatten();
+    Controls::new(state.frozen, degrade, state.flags.clone())
 }
 
-impl RuntimeState {
-    fn controls(&self, config: &Config) -> Controls {
-        let degrade = self
-            .degrade
-            .then(|| HeaderValue::try_from(config.rollback.degrade.as_str()).ok())
-            .flatten();
-        Controls::new(self.frozen, degrade, self.flags.clone())
+/// Applies the runtime state to a table built from the config: controls, then the weights of arms that
+/// still exist (the others are forgotten).
+fn apply(
+    state: &mut RuntimeState,
+    table: RoutingTable,
+    config: &Config,
+) -> Result<RoutingTable, RouterError> {
+    let mut table = table.with_controls(controls(state, config));
+    state.weights.retain(|arm, _| table.index_of(arm).is_some());
+    for (arm, weight) in state.weights.iter() {
+        table = table.with_weight(arm, *weight)?;
+        tracing::info!(
+            arm = arm.as_str(),
+            weight,
+            "keeping the weight set at run time over the file's"
+        );
     }
+    Ok(table)
 }
 
 /// A change to the controls requested through `POST /flags`.
@@ -127,6 +139,8 @@ pub enum StartError {
     Router(#[from] RouterError),
     #[error("signals: {0}")]
     Signals(#[from] EvalError),
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,8 +161,13 @@ impl App {
         let env_pins = pins::from_env(std::env::vars());
         let pools = Pools::new((&loaded.config.upstream).into());
         let breakers = Breakers::default();
+        let (state_file, mut state) = StateFile::open(&loaded.config.state_dir)?;
         let table =
             RoutingTable::from_config(&loaded.config, &env_pins, &metrics, &pools, &breakers)?;
+        let table = apply(&mut state, table, &loaded.config)?;
+        if state != RuntimeState::default() {
+            tracing::warn!(state = ?state, "restored the runtime state saved before the restart");
+        }
         let pipeline = Arc::new(Pipeline::start(&loaded.config.signals, &metrics)?);
         Ok(App {
             pipeline,
@@ -163,7 +182,8 @@ impl App {
             metrics,
             started: Instant::now(),
             draining: AtomicBool::new(false),
-            write_lock: Mutex::new(RuntimeState::default()),
+            write_lock: Mutex::new(state),
+            state_file,
         })
     }
 
@@ -207,23 +227,15 @@ impl App {
     fn try_reload(&self, path: &Path) -> Result<String, ReloadError> {
         let loaded = load(path)?;
         let mut state = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut table = RoutingTable::from_config(
+        let table = RoutingTable::from_config(
             &loaded.config,
             &self.env_pins,
             &self.metrics,
             &self.pools,
             &self.breakers,
-        )?
-        .with_controls(state.controls(&loaded.config));
-        state.weights.retain(|arm, _| table.index_of(arm).is_some());
-        for (arm, weight) in state.weights.iter() {
-            table = table.with_weight(arm, *weight)?;
-            tracing::info!(
-                arm = arm.as_str(),
-                weight,
-                "keeping the weight set at run time over the file's"
-            );
-        }
+        )?;
+        let table = apply(&mut state, table, &loaded.config)?;
+        self.persist(&state);
         let old = self.config.load();
         for (key, changed) in [
             (
@@ -284,6 +296,7 @@ impl App {
         let table = self.table.load().with_weight(arm, weight)?;
         self.table.store(Arc::new(table));
         state.weights.insert(arm.to_string(), weight);
+        self.persist(&state);
         tracing::info!(arm, weight, "arm weight set");
         Ok(())
     }
@@ -293,6 +306,7 @@ impl App {
         let mut state = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         state.frozen = frozen;
         self.swap_controls(&state);
+        self.persist(&state);
         tracing::info!(
             frozen,
             "writes {}",
@@ -328,15 +342,23 @@ impl App {
         state.flags = flags;
         state.degrade = degrade;
         self.swap_controls(&state);
+        self.persist(&state);
         tracing::info!(degrade, flags = ?state.flags, "flags set");
         Ok(())
+    }
+
+    /// Saves the runtime state; a failure is logged (the change holds until restart).
+    fn persist(&self, state: &RuntimeState) {
+        if let Err(e) = self.state_file.save(state) {
+            tracing::error!(error = %e, "cannot save the runtime state; it will not survive a restart");
+        }
     }
 
     fn swap_controls(&self, state: &RuntimeState) {
         let table = self
             .table
             .load()
-            .with_controls(state.controls(&self.config.load()));
+            .with_controls(controls(state, &self.config.load()));
         self.table.store(Arc::new(table));
     }
 

@@ -16,6 +16,7 @@ pub mod proxy;
 pub mod router;
 pub mod shutdown;
 pub mod signals;
+pub mod state;
 pub mod tee;
 pub mod upstream;
 pub mod windows;

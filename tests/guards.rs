@@ -1132,3 +1132,45 @@ async fn breaker_stays_closed_below_min_calls() {
     assert!(up.saw("tenth"));
     assert_eq!(breaker_gauge(&client, &proxy, "main").await, 1.0);
 }
+
+/// Freeze, flags, degrade and a runtime weight survive a restart (SIGKILL included): they are saved in
+/// `state_dir/runtime.json` and restored before the proxy listens again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_state_survives_a_restart() {
+    let up = Upstream::start("main");
+    let state_dir = common::unique("state-restart");
+    let cfg = format!(
+        "state_dir = {:?}\n{}",
+        state_dir.display().to_string(),
+        config(&up, "")
+    );
+    let client = client();
+
+    let mut first = Proxy::start(&cfg);
+    freeze(&client, &first, true).await;
+    set_flags(&client, &first, r#"{"degrade": true, "beta": true}"#).await;
+    let reply = post_admin(&client, &first, "/arms/main/weight", r#"{"weight": 7}"#).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    first.signal(libc::SIGKILL);
+    assert!(
+        first.wait_exit(WAIT).await.is_some(),
+        "killed proxy did not exit"
+    );
+
+    let second = Proxy::start(&cfg);
+    let st = status(&client, &second).await;
+    assert_eq!(st["frozen"], true, "{st}");
+    assert_eq!(st["degrade"], "skip_rerank;k=3;cite_only", "{st}");
+    assert_eq!(st["flags"], json!({"beta": true}), "{st}");
+    assert_eq!(st["arms"][0]["weight"], 7, "{st}");
+    assert_frozen(
+        &client,
+        &second,
+        &up,
+        Method::POST,
+        "/ingest",
+        "after-restart",
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
