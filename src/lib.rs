@@ -110,9 +110,13 @@ pub async fn serve(loaded: Loaded, path: &Path) -> Result<(), RunError> {
     ));
     let drained = proxy.await.unwrap_or(false);
     let _ = admin.await;
-    tracing::info!(drained, "stopped");
+    let evaluated = app.pipeline.flush(EVAL_FLUSH).await;
+    tracing::info!(drained, evaluated, "stopped");
     Ok(())
 }
+
+/// How long a shutdown waits for queued evaluations after the listeners have drained.
+const EVAL_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, RunError> {
     let parsed: SocketAddr = addr.parse().map_err(|e| RunError::Bind {

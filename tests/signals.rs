@@ -1994,3 +1994,41 @@ fn fixtures_grounded_answers_are_covered_and_off_topic_ones_are_not() {
             .any(|w| x.to_lowercase().contains(w))));
     }
 }
+
+/// A shutdown evaluates what is already queued (up to a short deadline) instead of dropping the signals
+/// of requests it has served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_evaluates_queued_samples() {
+    const N: usize = 5;
+    let up = rag_service("rag", false);
+    let embed = embeddings_service("slowish-embed", Duration::from_millis(100));
+    let mut proxy = Proxy::start(&config(
+        &openai_signals(&embed.url(), "queue = 64"),
+        &[("main", up.url())],
+    ));
+    let client = client();
+    for i in 0..N {
+        let t = &TOPICS[i % TOPICS.len()];
+        let body = json!({"question": format!("{} (shutdown {i})", t.question)});
+        let reply = post_json(&client, &proxy.url("/v1/ask"), &body, &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    // At 100 ms an embedding call, most samples are still queued when the signal lands.
+    proxy.signal(libc::SIGTERM);
+    let status = proxy
+        .wait_exit(WAIT)
+        .await
+        .expect("driftguard exits after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    let signals = proxy
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "signals")
+        .count();
+    assert_eq!(signals, N, "every served sample evaluated before exit");
+    let stopped = proxy
+        .log_lines()
+        .into_iter()
+        .find(|l| l["message"] == "stopped");
+    assert_eq!(stopped.map(|l| l["evaluated"].clone()), Some(json!(true)));
+}

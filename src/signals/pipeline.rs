@@ -180,6 +180,8 @@ pub struct Pipeline {
     queue: Arc<ArrayQueue<Sample>>,
     /// Bytes of body copies in the queue, bounded by `max_queue_bytes`.
     queued_bytes: Arc<AtomicUsize>,
+    /// Samples taken off the queue and not yet fully evaluated.
+    busy: Arc<AtomicUsize>,
     max_queue_bytes: usize,
     workers: Vec<Arc<Wakeup>>,
     dropped: IntCounter,
@@ -209,6 +211,7 @@ impl Pipeline {
         let evaluator = Arc::new(ArcSwap::from_pointee(Evaluator::from_config(config)?));
         let queue = Arc::new(ArrayQueue::new(config.queue.max(1)));
         let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let busy = Arc::new(AtomicUsize::new(0));
         let sessions = Arc::new(Sessions::new(config.max_sessions, config.session_ttl.0));
         let mut workers = Vec::with_capacity(config.workers);
         for i in 0..config.workers {
@@ -219,6 +222,7 @@ impl Pipeline {
             let worker = Worker {
                 queue: queue.clone(),
                 queued_bytes: queued_bytes.clone(),
+                busy: busy.clone(),
                 wakeup: wakeup.clone(),
                 evaluator: evaluator.clone(),
                 sessions: sessions.clone(),
@@ -238,6 +242,7 @@ impl Pipeline {
         Ok(Pipeline {
             queue,
             queued_bytes,
+            busy,
             max_queue_bytes: config.max_queue_bytes,
             workers,
             dropped: metrics.eval_dropped.clone(),
@@ -287,6 +292,21 @@ impl Pipeline {
         self.queue.len()
     }
 
+    /// Waits (up to `limit`) until every queued sample has been evaluated, so a shutdown does not drop
+    /// the signals — and their log lines — of requests already served.
+    pub async fn flush(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.queue.is_empty() && self.busy.load(SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Name of the embedder in use.
     pub fn embedder_name(&self) -> &'static str {
         self.evaluator.load().embedder.name()
@@ -326,6 +346,7 @@ const EVAL_NICE: libc::c_int = 19;
 struct Worker {
     queue: Arc<ArrayQueue<Sample>>,
     queued_bytes: Arc<AtomicUsize>,
+    busy: Arc<AtomicUsize>,
     wakeup: Arc<Wakeup>,
     evaluator: Arc<ArcSwap<Evaluator>>,
     sessions: Arc<Sessions>,
@@ -337,9 +358,17 @@ impl Worker {
     fn run(self) {
         lower_priority();
         loop {
-            while let Some(sample) = self.queue.pop() {
+            loop {
+                // Busy before the pop, so a flush never sees an empty queue and an idle worker while a
+                // sample is between the two.
+                self.busy.fetch_add(1, SeqCst);
+                let Some(sample) = self.queue.pop() else {
+                    self.busy.fetch_sub(1, SeqCst);
+                    break;
+                };
                 self.queued_bytes.fetch_sub(sample.bytes(), SeqCst);
                 self.evaluate(sample);
+                self.busy.fetch_sub(1, SeqCst);
             }
             std::thread::park_timeout(LINGER);
             if !self.queue.is_empty() {
