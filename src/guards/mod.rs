@@ -1,6 +1,7 @@
 //! Guards (SPEC §5): protect the service while it is unhealthy.
 
 pub mod breaker;
+pub mod budget;
 pub mod freeze;
 
 use std::collections::HashMap;
