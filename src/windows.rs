@@ -245,8 +245,8 @@ impl Snapshot {
 // === impl Window ===
 
 struct Slot {
-    /// The slot period this slot currently holds, or `EMPTY` / `RESETTING`.
-    epoch: AtomicU64,
+    /// The slot period this slot currently holds.
+    epoch: Period,
     hists: [AtomicHistogram; Hist::ALL.len()],
     counters: [AtomicU64; COUNTERS],
 }
@@ -254,22 +254,54 @@ struct Slot {
 impl Slot {
     fn new() -> Self {
         Slot {
-            epoch: AtomicU64::new(EMPTY),
+            epoch: Period::default(),
             hists: Hist::ALL.map(|h| AtomicHistogram::new(h.max_bits())),
             counters: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
-    /// Makes this slot hold period `epoch`, clearing what an older period left. Returns false when the slot
-    /// already holds a newer period (a record that arrives more than a whole ring late is dropped).
-    ///
-    /// The first caller for a new period marks the slot `RESETTING`, clears it, then publishes the period;
-    /// anyone arriving meanwhile waits for the publish so no record is wiped. The rotation task claims
-    /// each slot ahead of its period, so the request path almost never gets here.
+    /// Makes this slot hold period `epoch`; see [`Period::claim`]. The rotation task claims each slot
+    /// ahead of its period, so the request path almost never clears one.
     #[inline]
     fn claim(&self, epoch: u64) -> bool {
+        self.epoch.claim(epoch, || {
+            for h in &self.hists {
+                h.reset();
+            }
+            for c in &self.counters {
+                c.store(0, Relaxed);
+            }
+        })
+    }
+}
+
+/// The period a ring slot holds: how the lock-free rings here and in the breaker reuse a slot.
+#[derive(Debug)]
+pub struct Period(AtomicU64);
+
+impl Default for Period {
+    fn default() -> Self {
+        Period(AtomicU64::new(EMPTY))
+    }
+}
+
+impl Period {
+    /// The period held, or `None` while never used or being cleared.
+    #[inline]
+    pub fn get(&self) -> Option<u64> {
+        let p = self.0.load(Acquire);
+        (p < RESETTING).then_some(p)
+    }
+
+    /// Makes the slot hold period `epoch`, running `clear` when it held an older one. Returns false when
+    /// it already holds a newer period (a record more than a whole ring late is dropped).
+    ///
+    /// The first caller for a new period marks the slot `RESETTING`, clears it, then publishes the
+    /// period; anyone arriving meanwhile waits for the publish, so no record is wiped.
+    #[inline]
+    pub fn claim(&self, epoch: u64, clear: impl FnOnce()) -> bool {
         loop {
-            let current = self.epoch.load(Acquire);
+            let current = self.0.load(Acquire);
             if current == epoch {
                 return true;
             }
@@ -282,17 +314,12 @@ impl Slot {
                 return false;
             }
             if self
-                .epoch
+                .0
                 .compare_exchange(current, RESETTING, Acquire, Relaxed)
                 .is_ok()
             {
-                for h in &self.hists {
-                    h.reset();
-                }
-                for c in &self.counters {
-                    c.store(0, Relaxed);
-                }
-                self.epoch.store(epoch, Release);
+                clear();
+                self.0.store(epoch, Release);
                 return true;
             }
         }
@@ -369,7 +396,9 @@ impl Window {
             counters: [0; COUNTERS],
         };
         for slot in self.slots.iter() {
-            let epoch = slot.epoch.load(Acquire);
+            let Some(epoch) = slot.epoch.get() else {
+                continue;
+            };
             if epoch < oldest || epoch > newest {
                 continue;
             }

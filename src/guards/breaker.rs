@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::config;
+use crate::windows::Period;
 
 /// Buckets in the ring: the window slides in steps of `window / BUCKETS`, and an outcome counts for
 /// between 90 % and 100 % of `window` — never longer.
@@ -512,15 +513,10 @@ fn nanos(d: Duration) -> u64 {
 
 // === impl Ring ===
 
-/// Epoch of a bucket never used.
-const EMPTY: u64 = u64::MAX;
-/// Epoch of a bucket being cleared.
-const RESETTING: u64 = u64::MAX - 1;
-
 /// Outcome counters of one bucket-long period.
 struct Bucket {
-    /// The period this bucket holds, or `EMPTY` / `RESETTING`.
-    epoch: AtomicU64,
+    /// The period this bucket holds.
+    epoch: Period,
     calls: AtomicU64,
     failures: AtomicU64,
     slow: AtomicU64,
@@ -529,42 +525,22 @@ struct Bucket {
 impl Bucket {
     fn new() -> Self {
         Bucket {
-            epoch: AtomicU64::new(EMPTY),
+            epoch: Period::default(),
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             slow: AtomicU64::new(0),
         }
     }
 
-    /// Makes this bucket hold period `epoch`, clearing what an older period left (as `windows::Slot`
-    /// does). Returns false when it already holds a newer period: the outcome is a whole window late.
+    /// Makes this bucket hold period `epoch` (see `windows::Period::claim`). Returns false when it
+    /// already holds a newer period: the outcome is a whole window late.
     #[inline]
     fn claim(&self, epoch: u64) -> bool {
-        loop {
-            let current = self.epoch.load(Acquire);
-            if current == epoch {
-                return true;
-            }
-            if current == RESETTING {
-                std::hint::spin_loop();
-                std::thread::yield_now();
-                continue;
-            }
-            if current != EMPTY && current > epoch {
-                return false;
-            }
-            if self
-                .epoch
-                .compare_exchange(current, RESETTING, Acquire, Relaxed)
-                .is_ok()
-            {
-                self.calls.store(0, Relaxed);
-                self.failures.store(0, Relaxed);
-                self.slow.store(0, Relaxed);
-                self.epoch.store(epoch, Release);
-                return true;
-            }
-        }
+        self.epoch.claim(epoch, || {
+            self.calls.store(0, Relaxed);
+            self.failures.store(0, Relaxed);
+            self.slow.store(0, Relaxed);
+        })
     }
 }
 
@@ -616,7 +592,9 @@ impl Ring {
         let oldest = newest.saturating_sub(BUCKETS as u64 - 1);
         let mut counts = Counts::default();
         for bucket in &self.buckets {
-            let epoch = bucket.epoch.load(Acquire);
+            let Some(epoch) = bucket.epoch.get() else {
+                continue;
+            };
             if epoch < oldest || epoch > newest {
                 continue;
             }
