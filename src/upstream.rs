@@ -22,10 +22,10 @@ use crate::tee::RequestBody;
 /// Why an exchange with the upstream failed before a response head arrived.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("connect to {addr}: {source}")]
+    #[error("connect to {addr}: {detail}")]
     Connect {
         addr: String,
-        source: std::io::Error,
+        detail: std::io::Error,
     },
     #[error("connect to {addr}: no connection within {timeout:?}")]
     ConnectTimeout { addr: String, timeout: Duration },
@@ -198,10 +198,10 @@ impl Pool {
         let stream =
             match tokio::time::timeout(timeout, TcpStream::connect(self.addr.as_str())).await {
                 Ok(Ok(stream)) => stream,
-                Ok(Err(source)) => {
+                Ok(Err(detail)) => {
                     return Err(UpstreamError::Connect {
                         addr: self.addr.clone(),
-                        source,
+                        detail,
                     })
                 }
                 Err(_) => {
