@@ -12,6 +12,7 @@ use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ConfigError, ConfigErrors};
+use crate::guards::budget::LocalBudget;
 use crate::guards::Breakers;
 use crate::metrics::Metrics;
 use crate::pins;
@@ -83,6 +84,8 @@ pub struct App {
     pub metrics: Metrics,
     pub pools: Pools,
     pub breakers: Breakers,
+    /// The global token budget, when the config has a `[budget]`.
+    pub budget: Option<Arc<LocalBudget>>,
     pub pipeline: Arc<Pipeline>,
     started: Instant,
     draining: AtomicBool,
@@ -161,6 +164,11 @@ impl App {
         let env_pins = pins::from_env(std::env::vars());
         let pools = Pools::new((&loaded.config.upstream).into());
         let breakers = Breakers::default();
+        let budget = loaded
+            .config
+            .budget
+            .as_ref()
+            .map(|b| Arc::new(LocalBudget::new(b.into(), Instant::now())));
         let (state_file, mut state) = StateFile::open(&loaded.config.state_dir)?;
         let table =
             RoutingTable::from_config(&loaded.config, &env_pins, &metrics, &pools, &breakers)?;
@@ -174,6 +182,7 @@ impl App {
             config_path,
             pools,
             breakers,
+            budget,
             config: ArcSwap::from_pointee(loaded.config),
             config_hash: ArcSwap::from_pointee(loaded.hash),
             table: ArcSwap::from_pointee(table),
@@ -236,6 +245,11 @@ impl App {
         )?;
         let table = apply(&mut state, table, &loaded.config)?;
         self.persist(&state);
+        match (&self.budget, &loaded.config.budget) {
+            (Some(budget), Some(settings)) => budget.set_settings(settings.into()),
+            (None, None) => {}
+            _ => tracing::warn!("adding or removing [budget] takes effect on restart"),
+        }
         let old = self.config.load();
         for (key, changed) in [
             (
@@ -366,8 +380,11 @@ impl App {
         self.metrics
             .eval_queue_depth
             .set(self.pipeline.depth() as i64);
-        self.metrics
-            .render(&self.table(), self.config.load().rules.window.0)
+        self.metrics.render(
+            &self.table(),
+            self.config.load().rules.window.0,
+            self.budget.as_ref().map(|b| b.available(Instant::now())),
+        )
     }
 
     /// The `/status` document.

@@ -99,7 +99,8 @@ pub struct Config {
     pub upstream: Upstream,
     pub cache: Cache,
     pub signals: Signals,
-    pub budget: Budget,
+    /// The global token budget; off unless the `[budget]` table is present.
+    pub budget: Option<Budget>,
     pub breaker: Breaker,
     pub writes: Writes,
     pub rules: Rules,
@@ -122,7 +123,7 @@ impl Default for Config {
             upstream: Upstream::default(),
             cache: Cache::default(),
             signals: Signals::default(),
-            budget: Budget::default(),
+            budget: None,
             breaker: Breaker::default(),
             writes: Writes::default(),
             rules: Rules::default(),
@@ -351,6 +352,9 @@ pub struct Budget {
     pub backend: BudgetBackend,
     pub redis_url: String,
     pub on_backend_error: OnBackendError,
+    /// Most request-body bytes read ahead to find `max_tokens` and estimate the prompt; a longer body
+    /// is estimated from its Content-Length and streamed on.
+    pub peek_bytes: usize,
 }
 
 impl Default for Budget {
@@ -362,6 +366,7 @@ impl Default for Budget {
             backend: BudgetBackend::Local,
             redis_url: "redis://127.0.0.1:6379".into(),
             on_backend_error: OnBackendError::Open,
+            peek_bytes: 64 * 1024,
         }
     }
 }
@@ -790,11 +795,22 @@ impl Config {
         if s.max_sessions == 0 {
             errors.push(err("signals.max_sessions", "must be at least 1"));
         }
-        if self.budget.tokens_per_minute == 0 {
-            errors.push(err("budget.tokens_per_minute", "must be above 0"));
-        }
-        if self.budget.burst == 0 {
-            errors.push(err("budget.burst", "must be above 0"));
+        if let Some(budget) = &self.budget {
+            if budget.tokens_per_minute == 0 {
+                errors.push(err("budget.tokens_per_minute", "must be above 0"));
+            }
+            if budget.burst == 0 {
+                errors.push(err("budget.burst", "must be above 0"));
+            }
+            if budget.backend == BudgetBackend::Redis {
+                errors.push(err(
+                    "budget.backend",
+                    "\"redis\" is not implemented yet; use \"local\"",
+                ));
+            }
+            if budget.peek_bytes == 0 {
+                errors.push(err("budget.peek_bytes", "must be above 0"));
+            }
         }
         for (key, v) in [
             ("breaker.failure_rate", self.breaker.failure_rate),

@@ -47,13 +47,16 @@ pub enum ProxyError {
     WritesFrozen,
     /// The arm's circuit breaker is open: 503 with `x-driftguard-breaker: open`.
     BreakerOpen,
+    /// Refused by the token budget: 429.
+    OverBudget,
 }
 
 impl ProxyError {
-    pub const ALL: [ProxyError; 7] = [
+    pub const ALL: [ProxyError; 8] = [
         ProxyError::ClientClosed,
         ProxyError::WritesFrozen,
         ProxyError::BreakerOpen,
+        ProxyError::OverBudget,
         ProxyError::UpstreamUnreachable,
         ProxyError::UpstreamTimeout,
         ProxyError::PinMismatch,
@@ -69,6 +72,7 @@ impl ProxyError {
             ProxyError::ClientClosed => "client_closed",
             ProxyError::WritesFrozen => "writes_frozen",
             ProxyError::BreakerOpen => "breaker_open",
+            ProxyError::OverBudget => "budget",
         }
     }
 }
@@ -93,6 +97,7 @@ pub struct Metrics {
     pub eval_skipped: IntCounterVec,
     pub eval_errors: IntCounterVec,
     pub tee_truncated: IntCounterVec,
+    pub rate_limited: IntCounterVec,
     origin: Instant,
     arms: Mutex<HashMap<String, Arc<ArmStats>>>,
 }
@@ -179,6 +184,12 @@ impl Metrics {
             reloads: counter_vec(&r, "config_reloads_total", "Configuration reloads, by outcome.", &["outcome"]),
             eval_skipped: counter_vec(&r, "eval_skipped_total", "Sampled responses not evaluated, by reason.", &["reason"]),
             eval_errors: counter_vec(&r, "eval_errors_total", "Evaluations that failed, by stage (embedder).", &["stage"]),
+            rate_limited: counter_vec(
+                &r,
+                "rate_limited_total",
+                "Requests refused by the token budget (429), by reason.",
+                &["reason"],
+            ),
             tee_truncated: counter_vec(&r, "tee_truncated_total", "Body copies stopped at signals.max_body_bytes, by direction.", &["direction"]),
             eval_dropped,
             eval_queue_depth,
@@ -196,6 +207,9 @@ impl Metrics {
             m.tee_truncated.with_label_values(&[direction]);
         }
         m.eval_errors.with_label_values(&["embedder"]);
+        for reason in ["over_budget", "too_large"] {
+            m.rate_limited.with_label_values(&[reason]);
+        }
         m
     }
 
@@ -245,9 +259,24 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of everything, with the live table's weights, pins and quantiles.
-    pub fn render(&self, table: &RoutingTable, window: Duration) -> String {
+    /// `budget_available` is the token budget's headroom, when there is a budget.
+    pub fn render(
+        &self,
+        table: &RoutingTable,
+        window: Duration,
+        budget_available: Option<u64>,
+    ) -> String {
         let mut families = self.registry.gather();
         families.extend(table_families(table, window));
+        if let Some(available) = budget_available {
+            if let Ok(g) = IntGauge::new(
+                format!("{NAMESPACE}_budget_available_tokens"),
+                "Tokens the global budget would admit now.",
+            ) {
+                g.set(i64::try_from(available).unwrap_or(i64::MAX));
+                families.extend(prometheus::core::Collector::collect(&g));
+            }
+        }
         families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {

@@ -5,6 +5,7 @@
 //! upstream's response body reaches the client frame by frame through [`ObservedBody`], which notes the
 //! first byte and the end of the stream for the windows and the access log.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -21,6 +22,8 @@ use hyper::body::Incoming;
 
 use crate::app::App;
 use crate::guards::breaker::Admission;
+use crate::guards::budget::Admission as BudgetAdmission;
+use crate::guards::spend::{self, Reserved};
 use crate::log::ACCESS;
 use crate::metrics::ProxyError;
 use crate::pins;
@@ -105,7 +108,7 @@ async fn forward(
     peer: &Peer,
     info: RequestInfo,
     mut parts: http::request::Parts,
-    body: Incoming,
+    mut body: Incoming,
     start: Instant,
 ) -> Response<ProxyBody> {
     let diffs = arm.pins.strip_client_pins(&mut parts.headers);
@@ -137,6 +140,72 @@ async fn forward(
             "writes are frozen",
             start,
         );
+    }
+    // Budget: read a bounded prefix to price the request, then reserve it.
+    let mut prefix = VecDeque::new();
+    let mut reserved = None;
+    if let (Some(budget), Some(peek)) = (app.budget.as_ref(), table.settings.budget) {
+        if carries_query(&parts) {
+            let read = tokio::time::timeout(
+                table.settings.request_timeout,
+                spend::peek(&mut body, peek.peek_bytes, &mut prefix),
+            )
+            .await;
+            let complete = match read {
+                Ok(Ok(complete)) => complete,
+                Ok(Err(_)) => {
+                    let kind = ProxyError::ClientClosed;
+                    app.metrics.proxy_error(kind);
+                    return error_response(
+                        Some(arm),
+                        info,
+                        kind,
+                        "the request body broke off",
+                        start,
+                    );
+                }
+                // A slow upload is priced by what it declares; the frames read so far are kept.
+                Err(_) => false,
+            };
+            let tokens = spend::estimate(&prefix, complete, &parts.headers, peek);
+            match budget.admit(tokens, Instant::now()) {
+                BudgetAdmission::Admitted(r) => {
+                    reserved = Some(Reserved::new(budget.clone(), r.tokens))
+                }
+                BudgetAdmission::OverBudget { retry_after } => {
+                    app.metrics
+                        .rate_limited
+                        .with_label_values(&["over_budget"])
+                        .inc();
+                    let message = format!(
+                        "the token budget is spent; {tokens} tokens fit again in {retry_after:?}"
+                    );
+                    let mut response =
+                        error_response(Some(arm), info, ProxyError::OverBudget, &message, start);
+                    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                    return response;
+                }
+                BudgetAdmission::TooLarge { tokens, burst } => {
+                    app.metrics
+                        .rate_limited
+                        .with_label_values(&["too_large"])
+                        .inc();
+                    let message = format!(
+                        "this request needs about {tokens} tokens, more than budget.burst ({burst}): it can never be admitted"
+                    );
+                    return error_response(
+                        Some(arm),
+                        info,
+                        ProxyError::OverBudget,
+                        &message,
+                        start,
+                    );
+                }
+            }
+        }
     }
     let ticket = match arm.breaker.admit(Instant::now()) {
         Admission::Allowed(ticket) => ticket,
@@ -207,10 +276,11 @@ async fn forward(
             .and_then(|h| parts.headers.get(h))
             .and_then(|v| v.to_str().ok())
             .map(String::from);
-        let body = RequestBody::teed(body, settings.max_body_bytes, slot.clone());
+        let body =
+            RequestBody::teed(body, settings.max_body_bytes, slot.clone()).with_prefix(prefix);
         (body, Some((slot, session)))
     } else {
-        (RequestBody::plain(body), None)
+        (RequestBody::plain(body).with_prefix(prefix), None)
     };
     let sent = tokio::time::timeout(
         settings.request_timeout,
@@ -286,7 +356,13 @@ async fn forward(
         }
         _ => None,
     };
+    let spend = reserved.map(|reserved| Spend {
+        reserved,
+        response: Capture::new(settings.max_body_bytes),
+        sse: answer_format(&parts.headers) == Some(true),
+    });
     let observed = Observed {
+        spend,
         arm: arm.clone(),
         info,
         status,
@@ -494,6 +570,7 @@ fn error_response(
         ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
         ProxyError::ClientClosed => CLIENT_CLOSED,
         ProxyError::WritesFrozen | ProxyError::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
+        ProxyError::OverBudget => StatusCode::TOO_MANY_REQUESTS,
     };
     if let (Some(arm), ProxyError::UpstreamUnreachable | ProxyError::UpstreamTimeout) = (arm, kind)
     {
@@ -588,9 +665,17 @@ struct Tee {
     pipeline: Arc<Pipeline>,
 }
 
+struct Spend {
+    reserved: Reserved,
+    response: Capture,
+    sse: bool,
+}
+
 /// Timing and identity of a response in flight, reported once when its body ends or is dropped.
 struct Observed {
     tee: Option<Tee>,
+    /// The budget reservation of this request and the response copy its usage is read from.
+    spend: Option<Spend>,
     arm: Arc<Arm>,
     info: RequestInfo,
     status: u16,
@@ -616,6 +701,15 @@ impl Observed {
                 self.bytes,
                 complete,
             );
+        }
+        if let Some(spend) = self.spend.take() {
+            if complete {
+                spend
+                    .reserved
+                    .settle(self.status, &spend.response.into_bytes(), spend.sse);
+            } else {
+                spend.reserved.keep();
+            }
         }
         if let Some(tee) = self.tee.take() {
             if complete {
@@ -719,6 +813,9 @@ impl Body for ProxyBody {
                                 obs.bytes += data.len() as u64;
                                 if let Some(tee) = obs.tee.as_mut() {
                                     tee.response.push(data);
+                                }
+                                if let Some(spend) = obs.spend.as_mut() {
+                                    spend.response.push(data);
                                 }
                             }
                         }

@@ -53,6 +53,15 @@ pub struct Settings {
     pub session_header: Option<HeaderName>,
     /// Which requests are writes (`writes.routes`).
     pub writes: WriteRoutes,
+    /// With a `[budget]`: how many request bytes to read ahead, and the completion tokens to reserve
+    /// when the request names none.
+    pub budget: Option<BudgetPeek>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BudgetPeek {
+    pub peek_bytes: usize,
+    pub default_completion_tokens: u64,
 }
 
 /// The levers operators and the rollback engine pull at run time. They live in the table so a change is
@@ -184,6 +193,10 @@ impl RoutingTable {
             max_body_bytes: config.signals.max_body_bytes,
             session_header: HeaderName::try_from(&config.signals.session_header).ok(),
             writes: WriteRoutes::new(&config.writes.routes),
+            budget: config.budget.as_ref().map(|b| BudgetPeek {
+                peek_bytes: b.peek_bytes,
+                default_completion_tokens: b.default_completion_tokens,
+            }),
         };
         Ok(RoutingTable::new(
             settings,

@@ -2,6 +2,7 @@
 //! bodies stream through (SPEC §1). The copy holds reference-counted slices of the frames that pass — no
 //! byte is copied until evaluation — and stops at the cap; the stream itself is never touched.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -104,11 +105,17 @@ pub type RequestSlot = Arc<Mutex<Option<Capture>>>;
 pub struct RequestBody {
     inner: Incoming,
     tee: Option<(Capture, RequestSlot)>,
+    /// Frames read ahead of the stream (the budget's peek), sent first.
+    prefix: VecDeque<Frame<Bytes>>,
 }
 
 impl RequestBody {
     pub fn plain(inner: Incoming) -> Self {
-        RequestBody { inner, tee: None }
+        RequestBody {
+            inner,
+            tee: None,
+            prefix: VecDeque::new(),
+        }
     }
 
     /// A body whose copy (up to `cap`) is stored in `slot` when it ends or is dropped.
@@ -116,7 +123,14 @@ impl RequestBody {
         RequestBody {
             inner,
             tee: Some((Capture::new(cap), slot)),
+            prefix: VecDeque::new(),
         }
+    }
+
+    /// Sends `prefix` — frames already read from `inner` — before the rest of the stream.
+    pub fn with_prefix(mut self, prefix: VecDeque<Frame<Bytes>>) -> Self {
+        self.prefix = prefix;
+        self
     }
 
     fn store(&mut self, complete: bool) {
@@ -136,6 +150,12 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        if let Some(frame) = this.prefix.pop_front() {
+            if let (Some((capture, _)), Some(data)) = (this.tee.as_mut(), frame.data_ref()) {
+                capture.push(data);
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         match &frame {
             Some(Ok(f)) => {
@@ -150,11 +170,23 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.prefix.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let extra: u64 = self
+            .prefix
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + extra);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + extra);
+        }
+        hint
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod breaker;
 pub mod budget;
 pub mod freeze;
+pub mod spend;
 
 use std::collections::HashMap;
 use std::sync::Mutex;

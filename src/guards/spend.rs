@@ -1,0 +1,217 @@
+//! The token budget on the request path: read a bounded prefix of the request body to estimate what it
+//! will cost, reserve that in the [`LocalBudget`](super::budget::LocalBudget), and settle the
+//! reservation against the usage the upstream reports once the response is complete.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use super::budget::{completion_tokens, estimate_prompt_tokens, LocalBudget};
+use crate::router::BudgetPeek;
+
+/// Reads frames into `into` until `limit` bytes or the end of the body. Returns whether the body ended.
+/// The frames read stay in `into` even when the caller gives up waiting, so nothing is lost.
+pub async fn peek(
+    body: &mut Incoming,
+    limit: usize,
+    into: &mut VecDeque<Frame<Bytes>>,
+) -> Result<bool, hyper::Error> {
+    let mut len = 0;
+    while len < limit {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                len += frame.data_ref().map_or(0, Bytes::len);
+                into.push_back(frame);
+            }
+            Some(Err(e)) => return Err(e),
+            None => return Ok(true),
+        }
+    }
+    Ok(body.is_end_stream())
+}
+
+/// Tokens a request will cost: the prompt estimated from its size, plus the completion it asks for
+/// (`max_tokens` / `max_completion_tokens`, else the configured default).
+pub fn estimate(
+    peeked: &VecDeque<Frame<Bytes>>,
+    complete: bool,
+    headers: &HeaderMap,
+    peek: BudgetPeek,
+) -> u64 {
+    let read: usize = peeked
+        .iter()
+        .filter_map(|f| f.data_ref())
+        .map(Bytes::len)
+        .sum();
+    if !complete {
+        let declared = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        return estimate_prompt_tokens(declared.unwrap_or(read).max(read))
+            + peek.default_completion_tokens;
+    }
+    let mut body = BytesMut::with_capacity(read);
+    for data in peeked.iter().filter_map(|f| f.data_ref()) {
+        body.extend_from_slice(data);
+    }
+    let completion = serde_json::from_slice::<serde_json::Value>(&body)
+        .map(|v| completion_tokens(&v, peek.default_completion_tokens))
+        .unwrap_or(peek.default_completion_tokens);
+    estimate_prompt_tokens(read) + completion
+}
+
+/// A reservation held by one request. Dropped unsettled (the request failed before the upstream
+/// answered), it is given back in full.
+pub struct Reserved {
+    budget: Arc<LocalBudget>,
+    tokens: u64,
+    settled: bool,
+}
+
+impl Reserved {
+    pub fn new(budget: Arc<LocalBudget>, tokens: u64) -> Self {
+        Reserved {
+            budget,
+            tokens,
+            settled: false,
+        }
+    }
+
+    /// Settles against what the upstream reported: a 2xx with usage is charged its actual tokens, a 2xx
+    /// without keeps the reservation, anything else is refunded.
+    pub fn settle(mut self, status: u16, body: &[u8], sse: bool) {
+        self.settled = true;
+        let actual = if (200..300).contains(&status) {
+            reported_usage(body, sse)
+        } else {
+            Some(0)
+        };
+        if let Some(actual) = actual {
+            self.budget.reconcile(self.tokens, actual, Instant::now());
+        }
+    }
+
+    /// Keeps the reservation as charged (the response was cut off: the tokens were likely spent).
+    pub fn keep(mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.budget.reconcile(self.tokens, 0, Instant::now());
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct UsageDoc {
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+}
+
+impl Usage {
+    fn total(&self) -> Option<u64> {
+        self.total_tokens
+            .or(match (self.prompt_tokens, self.completion_tokens) {
+                (None, None) => None,
+                (p, c) => Some(p.unwrap_or(0) + c.unwrap_or(0)),
+            })
+    }
+}
+
+/// Total tokens in the response's `usage` (OpenAI format); for SSE the last event that carries one.
+pub fn reported_usage(body: &[u8], sse: bool) -> Option<u64> {
+    if !sse {
+        return serde_json::from_slice::<UsageDoc>(body)
+            .ok()?
+            .usage?
+            .total();
+    }
+    body.split(|b| *b == b'\n')
+        .rev()
+        .filter_map(|line| line.strip_prefix(b"data:"))
+        .filter(|data| data.windows(7).any(|w| w == b"\"usage\""))
+        .find_map(|data| {
+            serde_json::from_slice::<UsageDoc>(data.trim_ascii())
+                .ok()?
+                .usage?
+                .total()
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_from_json_and_sse() {
+        let json = br#"{"answer":"x","usage":{"prompt_tokens":10,"completion_tokens":5}}"#;
+        assert_eq!(reported_usage(json, false), Some(15));
+        assert_eq!(
+            reported_usage(br#"{"usage":{"total_tokens":42}}"#, false),
+            Some(42)
+        );
+        assert_eq!(reported_usage(br#"{"answer":"x"}"#, false), None);
+        let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\n\ndata: [DONE]\n\n";
+        assert_eq!(reported_usage(sse, true), Some(10));
+        assert_eq!(reported_usage(b"data: {\"choices\":[]}\n\n", true), None);
+    }
+
+    #[test]
+    fn estimate_reads_max_tokens() {
+        let peek = BudgetPeek {
+            peek_bytes: 1024,
+            default_completion_tokens: 256,
+        };
+        let body = br#"{"question":"0123456789abcdef","max_tokens":100}"#;
+        let frames: VecDeque<Frame<Bytes>> = [Frame::data(Bytes::from_static(body))].into();
+        let prompt = estimate_prompt_tokens(body.len());
+        assert_eq!(
+            estimate(&frames, true, &HeaderMap::new(), peek),
+            prompt + 100
+        );
+        // Not all read: the declared length and the default completion.
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::CONTENT_LENGTH, "4000".parse().unwrap());
+        assert_eq!(
+            estimate(&frames, false, &headers, peek),
+            estimate_prompt_tokens(4000) + 256
+        );
+    }
+
+    #[test]
+    fn unsettled_reservations_are_refunded() {
+        let start = Instant::now();
+        let budget = Arc::new(LocalBudget::new(
+            super::super::budget::BudgetSettings {
+                tokens_per_minute: 60,
+                burst: 10,
+            },
+            start,
+        ));
+        let before = budget.available(start);
+        match budget.admit(10, start) {
+            super::super::budget::Admission::Admitted(r) => {
+                drop(Reserved::new(budget.clone(), r.tokens))
+            }
+            _ => panic!("admitted"),
+        }
+        assert_eq!(budget.available(Instant::now()), before);
+    }
+}
