@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use crate::app::App;
 use crate::guards::breaker::Admission;
 use crate::guards::budget::Admission as BudgetAdmission;
-use crate::guards::spend::{self, Reserved};
+use crate::guards::spend::{self, Reserved, UsageTap};
 use crate::log::ACCESS;
 use crate::metrics::ProxyError;
 use crate::pins;
@@ -358,7 +358,7 @@ async fn forward(
     };
     let spend = reserved.map(|reserved| Spend {
         reserved,
-        response: Capture::new(settings.max_body_bytes),
+        response: UsageTap::new(settings.max_body_bytes),
         sse: answer_format(&parts.headers) == Some(true),
     });
     let observed = Observed {
@@ -667,7 +667,7 @@ struct Tee {
 
 struct Spend {
     reserved: Reserved,
-    response: Capture,
+    response: UsageTap,
     sse: bool,
 }
 
@@ -706,7 +706,7 @@ impl Observed {
             if complete {
                 spend
                     .reserved
-                    .settle(self.status, &spend.response.into_bytes(), spend.sse);
+                    .settle(self.status, spend.response, spend.sse);
             } else {
                 spend.reserved.keep();
             }

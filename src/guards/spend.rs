@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use super::budget::{completion_tokens, estimate_prompt_tokens, LocalBudget};
 use crate::router::BudgetPeek;
+use crate::tee::Capture;
 
 /// Reads frames into `into` until `limit` bytes or the end of the body. Returns whether the body ended.
 /// The frames read stay in `into` even when the caller gives up waiting, so nothing is lost.
@@ -87,10 +88,10 @@ impl Reserved {
 
     /// Settles against what the upstream reported: a 2xx with usage is charged its actual tokens, a 2xx
     /// without keeps the reservation, anything else is refunded.
-    pub fn settle(mut self, status: u16, body: &[u8], sse: bool) {
+    pub fn settle(mut self, status: u16, tap: UsageTap, sse: bool) {
         self.settled = true;
         let actual = if (200..300).contains(&status) {
-            reported_usage(body, sse)
+            tap.usage(sse)
         } else {
             Some(0)
         };
@@ -111,6 +112,83 @@ impl Drop for Reserved {
             self.budget.reconcile(self.tokens, 0, Instant::now());
         }
     }
+}
+
+/// Bytes kept from the end of a response however long it is: `usage` comes last.
+const TAIL: usize = 16 * 1024;
+
+/// What of a response the usage is read from: the whole body while it fits `cap`, and always its last
+/// [`TAIL`] bytes, so a long stream's final usage event is never cut off.
+pub struct UsageTap {
+    head: Capture,
+    tail: VecDeque<Bytes>,
+    tail_len: usize,
+}
+
+impl UsageTap {
+    pub fn new(cap: usize) -> Self {
+        UsageTap {
+            head: Capture::new(cap),
+            tail: VecDeque::new(),
+            tail_len: 0,
+        }
+    }
+
+    #[inline]
+    pub fn push(&mut self, data: &Bytes) {
+        self.head.push(data);
+        if !self.head.truncated {
+            return;
+        }
+        self.tail.push_back(data.clone());
+        self.tail_len += data.len();
+        while self
+            .tail
+            .front()
+            .is_some_and(|f| self.tail_len - f.len() >= TAIL)
+        {
+            if let Some(f) = self.tail.pop_front() {
+                self.tail_len -= f.len();
+            }
+        }
+    }
+
+    /// Total tokens the response reported.
+    pub fn usage(self, sse: bool) -> Option<u64> {
+        if !self.head.truncated {
+            return reported_usage(&self.head.into_bytes(), sse);
+        }
+        let mut tail = BytesMut::with_capacity(self.tail_len);
+        for part in &self.tail {
+            tail.extend_from_slice(part);
+        }
+        if sse {
+            reported_usage(&tail, true)
+        } else {
+            usage_in_tail(&tail)
+        }
+    }
+}
+
+/// The last `"usage": {...}` object in a fragment of JSON.
+fn usage_in_tail(tail: &[u8]) -> Option<u64> {
+    let key = tail.windows(7).rposition(|w| w == b"\"usage\"")?;
+    let open = key + tail[key..].iter().position(|b| *b == b'{')?;
+    let mut depth = 0usize;
+    for (i, b) in tail[open..].iter().enumerate() {
+        match b {
+            b'{' => depth += 1,
+            b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    let usage: Usage = serde_json::from_slice(&tail[open..=open + i]).ok()?;
+                    return usage.total();
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 #[derive(Deserialize)]
@@ -171,6 +249,30 @@ mod tests {
         let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\n\ndata: [DONE]\n\n";
         assert_eq!(reported_usage(sse, true), Some(10));
         assert_eq!(reported_usage(b"data: {\"choices\":[]}\n\n", true), None);
+    }
+
+    #[test]
+    fn usage_of_a_body_longer_than_the_cap() {
+        let filler = Bytes::from(vec![b'x'; 10_000]);
+        let mut json = UsageTap::new(4096);
+        json.push(&Bytes::from_static(b"{\"answer\":\""));
+        for _ in 0..10 {
+            json.push(&filler);
+        }
+        json.push(&Bytes::from_static(
+            b"\",\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":900}}",
+        ));
+        assert_eq!(json.usage(false), Some(907));
+        let mut sse = UsageTap::new(4096);
+        for _ in 0..10 {
+            sse.push(&Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"}}]}\n\n"));
+            sse.push(&filler);
+            sse.push(&Bytes::from_static(b"\n\n"));
+        }
+        sse.push(&Bytes::from_static(
+            b"data: {\"choices\":[],\"usage\":{\"total_tokens\":15}}\n\ndata: [DONE]\n\n",
+        ));
+        assert_eq!(sse.usage(true), Some(15));
     }
 
     #[test]
