@@ -243,13 +243,9 @@ impl App {
             &self.pools,
             &self.breakers,
         )?;
-        let table = apply(&mut state, table, &loaded.config)?;
-        self.persist(&state);
-        match (&self.budget, &loaded.config.budget) {
-            (Some(budget), Some(settings)) => budget.set_settings(settings.into()),
-            (None, None) => {}
-            _ => tracing::warn!("adding or removing [budget] takes effect on restart"),
-        }
+        // Nothing is committed until every part of the new config has been built.
+        let mut next = state.clone();
+        let table = apply(&mut next, table, &loaded.config)?;
         let old = self.config.load();
         for (key, changed) in [
             (
@@ -297,6 +293,18 @@ impl App {
             }
         }
         self.pipeline.reconfigure(&loaded.config.signals)?;
+        if *state != next {
+            *state = next;
+            self.persist(&state);
+        }
+        match (&self.budget, &loaded.config.budget) {
+            (Some(budget), Some(settings)) => budget.set_settings(settings.into()),
+            (None, None) => {}
+            (None, Some(_)) => {
+                tracing::warn!("a [budget] added to the file takes effect on restart")
+            }
+            (Some(_), None) => tracing::warn!("[budget] removed: requests are no longer priced"),
+        }
         self.table.store(Arc::new(table));
         self.config.store(Arc::new(loaded.config));
         self.admin_token.store(Arc::new(loaded.admin_token));

@@ -282,19 +282,24 @@ async fn forward(
     } else {
         (RequestBody::plain(body).with_prefix(prefix), None)
     };
-    let sent = tokio::time::timeout(
-        settings.request_timeout,
-        arm.pool.send(Request::from_parts(parts, body)),
-    );
+    // One deadline for the whole wait, the budget's peek included; the breaker times the upstream only.
+    let deadline = tokio::time::Instant::from_std(start + settings.request_timeout);
+    let sent_at = Instant::now();
+    let sent = tokio::time::timeout_at(deadline, arm.pool.send(Request::from_parts(parts, body)));
     let (response, lease) = match sent.await {
         Ok(Ok(exchange)) => {
             let failed = exchange.0.status().is_server_error();
-            ticket.complete(Instant::now(), start.elapsed(), failed);
+            ticket.complete(Instant::now(), sent_at.elapsed(), failed);
             exchange
         }
         Ok(Err(e)) => {
             if !e.is_client_abort() {
-                ticket.complete(Instant::now(), start.elapsed(), true);
+                ticket.complete(Instant::now(), sent_at.elapsed(), true);
+            }
+            // The upstream got the request unless it could not even be connected to: it may well have
+            // spent the tokens, so the reservation stands.
+            if let (Some(r), false) = (reserved.take(), e.is_connect()) {
+                r.keep();
             }
             let kind = if e.is_client_abort() {
                 ProxyError::ClientClosed
@@ -308,7 +313,10 @@ async fn forward(
             return error_response(Some(arm), info, kind, &message, start);
         }
         Err(_) => {
-            ticket.complete(Instant::now(), start.elapsed(), true);
+            ticket.complete(Instant::now(), sent_at.elapsed(), true);
+            if let Some(r) = reserved.take() {
+                r.keep();
+            }
             let message = format!(
                 "upstream {} sent no response within {:?}",
                 arm.upstream, table.settings.request_timeout

@@ -39,6 +39,14 @@ impl UpstreamError {
         matches!(self, UpstreamError::ConnectTimeout { .. })
     }
 
+    /// Whether no connection could be made: the upstream never saw the request.
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. }
+        )
+    }
+
     /// Whether the client's request body failed (the client went away mid-upload): not the upstream's
     /// fault, and not to be counted against the arm.
     pub fn is_client_abort(&self) -> bool {

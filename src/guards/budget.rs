@@ -213,7 +213,8 @@ impl LocalBudget {
                 (tat > now_ns).then(|| tat.saturating_sub(refund).max(now_ns))
             })
         } else if actual > reserved {
-            let charge = p.cost(actual - reserved);
+            // A reported usage can be anything; one response may overdraw by at most a burst.
+            let charge = p.cost((actual - reserved).min(p.settings.burst.max(1)));
             self.tat.fetch_update(Relaxed, Relaxed, |tat| {
                 Some(tat.max(now_ns).saturating_add(charge))
             })

@@ -57,7 +57,7 @@ pub fn estimate(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
         return estimate_prompt_tokens(declared.unwrap_or(read).max(read))
-            + peek.default_completion_tokens;
+            .saturating_add(peek.default_completion_tokens);
     }
     let mut body = BytesMut::with_capacity(read);
     for data in peeked.iter().filter_map(|f| f.data_ref()) {
@@ -66,7 +66,8 @@ pub fn estimate(
     let completion = serde_json::from_slice::<serde_json::Value>(&body)
         .map(|v| completion_tokens(&v, peek.default_completion_tokens))
         .unwrap_or(peek.default_completion_tokens);
-    estimate_prompt_tokens(read) + completion
+    // A client names max_tokens: saturate, so an absurd one becomes "too large", never a tiny wrap.
+    estimate_prompt_tokens(read).saturating_add(completion)
 }
 
 /// A reservation held by one request. Dropped unsettled (the request failed before the upstream
@@ -100,7 +101,7 @@ impl Reserved {
         }
     }
 
-    /// Keeps the reservation as charged (the response was cut off: the tokens were likely spent).
+    /// Keeps the reservation as charged (the request reached the upstream, which likely spent it).
     pub fn keep(mut self) {
         self.settled = true;
     }
@@ -137,9 +138,6 @@ impl UsageTap {
     #[inline]
     pub fn push(&mut self, data: &Bytes) {
         self.head.push(data);
-        if !self.head.truncated {
-            return;
-        }
         self.tail.push_back(data.clone());
         self.tail_len += data.len();
         while self
@@ -208,7 +206,7 @@ impl Usage {
         self.total_tokens
             .or(match (self.prompt_tokens, self.completion_tokens) {
                 (None, None) => None,
-                (p, c) => Some(p.unwrap_or(0) + c.unwrap_or(0)),
+                (p, c) => Some(p.unwrap_or(0).saturating_add(c.unwrap_or(0))),
             })
     }
 }
