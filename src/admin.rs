@@ -50,7 +50,25 @@ pub async fn handle(
         (&Method::GET, "/status") => json(StatusCode::OK, app.status()),
         (&Method::POST, _) => match refusal(&app, peer, &req) {
             Some(denied) => denied,
-            None => mutate(&app, &path, req).await,
+            None => {
+                // Mutations read files, rebuild tables and fsync the runtime state: off the runtime
+                // thread, so traffic does not wait on them.
+                let body = match read_body(req).await {
+                    Ok(body) => body,
+                    Err(resp) => return Ok(resp),
+                };
+                let app = app.clone();
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || mutate(&app, &path, &body))
+                    .await
+                    .unwrap_or_else(|e| {
+                        error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "internal",
+                            &format!("the admin call failed: {e}"),
+                        )
+                    })
+            }
         },
         (_, "/metrics" | "/healthz" | "/readyz" | "/status") => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -66,7 +84,7 @@ pub async fn handle(
     Ok(response)
 }
 
-async fn mutate(app: &App, path: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn mutate(app: &App, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
     if path == "/reload" {
         return match app.reload() {
             Ok(hash) => json(
@@ -91,9 +109,9 @@ async fn mutate(app: &App, path: &str, req: Request<Incoming>) -> Response<Full<
             return json(StatusCode::OK, serde_json::json!({ "frozen": frozen }));
         }
         "/flags" => {
-            let body = match read_json(req).await {
+            let body = match parse_json(body) {
                 Ok(body) => body,
-                Err(resp) => return resp,
+                Err(resp) => return *resp,
             };
             return match app.set_flags(&body) {
                 Ok(()) => {
@@ -117,9 +135,9 @@ async fn mutate(app: &App, path: &str, req: Request<Incoming>) -> Response<Full<
         .strip_prefix("/arms/")
         .and_then(|rest| rest.strip_suffix("/weight"))
     {
-        let body = match read_json(req).await {
+        let body = match parse_json(body) {
             Ok(body) => body,
-            Err(resp) => return resp,
+            Err(resp) => return *resp,
         };
         let Some(weight) = body
             .get("weight")
@@ -191,8 +209,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn read_json(req: Request<Incoming>) -> Result<serde_json::Value, Response<Full<Bytes>>> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
+    Ok(Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
         .map_err(|e| {
@@ -202,13 +220,16 @@ async fn read_json(req: Request<Incoming>) -> Result<serde_json::Value, Response
                 &format!("cannot read the body: {e}"),
             )
         })?
-        .to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| {
-        error(
+        .to_bytes())
+}
+
+fn parse_json(bytes: &Bytes) -> Result<serde_json::Value, Box<Response<Full<Bytes>>>> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             "bad_request",
             &format!("body is not JSON: {e}"),
-        )
+        ))
     })
 }
 

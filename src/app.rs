@@ -130,7 +130,7 @@ fn apply(
 pub enum FlagsError {
     #[error("expected a JSON object of flag names to true/false, e.g. {{\"degrade\": true}}")]
     Shape,
-    #[error("flag {0:?}: names are 1-64 characters of [A-Za-z0-9_.-] and values true or false")]
+    #[error("flag {0:?}: names are 1-64 characters of [A-Za-z0-9_.-] and values true, false or null (remove)")]
     Invalid(String),
     #[error("at most {MAX_FLAGS} named flags")]
     TooMany,
@@ -341,21 +341,29 @@ impl App {
         let changes = changes.as_object().ok_or(FlagsError::Shape)?;
         let mut parsed = Vec::with_capacity(changes.len());
         for (name, value) in changes {
-            match (name.as_str(), value.as_bool()) {
-                (name, Some(on)) if name == "degrade" || is_flag_name(name) => {
-                    parsed.push((name.to_string(), on))
-                }
+            // true/false set a flag; null removes a named flag (degrade: off).
+            let setting = match value {
+                serde_json::Value::Bool(on) => Some(*on),
+                serde_json::Value::Null => None,
                 _ => return Err(FlagsError::Invalid(name.clone())),
+            };
+            if name != "degrade" && !is_flag_name(name) {
+                return Err(FlagsError::Invalid(name.clone()));
             }
+            parsed.push((name.to_string(), setting));
         }
         let mut state = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut flags = state.flags.clone();
         let mut degrade = state.degrade;
-        for (name, on) in parsed {
-            if name == "degrade" {
-                degrade = on;
-            } else {
-                flags.insert(name, on);
+        for (name, setting) in parsed {
+            match (name == "degrade", setting) {
+                (true, on) => degrade = on.unwrap_or(false),
+                (false, Some(on)) => {
+                    flags.insert(name, on);
+                }
+                (false, None) => {
+                    flags.remove(&name);
+                }
             }
         }
         if flags.len() > MAX_FLAGS {
