@@ -3,9 +3,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use common::*;
 use http::StatusCode;
 
@@ -376,20 +373,7 @@ async fn metrics_families_have_samples_and_count_pin_mismatch() {
 /// seconds. Any other finding — or that finding on any other family — fails the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_check() {
-    let promtool = ["/usr/bin/promtool", "promtool"].into_iter().find(|p| {
-        Command::new(p)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-    });
-    let Some(promtool) = promtool else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "promtool is required in CI (apt-get install prometheus)"
-        );
-        eprintln!("SKIPPED metrics_pass_promtool_check: promtool is not installed");
+    let Some(promtool) = promtool("metrics_pass_promtool_check") else {
         return;
     };
     let up = Upstream::start("main");
@@ -398,42 +382,5 @@ async fn metrics_pass_promtool_check() {
     traffic(&client, &proxy).await;
     let (text, _) = scrape(&client, &proxy).await;
 
-    let mut child = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .expect("pipe to promtool");
-    let out = child.wait_with_output().expect("promtool output");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    const ACCEPTED: [&str; 2] = [
-        "driftguard_delta_s metric names should not contain abbreviated units",
-        "driftguard_delta_s_quantile metric names should not contain abbreviated units",
-    ];
-    let findings: Vec<&str> = report
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !ACCEPTED.contains(&l.trim()))
-        .collect();
-    assert!(
-        findings.is_empty(),
-        "promtool check metrics found problems:\n{report}"
-    );
-    assert!(
-        out.status.success() || report.lines().any(|l| ACCEPTED.contains(&l.trim())),
-        "promtool check metrics failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_promtool_clean(promtool, &text);
 }

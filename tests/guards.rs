@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -591,22 +589,7 @@ async fn invalid_flags_bodies_are_refused_and_change_nothing() {
 /// the unit-abbreviation lints on the two ΔS families whose names SPEC §7 fixes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_with_writes_frozen_pass_promtool_check() {
-    let promtool = ["/usr/bin/promtool", "promtool"].into_iter().find(|p| {
-        Command::new(p)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-    });
-    let Some(promtool) = promtool else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "promtool is required in CI (apt-get install prometheus)"
-        );
-        eprintln!(
-            "SKIPPED metrics_with_writes_frozen_pass_promtool_check: promtool is not installed"
-        );
+    let Some(promtool) = promtool("metrics_with_writes_frozen_pass_promtool_check") else {
         return;
     };
     let up = Upstream::start("main");
@@ -627,42 +610,7 @@ async fn metrics_with_writes_frozen_pass_promtool_check() {
         "the gauge has help:\n{text}"
     );
 
-    let mut child = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .expect("pipe to promtool");
-    let out = child.wait_with_output().expect("promtool output");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    const ACCEPTED: [&str; 2] = [
-        "driftguard_delta_s metric names should not contain abbreviated units",
-        "driftguard_delta_s_quantile metric names should not contain abbreviated units",
-    ];
-    let findings: Vec<&str> = report
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !ACCEPTED.contains(&l.trim()))
-        .collect();
-    assert!(
-        findings.is_empty(),
-        "promtool check metrics found problems:\n{report}"
-    );
-    assert!(
-        out.status.success() || report.lines().any(|l| ACCEPTED.contains(&l.trim())),
-        "promtool check metrics failed ({}):\n{report}",
-        out.status
-    );
+    assert_promtool_clean(promtool, &text);
 }
 
 /// A write spelled another way is the same write: percent-encoded unreserved characters are equivalent to

@@ -1407,3 +1407,67 @@ pub async fn read_to_eof<S: tokio::io::AsyncRead + Unpin>(
     .await;
     all
 }
+
+/// The promtool binary, or `None` (with a skip message) when it is absent outside CI; in CI it must be
+/// there (`apt-get install prometheus`).
+pub fn promtool(test: &str) -> Option<&'static str> {
+    let found = ["/usr/bin/promtool", "promtool"].into_iter().find(|p| {
+        std::process::Command::new(p)
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok()
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is required in CI (apt-get install prometheus)"
+        );
+        eprintln!("SKIPPED {test}: promtool is not installed");
+    }
+    found
+}
+
+/// Runs `promtool check metrics` on an exposition. One finding is accepted, and only for the two ΔS
+/// families whose names are fixed by SPEC §7: the unit-abbreviation rule reads the `_s` of `delta_s`
+/// (ΔS, "delta S") as seconds. Any other finding fails.
+pub fn assert_promtool_clean(promtool: &str, text: &str) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("promtool stdin")
+        .write_all(text.as_bytes())
+        .expect("pipe to promtool");
+    let out = child.wait_with_output().expect("promtool output");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    const ACCEPTED: [&str; 2] = [
+        "driftguard_delta_s metric names should not contain abbreviated units",
+        "driftguard_delta_s_quantile metric names should not contain abbreviated units",
+    ];
+    let findings: Vec<&str> = report
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !ACCEPTED.contains(&l.trim()))
+        .collect();
+    assert!(
+        findings.is_empty(),
+        "promtool check metrics found problems:\n{report}"
+    );
+    assert!(
+        out.status.success() || report.lines().any(|l| ACCEPTED.contains(&l.trim())),
+        "promtool check metrics failed ({}):\n{report}",
+        out.status
+    );
+}
