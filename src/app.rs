@@ -96,6 +96,30 @@ pub struct App {
     state_file: StateFile,
 }
 
+/// Keys whose new value a reload cannot apply (listeners, runtime, pools, evaluation threads).
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    macro_rules! changed {
+        ($($section:ident . $key:ident),+ $(,)?) => {
+            [$((concat!(stringify!($section), ".", stringify!($key)), old.$section.$key != new.$section.$key)),+]
+        };
+    }
+    let keys = changed!(
+        listen.proxy,
+        listen.admin,
+        runtime.workers,
+        upstream.connect_timeout,
+        upstream.pool_max_idle,
+        upstream.pool_idle_timeout,
+        signals.workers,
+        signals.queue,
+        signals.max_sessions,
+    );
+    keys.into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(key, _)| key)
+        .collect()
+}
+
 /// The routing-table controls a runtime state and config call for.
 fn controls(state: &RuntimeState, config: &Config) -> Controls {
     let degrade = state
@@ -247,50 +271,11 @@ impl App {
         let mut next = state.clone();
         let table = apply(&mut next, table, &loaded.config)?;
         let old = self.config.load();
-        for (key, changed) in [
-            (
-                "listen.proxy",
-                old.listen.proxy != loaded.config.listen.proxy,
-            ),
-            (
-                "listen.admin",
-                old.listen.admin != loaded.config.listen.admin,
-            ),
-            (
-                "runtime.workers",
-                old.runtime.workers != loaded.config.runtime.workers,
-            ),
-            (
-                "upstream.connect_timeout",
-                old.upstream.connect_timeout != loaded.config.upstream.connect_timeout,
-            ),
-            (
-                "upstream.pool_max_idle",
-                old.upstream.pool_max_idle != loaded.config.upstream.pool_max_idle,
-            ),
-            (
-                "upstream.pool_idle_timeout",
-                old.upstream.pool_idle_timeout != loaded.config.upstream.pool_idle_timeout,
-            ),
-            (
-                "signals.workers",
-                old.signals.workers != loaded.config.signals.workers,
-            ),
-            (
-                "signals.queue",
-                old.signals.queue != loaded.config.signals.queue,
-            ),
-            (
-                "signals.max_sessions",
-                old.signals.max_sessions != loaded.config.signals.max_sessions,
-            ),
-        ] {
-            if changed {
-                tracing::warn!(
-                    key,
-                    "changed in the config file; takes effect on restart only"
-                );
-            }
+        for key in restart_only_changes(&old, &loaded.config) {
+            tracing::warn!(
+                key,
+                "changed in the config file; takes effect on restart only"
+            );
         }
         self.pipeline.reconfigure(&loaded.config.signals)?;
         if *state != next {
@@ -497,6 +482,20 @@ pub const ROTATE_EVERY: Duration = Duration::from_secs(1);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restart_only_keys_are_named() {
+        let old = Config::default();
+        let mut new = Config::default();
+        assert!(restart_only_changes(&old, &new).is_empty());
+        new.listen.proxy = "127.0.0.1:1".into();
+        new.signals.queue = 1;
+        new.strict_pins = true;
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            ["listen.proxy", "signals.queue"]
+        );
+    }
 
     #[test]
     fn env_token_wins_over_file() {
