@@ -17,6 +17,7 @@ pub mod router;
 pub mod shutdown;
 pub mod signals;
 pub mod state;
+pub mod stats;
 pub mod tee;
 pub mod upstream;
 pub mod windows;
