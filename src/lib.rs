@@ -8,6 +8,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod guards;
+pub mod hooks;
 pub mod listener;
 pub mod log;
 pub mod metrics;

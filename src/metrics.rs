@@ -98,6 +98,8 @@ pub struct Metrics {
     pub eval_errors: IntCounterVec,
     pub tee_truncated: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    /// Rollback hook runs by hook name and outcome (`hooks::HookOutcome`).
+    pub hook_runs: IntCounterVec,
     origin: Instant,
     arms: Mutex<HashMap<String, Arc<ArmStats>>>,
 }
@@ -190,6 +192,7 @@ impl Metrics {
                 "Requests refused by the token budget (429), by reason.",
                 &["reason"],
             ),
+            hook_runs: counter_vec(&r, "hook_runs_total", "Rollback hook runs, by hook and outcome (ok, failed, timeout).", &["hook", "outcome"]),
             tee_truncated: counter_vec(&r, "tee_truncated_total", "Body copies stopped at signals.max_body_bytes, by direction.", &["direction"]),
             eval_dropped,
             eval_queue_depth,
