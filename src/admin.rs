@@ -12,16 +12,18 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::app::{App, ReloadError};
+use crate::engine::{self, Engine, EngineError, TripRequest, MANUAL};
 use crate::router::RouterError;
 
 /// Largest request body an admin endpoint reads.
 const MAX_BODY: usize = 64 * 1024;
 
 pub async fn handle(
-    app: Arc<App>,
+    engine: Arc<Engine>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let app = engine.app().clone();
     let path = req.uri().path().to_string();
     let response = match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => text(
@@ -47,7 +49,26 @@ pub async fn handle(
                 text(StatusCode::OK, "text/plain", "ready\n".into())
             }
         }
-        (&Method::GET, "/status") => json(StatusCode::OK, app.status()),
+        (&Method::GET, "/status") => {
+            let mut status = app.status();
+            status["guard"] = engine.status();
+            json(StatusCode::OK, status)
+        }
+        (&Method::GET, "/snapshots") => {
+            let ids = engine::list_snapshots(&app.config().state_dir);
+            json(StatusCode::OK, serde_json::json!({ "snapshots": ids }))
+        }
+        (&Method::GET, p) if p.starts_with("/snapshots/") => {
+            let id = &p["/snapshots/".len()..];
+            match engine::read_snapshot(&app.config().state_dir, id) {
+                Some(doc) => text(StatusCode::OK, "application/json", doc),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    &format!("no snapshot {id:?}"),
+                ),
+            }
+        }
         (&Method::POST, _) => match refusal(&app, peer, &req) {
             Some(denied) => denied,
             None => {
@@ -57,9 +78,8 @@ pub async fn handle(
                     Ok(body) => body,
                     Err(resp) => return Ok(resp),
                 };
-                let app = app.clone();
                 let path = path.clone();
-                tokio::task::spawn_blocking(move || mutate(&app, &path, &body))
+                tokio::task::spawn_blocking(move || mutate(&engine, &path, &body))
                     .await
                     .unwrap_or_else(|e| {
                         error(
@@ -84,7 +104,12 @@ pub async fn handle(
     Ok(response)
 }
 
-fn mutate(app: &App, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
+fn mutate(engine: &Engine, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
+    let app = engine.app();
+    match path {
+        "/trip" | "/recover" | "/baseline" => return guard(engine, path, body),
+        _ => {}
+    }
     if path == "/reload" {
         return match app.reload() {
             Ok(hash) => json(
@@ -166,6 +191,65 @@ fn mutate(app: &App, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
         "not_found",
         &format!("no admin endpoint POST {path}"),
     )
+}
+
+/// `POST /trip`, `/recover`, `/baseline`: the rollback engine's manual controls.
+fn guard(engine: &Engine, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
+    // An empty body is fine for all three.
+    let body = if body.is_empty() {
+        serde_json::json!({})
+    } else {
+        match parse_json(body) {
+            Ok(body) => body,
+            Err(resp) => return *resp,
+        }
+    };
+    let field = |name: &str| body.get(name).and_then(|v| v.as_str()).map(String::from);
+    let engine_error = |e: EngineError| match e {
+        EngineError::NotHealthy(_) | EngineError::Baseline(_) => {
+            error(StatusCode::CONFLICT, "conflict", &e.to_string())
+        }
+        EngineError::UnknownArm(_) => error(StatusCode::NOT_FOUND, "unknown_arm", &e.to_string()),
+        EngineError::Router(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &e.to_string(),
+        ),
+    };
+    match path {
+        "/trip" => {
+            let request = TripRequest {
+                rule: MANUAL.into(),
+                arm: field("arm"),
+                finding: None,
+                reason: Some(field("reason").unwrap_or_else(|| "manual trip".into())),
+                window_seconds: engine.app().config().rules.window.0.as_secs(),
+            };
+            match engine.trip(request) {
+                Ok(events) => {
+                    for ctx in events {
+                        engine.fire(ctx);
+                    }
+                    json(StatusCode::OK, engine.status())
+                }
+                Err(e) => engine_error(e),
+            }
+        }
+        "/recover" => {
+            for ctx in engine.recover("POST /recover") {
+                engine.fire(ctx);
+            }
+            json(StatusCode::OK, engine.status())
+        }
+        _ => match engine.capture_baseline(field("arm").as_deref()) {
+            Ok(b) => json(
+                StatusCode::OK,
+                serde_json::json!({"baseline": {"arm": b.arm, "captured_ms": b.captured_ms,
+                    "pins": b.pins, "window": b.summary.to_json()}}),
+            ),
+            Err(e) => engine_error(e),
+        },
+    }
 }
 
 /// The bearer-token rule for mutating endpoints: the refusal to send, if any.

@@ -12,11 +12,11 @@ use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ConfigError, ConfigErrors};
-use crate::guards::budget::LocalBudget;
+use crate::guards::budget::{BudgetSettings, LocalBudget};
 use crate::guards::Breakers;
 use crate::metrics::Metrics;
 use crate::pins;
-use crate::router::{is_flag_name, Controls, RouterError, RoutingTable, MAX_FLAGS};
+use crate::router::{is_flag_name, Controls, Overrides, RouterError, RoutingTable, MAX_FLAGS};
 use crate::signals::pipeline::Pipeline;
 use crate::signals::EvalError;
 use crate::state::{RuntimeState, StateError, StateFile};
@@ -88,6 +88,7 @@ pub struct App {
     pub budget: Option<Arc<LocalBudget>>,
     pub pipeline: Arc<Pipeline>,
     started: Instant,
+    started_ms: u64,
     draining: AtomicBool,
     /// Serialises table rebuilds (reload, weights, controls) so none is lost between load and store, and
     /// holds what was set at run time; a reload re-applies it so re-reading the file never silently
@@ -129,6 +130,15 @@ fn controls(state: &RuntimeState, config: &Config) -> Controls {
     Controls::new(state.frozen, degrade, state.flags.clone())
 }
 
+/// The arm-building overrides a runtime state calls for.
+fn overrides<'a>(state: &'a RuntimeState, config: &Config) -> Overrides<'a> {
+    Overrides {
+        pins: Some(&state.pin_overrides),
+        cache_epoch: state.cache_epoch,
+        throttle: state.throttled.then_some(config.rollback.throttle_factor),
+    }
+}
+
 /// Applies the runtime state to a table built from the config: controls, then the weights of arms that
 /// still exist (the others are forgotten).
 fn apply(
@@ -147,6 +157,17 @@ fn apply(
         );
     }
     Ok(table)
+}
+
+/// The budget's settings for a config and runtime state: `[budget]`, × `rollback.throttle_factor` while
+/// throttled. `None` without a `[budget]`.
+fn budget_settings(state: &RuntimeState, config: &Config) -> Option<BudgetSettings> {
+    let settings = BudgetSettings::from(config.budget.as_ref()?);
+    Some(if state.throttled {
+        settings.throttled(config.rollback.throttle_factor)
+    } else {
+        settings
+    })
 }
 
 /// A change to the controls requested through `POST /flags`.
@@ -194,9 +215,20 @@ impl App {
             .as_ref()
             .map(|b| Arc::new(LocalBudget::new(b.into(), Instant::now())));
         let (state_file, mut state) = StateFile::open(&loaded.config.state_dir)?;
-        let table =
-            RoutingTable::from_config(&loaded.config, &env_pins, &metrics, &pools, &breakers)?;
+        let table = RoutingTable::from_config(
+            &loaded.config,
+            &env_pins,
+            overrides(&state, &loaded.config),
+            &metrics,
+            &pools,
+            &breakers,
+        )?;
         let table = apply(&mut state, table, &loaded.config)?;
+        if let Some(budget) = &budget {
+            budget
+                .set_settings(budget_settings(&state, &loaded.config).unwrap_or(budget.settings()));
+        }
+        metrics.guard_state.set(state.guard.state.gauge());
         if state != RuntimeState::default() {
             tracing::warn!(state = ?state, "restored the runtime state saved before the restart");
         }
@@ -214,6 +246,7 @@ impl App {
             env_pins,
             metrics,
             started: Instant::now(),
+            started_ms: crate::state::now_ms(),
             draining: AtomicBool::new(false),
             write_lock: Mutex::new(state),
             state_file,
@@ -228,8 +261,23 @@ impl App {
         self.config.load_full()
     }
 
+    /// First 16 hex digits of the SHA-256 of the running config file.
+    pub fn config_hash(&self) -> String {
+        self.config_hash.load().as_str().to_string()
+    }
+
+    /// The environment's pins (`DRIFTGUARD_PIN_*`).
+    pub fn env_pins(&self) -> &BTreeMap<String, String> {
+        &self.env_pins
+    }
+
     pub fn admin_token(&self) -> Arc<Option<String>> {
         self.admin_token.load_full()
+    }
+
+    /// When this process started, Unix ms.
+    pub fn started_ms(&self) -> u64 {
+        self.started_ms
     }
 
     pub fn is_draining(&self) -> bool {
@@ -263,6 +311,7 @@ impl App {
         let table = RoutingTable::from_config(
             &loaded.config,
             &self.env_pins,
+            overrides(&state, &loaded.config),
             &self.metrics,
             &self.pools,
             &self.breakers,
@@ -283,7 +332,11 @@ impl App {
             self.persist(&state);
         }
         match (&self.budget, &loaded.config.budget) {
-            (Some(budget), Some(settings)) => budget.set_settings(settings.into()),
+            (Some(budget), Some(_)) => {
+                if let Some(settings) = budget_settings(&state, &loaded.config) {
+                    budget.set_settings(settings);
+                }
+            }
             (None, None) => {}
             (None, Some(_)) => {
                 tracing::warn!("a [budget] added to the file takes effect on restart")
@@ -360,6 +413,46 @@ impl App {
         self.persist(&state);
         tracing::info!(degrade, flags = ?state.flags, "flags set");
         Ok(())
+    }
+
+    /// A copy of the runtime state (weights, controls, the rollback engine's record).
+    pub fn runtime_state(&self) -> RuntimeState {
+        self.write_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Changes the runtime state with `change` (given the current config and table) and commits it as
+    /// one routing-table swap built from the config and the new state; the budget follows the throttle.
+    /// Nothing changes when the table cannot be built. Returns what `change` returned and the new state.
+    pub fn update_state<T>(
+        &self,
+        change: impl FnOnce(&mut RuntimeState, &Config, &RoutingTable) -> T,
+    ) -> Result<(T, RuntimeState), RouterError> {
+        let mut state = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let config = self.config.load_full();
+        let mut next = state.clone();
+        let out = change(&mut next, &config, &self.table.load());
+        let table = RoutingTable::from_config(
+            &config,
+            &self.env_pins,
+            overrides(&next, &config),
+            &self.metrics,
+            &self.pools,
+            &self.breakers,
+        )?;
+        let table = apply(&mut next, table, &config)?;
+        self.table.store(Arc::new(table));
+        if let (Some(budget), Some(settings)) = (&self.budget, budget_settings(&next, &config)) {
+            budget.set_settings(settings);
+        }
+        self.metrics.guard_state.set(next.guard.state.gauge());
+        if *state != next {
+            *state = next;
+            self.persist(&state);
+        }
+        Ok((out, state.clone()))
     }
 
     /// Saves the runtime state; a failure is logged (the change holds until restart).

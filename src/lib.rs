@@ -6,7 +6,9 @@
 
 pub mod admin;
 pub mod app;
+pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod guards;
 pub mod hooks;
 pub mod listener;
@@ -15,6 +17,7 @@ pub mod metrics;
 pub mod pins;
 pub mod proxy;
 pub mod router;
+pub mod rules;
 pub mod shutdown;
 pub mod signals;
 pub mod state;
@@ -86,6 +89,9 @@ pub async fn serve(loaded: Loaded, path: &Path) -> Result<(), RunError> {
     let (trigger, shutdown) = shutdown::channel();
     tokio::spawn(signals(app.clone(), trigger));
     tokio::spawn(rotate_windows(app.clone(), shutdown.clone()));
+    let engine = engine::Engine::new(app.clone());
+    let mut engine_stop = shutdown.clone();
+    tokio::spawn(engine.clone().run(async move { engine_stop.wait().await }));
 
     let drain = config.listen.drain_timeout.0;
     let proxy_app = app.clone();
@@ -99,15 +105,14 @@ pub async fn serve(loaded: Loaded, path: &Path) -> Result<(), RunError> {
             move |req| proxy::handle(app.clone(), peer.clone(), req)
         },
     ));
-    let admin_app = app.clone();
     let admin = tokio::spawn(listener::serve(
         "admin",
         admin_listener,
         shutdown,
         drain,
         move |peer| {
-            let app = admin_app.clone();
-            move |req| admin::handle(app.clone(), peer, req)
+            let engine = engine.clone();
+            move |req| admin::handle(engine.clone(), peer, req)
         },
     ));
     let drained = proxy.await.unwrap_or(false);

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use driftguard::cli;
 use driftguard::config::Config;
 use driftguard::signals::gold;
 
@@ -53,6 +54,41 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Print the guard state, arms, weights and last trip from a running driftguard.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the whole /status JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Trip the guard by hand: run the rollback plan now.
+    Trip {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Why (kept in the snapshot, the log and /status).
+        #[arg(long)]
+        reason: String,
+        /// The arm to roll back [default: the first serving non-baseline arm].
+        #[arg(long)]
+        arm: Option<String>,
+    },
+    /// Declare recovery: unfreeze writes, lift the throttle, state healthy (traffic stays rolled back).
+    Recover {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// Where the admin listener of the running driftguard is; the token comes from DRIFTGUARD_ADMIN_TOKEN.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Admin listener URL.
+    #[arg(long, env = "DRIFTGUARD_ADMIN", default_value = cli::DEFAULT_ADMIN)]
+    admin: String,
+    /// How long to wait for the answer.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +104,24 @@ fn main() -> ExitCode {
             }
         },
         Command::Check => check(&config_path),
+        Command::Status { admin, json } => {
+            admin_call(&admin, http::Method::GET, "/status", None, |doc| {
+                if json {
+                    return serde_json::to_string_pretty(doc).unwrap_or_default();
+                }
+                status_text(doc)
+            })
+        }
+        Command::Trip { admin, reason, arm } => admin_call(
+            &admin,
+            http::Method::POST,
+            "/trip",
+            Some(serde_json::json!({"reason": reason, "arm": arm})),
+            guard_text,
+        ),
+        Command::Recover { admin } => {
+            admin_call(&admin, http::Method::POST, "/recover", None, guard_text)
+        }
         Command::Eval {
             gold,
             url,
@@ -115,6 +169,98 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Calls the admin API and prints the answer through `render`; exit 1 on a refusal, 2 when unreachable.
+fn admin_call(
+    admin: &AdminArgs,
+    method: http::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    render: impl Fn(&serde_json::Value) -> String,
+) -> ExitCode {
+    match cli::call(&admin.admin, method, path, body, admin.timeout) {
+        Ok((status, text)) => {
+            let doc: serde_json::Value =
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+            if (200..300).contains(&status) {
+                println!("{}", render(&doc));
+                ExitCode::SUCCESS
+            } else {
+                let message = doc["message"].as_str().unwrap_or(text.trim());
+                eprintln!("driftguard: {path} refused ({status}): {message}");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("driftguard: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The guard part of a `/status`, `/trip` or `/recover` answer as a few lines.
+fn guard_text(guard: &serde_json::Value) -> String {
+    let mut out = format!("guard: {}", guard["state"].as_str().unwrap_or("?"));
+    if let Some(trip) = guard["last_trip"].as_object() {
+        let s = |k: &str| trip.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        out.push_str(&format!(
+            "\nlast trip: rule {} on arm {} — lever {} ({})",
+            s("rule"),
+            s("arm"),
+            s("lever"),
+            s("action")
+        ));
+        if let (Some(o), Some(t)) = (
+            trip.get("observed").and_then(|v| v.as_f64()),
+            trip.get("threshold").and_then(|v| v.as_f64()),
+        ) {
+            out.push_str(&format!("\n  observed {o:.4}, threshold {t}"));
+        }
+        if !s("reason").is_empty() {
+            out.push_str(&format!("\n  reason: {}", s("reason")));
+        }
+        if !s("snapshot").is_empty() {
+            out.push_str(&format!("\n  snapshot: {}", s("snapshot")));
+        }
+    }
+    if let Some(targets) = guard["recovery"]["targets"].as_array() {
+        for t in targets {
+            out.push_str(&format!(
+                "\n  target {}:{} {} (limit {}) {}",
+                t["arm"].as_str().unwrap_or(""),
+                t["name"].as_str().unwrap_or(""),
+                t["value"],
+                t["limit"],
+                if t["ok"] == true { "ok" } else { "not met" }
+            ));
+        }
+    }
+    out
+}
+
+fn status_text(doc: &serde_json::Value) -> String {
+    let mut out = guard_text(&doc["guard"]);
+    out.push_str(&format!(
+        "\nwrites frozen: {}",
+        doc["frozen"].as_bool().unwrap_or(false)
+    ));
+    for arm in doc["arms"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\narm {} weight {}{} breaker {} — {} requests, error rate {:.4}",
+            arm["name"].as_str().unwrap_or(""),
+            arm["weight"],
+            if arm["baseline"] == true {
+                " (baseline)"
+            } else {
+                ""
+            },
+            arm["breaker"].as_str().unwrap_or(""),
+            arm["window"]["requests"],
+            arm["window"]["error_rate"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    out
 }
 
 fn check(path: &Path) -> ExitCode {

@@ -98,8 +98,16 @@ pub struct Metrics {
     pub eval_errors: IntCounterVec,
     pub tee_truncated: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    /// Rollback engine: `guard_state`, trips and findings by rule, state transitions.
+    pub guard_state: IntGauge,
+    pub trips: IntCounterVec,
+    pub baseline_breaches: IntCounterVec,
+    pub rule_warnings: IntCounterVec,
+    pub transitions: IntCounterVec,
     /// Rollback hook runs by hook name and outcome (`hooks::HookOutcome`).
     pub hook_runs: IntCounterVec,
+    /// Upstream executions of an idempotency key that already had a receipt.
+    pub duplicate_effects: IntCounter,
     origin: Instant,
     arms: Mutex<HashMap<String, Arc<ArmStats>>>,
 }
@@ -171,6 +179,20 @@ impl Metrics {
             .expect("metric names are unique");
         r.register(Box::new(eval_queue_depth.clone()))
             .expect("metric names are unique");
+        let guard_state = IntGauge::new(
+            "guard_state",
+            "Rollback engine state: 0 healthy, 1 tripped, 2 recovering, 3 escalated.",
+        )
+        .expect("static metric definition is valid");
+        r.register(Box::new(guard_state.clone()))
+            .expect("metric names are unique");
+        let duplicate_effects = IntCounter::new(
+            "duplicate_effects_total",
+            "Upstream executions of an idempotency key that already had a receipt (must stay 0).",
+        )
+        .expect("static metric definition is valid");
+        r.register(Box::new(duplicate_effects.clone()))
+            .expect("metric names are unique");
         let m = Metrics {
             requests: counter_vec(&r, "requests_total", "Responses sent to clients, by arm and status class.", &["arm", "class"]),
             duration: histogram_vec(&r, "request_duration_seconds", "Time from request to the end of the response body.", LATENCY_BUCKETS, &["arm"]),
@@ -194,8 +216,14 @@ impl Metrics {
             ),
             hook_runs: counter_vec(&r, "hook_runs_total", "Rollback hook runs, by hook and outcome (ok, failed, timeout).", &["hook", "outcome"]),
             tee_truncated: counter_vec(&r, "tee_truncated_total", "Body copies stopped at signals.max_body_bytes, by direction.", &["direction"]),
+            trips: counter_vec(&r, "trips_total", "Rule trips (dry-run trips included), by rule.", &["rule"]),
+            baseline_breaches: counter_vec(&r, "baseline_breaches_total", "Rule breaches the baseline shared, so no trip, by rule.", &["rule"]),
+            rule_warnings: counter_vec(&r, "rule_warnings_total", "Soft-rule breaches (warnings only), by rule.", &["rule"]),
+            transitions: counter_vec(&r, "guard_transitions_total", "Rollback engine state changes, by new state.", &["state"]),
             eval_dropped,
             eval_queue_depth,
+            guard_state,
+            duplicate_effects,
             registry: r,
             origin: Instant::now(),
             arms: Mutex::new(HashMap::new()),
@@ -212,6 +240,12 @@ impl Metrics {
         m.eval_errors.with_label_values(&["embedder"]);
         for reason in ["over_budget", "too_large"] {
             m.rate_limited.with_label_values(&[reason]);
+        }
+        for state in crate::state::GuardState::ALL {
+            m.transitions.with_label_values(&[state.as_str()]);
+        }
+        for rule in crate::rules::Rule::ALL {
+            m.trips.with_label_values(&[rule.name()]);
         }
         m
     }
@@ -237,6 +271,7 @@ impl Metrics {
                     tokens: ["prompt", "completion"]
                         .map(|k| self.tokens.with_label_values(&[name, k])),
                     evaluations: self.evaluations.with_label_values(&[name]),
+                    recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT)),
                 })
             })
             .clone()
@@ -482,7 +517,12 @@ pub struct ArmStats {
     tool_loops: IntCounter,
     tokens: [IntCounter; 2],
     evaluations: IntCounter,
+    /// The last evaluations' (ΔS, coverage), newest last, for rollback snapshots.
+    recent: Mutex<std::collections::VecDeque<(f64, Option<f64>)>>,
 }
+
+/// Evaluations kept per arm for snapshots.
+const RECENT: usize = 50;
 
 impl ArmStats {
     /// A response was sent to the client with `status` (counted when the head goes out).
@@ -539,6 +579,17 @@ impl ArmStats {
         }
         w.count(at, LAMBDA_COUNTERS[s.lambda], 1);
         self.lambda[s.lambda].inc();
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back((s.delta_s, s.coverage));
+    }
+
+    /// The last evaluations' (ΔS, coverage), oldest first.
+    pub fn recent(&self) -> Vec<(f64, Option<f64>)> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.iter().copied().collect()
     }
 
     /// Usage and tool loops of a response, recorded whether or not its signals could be computed.

@@ -67,8 +67,12 @@ pub fn resolve(
 
 /// Cache namespace: first 16 hex digits of sha256 over `NAME=value\n` for each key pin, in the configured
 /// order (an absent pin hashes as an empty value), so any change of those pins rotates the namespace.
-pub fn cache_namespace(pins: &BTreeMap<String, String>, key_pins: &[String]) -> String {
+pub fn cache_namespace(pins: &BTreeMap<String, String>, key_pins: &[String], epoch: u64) -> String {
     let mut hasher = Sha256::new();
+    if epoch > 0 {
+        // Epoch 0 leaves the namespace a function of the pins alone, as before any rotation.
+        hasher.update(format!("epoch={epoch}\n").as_bytes());
+    }
     for name in key_pins {
         hasher.update(name.as_bytes());
         hasher.update(b"=");
@@ -257,18 +261,23 @@ mod tests {
         let a = cache_namespace(
             &map(&[("INDEX_HASH", "a1"), ("MODEL_VER", "m1"), ("BUILD_ID", "1")]),
             &keys,
+            0,
         );
         let b = cache_namespace(
             &map(&[("INDEX_HASH", "a1"), ("MODEL_VER", "m1"), ("BUILD_ID", "2")]),
             &keys,
+            0,
         );
-        let c = cache_namespace(&map(&[("INDEX_HASH", "a2"), ("MODEL_VER", "m1")]), &keys);
+        let c = cache_namespace(&map(&[("INDEX_HASH", "a2"), ("MODEL_VER", "m1")]), &keys, 0);
         assert_eq!(a.len(), 16);
         assert_eq!(a, b);
         assert_ne!(a, c);
         // sha256("INDEX_HASH=a1\nMODEL_VER=m1\n"), first 8 bytes.
         let digest = Sha256::digest(b"INDEX_HASH=a1\nMODEL_VER=m1\n");
         assert_eq!(a, hex::encode(&digest[..8]));
+        // A rotation moves every namespace.
+        let rotated = cache_namespace(&map(&[("INDEX_HASH", "a1"), ("MODEL_VER", "m1")]), &keys, 1);
+        assert_ne!(a, rotated);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use http::uri::Authority;
 use http::{HeaderName, HeaderValue};
 
 use crate::config::{parse_upstream, Config};
-use crate::guards::breaker::Breaker;
+use crate::guards::breaker::{Breaker, BreakerSettings};
 use crate::guards::freeze::WriteRoutes;
 use crate::guards::Breakers;
 use crate::metrics::{ArmStats, Metrics};
@@ -141,11 +141,22 @@ pub enum RouterError {
     InvalidArm { arm: String, message: String },
 }
 
+/// What the rollback engine changed that goes into building arms: pins put back by the `alias` lever,
+/// the cache namespace epoch (`rotate_cache`) and the throttle's breaker factor.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Overrides<'a> {
+    pub pins: Option<&'a BTreeMap<String, BTreeMap<String, String>>>,
+    pub cache_epoch: u64,
+    /// Breaker thresholds × this factor while the rollback throttle is on.
+    pub throttle: Option<f64>,
+}
+
 impl RoutingTable {
     /// Builds the table for a validated config. `env` holds the `DRIFTGUARD_PIN_*` pins.
     pub fn from_config(
         config: &Config,
         env: &BTreeMap<String, String>,
+        overrides: Overrides<'_>,
         metrics: &Metrics,
         pools: &Pools,
         breakers: &Breakers,
@@ -157,8 +168,16 @@ impl RoutingTable {
                 message,
             };
             let authority = parse_upstream(&a.upstream).map_err(invalid)?;
-            let pin_map = pins::resolve(&config.pins, &a.pins, env);
-            let cache_ns = pins::cache_namespace(&pin_map, &config.cache.key_pins);
+            let mut pin_map = pins::resolve(&config.pins, &a.pins, env);
+            if let Some(put_back) = overrides.pins.and_then(|p| p.get(&a.name)) {
+                pin_map.extend(put_back.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            let cache_ns =
+                pins::cache_namespace(&pin_map, &config.cache.key_pins, overrides.cache_epoch);
+            let breaker = BreakerSettings::from(&config.breaker);
+            let breaker = overrides
+                .throttle
+                .map_or(breaker, |factor| breaker.tightened(factor));
             arms.push(Arc::new(Arm {
                 arm_header: HeaderValue::from_str(&a.name).map_err(|e| invalid(e.to_string()))?,
                 cache_ns_header: HeaderValue::from_str(&cache_ns)
@@ -166,7 +185,7 @@ impl RoutingTable {
                 host_header: HeaderValue::from_str(authority.as_str())
                     .map_err(|e| invalid(e.to_string()))?,
                 pool: pools.get(&authority),
-                breaker: breakers.get(&a.name, (&config.breaker).into()),
+                breaker: breakers.get(&a.name, breaker),
                 name: a.name.clone(),
                 upstream: a.upstream.clone(),
                 authority,
@@ -339,6 +358,7 @@ mod tests {
         RoutingTable::from_config(
             &config,
             &BTreeMap::new(),
+            Overrides::default(),
             &Metrics::new(),
             &Pools::new((&config.upstream).into()),
             &Breakers::default(),

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 const FILE: &str = "runtime.json";
 
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RuntimeState {
     /// Weights set at run time, by arm; they win over the config file's.
@@ -18,6 +18,100 @@ pub struct RuntimeState {
     pub frozen: bool,
     pub degrade: bool,
     pub flags: BTreeMap<String, bool>,
+    /// Pin values put back by the `alias` lever, by arm; they win over the config's and the env's.
+    pub pin_overrides: BTreeMap<String, BTreeMap<String, String>>,
+    /// Bumped by `rotate_cache`; mixed into every arm's cache namespace when above 0.
+    pub cache_epoch: u64,
+    /// The rollback throttle is on: budget × `rollback.throttle_factor`, breakers tightened.
+    pub throttled: bool,
+    /// The rollback engine's state machine.
+    pub guard: GuardRecord,
+}
+
+/// Guard states of SPEC §6, with the `driftguard_guard_state` value of each.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuardState {
+    #[default]
+    Healthy,
+    Tripped,
+    Recovering,
+    Escalated,
+}
+
+impl GuardState {
+    pub const ALL: [GuardState; 4] = [
+        GuardState::Healthy,
+        GuardState::Tripped,
+        GuardState::Recovering,
+        GuardState::Escalated,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuardState::Healthy => "healthy",
+            GuardState::Tripped => "tripped",
+            GuardState::Recovering => "recovering",
+            GuardState::Escalated => "escalated",
+        }
+    }
+
+    /// The gauge value: 0 healthy, 1 tripped, 2 recovering, 3 escalated.
+    pub fn gauge(self) -> i64 {
+        self as i64
+    }
+}
+
+/// What the rollback engine keeps across restarts. Times are Unix milliseconds, so timers such as the
+/// recovery hold and deadline go on counting through a restart.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GuardRecord {
+    pub state: GuardState,
+    /// When the current state began.
+    pub since_ms: u64,
+    /// When the exit targets started holding without a break (recovering only).
+    pub green_since_ms: Option<u64>,
+    pub last_trip: Option<Trip>,
+    /// The baseline captured for a single arm (`POST /baseline` or `rules.auto_baseline_after`).
+    pub baseline: Option<PinnedBaseline>,
+}
+
+/// One trip: which rule, on which arm, what was seen and what was done.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Trip {
+    pub rule: String,
+    pub arm: String,
+    /// Observed value and threshold of the rule (`null` for a manual trip).
+    pub observed: Option<f64>,
+    pub threshold: Option<f64>,
+    pub baseline_value: Option<f64>,
+    pub p_value: Option<f64>,
+    pub window_seconds: u64,
+    pub at_ms: u64,
+    pub lever: String,
+    /// What the lever changed, in words (e.g. "arm canary weight 20 → 0").
+    pub action: String,
+    pub snapshot: Option<String>,
+    pub reason: Option<String>,
+    pub dry_run: bool,
+}
+
+/// A baseline pinned for a single-arm deployment: the window summary when it was captured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PinnedBaseline {
+    pub arm: String,
+    pub captured_ms: u64,
+    pub pins: BTreeMap<String, String>,
+    pub summary: crate::rules::Summary,
+}
+
+/// Now as Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug, thiserror::Error)]

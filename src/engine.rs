@@ -1,0 +1,932 @@
+//! The rollback engine (SPEC §6): every `rules.eval_interval` it judges each serving non-baseline arm
+//! against its baseline, and on a trip runs the rollback plan — capture a snapshot, freeze writes, pull the
+//! lever the rule calls for, rotate the cache namespace, throttle, fire the hooks — then watches for
+//! green until the exit targets have held for `recovery.hold` (→ healthy) or `recovery.deadline` passed
+//! (→ escalated).
+//!
+//! All state lives in the app's [`RuntimeState`] (persisted in `state_dir`), and every change of it is
+//! one routing-table swap through [`App::update_state`]: the freeze, the lever, the new cache namespace
+//! and the tightened breakers reach the request path together, and a restart (kill -9 included) comes
+//! back in the same state with the same routing.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::app::App;
+use crate::config::{self, HookEvent, Lever, RollbackStep};
+use crate::hooks::{event_name, HookContext, HookRunner};
+use crate::router::{RouterError, RoutingTable};
+use crate::rules::{self, Baseline, Finding, RuleSet, Summary, Target, Verdict};
+use crate::state::{now_ms, GuardState, PinnedBaseline, RuntimeState, Trip};
+
+/// Rule name of a trip requested through `POST /trip`.
+pub const MANUAL: &str = "manual";
+
+/// Pins the `alias` lever puts back.
+const ALIAS_PINS: [&str; 2] = ["INDEX_ALIAS", "INDEX_HASH"];
+
+/// The engine's memory between evaluations (not persisted: it is rebuilt within one interval).
+pub struct Engine {
+    app: Arc<App>,
+    /// `duplicate_effects_total` at the last evaluation.
+    last_duplicates: Mutex<u64>,
+    /// (arm, rule, verdict) findings already logged and counted, so an ongoing breach is reported once.
+    reported: Mutex<HashSet<(String, &'static str, &'static str)>>,
+    /// The exit targets as last judged, for `/status`.
+    progress: Mutex<Vec<Target>>,
+}
+
+/// Why a trip was asked for.
+pub struct TripRequest {
+    pub rule: String,
+    pub arm: Option<String>,
+    pub finding: Option<Finding>,
+    pub reason: Option<String>,
+    pub window_seconds: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the guard is already {0}; POST /recover first")]
+    NotHealthy(&'static str),
+    #[error("no arm named {0:?}")]
+    UnknownArm(String),
+    #[error("{0}")]
+    Baseline(String),
+    #[error(transparent)]
+    Router(#[from] RouterError),
+}
+
+impl Engine {
+    pub fn new(app: Arc<App>) -> Arc<Engine> {
+        let duplicates = app.metrics.duplicate_effects.get();
+        Arc::new(Engine {
+            app,
+            last_duplicates: Mutex::new(duplicates),
+            reported: Mutex::new(HashSet::new()),
+            progress: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Evaluates every `rules.eval_interval` until `stop` resolves.
+    pub async fn run(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        let state = self.app.runtime_state();
+        if state.guard.state != GuardState::Healthy {
+            tracing::warn!(
+                state = state.guard.state.as_str(),
+                rule = state.guard.last_trip.as_ref().map(|t| t.rule.as_str()),
+                "the guard comes back in the state it had before the restart"
+            );
+        }
+        loop {
+            let interval = self.app.config().rules.eval_interval.0;
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let engine = self.clone();
+            // File writes and table rebuilds: off the runtime threads.
+            let fired = tokio::task::spawn_blocking(move || engine.tick()).await;
+            match fired {
+                Ok(events) => {
+                    for ctx in events {
+                        self.fire(ctx);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "rule evaluation failed"),
+            }
+        }
+    }
+
+    /// One evaluation: the rules while healthy, the exit targets while tripped or recovering. Returns the
+    /// hook events to fire.
+    pub fn tick(&self) -> Vec<HookContext> {
+        let config = self.app.config();
+        let table = self.app.table();
+        let state = self.app.runtime_state();
+        let now = Instant::now();
+        let span = config.rules.window.0;
+        let summaries: Vec<Summary> = table
+            .arms()
+            .iter()
+            .map(|arm| Summary::from_window(&arm.stats.window.stats(now, span)))
+            .collect();
+        let duplicates = {
+            let total = self.app.metrics.duplicate_effects.get();
+            let mut last = self
+                .last_duplicates
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let delta = total.saturating_sub(*last);
+            *last = total;
+            delta
+        };
+        let set = RuleSet::new(&config.rules);
+        match state.guard.state {
+            GuardState::Healthy => {
+                self.judge(&config, &table, &state, &summaries, &set, duplicates)
+            }
+            GuardState::Tripped | GuardState::Recovering => {
+                self.watch(&config, &table, &state, &summaries, &set, duplicates)
+            }
+            GuardState::Escalated => Vec::new(),
+        }
+    }
+
+    /// Healthy: run the rules on each serving candidate arm; trip on the first tripping finding.
+    fn judge(
+        &self,
+        config: &config::Config,
+        table: &RoutingTable,
+        state: &RuntimeState,
+        summaries: &[Summary],
+        set: &RuleSet,
+        duplicates: u64,
+    ) -> Vec<HookContext> {
+        let baseline_index = baseline_index(table);
+        let pinned = state.guard.baseline.as_ref();
+        let mut seen = HashSet::new();
+        let mut trip = None;
+        for (i, arm) in table.arms().iter().enumerate() {
+            let single = table.arms().len() == 1;
+            if table.weights()[i] == 0 || (!single && Some(i) == baseline_index) {
+                continue;
+            }
+            let baseline = match (single, baseline_index, pinned) {
+                (false, Some(b), _) => Baseline::Summary(&summaries[b]),
+                (true, _, Some(p)) if p.arm == arm.name => Baseline::Summary(&p.summary),
+                _ => Baseline::None,
+            };
+            for finding in rules::evaluate(set, &summaries[i], baseline, duplicates) {
+                let verdict = verdict_name(finding.verdict);
+                let key = (arm.name.clone(), finding.rule, verdict);
+                seen.insert(key.clone());
+                let first = self
+                    .reported
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key);
+                match finding.verdict {
+                    Verdict::Trip if !config.rules.dry_run => {
+                        if trip.is_none() {
+                            trip = Some((arm.name.clone(), finding));
+                        }
+                    }
+                    Verdict::Trip => {
+                        if first {
+                            self.app
+                                .metrics
+                                .trips
+                                .with_label_values(&[finding.rule])
+                                .inc();
+                            tracing::warn!(
+                                arm = arm.name.as_str(),
+                                rule = finding.rule,
+                                observed = finding.observed,
+                                threshold = finding.threshold,
+                                baseline = finding.baseline,
+                                p_value = finding.p_value,
+                                window_seconds = summaries[i].span_seconds,
+                                dry_run = true,
+                                "rule would trip (rules.dry_run: nothing done)"
+                            );
+                        }
+                    }
+                    Verdict::BaselineBreach => {
+                        if first {
+                            self.app
+                                .metrics
+                                .baseline_breaches
+                                .with_label_values(&[finding.rule])
+                                .inc();
+                            tracing::warn!(
+                                arm = arm.name.as_str(),
+                                rule = finding.rule,
+                                observed = finding.observed,
+                                threshold = finding.threshold,
+                                baseline = finding.baseline,
+                                "the baseline breaches this rule as much as the arm: not a trip"
+                            );
+                        }
+                    }
+                    Verdict::Warn => {
+                        if first {
+                            self.app
+                                .metrics
+                                .rule_warnings
+                                .with_label_values(&[finding.rule])
+                                .inc();
+                            tracing::warn!(
+                                arm = arm.name.as_str(),
+                                rule = finding.rule,
+                                observed = finding.observed,
+                                threshold = finding.threshold,
+                                baseline = finding.baseline,
+                                "soft rule breached"
+                            );
+                        }
+                    }
+                    Verdict::NotSignificant => {
+                        if first {
+                            tracing::info!(
+                                arm = arm.name.as_str(),
+                                rule = finding.rule,
+                                observed = finding.observed,
+                                threshold = finding.threshold,
+                                baseline = finding.baseline,
+                                p_value = finding.p_value,
+                                "over the threshold but not significantly worse than the baseline"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // A breach that ended may be reported again when it comes back.
+        self.reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k| seen.contains(k));
+        if let Some((arm, finding)) = trip {
+            let request = TripRequest {
+                rule: finding.rule.to_string(),
+                arm: Some(arm),
+                window_seconds: config.rules.window.0.as_secs(),
+                finding: Some(finding),
+                reason: None,
+            };
+            return match self.trip(request) {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::error!(error = %e, "the rollback could not be applied");
+                    Vec::new()
+                }
+            };
+        }
+        self.auto_baseline(config, table, state, summaries, set);
+        Vec::new()
+    }
+
+    /// Single arm without a pinned baseline: pin one after `rules.auto_baseline_after` of green.
+    fn auto_baseline(
+        &self,
+        config: &config::Config,
+        table: &RoutingTable,
+        state: &RuntimeState,
+        summaries: &[Summary],
+        set: &RuleSet,
+    ) {
+        if table.arms().len() != 1 || state.guard.baseline.is_some() {
+            return;
+        }
+        let healthy_for = now_ms().saturating_sub(state.guard.since_ms.max(self.app.started_ms()));
+        if Duration::from_millis(healthy_for) < config.rules.auto_baseline_after.0
+            || summaries[0].requests < set.min_samples
+        {
+            return;
+        }
+        if let Err(e) = self.capture_baseline(None) {
+            tracing::warn!(error = %e, "automatic baseline capture failed");
+        }
+    }
+
+    /// Tripped or recovering: judge the exit targets on every serving arm; move to recovering when they
+    /// hold, back to tripped when they break, to healthy after `recovery.hold`, to escalated past
+    /// `recovery.deadline`.
+    fn watch(
+        &self,
+        config: &config::Config,
+        table: &RoutingTable,
+        state: &RuntimeState,
+        summaries: &[Summary],
+        set: &RuleSet,
+        duplicates: u64,
+    ) -> Vec<HookContext> {
+        let baseline_index = baseline_index(table);
+        let pinned = state.guard.baseline.as_ref();
+        let mut targets = Vec::new();
+        for (i, arm) in table.arms().iter().enumerate() {
+            if table.weights()[i] == 0 {
+                continue;
+            }
+            let baseline = match (table.arms().len() == 1, baseline_index) {
+                (false, Some(b)) => Some(&summaries[b]),
+                _ => pinned.filter(|p| p.arm == arm.name).map(|p| &p.summary),
+            };
+            targets.extend(rules::exit_targets(
+                &arm.name,
+                &summaries[i],
+                baseline,
+                &config.recovery,
+                set,
+            ));
+        }
+        targets.push(Target {
+            name: "duplicate_effects",
+            arm: "*".into(),
+            value: Some(duplicates as f64),
+            limit: 0.0,
+            ok: duplicates == 0,
+        });
+        let green = targets.len() > 1 && targets.iter().all(|t| t.ok);
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = targets.clone();
+
+        let now = now_ms();
+        let tripped_at = state
+            .guard
+            .last_trip
+            .as_ref()
+            .map_or(state.guard.since_ms, |t| t.at_ms);
+        let held = state
+            .guard
+            .green_since_ms
+            .map_or(0, |since| now.saturating_sub(since));
+        if green
+            && state.guard.state == GuardState::Recovering
+            && Duration::from_millis(held) >= config.recovery.hold.0
+        {
+            return self.recover("the exit targets held for recovery.hold");
+        }
+        if Duration::from_millis(now.saturating_sub(tripped_at)) >= config.recovery.deadline.0 {
+            return self.escalate(&targets);
+        }
+        let next = match (state.guard.state, green) {
+            (GuardState::Tripped, true) => Some((GuardState::Recovering, Some(now))),
+            (GuardState::Recovering, false) => Some((GuardState::Tripped, None)),
+            _ => None,
+        };
+        if let Some((to, green_since)) = next {
+            let result = self.app.update_state(|s, _, _| {
+                s.guard.state = to;
+                s.guard.since_ms = now;
+                s.guard.green_since_ms = green_since;
+            });
+            if let Err(e) = result {
+                tracing::error!(error = %e, "cannot change the guard state");
+            } else {
+                self.app
+                    .metrics
+                    .transitions
+                    .with_label_values(&[to.as_str()])
+                    .inc();
+                let failing: Vec<String> = targets
+                    .iter()
+                    .filter(|t| !t.ok)
+                    .map(|t| format!("{}:{}", t.arm, t.name))
+                    .collect();
+                tracing::info!(state = to.as_str(), failing = ?failing,
+                    "{}", if green { "exit targets hold; recovery hold started" } else { "exit targets broke; hold reset" });
+            }
+        }
+        Vec::new()
+    }
+
+    /// Runs the rollback plan for `request`. Returns the hook events to fire.
+    pub fn trip(&self, request: TripRequest) -> Result<Vec<HookContext>, EngineError> {
+        let config = self.app.config();
+        let before = self.app.runtime_state();
+        if before.guard.state != GuardState::Healthy {
+            return Err(EngineError::NotHealthy(before.guard.state.as_str()));
+        }
+        let table = self.app.table();
+        let arm = match &request.arm {
+            Some(name) => {
+                table
+                    .index_of(name)
+                    .ok_or_else(|| EngineError::UnknownArm(name.clone()))?;
+                name.clone()
+            }
+            None => default_arm(&table),
+        };
+        let steps = &config.rollback.steps;
+        let lever = rules::lever_for(&request.rule, &config.rollback);
+        let at_ms = now_ms();
+        let finding = request.finding.as_ref();
+        let mut trip = Trip {
+            rule: request.rule.clone(),
+            arm: arm.clone(),
+            observed: finding.map(|f| f.observed),
+            threshold: finding.map(|f| f.threshold),
+            baseline_value: finding.and_then(|f| f.baseline),
+            p_value: finding.and_then(|f| f.p_value),
+            window_seconds: request.window_seconds,
+            at_ms,
+            lever: lever_name(lever).into(),
+            action: String::new(),
+            snapshot: None,
+            reason: request.reason.clone(),
+            dry_run: false,
+        };
+        // 1. capture — before anything changes, so the snapshot shows what tripped.
+        let snapshot = self.snapshot_json("tripped", &trip, &before);
+        if steps.contains(&RollbackStep::Capture) {
+            match write_snapshot(&config.state_dir, "tripped", &trip.rule, at_ms, &snapshot) {
+                Ok(id) => trip.snapshot = Some(id),
+                Err(e) => tracing::error!(error = %e, "cannot write the rollback snapshot"),
+            }
+        }
+        // 2–5 in one swap: freeze, lever, cache namespace, throttle.
+        let (action, _) = self.app.update_state(|s, config, table| {
+            let mut action = String::from("none");
+            if steps.contains(&RollbackStep::FreezeWrites) {
+                s.frozen = true;
+            }
+            if steps.contains(&RollbackStep::Lever) {
+                action = pull_lever(lever, s, config, table, &arm);
+            }
+            if steps.contains(&RollbackStep::RotateCache) {
+                s.cache_epoch += 1;
+            }
+            if steps.contains(&RollbackStep::Throttle) {
+                s.throttled = true;
+            }
+            let mut recorded = trip.clone();
+            recorded.action = action.clone();
+            s.guard.state = GuardState::Tripped;
+            s.guard.since_ms = at_ms;
+            s.guard.green_since_ms = None;
+            s.guard.last_trip = Some(recorded);
+            action
+        })?;
+        trip.action = action;
+        let metrics = &self.app.metrics;
+        metrics.trips.with_label_values(&[trip.rule.as_str()]).inc();
+        metrics.transitions.with_label_values(&["tripped"]).inc();
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        tracing::warn!(
+            rule = trip.rule.as_str(),
+            arm = trip.arm.as_str(),
+            observed = trip.observed,
+            threshold = trip.threshold,
+            baseline = trip.baseline_value,
+            p_value = trip.p_value,
+            window_seconds = trip.window_seconds,
+            lever = trip.lever.as_str(),
+            action = trip.action.as_str(),
+            snapshot = trip.snapshot.as_deref(),
+            reason = trip.reason.as_deref(),
+            "guard tripped: rollback applied"
+        );
+        if !steps.contains(&RollbackStep::Hooks) {
+            return Ok(Vec::new());
+        }
+        Ok(vec![self.hook_context(
+            HookEvent::Tripped,
+            &trip,
+            snapshot,
+            &config,
+        )])
+    }
+
+    /// Back to healthy: writes unfreeze, the throttle lifts; traffic stays rolled back. Returns the
+    /// `recovered` hook events.
+    pub fn recover(&self, why: &str) -> Vec<HookContext> {
+        let config = self.app.config();
+        let result = self.app.update_state(|s, _, _| {
+            let was = s.guard.state;
+            s.frozen = false;
+            s.throttled = false;
+            s.guard.state = GuardState::Healthy;
+            s.guard.since_ms = now_ms();
+            s.guard.green_since_ms = None;
+            was
+        });
+        let (was, state) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot recover");
+                return Vec::new();
+            }
+        };
+        self.app
+            .metrics
+            .transitions
+            .with_label_values(&["healthy"])
+            .inc();
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        tracing::info!(
+            from = was.as_str(),
+            why,
+            "guard recovered: writes unfrozen, throttle lifted"
+        );
+        if was == GuardState::Healthy {
+            return Vec::new();
+        }
+        let trip = state.guard.last_trip.clone().unwrap_or_default();
+        let snapshot = self.snapshot_json("recovered", &trip, &state);
+        self.event(HookEvent::Recovered, &trip, snapshot, &config)
+    }
+
+    fn escalate(&self, targets: &[Target]) -> Vec<HookContext> {
+        let config = self.app.config();
+        let result = self.app.update_state(|s, _, _| {
+            s.guard.state = GuardState::Escalated;
+            s.guard.since_ms = now_ms();
+            s.guard.green_since_ms = None;
+        });
+        let state = match result {
+            Ok((_, state)) => state,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot escalate");
+                return Vec::new();
+            }
+        };
+        self.app
+            .metrics
+            .transitions
+            .with_label_values(&["escalated"])
+            .inc();
+        let failing: Vec<String> = targets
+            .iter()
+            .filter(|t| !t.ok)
+            .map(|t| format!("{}:{}", t.arm, t.name))
+            .collect();
+        tracing::error!(failing = ?failing, deadline = ?config.recovery.deadline.0,
+            "guard escalated: the exit targets were not met by recovery.deadline");
+        let trip = state.guard.last_trip.clone().unwrap_or_default();
+        let snapshot = self.snapshot_json("escalated", &trip, &state);
+        self.event(HookEvent::Escalated, &trip, snapshot, &config)
+    }
+
+    /// Writes the event's snapshot and returns its hook context (when the hooks step is on).
+    fn event(
+        &self,
+        event: HookEvent,
+        trip: &Trip,
+        snapshot: serde_json::Value,
+        config: &config::Config,
+    ) -> Vec<HookContext> {
+        let name = event_name(event);
+        let mut snapshot = snapshot;
+        match write_snapshot(&config.state_dir, name, &trip.rule, now_ms(), &snapshot) {
+            Ok(id) => snapshot["id"] = id.into(),
+            Err(e) => tracing::error!(error = %e, "cannot write the {name} snapshot"),
+        }
+        if !config.rollback.steps.contains(&RollbackStep::Hooks) {
+            return Vec::new();
+        }
+        vec![self.hook_context(event, trip, snapshot, config)]
+    }
+
+    fn hook_context(
+        &self,
+        event: HookEvent,
+        trip: &Trip,
+        mut snapshot: serde_json::Value,
+        config: &config::Config,
+    ) -> HookContext {
+        let id = snapshot["id"]
+            .as_str()
+            .map(String::from)
+            .or(trip.snapshot.clone());
+        if let Some(id) = &id {
+            snapshot["id"] = id.as_str().into();
+        }
+        HookContext {
+            event,
+            rule: trip.rule.clone(),
+            arm: trip.arm.clone(),
+            snapshot_path: id.map(|id| snapshot_dir(&config.state_dir).join(format!("{id}.json"))),
+            snapshot,
+        }
+    }
+
+    /// Fires the hooks of an event on their own tasks; never waits for them.
+    pub fn fire(&self, ctx: HookContext) {
+        let hooks = self.app.config().rollback.hooks.clone();
+        if hooks.is_empty() {
+            return;
+        }
+        let runner = HookRunner::new(hooks, self.app.metrics.hook_runs.clone());
+        drop(runner.fire(Arc::new(ctx)));
+    }
+
+    /// Pins a baseline for a single-arm deployment from its current window (`POST /baseline`).
+    pub fn capture_baseline(&self, arm: Option<&str>) -> Result<PinnedBaseline, EngineError> {
+        let config = self.app.config();
+        let table = self.app.table();
+        if table.arms().len() > 1 {
+            let name = baseline_index(&table).map_or("", |i| table.arms()[i].name.as_str());
+            return Err(EngineError::Baseline(format!(
+                "with several arms the baseline is arm {name:?}'s concurrent window; nothing to pin"
+            )));
+        }
+        let index = match arm {
+            Some(name) => table
+                .index_of(name)
+                .ok_or_else(|| EngineError::UnknownArm(name.to_string()))?,
+            None => 0,
+        };
+        let arm = &table.arms()[index];
+        let summary = Summary::from_window(
+            &arm.stats
+                .window
+                .stats(Instant::now(), config.rules.window.0),
+        );
+        let min = config.rules.min_samples;
+        if summary.requests < min {
+            return Err(EngineError::Baseline(format!(
+                "arm {:?} has {} requests in the window; a baseline needs rules.min_samples ({min})",
+                arm.name, summary.requests
+            )));
+        }
+        let pinned = PinnedBaseline {
+            arm: arm.name.clone(),
+            captured_ms: now_ms(),
+            pins: arm.pins.map().clone(),
+            summary,
+        };
+        let copy = pinned.clone();
+        self.app
+            .update_state(move |s, _, _| s.guard.baseline = Some(copy))?;
+        tracing::info!(
+            arm = pinned.arm.as_str(),
+            requests = pinned.summary.requests,
+            evaluated = pinned.summary.evaluated,
+            "baseline pinned"
+        );
+        Ok(pinned)
+    }
+
+    /// The `guard` part of `/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let state = self.app.runtime_state();
+        let config = self.app.config();
+        let g = &state.guard;
+        let progress = self
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let now = now_ms();
+        let watching = matches!(g.state, GuardState::Tripped | GuardState::Recovering);
+        let tripped_at = g.last_trip.as_ref().map_or(g.since_ms, |t| t.at_ms);
+        serde_json::json!({
+            "state": g.state.as_str(),
+            "since_ms": g.since_ms,
+            "dry_run": config.rules.dry_run,
+            "last_trip": g.last_trip,
+            "throttled": state.throttled,
+            "cache_epoch": state.cache_epoch,
+            "pin_overrides": state.pin_overrides,
+            "baseline": g.baseline.as_ref().map(|b| serde_json::json!({
+                "kind": "pinned", "arm": b.arm, "captured_ms": b.captured_ms, "pins": b.pins,
+                "window": b.summary.to_json(),
+            })),
+            "recovery": watching.then(|| serde_json::json!({
+                "targets": progress,
+                "holding_ms": g.green_since_ms.map(|s| now.saturating_sub(s)),
+                "hold_ms": config.recovery.hold.0.as_millis() as u64,
+                "deadline_in_ms": (config.recovery.deadline.0.as_millis() as u64)
+                    .saturating_sub(now.saturating_sub(tripped_at)),
+            })),
+        })
+    }
+
+    /// The snapshot of SPEC §6: time, rule, observed value and threshold, every arm's pins and window,
+    /// the config hash, and the last ΔS and coverage samples.
+    fn snapshot_json(&self, event: &str, trip: &Trip, state: &RuntimeState) -> serde_json::Value {
+        let config = self.app.config();
+        let table = self.app.table();
+        let now = Instant::now();
+        let arms: Vec<serde_json::Value> = table
+            .arms()
+            .iter()
+            .zip(table.weights())
+            .map(|(arm, weight)| {
+                let window =
+                    Summary::from_window(&arm.stats.window.stats(now, config.rules.window.0));
+                let recent = arm.stats.recent();
+                serde_json::json!({
+                    "name": arm.name,
+                    "weight": weight,
+                    "baseline": arm.baseline,
+                    "pins": arm.pins.map(),
+                    "cache_ns": arm.cache_ns,
+                    "window": window.to_json(),
+                    "last_delta_s": recent.iter().map(|r| r.0).collect::<Vec<_>>(),
+                    "last_coverage": recent.iter().map(|r| r.1).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "event": event,
+            "time_ms": now_ms(),
+            "rule": trip.rule,
+            "arm": trip.arm,
+            "observed": trip.observed,
+            "threshold": trip.threshold,
+            "baseline_value": trip.baseline_value,
+            "p_value": trip.p_value,
+            "window_seconds": trip.window_seconds,
+            "reason": trip.reason,
+            "lever": trip.lever,
+            "state": state.guard.state.as_str(),
+            "config_hash": self.app.config_hash(),
+            "frozen": state.frozen,
+            "arms": arms,
+        })
+    }
+}
+
+/// The baseline arm: the one marked `baseline = true`, else the first.
+fn baseline_index(table: &RoutingTable) -> Option<usize> {
+    let arms = table.arms();
+    arms.iter()
+        .position(|a| a.baseline)
+        .or((!arms.is_empty()).then_some(0))
+}
+
+/// The arm a manual trip is about: the first serving non-baseline arm, else the baseline.
+fn default_arm(table: &RoutingTable) -> String {
+    let base = baseline_index(table);
+    table
+        .arms()
+        .iter()
+        .enumerate()
+        .find(|(i, _)| Some(*i) != base && table.weights()[*i] > 0)
+        .or_else(|| table.arms().iter().enumerate().next())
+        .map(|(_, a)| a.name.clone())
+        .unwrap_or_default()
+}
+
+/// Applies a lever to the state; returns what it did, in words.
+fn pull_lever(
+    lever: Lever,
+    s: &mut RuntimeState,
+    config: &config::Config,
+    table: &RoutingTable,
+    arm: &str,
+) -> String {
+    match lever {
+        Lever::Route => {
+            let Some(i) = table.index_of(arm) else {
+                return format!("no arm {arm:?}");
+            };
+            let weight = table.weights()[i];
+            let others: u64 = table
+                .weights()
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, w)| u64::from(*w))
+                .sum();
+            if table.arms().len() == 1 {
+                tracing::warn!(
+                    arm,
+                    "lever route: a single arm has nowhere to route to; left as is"
+                );
+                return "route: single arm, nothing to route to".into();
+            }
+            s.weights.insert(arm.to_string(), 0);
+            let mut action = format!("arm {arm} weight {weight} → 0");
+            if others == 0 {
+                // Blue/green: the active arm goes back to the previous one, the baseline.
+                let back = baseline_index(table)
+                    .filter(|b| *b != i)
+                    .or_else(|| (0..table.arms().len()).find(|j| *j != i));
+                if let Some(b) = back {
+                    let name = table.arms()[b].name.clone();
+                    action.push_str(&format!(", arm {name} weight 0 → {}", weight.max(1)));
+                    s.weights.insert(name, weight.max(1));
+                }
+            }
+            action
+        }
+        Lever::Alias => {
+            let base = baseline_index(table).map(|b| table.arms()[b].pins.map().clone());
+            let mut put_back = BTreeMap::new();
+            for pin in ALIAS_PINS {
+                let value = config
+                    .rollback
+                    .alias
+                    .get(pin)
+                    .cloned()
+                    .or_else(|| base.as_ref().and_then(|p| p.get(pin).cloned()));
+                if let Some(v) = value {
+                    put_back.insert(pin.to_string(), v);
+                }
+            }
+            if put_back.is_empty() {
+                tracing::warn!(arm, "lever alias: no last good INDEX_ALIAS / INDEX_HASH in [rollback.alias] or the baseline");
+                return "alias: no last good values".into();
+            }
+            let action = format!("arm {arm} pins back to {put_back:?}");
+            s.pin_overrides.insert(arm.to_string(), put_back);
+            action
+        }
+        Lever::Flag => {
+            let flag = &config.rollback.flag;
+            if flag.is_empty() {
+                tracing::warn!("lever flag: rollback.flag is not set");
+                return "flag: rollback.flag not set".into();
+            }
+            s.flags.insert(flag.clone(), false);
+            format!("flag {flag} off")
+        }
+        Lever::Degrade => {
+            s.degrade = true;
+            format!("degrade on ({})", config.rollback.degrade)
+        }
+        Lever::None => "none".into(),
+    }
+}
+
+pub fn lever_name(lever: Lever) -> &'static str {
+    match lever {
+        Lever::Route => "route",
+        Lever::Alias => "alias",
+        Lever::Flag => "flag",
+        Lever::Degrade => "degrade",
+        Lever::None => "none",
+    }
+}
+
+fn verdict_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Trip => "trip",
+        Verdict::BaselineBreach => "baseline_breach",
+        Verdict::NotSignificant => "not_significant",
+        Verdict::Warn => "warn",
+    }
+}
+
+pub fn snapshot_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("snapshots")
+}
+
+/// Writes a snapshot durably as `state_dir/snapshots/<id>.json`; returns its id.
+fn write_snapshot(
+    state_dir: &Path,
+    event: &str,
+    rule: &str,
+    at_ms: u64,
+    snapshot: &serde_json::Value,
+) -> std::io::Result<String> {
+    use std::io::Write;
+    let dir = snapshot_dir(state_dir);
+    std::fs::create_dir_all(&dir)?;
+    let safe_rule: String = rule
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    let id = format!("{at_ms}-{event}-{safe_rule}");
+    let mut doc = snapshot.clone();
+    doc["id"] = id.as_str().into();
+    let tmp = dir.join(format!("{id}.json.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(&doc).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(format!("{id}.json")))?;
+    Ok(id)
+}
+
+/// Snapshot ids, newest first (`GET /snapshots`).
+pub fn list_snapshots(state_dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(snapshot_dir(state_dir)) else {
+        return Vec::new();
+    };
+    let mut ids: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .map(String::from)
+        })
+        .collect();
+    ids.sort_by(|a, b| b.cmp(a));
+    ids
+}
+
+/// One snapshot's JSON text (`GET /snapshots/<id>`); ids are checked so no path escapes the folder.
+pub fn read_snapshot(state_dir: &Path, id: &str) -> Option<String> {
+    if id.is_empty()
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return None;
+    }
+    std::fs::read_to_string(snapshot_dir(state_dir).join(format!("{id}.json"))).ok()
+}

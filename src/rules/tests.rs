@@ -1,0 +1,285 @@
+use super::*;
+
+/// Draws arm windows from given distributions, as the windows would hold them.
+struct Draw {
+    rng: fastrand::Rng,
+}
+
+#[derive(Clone, Copy)]
+struct Profile {
+    error_rate: f64,
+    flip_share: f64,
+    coverage: (f64, f64),
+    delta_s: (f64, f64),
+}
+
+const HEALTHY: Profile = Profile {
+    error_rate: 0.005,
+    flip_share: 0.10,
+    coverage: (0.7, 0.2),
+    delta_s: (0.6, 0.15),
+};
+
+impl Draw {
+    fn new(seed: u64) -> Self {
+        Draw {
+            rng: fastrand::Rng::with_seed(seed),
+        }
+    }
+
+    fn normal(&mut self, mean: f64, sd: f64) -> f64 {
+        // Box-Muller.
+        let u1 = self.rng.f64().max(f64::MIN_POSITIVE);
+        let u2 = self.rng.f64();
+        mean + sd * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
+    fn binomial(&mut self, n: u64, p: f64) -> u64 {
+        (0..n).filter(|_| self.rng.f64() < p).count() as u64
+    }
+
+    /// Signals land in buckets of 0.005 (the windows' HDR buckets are at most this wide in [0.3, 1]),
+    /// so ties happen as they do on real windows.
+    fn histogram(&mut self, n: u64, (mean, sd): (f64, f64)) -> Vec<(u64, u64)> {
+        let mut counts = BTreeMap::new();
+        for _ in 0..n {
+            let v = self.normal(mean, sd).clamp(0.0, 1.0);
+            let bucket = ((v * 200.0).round() * 50.0) as u64;
+            *counts.entry(bucket).or_insert(0u64) += 1;
+        }
+        counts.into_iter().collect()
+    }
+
+    fn window(&mut self, n: u64, p: Profile) -> Summary {
+        let latency = 100_000 + self.rng.u64(0..5_000);
+        Summary {
+            span_seconds: 60,
+            requests: n,
+            errors_5xx: self.binomial(n, p.error_rate),
+            evaluated: n,
+            lambda_flips: self.binomial(n, p.flip_share),
+            delta_s: self.histogram(n, p.delta_s),
+            coverage: self.histogram(n, p.coverage),
+            latency_p50_us: Some(latency / 2),
+            latency_p95_us: Some(latency),
+            latency_p99_us: Some(latency + 10_000),
+            ..Summary::default()
+        }
+    }
+}
+
+fn rule_set() -> RuleSet {
+    RuleSet::new(&config::Rules::default())
+}
+
+fn trips(findings: &[Finding]) -> Vec<&'static str> {
+    findings
+        .iter()
+        .filter(|f| f.verdict == Verdict::Trip)
+        .map(|f| f.rule)
+        .collect()
+}
+
+#[test]
+fn healthy_arms_from_one_distribution_rarely_trip() {
+    let set = rule_set();
+    let mut draw = Draw::new(7);
+    let mut tripped = 0;
+    let mut breaches = 0;
+    const WINDOWS: usize = 10_000;
+    for _ in 0..WINDOWS {
+        let n = draw.rng.u64(50..=1000);
+        let canary = draw.window(n, HEALTHY);
+        let m = draw.rng.u64(50..=1000);
+        let base = draw.window(m, HEALTHY);
+        let findings = evaluate(&set, &canary, Baseline::Summary(&base), 0);
+        breaches += findings.len();
+        if !trips(&findings).is_empty() {
+            tripped += 1;
+            eprintln!(
+                "false trip: {:?}",
+                findings
+                    .iter()
+                    .filter(|f| f.verdict == Verdict::Trip)
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
+    eprintln!("healthy: {tripped} of {WINDOWS} windows tripped ({breaches} raw breaches)");
+    assert!(tripped <= 5, "{tripped} false trips in {WINDOWS} windows");
+    // The rules are live: healthy windows do cross thresholds now and then, the tests hold them back.
+    assert!(
+        breaches > 0,
+        "no threshold was ever crossed; the test proves nothing"
+    );
+}
+
+#[test]
+fn a_partly_ungrounded_canary_trips() {
+    let set = rule_set();
+    let mut draw = Draw::new(11);
+    let bad = Profile {
+        flip_share: 0.30,
+        coverage: (0.5, 0.2),
+        ..HEALTHY
+    };
+    let mut tripped = 0;
+    const WINDOWS: usize = 2_000;
+    for _ in 0..WINDOWS {
+        let canary = draw.window(200, bad);
+        let base = draw.window(200, HEALTHY);
+        if !trips(&evaluate(&set, &canary, Baseline::Summary(&base), 0)).is_empty() {
+            tripped += 1;
+        }
+    }
+    let rate = tripped as f64 / WINDOWS as f64;
+    eprintln!("ungrounded third: tripped {:.2} % of windows", rate * 100.0);
+    assert!(rate >= 0.95, "detected only {:.1} %", rate * 100.0);
+}
+
+#[test]
+fn a_canary_with_three_percent_errors_trips() {
+    let set = rule_set();
+    let mut draw = Draw::new(13);
+    let bad = Profile {
+        error_rate: 0.03,
+        ..HEALTHY
+    };
+    let mut tripped = 0;
+    const WINDOWS: usize = 2_000;
+    for _ in 0..WINDOWS {
+        // A canary on 20 % of the traffic: its baseline holds four times as many requests.
+        let canary = draw.window(1000, bad);
+        let base = draw.window(4000, HEALTHY);
+        let findings = evaluate(&set, &canary, Baseline::Summary(&base), 0);
+        if trips(&findings).contains(&"error_rate") {
+            tripped += 1;
+        }
+    }
+    let rate = tripped as f64 / WINDOWS as f64;
+    eprintln!("3 % errors: tripped {:.2} % of windows", rate * 100.0);
+    assert!(rate >= 0.95, "detected only {:.1} %", rate * 100.0);
+}
+
+#[test]
+fn too_few_samples_are_not_judged() {
+    let set = rule_set();
+    let mut draw = Draw::new(1);
+    let canary = draw.window(
+        49,
+        Profile {
+            error_rate: 1.0,
+            ..HEALTHY
+        },
+    );
+    let base = draw.window(500, HEALTHY);
+    assert!(evaluate(&set, &canary, Baseline::Summary(&base), 0).is_empty());
+}
+
+#[test]
+fn a_baseline_as_bad_is_a_baseline_breach() {
+    let set = rule_set();
+    let mut draw = Draw::new(3);
+    let broken = Profile {
+        error_rate: 0.2,
+        ..HEALTHY
+    };
+    let canary = draw.window(500, broken);
+    let mut base = draw.window(500, broken);
+    base.errors_5xx = canary.errors_5xx + 5;
+    let findings = evaluate(&set, &canary, Baseline::Summary(&base), 0);
+    let error = findings.iter().find(|f| f.rule == "error_rate").unwrap();
+    assert_eq!(error.verdict, Verdict::BaselineBreach);
+}
+
+#[test]
+fn count_rules_trip_on_any_occurrence_even_without_a_baseline() {
+    let set = rule_set();
+    let mut draw = Draw::new(5);
+    let mut canary = draw.window(100, HEALTHY);
+    canary.pin_mismatches = 1;
+    assert_eq!(
+        trips(&evaluate(&set, &canary, Baseline::None, 0)),
+        ["pin_mismatch"]
+    );
+    canary.pin_mismatches = 0;
+    assert!(trips(&evaluate(&set, &canary, Baseline::None, 0)).is_empty());
+    // Duplicate effects are process-wide: judged even on a quiet arm.
+    let quiet = Summary::default();
+    assert_eq!(
+        trips(&evaluate(&set, &quiet, Baseline::None, 2)),
+        ["duplicate_effects"]
+    );
+}
+
+#[test]
+fn latency_ratio_needs_the_floor() {
+    let set = rule_set();
+    let mut draw = Draw::new(9);
+    let mut canary = draw.window(200, HEALTHY);
+    let mut base = draw.window(200, HEALTHY);
+    // 200 requests each; the baseline's tail: 2 of 200 above its p99 of 5 ms.
+    base.latency = vec![(2_000, 198), (6_000, 2)];
+    base.latency_p99_us = Some(5_000);
+    // 3× slower but only 10 ms apart: under the 25 ms floor.
+    canary.latency = vec![(2_000, 150), (15_000, 50)];
+    canary.latency_p99_us = Some(15_000);
+    let p99 = |c: &Summary| {
+        evaluate(&set, c, Baseline::Summary(&base), 0)
+            .into_iter()
+            .find(|f| f.rule == "p99_latency_ratio")
+    };
+    assert_eq!(p99(&canary), None);
+    // 12× slower with a quarter of the requests in the tail: trips.
+    canary.latency = vec![(2_000, 150), (60_000, 50)];
+    canary.latency_p99_us = Some(60_000);
+    assert_eq!(p99(&canary).unwrap().verdict, Verdict::Trip);
+    // The same p99, but from three stalls only (as on a busy host): not significant.
+    canary.latency = vec![(2_000, 197), (60_000, 3)];
+    assert_eq!(p99(&canary).unwrap().verdict, Verdict::NotSignificant);
+}
+
+#[test]
+fn levers_follow_the_decision_tree_unless_overridden() {
+    let mut rollback = config::Rollback::default();
+    assert_eq!(lever_for("coverage", &rollback), Lever::Route);
+    assert_eq!(lever_for("pin_mismatch", &rollback), Lever::Alias);
+    assert_eq!(lever_for("p99_latency_ratio", &rollback), Lever::Degrade);
+    assert_eq!(lever_for("duplicate_effects", &rollback), Lever::None);
+    assert_eq!(lever_for("manual", &rollback), Lever::Route);
+    rollback.levers.insert("coverage".into(), Lever::Flag);
+    rollback.lever = Lever::Degrade;
+    assert_eq!(lever_for("coverage", &rollback), Lever::Flag);
+    assert_eq!(lever_for("manual", &rollback), Lever::Degrade);
+}
+
+#[test]
+fn exit_targets_hold_for_a_healthy_window() {
+    let set = rule_set();
+    let recovery = config::Recovery::default();
+    let mut draw = Draw::new(17);
+    let base = draw.window(
+        1000,
+        Profile {
+            error_rate: 0.0,
+            ..HEALTHY
+        },
+    );
+    let targets = exit_targets("baseline", &base, Some(&base), &recovery, &set);
+    assert!(targets.iter().all(|t| t.ok), "{targets:?}");
+    let mut failing = base.clone();
+    failing.errors_5xx = 50;
+    let targets = exit_targets("baseline", &failing, Some(&base), &recovery, &set);
+    assert!(!targets.iter().find(|t| t.name == "error_rate").unwrap().ok);
+}
+
+#[test]
+fn bucket_quantiles_and_moments() {
+    let b = vec![(1000, 1), (5000, 2), (9000, 1)];
+    assert_eq!(bucket_quantile(&b, 0.5), Some(0.5));
+    assert_eq!(bucket_quantile(&b, 0.95), Some(0.9));
+    let (m, v) = moments(&b).unwrap();
+    assert!((m - 0.5).abs() < 1e-9);
+    assert!((v - 0.32 / 3.0).abs() < 1e-9);
+    assert_eq!(bucket_quantile(&[], 0.5), None);
+}
