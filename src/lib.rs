@@ -84,6 +84,9 @@ pub async fn serve(loaded: Loaded, path: &Path) -> Result<(), RunError> {
     let (trigger, shutdown) = shutdown::channel();
     tokio::spawn(signals(app.clone(), trigger));
     tokio::spawn(rotate_windows(app.clone(), shutdown.clone()));
+    if let Some(fence) = app.fence.clone() {
+        tokio::spawn(purge_receipts(fence, shutdown.clone()));
+    }
 
     let drain = config.listen.drain_timeout.0;
     let proxy_app = app.clone();
@@ -164,6 +167,21 @@ async fn rotate_windows(app: Arc<App>, mut shutdown: shutdown::Shutdown) {
     loop {
         tokio::select! {
             _ = tick.tick() => app.metrics.rotate_windows(),
+            _ = shutdown.wait() => return,
+        }
+    }
+}
+
+/// Deletes expired idempotency receipts now and then (a read already ignores them).
+async fn purge_receipts(fence: Arc<guards::fence::Fence>, mut shutdown: shutdown::Shutdown) {
+    let mut tick = tokio::time::interval(guards::fence::PURGE_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match fence.purge().await {
+                Ok(0) => {}
+                Ok(purged) => tracing::debug!(purged, "expired idempotency receipts purged"),
+                Err(e) => tracing::warn!(error = %e, "cannot purge expired idempotency receipts"),
+            },
             _ = shutdown.wait() => return,
         }
     }
