@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -386,8 +387,12 @@ async fn forward(
         response: UsageTap::new(settings.max_body_bytes),
         sse: answer_format(&parts.headers) == Some(true),
     });
-    let fence = lead
-        .map(|(lead, request)| lead.record(request, parts.status, &parts.headers, &settings.fence));
+    let fence = lead.map(|(lead, request)| {
+        // Sent chunked: with a length, hyper ends the message after the last byte without polling for
+        // the end of the body, which is where the receipt's commit is awaited.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        lead.record(request, parts.status, &parts.headers, &settings.fence)
+    });
     let observed = Observed {
         fence,
         spend,
@@ -404,6 +409,7 @@ async fn forward(
         inner: body,
         observed: Some(observed),
         lease: Some(lease),
+        committing: None,
     };
     Response::from_parts(parts, ProxyBody(upstream))
 }
@@ -986,6 +992,9 @@ enum Kind {
         inner: Incoming,
         observed: Option<Observed>,
         lease: Option<Lease>,
+        /// A fenced write's receipt being stored: the end of the body waits for it, so a client that
+        /// saw the whole response can count on its replay.
+        committing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     },
     Full(Full<Bytes>),
 }
@@ -1006,7 +1015,13 @@ impl Body for ProxyBody {
                 inner,
                 observed,
                 lease,
+                committing,
             } => {
+                if let Some(commit) = committing.as_mut() {
+                    ready!(commit.as_mut().poll(cx));
+                    *committing = None;
+                    return Poll::Ready(None);
+                }
                 let frame = ready!(Pin::new(inner).poll_frame(cx));
                 if frame.is_none() {
                     if let Some(lease) = lease.take() {
@@ -1046,10 +1061,17 @@ impl Body for ProxyBody {
                         }
                         None => {
                             if let Some(mut obs) = observed.take() {
+                                if let Some(recording) = obs.fence.take() {
+                                    *committing = Some(Box::pin(recording.commit(true)));
+                                }
                                 obs.finish(true);
                             }
                         }
                     }
+                }
+                if let Some(commit) = committing.as_mut() {
+                    ready!(commit.as_mut().poll(cx));
+                    *committing = None;
                 }
                 Poll::Ready(frame)
             }
@@ -1059,14 +1081,34 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Kind::Full(full) => full.is_end_stream(),
-            Kind::Upstream { inner, .. } => inner.is_end_stream(),
+            Kind::Upstream {
+                inner,
+                observed,
+                committing,
+                ..
+            } => {
+                inner.is_end_stream()
+                    && committing.is_none()
+                    && observed.as_ref().is_none_or(|o| o.fence.is_none())
+            }
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
             Kind::Full(full) => full.size_hint(),
-            Kind::Upstream { inner, .. } => inner.size_hint(),
+            Kind::Upstream {
+                inner,
+                observed,
+                committing,
+                ..
+            } => {
+                if committing.is_some() || observed.as_ref().is_some_and(|o| o.fence.is_some()) {
+                    SizeHint::default()
+                } else {
+                    inner.size_hint()
+                }
+            }
         }
     }
 }
@@ -1077,8 +1119,15 @@ impl Drop for ProxyBody {
             observed,
             inner,
             lease,
+            committing,
         } = &mut self.0
         {
+            // The client left while the receipt was being stored: the store goes on without it.
+            if let (Some(commit), Ok(rt)) =
+                (committing.take(), tokio::runtime::Handle::try_current())
+            {
+                rt.spawn(commit);
+            }
             // An empty body is never polled; anything else dropped early means the client went away.
             let complete = inner.is_end_stream();
             if let (true, Some(lease)) = (complete, lease.take()) {

@@ -185,9 +185,7 @@ async fn a_receipt_survives_kill_9_and_replays_after_restart() {
     let mut first = Proxy::start(&cfg);
     let original = write(&client, &first, "/ingest", "k-durable", &body).await;
     assert_eq!(original.status, StatusCode::CREATED, "{}", original.text());
-    // A replay is served only once the receipt is committed.
-    let replay = write(&client, &first, "/ingest", "k-durable", &body).await;
-    assert!(is_replay(&replay));
+    // The end of the body waited for the commit: killed right after, the receipt is on disk.
     first.signal(libc::SIGKILL);
     assert!(
         first.wait_exit(WAIT).await.is_some(),
@@ -285,7 +283,6 @@ async fn replays_pass_a_write_freeze_but_new_keys_do_not() {
 
     let first = write(&client, &proxy, "/ingest", "k-frozen", &body).await;
     assert_eq!(first.status, StatusCode::CREATED);
-    // The receipt is committed once a replay is served.
     assert!(is_replay(
         &write(&client, &proxy, "/ingest", "k-frozen", &body).await
     ));
@@ -418,4 +415,46 @@ async fn an_unreachable_redis_refuses_keyed_writes() {
     assert!(
         metric(&samples, "driftguard_idempotency_store_errors_total", &[]).unwrap_or(0.0) >= 1.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_answers_replay_whole_and_oversized_ones_replay_without_body() {
+    let executions = Arc::new(AtomicUsize::new(0));
+    let n = executions.clone();
+    let up = Scripted::start("stream", move |_, _| {
+        n.fetch_add(1, Ordering::SeqCst);
+        Canned::sse(&["{\"part\":1}", "{\"part\":2}"]).gap(Duration::from_millis(50))
+    });
+    let proxy = Proxy::start(&config(&up.url(), "receipt_body_max = 1024"));
+    let client = client();
+    let body = json!({"doc": "stream"});
+
+    let first = write(&client, &proxy, "/ingest", "k-stream", &body).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let replay = write(&client, &proxy, "/ingest", "k-stream", &body).await;
+    assert!(is_replay(&replay));
+    assert_eq!(replay.body, first.body);
+    assert_eq!(
+        replay.header("content-type").as_deref(),
+        Some("text/event-stream")
+    );
+    assert_eq!(replay.header("idempotent-replay-body"), None);
+
+    proxy.rewrite_config(&config(&up.url(), "receipt_body_max = 8"));
+    let reloaded = admin_post(&client, &proxy.admin_url("/reload"), "", None).await;
+    assert_eq!(reloaded.status, StatusCode::OK, "{}", reloaded.text());
+    let big = write(&client, &proxy, "/ingest", "k-big-answer", &body).await;
+    assert_eq!(
+        big.body, first.body,
+        "the first client gets the whole stream"
+    );
+    let replay = write(&client, &proxy, "/ingest", "k-big-answer", &body).await;
+    assert!(is_replay(&replay));
+    assert_eq!(replay.status, StatusCode::OK);
+    assert_eq!(
+        replay.header("idempotent-replay-body").as_deref(),
+        Some("omitted")
+    );
+    assert!(replay.body.is_empty());
+    assert_eq!(executions.load(Ordering::SeqCst), 2);
 }

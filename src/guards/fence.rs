@@ -536,12 +536,24 @@ impl Recording {
         self.body.push(data);
     }
 
-    /// The body ended (`complete`) or broke off: store the receipt (in the background), then let the
+    /// The body ended (`complete`) or broke off: store the receipt in the background, then let the
     /// waiters replay it. A broken-off body leaves a receipt too, without its body (see the module doc).
-    pub fn finish(mut self, complete: bool) {
-        let Some(mut lead) = self.lead.take() else {
-            return;
-        };
+    pub fn finish(self, complete: bool) {
+        let commit = self.commit(complete);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(commit);
+            }
+            Err(_) => tracing::error!("no runtime to store an idempotency receipt on"),
+        }
+    }
+
+    /// [`Recording::finish`] as a future: done once the receipt is stored and the waiters have it.
+    pub fn commit(
+        mut self,
+        complete: bool,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let lead = self.lead.take();
         let omitted = !complete || self.body.truncated;
         let created_ms = now_ms();
         let receipt = Arc::new(Receipt {
@@ -559,19 +571,15 @@ impl Recording {
                     .into_bytes()
             },
         });
-        // Settled from here: the task below frees the key once the receipt is stored.
-        lead.settled = true;
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(async move {
-                    lead.fence.store(&lead.key, &lead.token, &receipt).await;
-                    lead.fence
-                        .finish_flight(&lead.key, FlightState::Done(receipt));
-                });
-            }
-            Err(_) => lead
-                .fence
-                .finish_flight(&lead.key, FlightState::Done(receipt)),
+        async move {
+            let Some(mut lead) = lead else {
+                return;
+            };
+            // Settled: the key is freed below, once the receipt is stored, not on drop.
+            lead.settled = true;
+            lead.fence.store(&lead.key, &lead.token, &receipt).await;
+            lead.fence
+                .finish_flight(&lead.key, FlightState::Done(receipt));
         }
     }
 }
