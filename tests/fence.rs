@@ -123,12 +123,19 @@ async fn fifty_concurrent_duplicates_execute_once_and_get_the_same_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_key_with_another_request_gets_409_with_a_diff() {
     let (up, executions) = counting_upstream(Duration::ZERO);
-    let proxy = Proxy::start(&config(&up.url(), ""));
+    // With a budget too: it prices the body the fence has already read whole.
+    let budget = "\n[budget]\ntokens_per_minute = 100000\nburst = 10000\n";
+    let proxy = Proxy::start(&format!("{}{budget}", config(&up.url(), "")));
     let client = client();
 
     let first = write(&client, &proxy, "/ingest", "k-diff", &json!({"doc": 1})).await;
     assert_eq!(first.status, StatusCode::CREATED, "{}", first.text());
     assert!(!is_replay(&first));
+    assert_eq!(
+        up.exchanges()[0].json(),
+        json!({"doc": 1}),
+        "the body reached the upstream whole"
+    );
     let again = write(&client, &proxy, "/ingest", "k-diff", &json!({"doc": 1})).await;
     assert!(is_replay(&again));
     assert_eq!(again.body, first.body);

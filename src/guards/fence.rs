@@ -99,6 +99,8 @@ pub enum FenceError {
     RedisTimeout(Duration),
     #[error("receipt store: {0}")]
     Task(String),
+    #[error("receipt store: unreadable receipt at {0}")]
+    Unreadable(String),
 }
 
 /// What a keyed write is: its method, path (with query) and body hash. Same key, same fingerprint →
@@ -806,10 +808,10 @@ impl RedisStore {
             )
             .await?;
         Ok(match kind {
-            1 => match Receipt::decode(&bytes).filter(|r| r.expires_ms > now_ms()) {
+            // Redis expires receipts itself (PX), so replicas' clocks need not agree on `expires_ms`.
+            1 => match Receipt::decode(&bytes) {
                 Some(r) => Claim::Receipt(r),
-                // Unreadable or past its time (Redis expires it on its own): wait for the key to clear.
-                None => Claim::Pending,
+                None => return Err(FenceError::Unreadable(format!("{RECEIPT_PREFIX}{key}"))),
             },
             2 => Claim::Lead,
             _ => Claim::Pending,
