@@ -465,3 +465,58 @@ async fn streamed_answers_replay_whole_and_oversized_ones_replay_without_body() 
     assert!(replay.body.is_empty());
     assert_eq!(executions.load(Ordering::SeqCst), 2);
 }
+
+/// A replica streaming a long answer keeps its Redis pending marker alive past the lease
+/// (2 × `upstream.request_timeout`), so the other replica never executes the key meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stream_keeps_other_replicas_waiting_past_the_lease() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let executions = Arc::new(AtomicUsize::new(0));
+    let n = executions.clone();
+    let up = Scripted::start("long", move |_, _| {
+        n.fetch_add(1, Ordering::SeqCst);
+        let parts: Vec<String> = (1..=8).map(|i| format!("{{\"part\":{i}}}")).collect();
+        Canned::sse(&parts).gap(Duration::from_millis(200))
+    });
+    let cfg = format!(
+        "{}\n[upstream]\nrequest_timeout = \"250ms\"\n",
+        config(
+            &up.url(),
+            &format!("store = \"redis\"\nredis_url = {:?}", redis.url())
+        )
+    );
+    let (a, b) = (Proxy::start(&cfg), Proxy::start(&cfg));
+    let client = client();
+    let body = json!({"doc": "long"});
+    let request = |proxy: &Proxy| {
+        Request::post(proxy.url("/ingest"))
+            .header("content-type", "application/json")
+            .header("idempotency-key", "k-long")
+            .body(full(body.to_string()))
+            .unwrap()
+    };
+
+    let response = within(WAIT, "head from replica a", client.request(request(&a)))
+        .await
+        .unwrap();
+    let mut stream = response.into_body();
+    let mut seen = String::new();
+    // Part 5 comes ~800 ms in: past the 500 ms lease, so only a renewed marker still holds the key.
+    read_until(&mut stream, &mut seen, WAIT, |s| s.contains("\"part\":5")).await;
+    let meanwhile = exchange(&client, request(&b)).await;
+    assert_eq!(
+        meanwhile.status,
+        StatusCode::CONFLICT,
+        "{}",
+        meanwhile.text()
+    );
+    assert_eq!(meanwhile.header("retry-after").as_deref(), Some("1"));
+    read_to_end(&mut stream, &mut seen, WAIT).await;
+
+    let replay = exchange(&client, request(&b)).await;
+    assert!(is_replay(&replay), "{}", replay.text());
+    assert_eq!(replay.text(), seen);
+    assert_eq!(executions.load(Ordering::SeqCst), 1);
+}

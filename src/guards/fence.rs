@@ -308,22 +308,22 @@ impl Fence {
     ) -> Decision {
         let mut waited = false;
         loop {
-            let existing = {
+            let (flight, ours) = {
                 let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
                 match flights.get(key) {
-                    Some(flight) => Some(flight.clone()),
+                    Some(flight) => (flight.clone(), false),
                     None => {
                         let (state, _) = watch::channel(FlightState::Running);
                         let flight = Arc::new(Flight {
                             request: request.clone(),
                             state,
                         });
-                        flights.insert(key.to_string(), flight);
-                        None
+                        flights.insert(key.to_string(), flight.clone());
+                        (flight, true)
                     }
                 }
             };
-            if let Some(flight) = existing {
+            if !ours {
                 if flight.request != request {
                     self.count("conflict");
                     return Decision::Conflict(flight.request.diff(&request));
@@ -367,6 +367,15 @@ impl Fence {
                     }
                     Ok(Claim::Lead) => {
                         self.count("new");
+                        if let Store::Redis(redis) = &self.store {
+                            let renew = redis.clone().renew(
+                                lead.key.clone(),
+                                lead.token.clone(),
+                                lease,
+                                flight.state.subscribe(),
+                            );
+                            tokio::spawn(renew);
+                        }
                         return Decision::Lead(lead);
                     }
                     Ok(Claim::Pending) => {
@@ -706,7 +715,8 @@ impl Embedded {
 // === impl RedisStore ===
 
 /// Receipts in Redis under `driftguard:receipt:<key>` (PX = ttl), plus `driftguard:pending:<key>` while
-/// a replica executes the key (PX = lease, so a replica that dies frees the key).
+/// a replica executes the key (PX = lease, renewed every half lease while it runs, so a replica that
+/// dies frees the key within a lease).
 #[derive(Clone)]
 pub struct RedisStore {
     client: redis::Client,
@@ -733,6 +743,12 @@ local dup = redis.call('EXISTS', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
 return dup
+"#;
+
+/// Extends this holder's pending marker.
+const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
 "#;
 
 const RELEASE: &str = r#"
@@ -832,6 +848,34 @@ impl RedisStore {
             )
             .await?;
         Ok(dup == 1)
+    }
+
+    /// Keeps the pending marker alive while this process executes the key (a response may stream for
+    /// longer than the lease), until the flight ends.
+    async fn renew(
+        self,
+        key: String,
+        token: String,
+        lease: Duration,
+        mut flight: watch::Receiver<FlightState>,
+    ) {
+        let keys = Self::keys(&key);
+        let every = (lease / 2).max(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = flight.wait_for(|s| !matches!(s, FlightState::Running)) => return,
+            }
+            let args = [
+                token.as_bytes().to_vec(),
+                lease.as_millis().max(1).to_string().into_bytes(),
+            ];
+            let renewed: Result<i64, FenceError> = self.run(RENEW, &keys[1..], &args).await;
+            if !matches!(renewed, Ok(1)) {
+                tracing::warn!(key, "cannot renew the pending marker; another replica may execute the key once its lease runs out");
+                return;
+            }
+        }
     }
 
     async fn release(&self, key: &str, token: &str) {
