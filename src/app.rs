@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::guards::budget::{BudgetSettings, LocalBudget};
+use crate::guards::fence::{Fence, FenceError};
 use crate::guards::Breakers;
 use crate::metrics::Metrics;
 use crate::pins;
@@ -87,6 +88,8 @@ pub struct App {
     /// The global token budget, when the config has a `[budget]`.
     pub budget: Option<Arc<LocalBudget>>,
     pub pipeline: Arc<Pipeline>,
+    /// The idempotency fence, opened at start when the config names write routes.
+    pub fence: Option<Arc<Fence>>,
     started: Instant,
     started_ms: u64,
     draining: AtomicBool,
@@ -114,6 +117,8 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         signals.workers,
         signals.queue,
         signals.max_sessions,
+        writes.store,
+        writes.redis_url,
     );
     keys.into_iter()
         .filter(|(_, changed)| *changed)
@@ -189,6 +194,8 @@ pub enum StartError {
     Signals(#[from] EvalError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Fence(#[from] FenceError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -233,7 +240,17 @@ impl App {
             tracing::warn!(state = ?state, "restored the runtime state saved before the restart");
         }
         let pipeline = Arc::new(Pipeline::start(&loaded.config.signals, &metrics)?);
+        let writes = &loaded.config.writes;
+        let fence = match writes.routes.is_empty() {
+            true => None,
+            false => Some(Arc::new(Fence::open(
+                writes,
+                &loaded.config.state_dir,
+                &metrics,
+            )?)),
+        };
         Ok(App {
+            fence,
             pipeline,
             config_path,
             pools,
@@ -342,6 +359,11 @@ impl App {
                 tracing::warn!("a [budget] added to the file takes effect on restart")
             }
             (Some(_), None) => tracing::warn!("[budget] removed: requests are no longer priced"),
+        }
+        if self.fence.is_none() && !loaded.config.writes.routes.is_empty() {
+            tracing::warn!(
+                "writes.routes added: keyed writes are fenced (idempotency) after a restart only"
+            );
         }
         self.table.store(Arc::new(table));
         self.config.store(Arc::new(loaded.config));

@@ -397,10 +397,13 @@ impl Default for Breaker {
     }
 }
 
+/// Where idempotency receipts live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReceiptStore {
+    /// `state_dir/receipts.redb`, one process: survives restart and kill -9.
     Embedded,
+    /// `writes.redis_url`, shared by every replica.
     Redis,
 }
 
@@ -409,10 +412,21 @@ pub enum ReceiptStore {
 pub struct Writes {
     /// "METHOD /path-prefix" entries classifying requests as writes.
     pub routes: Vec<String>,
+    /// Header carrying the idempotency key of a write; a write with it is fenced (executed once).
     pub idempotency_header: String,
+    /// A write without the idempotency header gets 400 instead of passing unfenced.
     pub require_key: bool,
+    /// How long a receipt replays after the write it records.
     pub ttl: Dur,
+    /// Receipt store: "embedded" (default) or "redis". Restart-only.
     pub store: ReceiptStore,
+    /// Redis for `store = "redis"`. Restart-only.
+    pub redis_url: String,
+    /// Largest request body of a fenced write (it is read whole to be hashed); above it: 413.
+    pub max_body_bytes: usize,
+    /// Largest response body a receipt keeps; a longer one still reaches the first client, and its
+    /// replays carry status and headers with an empty body (`idempotent-replay-body: omitted`).
+    pub receipt_body_max: usize,
 }
 
 impl Default for Writes {
@@ -423,6 +437,9 @@ impl Default for Writes {
             require_key: false,
             ttl: secs(48 * 3600),
             store: ReceiptStore::Embedded,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            max_body_bytes: 1 << 20,
+            receipt_body_max: 1 << 20,
         }
     }
 }
@@ -828,8 +845,25 @@ impl Config {
                 ));
             }
         }
-        if http::HeaderName::try_from(&self.writes.idempotency_header).is_err() {
+        let w = &self.writes;
+        if w.idempotency_header.is_empty()
+            || http::HeaderName::try_from(&w.idempotency_header).is_err()
+        {
             errors.push(err("writes.idempotency_header", "not a valid header name"));
+        }
+        if w.ttl.0.is_zero() {
+            errors.push(err("writes.ttl", "must be above 0"));
+        }
+        if w.max_body_bytes == 0 {
+            errors.push(err("writes.max_body_bytes", "must be above 0"));
+        }
+        if w.store == ReceiptStore::Redis {
+            if let Err(e) = redis::Client::open(w.redis_url.as_str()) {
+                errors.push(err(
+                    "writes.redis_url",
+                    format!("{:?} is not a redis:// URL: {e}", w.redis_url),
+                ));
+            }
         }
         let r = &self.rules;
         if !(r.confidence > 0.0 && r.confidence < 1.0) {

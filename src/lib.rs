@@ -92,6 +92,9 @@ pub async fn serve(loaded: Loaded, path: &Path) -> Result<(), RunError> {
     let engine = engine::Engine::new(app.clone());
     let mut engine_stop = shutdown.clone();
     tokio::spawn(engine.clone().run(async move { engine_stop.wait().await }));
+    if let Some(fence) = app.fence.clone() {
+        tokio::spawn(purge_receipts(fence, shutdown.clone()));
+    }
 
     let drain = config.listen.drain_timeout.0;
     let proxy_app = app.clone();
@@ -171,6 +174,21 @@ async fn rotate_windows(app: Arc<App>, mut shutdown: shutdown::Shutdown) {
     loop {
         tokio::select! {
             _ = tick.tick() => app.metrics.rotate_windows(),
+            _ = shutdown.wait() => return,
+        }
+    }
+}
+
+/// Deletes expired idempotency receipts now and then (a read already ignores them).
+async fn purge_receipts(fence: Arc<guards::fence::Fence>, mut shutdown: shutdown::Shutdown) {
+    let mut tick = tokio::time::interval(guards::fence::PURGE_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match fence.purge().await {
+                Ok(0) => {}
+                Ok(purged) => tracing::debug!(purged, "expired idempotency receipts purged"),
+                Err(e) => tracing::warn!(error = %e, "cannot purge expired idempotency receipts"),
+            },
             _ = shutdown.wait() => return,
         }
     }

@@ -49,10 +49,21 @@ pub enum ProxyError {
     BreakerOpen,
     /// Refused by the token budget: 429.
     OverBudget,
+    /// A write without an idempotency key while `writes.require_key` is set: 400.
+    IdempotencyKeyRequired,
+    /// An idempotency key that is empty, not visible ASCII, or too long: 400.
+    IdempotencyKeyInvalid,
+    /// A fenced write whose body is above `writes.max_body_bytes`: 413.
+    BodyTooLarge,
+    /// The key's receipt (or its execution in flight) is for another request, or the first request
+    /// with the key is still in flight when this one's wait runs out: 409.
+    IdempotencyConflict,
+    /// The receipt store cannot be reached: a fenced write is refused rather than run unfenced: 503.
+    ReceiptStoreUnavailable,
 }
 
 impl ProxyError {
-    pub const ALL: [ProxyError; 8] = [
+    pub const ALL: [ProxyError; 13] = [
         ProxyError::ClientClosed,
         ProxyError::WritesFrozen,
         ProxyError::BreakerOpen,
@@ -61,6 +72,11 @@ impl ProxyError {
         ProxyError::UpstreamTimeout,
         ProxyError::PinMismatch,
         ProxyError::NoUpstream,
+        ProxyError::IdempotencyKeyRequired,
+        ProxyError::IdempotencyKeyInvalid,
+        ProxyError::BodyTooLarge,
+        ProxyError::IdempotencyConflict,
+        ProxyError::ReceiptStoreUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -73,6 +89,11 @@ impl ProxyError {
             ProxyError::WritesFrozen => "writes_frozen",
             ProxyError::BreakerOpen => "breaker_open",
             ProxyError::OverBudget => "budget",
+            ProxyError::IdempotencyKeyRequired => "idempotency_key_required",
+            ProxyError::IdempotencyKeyInvalid => "idempotency_key_invalid",
+            ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::IdempotencyConflict => "idempotency_conflict",
+            ProxyError::ReceiptStoreUnavailable => "receipt_store_unavailable",
         }
     }
 }
@@ -106,8 +127,12 @@ pub struct Metrics {
     pub transitions: IntCounterVec,
     /// Rollback hook runs by hook name and outcome (`hooks::HookOutcome`).
     pub hook_runs: IntCounterVec,
-    /// Upstream executions of an idempotency key that already had a receipt.
+    /// Idempotency fence decisions (new, replay, conflict, wait).
+    pub idempotency: IntCounterVec,
+    /// Upstream executions of a key that already had a live receipt; must stay 0.
     pub duplicate_effects: IntCounter,
+    /// Receipt store operations that failed (unreachable Redis, disk errors).
+    pub receipt_store_errors: IntCounter,
     origin: Instant,
     arms: Mutex<HashMap<String, Arc<ArmStats>>>,
 }
@@ -188,10 +213,17 @@ impl Metrics {
             .expect("metric names are unique");
         let duplicate_effects = IntCounter::new(
             "duplicate_effects_total",
-            "Upstream executions of an idempotency key that already had a receipt (must stay 0).",
+            "Upstream executions of an idempotency key that already had a live receipt (must stay 0).",
+        )
+        .expect("static metric definition is valid");
+        let receipt_store_errors = IntCounter::new(
+            "idempotency_store_errors_total",
+            "Idempotency receipt store operations that failed.",
         )
         .expect("static metric definition is valid");
         r.register(Box::new(duplicate_effects.clone()))
+            .expect("metric names are unique");
+        r.register(Box::new(receipt_store_errors.clone()))
             .expect("metric names are unique");
         let m = Metrics {
             requests: counter_vec(&r, "requests_total", "Responses sent to clients, by arm and status class.", &["arm", "class"]),
@@ -220,6 +252,8 @@ impl Metrics {
             baseline_breaches: counter_vec(&r, "baseline_breaches_total", "Rule breaches the baseline shared, so no trip, by rule.", &["rule"]),
             rule_warnings: counter_vec(&r, "rule_warnings_total", "Soft-rule breaches (warnings only), by rule.", &["rule"]),
             transitions: counter_vec(&r, "guard_transitions_total", "Rollback engine state changes, by new state.", &["state"]),
+            idempotency: counter_vec(&r, "idempotency_total", "Idempotency fence decisions for keyed writes.", &["decision"]),
+            receipt_store_errors,
             eval_dropped,
             eval_queue_depth,
             guard_state,
@@ -246,6 +280,9 @@ impl Metrics {
         }
         for rule in crate::rules::Rule::ALL {
             m.trips.with_label_values(&[rule.name()]);
+        }
+        for decision in crate::guards::fence::DECISIONS {
+            m.idempotency.with_label_values(&[decision]);
         }
         m
     }

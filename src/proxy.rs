@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,12 +18,13 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use crate::app::App;
 use crate::guards::breaker::Admission;
 use crate::guards::budget::Admission as BudgetAdmission;
+use crate::guards::fence::{self, Decision, Fingerprint, Lead, Receipt, Recording};
 use crate::guards::spend::{self, Reserved, UsageTap};
 use crate::log::ACCESS;
 use crate::metrics::ProxyError;
@@ -125,6 +127,23 @@ async fn forward(
         );
     }
 
+    // The fence comes before the freeze: a replay never reaches the upstream, so it is no write.
+    let mut prefix = VecDeque::new();
+    let lead = match fence_step(
+        app,
+        table,
+        arm,
+        &info,
+        &mut parts,
+        &mut body,
+        &mut prefix,
+        start,
+    )
+    .await
+    {
+        Ok(lead) => lead,
+        Err(response) => return response,
+    };
     let controls = &table.controls;
     if controls.frozen
         && table
@@ -142,7 +161,6 @@ async fn forward(
         );
     }
     // Budget: read a bounded prefix to price the request, then reserve it.
-    let mut prefix = VecDeque::new();
     let mut reserved = None;
     if let (Some(budget), Some(peek)) = (app.budget.as_ref(), table.settings.budget) {
         if carries_query(&parts) {
@@ -369,7 +387,14 @@ async fn forward(
         response: UsageTap::new(settings.max_body_bytes),
         sse: answer_format(&parts.headers) == Some(true),
     });
+    let fence = lead.map(|(lead, request)| {
+        // Sent chunked: with a length, hyper ends the message after the last byte without polling for
+        // the end of the body, which is where the receipt's commit is awaited.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        lead.record(request, parts.status, &parts.headers, &settings.fence)
+    });
     let observed = Observed {
+        fence,
         spend,
         arm: arm.clone(),
         info,
@@ -384,8 +409,178 @@ async fn forward(
         inner: body,
         observed: Some(observed),
         lease: Some(lease),
+        committing: None,
     };
     Response::from_parts(parts, ProxyBody(upstream))
+}
+
+/// The idempotency fence (SPEC §5) of one request. A write carrying the idempotency header has its body
+/// read whole into `prefix` (bounded by `writes.max_body_bytes`) and hashed; the fence then either lets
+/// it lead — `Ok(Some(..))`, the upstream executes it and its response becomes the key's receipt — or
+/// answers it here: a replay, a 409 conflict, or a refusal. Other requests pass with `Ok(None)`.
+#[allow(clippy::too_many_arguments)]
+async fn fence_step(
+    app: &Arc<App>,
+    table: &RoutingTable,
+    arm: &Arc<Arm>,
+    info: &RequestInfo,
+    parts: &mut http::request::Parts,
+    body: &mut Incoming,
+    prefix: &mut VecDeque<Frame<Bytes>>,
+    start: Instant,
+) -> Result<Option<(Lead, Fingerprint)>, Response<ProxyBody>> {
+    let settings = &table.settings;
+    if !settings.writes.is_write(&parts.method, parts.uri.path()) {
+        return Ok(None);
+    }
+    let (Some(fence), config) = (app.fence.as_ref(), &settings.fence) else {
+        return Ok(None);
+    };
+    let refuse = |kind: ProxyError, message: &str| {
+        app.metrics.proxy_error(kind);
+        error_response(Some(arm), info.clone(), kind, message, start)
+    };
+    let key = match parts.headers.get(&config.header) {
+        None if config.require_key => {
+            let message = format!("writes need an idempotency key in {}", config.header);
+            return Err(refuse(ProxyError::IdempotencyKeyRequired, &message));
+        }
+        None => return Ok(None),
+        Some(v) => match v.to_str() {
+            Ok(k) if !k.is_empty() && k.len() <= fence::MAX_KEY_LEN => k.to_string(),
+            _ => {
+                let message = format!(
+                    "{} must be 1-{} visible ASCII characters",
+                    config.header,
+                    fence::MAX_KEY_LEN
+                );
+                return Err(refuse(ProxyError::IdempotencyKeyInvalid, &message));
+            }
+        },
+    };
+
+    let too_large = format!(
+        "a write with an idempotency key may carry at most {} bytes (writes.max_body_bytes)",
+        config.max_body_bytes
+    );
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > config.max_body_bytes as u64) {
+        return Err(refuse(ProxyError::BodyTooLarge, &too_large));
+    }
+    let deadline = tokio::time::Instant::from_std(start + settings.request_timeout);
+    let mut hash = fence::BodyHash::default();
+    let read = tokio::time::timeout_at(deadline, async {
+        let mut len = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame?;
+            if let Some(data) = frame.data_ref() {
+                len += data.len();
+                if len > config.max_body_bytes {
+                    return Ok(None);
+                }
+                hash.update(data);
+            }
+            prefix.push_back(frame);
+        }
+        Ok::<_, hyper::Error>(Some(len))
+    })
+    .await;
+    let len = match read {
+        Ok(Ok(Some(len))) => len,
+        Ok(Ok(None)) => return Err(refuse(ProxyError::BodyTooLarge, &too_large)),
+        Ok(Err(_)) => {
+            return Err(refuse(
+                ProxyError::ClientClosed,
+                "the request body broke off",
+            ))
+        }
+        Err(_) => {
+            let message = "the request body did not arrive within upstream.request_timeout";
+            return Err(refuse(ProxyError::ClientClosed, message));
+        }
+    };
+    // The body is whole now: send it with its length, however the client framed it.
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    let request = Fingerprint {
+        method: parts.method.to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string(),
+        body_sha256: hash.finish(),
+    };
+    // Another replica waits this long for a pending key should this one die while executing it.
+    let lease = settings.request_timeout * 2;
+    match fence.admit(&key, request.clone(), deadline, lease).await {
+        Decision::Lead(lead) => Ok(Some((lead, request))),
+        Decision::Replay(receipt) => Err(replay_response(arm, info.clone(), &receipt, start)),
+        Decision::Conflict(diff) => {
+            app.metrics.proxy_error(ProxyError::IdempotencyConflict);
+            let body = serde_json::json!({
+                "error": ProxyError::IdempotencyConflict.as_str(),
+                "message": format!("idempotency key {key:?} was used for another request"),
+                "request_id": info.request_id_str(),
+                "diff": diff,
+            });
+            Err(json_response(
+                Some(arm),
+                info.clone(),
+                StatusCode::CONFLICT,
+                body.to_string(),
+                start,
+                false,
+            ))
+        }
+        Decision::StillInFlight => {
+            let message = format!(
+                "the first request with idempotency key {key:?} is still in flight; retry later"
+            );
+            let mut response = refuse(ProxyError::IdempotencyConflict, &message);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            Err(response)
+        }
+        Decision::Unavailable(e) => Err(refuse(
+            ProxyError::ReceiptStoreUnavailable,
+            &format!("a write with an idempotency key cannot be fenced now: {e}"),
+        )),
+    }
+}
+
+/// A receipt replayed: the first response's status, headers (pins included: they say what produced it)
+/// and body, with this request's id and `idempotent-replay: true`. Not counted in the arm's windows: the
+/// upstream did nothing.
+fn replay_response(
+    arm: &Arc<Arm>,
+    info: RequestInfo,
+    receipt: &Receipt,
+    start: Instant,
+) -> Response<ProxyBody> {
+    let bytes = receipt.body.len() as u64;
+    let mut response = Response::new(ProxyBody(Kind::Full(Full::new(receipt.body.clone()))));
+    *response.status_mut() = receipt.status();
+    let headers = response.headers_mut();
+    *headers = receipt.header_map();
+    headers.insert(X_REQUEST_ID, info.request_id.clone());
+    headers.insert(fence::IDEMPOTENT_REPLAY, HeaderValue::from_static("true"));
+    if receipt.body_omitted {
+        headers.insert(
+            fence::IDEMPOTENT_REPLAY_BODY,
+            HeaderValue::from_static("omitted"),
+        );
+    }
+    let status = receipt.status;
+    access_log(&info, Some(arm), status, start.elapsed(), bytes, true);
+    response
 }
 
 /// Logs and counts a request whose client went away before the response head (status 499).
@@ -579,13 +774,23 @@ fn error_response(
         ProxyError::ClientClosed => CLIENT_CLOSED,
         ProxyError::WritesFrozen | ProxyError::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
         ProxyError::OverBudget => StatusCode::TOO_MANY_REQUESTS,
+        ProxyError::IdempotencyKeyRequired | ProxyError::IdempotencyKeyInvalid => {
+            StatusCode::BAD_REQUEST
+        }
+        ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ProxyError::IdempotencyConflict => StatusCode::CONFLICT,
+        ProxyError::ReceiptStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
     };
     if let (Some(arm), ProxyError::UpstreamUnreachable | ProxyError::UpstreamTimeout) = (arm, kind)
     {
         arm.stats.upstream_error(Instant::now(), kind);
     }
     let body = serde_json::json!({"error": kind.as_str(), "message": message, "request_id": info.request_id_str()});
-    let deliberate = kind == ProxyError::WritesFrozen;
+    // Neither a frozen write nor an unreachable receipt store is the arm failing.
+    let deliberate = matches!(
+        kind,
+        ProxyError::WritesFrozen | ProxyError::ReceiptStoreUnavailable
+    );
     json_response(arm, info, status, body.to_string(), start, deliberate)
 }
 
@@ -682,6 +887,8 @@ struct Spend {
 /// Timing and identity of a response in flight, reported once when its body ends or is dropped.
 struct Observed {
     tee: Option<Tee>,
+    /// A fenced write's response, copied for its idempotency receipt.
+    fence: Option<Recording>,
     /// The budget reservation of this request and the response copy its usage is read from.
     spend: Option<Spend>,
     arm: Arc<Arm>,
@@ -709,6 +916,9 @@ impl Observed {
                 self.bytes,
                 complete,
             );
+        }
+        if let Some(recording) = self.fence.take() {
+            recording.finish(complete);
         }
         if let Some(spend) = self.spend.take() {
             if complete {
@@ -782,6 +992,9 @@ enum Kind {
         inner: Incoming,
         observed: Option<Observed>,
         lease: Option<Lease>,
+        /// A fenced write's receipt being stored: the end of the body waits for it, so a client that
+        /// saw the whole response can count on its replay.
+        committing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     },
     Full(Full<Bytes>),
 }
@@ -802,7 +1015,13 @@ impl Body for ProxyBody {
                 inner,
                 observed,
                 lease,
+                committing,
             } => {
+                if let Some(commit) = committing.as_mut() {
+                    ready!(commit.as_mut().poll(cx));
+                    *committing = None;
+                    return Poll::Ready(None);
+                }
                 let frame = ready!(Pin::new(inner).poll_frame(cx));
                 if frame.is_none() {
                     if let Some(lease) = lease.take() {
@@ -825,6 +1044,9 @@ impl Body for ProxyBody {
                                 if let Some(spend) = obs.spend.as_mut() {
                                     spend.response.push(data);
                                 }
+                                if let Some(recording) = obs.fence.as_mut() {
+                                    recording.push(data);
+                                }
                             }
                         }
                         Some(Err(_)) => {
@@ -839,10 +1061,17 @@ impl Body for ProxyBody {
                         }
                         None => {
                             if let Some(mut obs) = observed.take() {
+                                if let Some(recording) = obs.fence.take() {
+                                    *committing = Some(Box::pin(recording.commit(true)));
+                                }
                                 obs.finish(true);
                             }
                         }
                     }
+                }
+                if let Some(commit) = committing.as_mut() {
+                    ready!(commit.as_mut().poll(cx));
+                    *committing = None;
                 }
                 Poll::Ready(frame)
             }
@@ -852,14 +1081,34 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Kind::Full(full) => full.is_end_stream(),
-            Kind::Upstream { inner, .. } => inner.is_end_stream(),
+            Kind::Upstream {
+                inner,
+                observed,
+                committing,
+                ..
+            } => {
+                inner.is_end_stream()
+                    && committing.is_none()
+                    && observed.as_ref().is_none_or(|o| o.fence.is_none())
+            }
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
             Kind::Full(full) => full.size_hint(),
-            Kind::Upstream { inner, .. } => inner.size_hint(),
+            Kind::Upstream {
+                inner,
+                observed,
+                committing,
+                ..
+            } => {
+                if committing.is_some() || observed.as_ref().is_some_and(|o| o.fence.is_some()) {
+                    SizeHint::default()
+                } else {
+                    inner.size_hint()
+                }
+            }
         }
     }
 }
@@ -870,8 +1119,15 @@ impl Drop for ProxyBody {
             observed,
             inner,
             lease,
+            committing,
         } = &mut self.0
         {
+            // The client left while the receipt was being stored: the store goes on without it.
+            if let (Some(commit), Ok(rt)) =
+                (committing.take(), tokio::runtime::Handle::try_current())
+            {
+                rt.spawn(commit);
+            }
             // An empty body is never polled; anything else dropped early means the client went away.
             let complete = inner.is_end_stream();
             if let (true, Some(lease)) = (complete, lease.take()) {

@@ -14,6 +14,7 @@ use http::{HeaderName, HeaderValue};
 
 use crate::config::{parse_upstream, Config};
 use crate::guards::breaker::{Breaker, BreakerSettings};
+use crate::guards::fence::FenceSettings;
 use crate::guards::freeze::WriteRoutes;
 use crate::guards::Breakers;
 use crate::metrics::{ArmStats, Metrics};
@@ -53,6 +54,8 @@ pub struct Settings {
     pub session_header: Option<HeaderName>,
     /// Which requests are writes (`writes.routes`).
     pub writes: WriteRoutes,
+    /// How keyed writes are fenced (`[writes]`).
+    pub fence: FenceSettings,
     /// With a `[budget]`: how many request bytes to read ahead, and the completion tokens to reserve
     /// when the request names none.
     pub budget: Option<BudgetPeek>,
@@ -212,6 +215,7 @@ impl RoutingTable {
             max_body_bytes: config.signals.max_body_bytes,
             session_header: HeaderName::try_from(&config.signals.session_header).ok(),
             writes: WriteRoutes::new(&config.writes.routes),
+            fence: FenceSettings::from(&config.writes),
             budget: config.budget.as_ref().map(|b| BudgetPeek {
                 peek_bytes: b.peek_bytes,
                 default_completion_tokens: b.default_completion_tokens,

@@ -149,3 +149,51 @@ fn rule_names_drop_the_suffix() {
     assert_eq!(rule_name("coverage_under"), "coverage");
     assert_eq!(rule_name("delta_s_p95_drift_over"), "delta_s_p95_drift");
 }
+
+#[test]
+fn writes_fence_keys_have_defaults() {
+    let c = Config::parse(MINIMAL).unwrap();
+    assert_eq!(c.writes.idempotency_header, "idempotency-key");
+    assert!(!c.writes.require_key);
+    assert_eq!(c.writes.store, ReceiptStore::Embedded);
+    assert_eq!(c.writes.redis_url, "redis://127.0.0.1:6379");
+    assert_eq!(c.writes.max_body_bytes, 1 << 20);
+    assert_eq!(c.writes.receipt_body_max, 1 << 20);
+    let c = Config::parse(&format!(
+        "{MINIMAL}[writes]\nstore = \"redis\"\nredis_url = \"redis://10.0.0.1:6380/2\"\nreceipt_body_max = 0\n"
+    ))
+    .unwrap();
+    assert_eq!(c.writes.store, ReceiptStore::Redis);
+    assert_eq!(c.writes.receipt_body_max, 0);
+}
+
+#[test]
+fn writes_fence_keys_are_checked() {
+    for (extra, path) in [
+        (
+            "[writes]\nidempotency_header = \"\"\n",
+            "writes.idempotency_header",
+        ),
+        (
+            "[writes]\nidempotency_header = \"a b\"\n",
+            "writes.idempotency_header",
+        ),
+        ("[writes]\nttl = \"0s\"\n", "writes.ttl"),
+        ("[writes]\nmax_body_bytes = 0\n", "writes.max_body_bytes"),
+        (
+            "[writes]\nstore = \"redis\"\nredis_url = \"http://x\"\n",
+            "writes.redis_url",
+        ),
+        ("[writes]\nstore = \"memcached\"\n", "writes.store"),
+        (
+            "[writes]\nreceipt_body_max = -1\n",
+            "writes.receipt_body_max",
+        ),
+    ] {
+        let errors = errors_of(&format!("{MINIMAL}{extra}"));
+        assert!(
+            errors.iter().any(|e| e.path == path),
+            "{extra:?}: expected an error at {path}, got {errors:?}"
+        );
+    }
+}

@@ -2,6 +2,7 @@
 
 pub mod breaker;
 pub mod budget;
+pub mod fence;
 pub mod freeze;
 pub mod spend;
 

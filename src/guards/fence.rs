@@ -1,0 +1,893 @@
+//! Idempotency fence (SPEC §5): a write (`writes.routes`) carrying the idempotency header is executed
+//! once. The first request with a key runs upstream and leaves a receipt — the request's fingerprint
+//! (method, path, body sha256) and the response (status, headers, body up to `writes.receipt_body_max`);
+//! the same key with the same fingerprint replays the receipt without calling the upstream, another
+//! fingerprint gets 409 with a diff, and a request arriving while the first is still in flight waits for
+//! it (single-flight) and then replays.
+//!
+//! Where it sits: `proxy::forward` reads the body, hashes it and asks [`Fence::admit`] for a
+//! [`Decision`]. A [`Lead`] goes on to the upstream; once the response head is back it becomes a
+//! [`Recording`] that copies the body as it streams to the client and stores the receipt when the body
+//! ends. Dropping a `Lead` before that (upstream unreachable or timed out, client gone before the head,
+//! the write frozen, over budget, breaker open) releases the key: nothing ran, so a waiter takes the lead.
+//!
+//! A response whose body broke off mid-stream (or whose client left mid-body) still leaves a receipt:
+//! the upstream answered, so the write most likely took effect, and executing it again is the one thing
+//! the fence is for. Such a receipt, like one whose body is above the cap, keeps status and headers only
+//! and is marked `body_omitted`; its replays say so with `idempotent-replay-body: omitted`.
+//!
+//! Stores: [`Embedded`] is a redb file `state_dir/receipts.redb` (durable commits, so receipts survive
+//! restart and kill -9; one process owns the file), [`RedisStore`] is shared by replicas and adds a
+//! pending marker per key so that replicas wait for each other too. In-flight state within one process
+//! is a map of key → watch channel.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use prometheus::IntCounter;
+use redb::ReadableTable;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::config::{ReceiptStore, Writes};
+use crate::metrics::Metrics;
+use crate::tee::Capture;
+
+/// Values of the `decision` label of `driftguard_idempotency_total`.
+pub const DECISIONS: [&str; 4] = ["new", "replay", "conflict", "wait"];
+
+/// Longest idempotency key accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// Header marking a response replayed from a receipt.
+pub const IDEMPOTENT_REPLAY: HeaderName = HeaderName::from_static("idempotent-replay");
+/// On a replay whose receipt kept no body: `omitted`.
+pub const IDEMPOTENT_REPLAY_BODY: HeaderName = HeaderName::from_static("idempotent-replay-body");
+
+/// File of the embedded store under `state_dir`.
+pub const EMBEDDED_FILE: &str = "receipts.redb";
+
+/// How often a replica polls Redis while another replica holds the pending marker of a key.
+const REDIS_POLL: Duration = Duration::from_millis(25);
+
+/// How often expired receipts are purged from the embedded store.
+pub const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// Response headers never stored in a receipt: they belong to one exchange, not to its result.
+const PER_EXCHANGE: [HeaderName; 4] = [
+    crate::proxy::X_REQUEST_ID,
+    http::header::CONTENT_LENGTH,
+    http::header::TRANSFER_ENCODING,
+    http::header::DATE,
+];
+
+/// The fence's per-request settings, from `[writes]`; swapped with the routing table on reload.
+#[derive(Debug, Clone)]
+pub struct FenceSettings {
+    pub header: HeaderName,
+    pub require_key: bool,
+    pub ttl: Duration,
+    pub max_body_bytes: usize,
+    pub receipt_body_max: usize,
+}
+
+impl From<&Writes> for FenceSettings {
+    fn from(w: &Writes) -> Self {
+        FenceSettings {
+            header: HeaderName::try_from(w.idempotency_header.as_str())
+                .unwrap_or(HeaderName::from_static("idempotency-key")),
+            require_key: w.require_key,
+            ttl: w.ttl.0,
+            max_body_bytes: w.max_body_bytes,
+            receipt_body_max: w.receipt_body_max,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    #[error("receipt store {path}: {detail}")]
+    Embedded { path: String, detail: String },
+    #[error("receipt store redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("receipt store redis: no answer within {0:?}")]
+    RedisTimeout(Duration),
+    #[error("receipt store: {0}")]
+    Task(String),
+    #[error("receipt store: unreadable receipt at {0}")]
+    Unreadable(String),
+}
+
+/// What a keyed write is: its method, path (with query) and body hash. Same key, same fingerprint →
+/// replay; same key, another fingerprint → conflict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub method: String,
+    pub path: String,
+    /// Hex sha256 of the request body.
+    pub body_sha256: String,
+}
+
+impl Fingerprint {
+    /// The fields that differ, as `{"field": {"stored": .., "received": ..}}`; hashes shortened to 12
+    /// hex digits.
+    pub fn diff(&self, received: &Fingerprint) -> serde_json::Map<String, serde_json::Value> {
+        let mut diff = serde_json::Map::new();
+        let mut field = |name: &str, stored: &str, got: &str| {
+            if stored != got {
+                diff.insert(
+                    name.into(),
+                    serde_json::json!({"stored": stored, "received": got}),
+                );
+            }
+        };
+        field("method", &self.method, &received.method);
+        field("path", &self.path, &received.path);
+        let short = |h: &str| h.get(..12).unwrap_or(h).to_string();
+        field(
+            "body_sha256",
+            &short(&self.body_sha256),
+            &short(&received.body_sha256),
+        );
+        diff
+    }
+}
+
+/// Incremental sha256 of a request body.
+#[derive(Default)]
+pub struct BodyHash(Sha256);
+
+impl BodyHash {
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    pub fn finish(self) -> String {
+        hex::encode(self.0.finalize())
+    }
+}
+
+/// A stored result of a keyed write.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub request: Fingerprint,
+    pub status: u16,
+    /// Response headers as the first client got them, minus the per-exchange ones.
+    pub headers: Vec<(String, String)>,
+    /// The body was longer than `writes.receipt_body_max`, or broke off: only status and headers replay.
+    pub body_omitted: bool,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    #[serde(skip)]
+    pub body: Bytes,
+}
+
+impl Receipt {
+    /// `[expires_ms: u64 BE][meta length: u32 BE][meta JSON][body]`: the expiry first so a purge need
+    /// not parse, the body raw so it costs no encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let meta = serde_json::to_vec(self).unwrap_or_default();
+        let mut out = Vec::with_capacity(12 + meta.len() + self.body.len());
+        out.extend_from_slice(&self.expires_ms.to_be_bytes());
+        out.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Receipt> {
+        let len = u32::from_be_bytes(bytes.get(8..12)?.try_into().ok()?) as usize;
+        let meta = bytes.get(12..12 + len)?;
+        let mut receipt: Receipt = serde_json::from_slice(meta).ok()?;
+        receipt.body = Bytes::copy_from_slice(bytes.get(12 + len..)?);
+        Some(receipt)
+    }
+
+    fn expires_of(bytes: &[u8]) -> Option<u64> {
+        Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
+    }
+
+    pub fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK)
+    }
+
+    /// The stored headers, back as a header map.
+    pub fn header_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.headers.len() + 3);
+        for (name, value) in &self.headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::try_from(name.as_str()),
+                HeaderValue::try_from(value.as_str()),
+            ) {
+                map.append(n, v);
+            }
+        }
+        map
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+// === Decision ===
+
+/// What to do with a keyed write.
+pub enum Decision {
+    /// Execute it upstream; the receipt is recorded from the response.
+    Lead(Lead),
+    /// Answer with the receipt; the upstream is not called.
+    Replay(Arc<Receipt>),
+    /// The key belongs to another request: the stored (or in-flight) fingerprint and this one differ.
+    Conflict(serde_json::Map<String, serde_json::Value>),
+    /// The first request with the key was still in flight when this one's wait ran out.
+    StillInFlight,
+    /// The store could not be asked: do not run a write that cannot be fenced.
+    Unavailable(FenceError),
+}
+
+// === impl Fence ===
+
+/// The fence of a running driftguard: the receipt store and the keys in flight in this process.
+pub struct Fence {
+    store: Store,
+    flights: Mutex<HashMap<String, Arc<Flight>>>,
+    decisions: [IntCounter; 4],
+    duplicate_effects: IntCounter,
+    store_errors: IntCounter,
+}
+
+enum Store {
+    Embedded(Arc<Embedded>),
+    Redis(RedisStore),
+}
+
+/// One key executing in this process.
+struct Flight {
+    request: Fingerprint,
+    state: watch::Sender<FlightState>,
+}
+
+#[derive(Clone)]
+enum FlightState {
+    Running,
+    Done(Arc<Receipt>),
+    /// The execution ended without a response: the key is free again.
+    Released,
+}
+
+enum Claim {
+    Receipt(Receipt),
+    Lead,
+    /// Another replica holds the key's pending marker.
+    Pending,
+}
+
+impl Fence {
+    /// Opens the configured store: the embedded file under `state_dir` now, Redis on first use.
+    pub fn open(writes: &Writes, state_dir: &Path, metrics: &Metrics) -> Result<Fence, FenceError> {
+        let store = match writes.store {
+            ReceiptStore::Embedded => {
+                Store::Embedded(Arc::new(Embedded::open(&state_dir.join(EMBEDDED_FILE))?))
+            }
+            ReceiptStore::Redis => Store::Redis(RedisStore::new(&writes.redis_url)?),
+        };
+        Ok(Fence {
+            store,
+            flights: Mutex::new(HashMap::new()),
+            decisions: DECISIONS.map(|d| metrics.idempotency.with_label_values(&[d])),
+            duplicate_effects: metrics.duplicate_effects.clone(),
+            store_errors: metrics.receipt_store_errors.clone(),
+        })
+    }
+
+    fn count(&self, decision: &str) {
+        if let Some(i) = DECISIONS.iter().position(|d| *d == decision) {
+            self.decisions[i].inc();
+        }
+    }
+
+    /// Decides what a keyed write does. Waits (for this process's or, with Redis, another replica's
+    /// execution of the key) until `deadline` at most. `lease` bounds how long another replica waits
+    /// for this one should it die mid-execution (Redis only).
+    pub async fn admit(
+        self: &Arc<Self>,
+        key: &str,
+        request: Fingerprint,
+        deadline: tokio::time::Instant,
+        lease: Duration,
+    ) -> Decision {
+        let mut waited = false;
+        loop {
+            let (flight, ours) = {
+                let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+                match flights.get(key) {
+                    Some(flight) => (flight.clone(), false),
+                    None => {
+                        let (state, _) = watch::channel(FlightState::Running);
+                        let flight = Arc::new(Flight {
+                            request: request.clone(),
+                            state,
+                        });
+                        flights.insert(key.to_string(), flight.clone());
+                        (flight, true)
+                    }
+                }
+            };
+            if !ours {
+                if flight.request != request {
+                    self.count("conflict");
+                    return Decision::Conflict(flight.request.diff(&request));
+                }
+                if !waited {
+                    waited = true;
+                    self.count("wait");
+                }
+                let mut rx = flight.state.subscribe();
+                let outcome = tokio::time::timeout_at(
+                    deadline,
+                    rx.wait_for(|s| !matches!(s, FlightState::Running)),
+                )
+                .await;
+                match outcome {
+                    Err(_) => return Decision::StillInFlight,
+                    Ok(Ok(state)) => {
+                        if let FlightState::Done(receipt) = state.clone() {
+                            return self.replay(receipt, &request);
+                        }
+                    }
+                    // The lead went away without a word: as released.
+                    Ok(Err(_)) => {}
+                }
+                continue;
+            }
+
+            // This request holds the key in this process; the store says whether it already ran.
+            let mut lead = Lead {
+                fence: self.clone(),
+                key: key.to_string(),
+                token: format!("{:032x}", fastrand::u128(..)),
+                settled: false,
+            };
+            loop {
+                match self.claim(&lead, lease).await {
+                    Ok(Claim::Receipt(receipt)) => {
+                        let receipt = Arc::new(receipt);
+                        lead.settle(FlightState::Done(receipt.clone()));
+                        return self.replay(receipt, &request);
+                    }
+                    Ok(Claim::Lead) => {
+                        self.count("new");
+                        if let Store::Redis(redis) = &self.store {
+                            let renew = redis.clone().renew(
+                                lead.key.clone(),
+                                lead.token.clone(),
+                                lease,
+                                flight.state.subscribe(),
+                            );
+                            tokio::spawn(renew);
+                        }
+                        return Decision::Lead(lead);
+                    }
+                    Ok(Claim::Pending) => {
+                        if !waited {
+                            waited = true;
+                            self.count("wait");
+                        }
+                        if tokio::time::Instant::now() + REDIS_POLL > deadline {
+                            return Decision::StillInFlight;
+                        }
+                        tokio::time::sleep(REDIS_POLL).await;
+                    }
+                    Err(e) => {
+                        self.store_errors.inc();
+                        tracing::error!(error = %e, "idempotency receipt store unavailable; refusing the keyed write");
+                        return Decision::Unavailable(e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn replay(&self, receipt: Arc<Receipt>, request: &Fingerprint) -> Decision {
+        if receipt.request == *request {
+            self.count("replay");
+            Decision::Replay(receipt)
+        } else {
+            self.count("conflict");
+            Decision::Conflict(receipt.request.diff(request))
+        }
+    }
+
+    async fn claim(&self, lead: &Lead, lease: Duration) -> Result<Claim, FenceError> {
+        match &self.store {
+            Store::Embedded(db) => {
+                let (db, key) = (db.clone(), lead.key.clone());
+                let found = blocking(move || db.get(&key, now_ms())).await?;
+                Ok(found.map_or(Claim::Lead, Claim::Receipt))
+            }
+            Store::Redis(redis) => redis.claim(&lead.key, &lead.token, lease).await,
+        }
+    }
+
+    /// Stores a receipt, then hands it to the waiters and frees the key.
+    async fn store(&self, key: &str, token: &str, receipt: &Receipt) {
+        let stored = match &self.store {
+            Store::Embedded(db) => {
+                let (db, key, bytes) = (db.clone(), key.to_string(), receipt.encode());
+                blocking(move || db.put(&key, &bytes, now_ms())).await
+            }
+            Store::Redis(redis) => redis.put(key, token, receipt).await,
+        };
+        match stored {
+            Ok(false) => {}
+            Ok(true) => {
+                self.duplicate_effects.inc();
+                tracing::error!(
+                    key,
+                    "duplicate effect: a write executed although its key had a live receipt"
+                );
+            }
+            Err(e) => {
+                self.store_errors.inc();
+                tracing::error!(key, error = %e, "cannot store the idempotency receipt; a retry of this key will execute again");
+            }
+        }
+    }
+
+    /// Deletes expired receipts (embedded store; Redis expires its keys itself). Returns how many.
+    pub async fn purge(&self) -> Result<usize, FenceError> {
+        match &self.store {
+            Store::Embedded(db) => {
+                let db = db.clone();
+                blocking(move || db.purge(now_ms())).await
+            }
+            Store::Redis(_) => Ok(0),
+        }
+    }
+
+    fn finish_flight(&self, key: &str, state: FlightState) {
+        let flight = self
+            .flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        if let Some(flight) = flight {
+            flight.state.send_replace(state);
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, FenceError> + Send + 'static,
+) -> Result<T, FenceError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| FenceError::Task(e.to_string()))?
+}
+
+// === impl Lead ===
+
+/// The right to execute a key. Dropped unsettled (no response came back), it frees the key.
+pub struct Lead {
+    fence: Arc<Fence>,
+    key: String,
+    /// Value of the Redis pending marker, so only this holder clears it.
+    token: String,
+    settled: bool,
+}
+
+impl Lead {
+    /// The response head is back: record the exchange from here on.
+    pub fn record(
+        self,
+        request: Fingerprint,
+        status: StatusCode,
+        headers: &HeaderMap,
+        settings: &FenceSettings,
+    ) -> Recording {
+        let headers = headers
+            .iter()
+            .filter(|(name, _)| !PER_EXCHANGE.contains(name))
+            .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
+            .collect();
+        Recording {
+            lead: Some(self),
+            request,
+            status: status.as_u16(),
+            headers,
+            body: Capture::new(settings.receipt_body_max),
+            ttl: settings.ttl,
+        }
+    }
+
+    fn settle(&mut self, state: FlightState) {
+        self.settled = true;
+        self.fence.finish_flight(&self.key, state);
+    }
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.fence.finish_flight(&self.key, FlightState::Released);
+        if let Store::Redis(redis) = &self.fence.store {
+            let (redis, key, token) = (redis.clone(), self.key.clone(), self.token.clone());
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { redis.release(&key, &token).await });
+            }
+        }
+    }
+}
+
+/// A response of a keyed write on its way to the client, copied for its receipt.
+pub struct Recording {
+    lead: Option<Lead>,
+    request: Fingerprint,
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Capture,
+    ttl: Duration,
+}
+
+impl Recording {
+    #[inline]
+    pub fn push(&mut self, data: &Bytes) {
+        self.body.push(data);
+    }
+
+    /// The body ended (`complete`) or broke off: store the receipt in the background, then let the
+    /// waiters replay it. A broken-off body leaves a receipt too, without its body (see the module doc).
+    pub fn finish(self, complete: bool) {
+        let commit = self.commit(complete);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(commit);
+            }
+            Err(_) => tracing::error!("no runtime to store an idempotency receipt on"),
+        }
+    }
+
+    /// [`Recording::finish`] as a future: done once the receipt is stored and the waiters have it.
+    pub fn commit(
+        mut self,
+        complete: bool,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let lead = self.lead.take();
+        let omitted = !complete || self.body.truncated;
+        let created_ms = now_ms();
+        let receipt = Arc::new(Receipt {
+            request: self.request.clone(),
+            status: self.status,
+            headers: std::mem::take(&mut self.headers),
+            body_omitted: omitted,
+            created_ms,
+            expires_ms: created_ms.saturating_add(self.ttl.as_millis() as u64),
+            body: if omitted {
+                Bytes::new()
+            } else {
+                std::mem::replace(&mut self.body, Capture::new(0))
+                    .compact()
+                    .into_bytes()
+            },
+        });
+        async move {
+            let Some(mut lead) = lead else {
+                return;
+            };
+            // Settled: the key is freed below, once the receipt is stored, not on drop.
+            lead.settled = true;
+            lead.fence.store(&lead.key, &lead.token, &receipt).await;
+            lead.fence
+                .finish_flight(&lead.key, FlightState::Done(receipt));
+        }
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if self.lead.is_some() {
+            let recording = Recording {
+                lead: self.lead.take(),
+                request: self.request.clone(),
+                status: self.status,
+                headers: std::mem::take(&mut self.headers),
+                body: Capture::new(0),
+                ttl: self.ttl,
+            };
+            recording.finish(false);
+        }
+    }
+}
+
+// === impl Embedded ===
+
+const RECEIPTS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("receipts");
+
+/// Receipts in a redb file; every commit is durable before the waiters hear of it.
+pub struct Embedded {
+    db: redb::Database,
+    path: String,
+}
+
+impl Embedded {
+    pub fn open(path: &Path) -> Result<Embedded, FenceError> {
+        let shown = path.display().to_string();
+        let fail = |detail: String| FenceError::Embedded {
+            path: shown.clone(),
+            detail,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        }
+        let db = redb::Database::create(path).map_err(|e| fail(e.to_string()))?;
+        let store = Embedded {
+            db,
+            path: shown.clone(),
+        };
+        // Create the table up front so a read never meets a missing table.
+        store.write(|table| {
+            let _ = table;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    fn fail(&self, e: impl std::fmt::Display) -> FenceError {
+        FenceError::Embedded {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        }
+    }
+
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<T, FenceError>,
+    ) -> Result<T, FenceError> {
+        let tx = self.db.begin_write().map_err(|e| self.fail(e))?;
+        let out = {
+            let mut table = tx.open_table(RECEIPTS).map_err(|e| self.fail(e))?;
+            f(&mut table)?
+        };
+        tx.commit().map_err(|e| self.fail(e))?;
+        Ok(out)
+    }
+
+    /// The live receipt of `key`; an expired one is as none (the purge deletes it later).
+    pub fn get(&self, key: &str, now_ms: u64) -> Result<Option<Receipt>, FenceError> {
+        let tx = self.db.begin_read().map_err(|e| self.fail(e))?;
+        let table = tx.open_table(RECEIPTS).map_err(|e| self.fail(e))?;
+        let Some(value) = table.get(key).map_err(|e| self.fail(e))? else {
+            return Ok(None);
+        };
+        let bytes = value.value();
+        if Receipt::expires_of(bytes).is_none_or(|at| at <= now_ms) {
+            return Ok(None);
+        }
+        match Receipt::decode(bytes) {
+            Some(r) => Ok(Some(r)),
+            None => {
+                tracing::error!(
+                    key,
+                    "unreadable idempotency receipt; treating the key as new"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stores a receipt durably. Returns whether the key already had a live receipt (a duplicate effect).
+    pub fn put(&self, key: &str, bytes: &[u8], now_ms: u64) -> Result<bool, FenceError> {
+        self.write(|table| {
+            let live = table
+                .get(key)
+                .map_err(|e| self.fail(e))?
+                .and_then(|v| Receipt::expires_of(v.value()))
+                .is_some_and(|at| at > now_ms);
+            table.insert(key, bytes).map_err(|e| self.fail(e))?;
+            Ok(live)
+        })
+    }
+
+    /// Deletes the receipts expired by `now_ms`.
+    pub fn purge(&self, now_ms: u64) -> Result<usize, FenceError> {
+        self.write(|table| {
+            let removed = table
+                .extract_if(|_, v| Receipt::expires_of(v).is_none_or(|at| at <= now_ms))
+                .map_err(|e| self.fail(e))?
+                .count();
+            Ok(removed)
+        })
+    }
+}
+
+// === impl RedisStore ===
+
+/// Receipts in Redis under `driftguard:receipt:<key>` (PX = ttl), plus `driftguard:pending:<key>` while
+/// a replica executes the key (PX = lease, renewed every half lease while it runs, so a replica that
+/// dies frees the key within a lease).
+#[derive(Clone)]
+pub struct RedisStore {
+    client: redis::Client,
+    conn: Arc<tokio::sync::OnceCell<redis::aio::ConnectionManager>>,
+}
+
+const RECEIPT_PREFIX: &str = "driftguard:receipt:";
+const PENDING_PREFIX: &str = "driftguard:pending:";
+/// Bound of one Redis round trip (and of connecting).
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The receipt if there is one, else the pending marker if free: `{1, receipt}`, `{2, ""}` (lead) or
+/// `{3, ""}` (pending elsewhere).
+const CLAIM: &str = r#"
+local r = redis.call('GET', KEYS[1])
+if r then return {1, r} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end
+return {3, ''}
+"#;
+
+/// Stores the receipt and clears this holder's pending marker; returns 1 if a receipt was already there.
+const PUT: &str = r#"
+local dup = redis.call('EXISTS', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return dup
+"#;
+
+/// Extends this holder's pending marker.
+const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"#;
+
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+impl RedisStore {
+    pub fn new(url: &str) -> Result<RedisStore, FenceError> {
+        Ok(RedisStore {
+            client: redis::Client::open(url)?,
+            conn: Arc::new(tokio::sync::OnceCell::new()),
+        })
+    }
+
+    async fn conn(&self) -> Result<redis::aio::ConnectionManager, FenceError> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(REDIS_TIMEOUT))
+                    .set_response_timeout(Some(REDIS_TIMEOUT))
+                    .set_number_of_retries(1);
+                tokio::time::timeout(
+                    REDIS_TIMEOUT,
+                    redis::aio::ConnectionManager::new_with_config(self.client.clone(), config),
+                )
+                .await
+                .map_err(|_| FenceError::RedisTimeout(REDIS_TIMEOUT))?
+                .map_err(FenceError::from)
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        script: &str,
+        keys: &[Vec<u8>],
+        args: &[Vec<u8>],
+    ) -> Result<T, FenceError> {
+        let mut conn = self.conn().await?;
+        let script = redis::Script::new(script);
+        let mut invocation = script.prepare_invoke();
+        for k in keys {
+            invocation.key(k.as_slice());
+        }
+        for a in args {
+            invocation.arg(a.as_slice());
+        }
+        tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
+            .await
+            .map_err(|_| FenceError::RedisTimeout(REDIS_TIMEOUT))?
+            .map_err(FenceError::from)
+    }
+
+    fn keys(key: &str) -> Vec<Vec<u8>> {
+        vec![
+            format!("{RECEIPT_PREFIX}{key}").into_bytes(),
+            format!("{PENDING_PREFIX}{key}").into_bytes(),
+        ]
+    }
+
+    async fn claim(&self, key: &str, token: &str, lease: Duration) -> Result<Claim, FenceError> {
+        let (kind, bytes): (i64, Vec<u8>) = self
+            .run(
+                CLAIM,
+                &Self::keys(key),
+                &[
+                    token.as_bytes().to_vec(),
+                    lease.as_millis().max(1).to_string().into_bytes(),
+                ],
+            )
+            .await?;
+        Ok(match kind {
+            // Redis expires receipts itself (PX), so replicas' clocks need not agree on `expires_ms`.
+            1 => match Receipt::decode(&bytes) {
+                Some(r) => Claim::Receipt(r),
+                None => return Err(FenceError::Unreadable(format!("{RECEIPT_PREFIX}{key}"))),
+            },
+            2 => Claim::Lead,
+            _ => Claim::Pending,
+        })
+    }
+
+    async fn put(&self, key: &str, token: &str, receipt: &Receipt) -> Result<bool, FenceError> {
+        let ttl = receipt.expires_ms.saturating_sub(now_ms()).max(1);
+        let dup: i64 = self
+            .run(
+                PUT,
+                &Self::keys(key),
+                &[
+                    receipt.encode(),
+                    ttl.to_string().into_bytes(),
+                    token.as_bytes().to_vec(),
+                ],
+            )
+            .await?;
+        Ok(dup == 1)
+    }
+
+    /// Keeps the pending marker alive while this process executes the key (a response may stream for
+    /// longer than the lease), until the flight ends.
+    async fn renew(
+        self,
+        key: String,
+        token: String,
+        lease: Duration,
+        mut flight: watch::Receiver<FlightState>,
+    ) {
+        let keys = Self::keys(&key);
+        let every = (lease / 2).max(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = flight.wait_for(|s| !matches!(s, FlightState::Running)) => return,
+            }
+            let args = [
+                token.as_bytes().to_vec(),
+                lease.as_millis().max(1).to_string().into_bytes(),
+            ];
+            let renewed: Result<i64, FenceError> = self.run(RENEW, &keys[1..], &args).await;
+            if !matches!(renewed, Ok(1)) {
+                tracing::warn!(key, "cannot renew the pending marker; another replica may execute the key once its lease runs out");
+                return;
+            }
+        }
+    }
+
+    async fn release(&self, key: &str, token: &str) {
+        let keys = Self::keys(key);
+        let result: Result<i64, FenceError> = self
+            .run(RELEASE, &keys[1..], &[token.as_bytes().to_vec()])
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(key, error = %e, "cannot clear the pending marker; other replicas wait for its lease");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

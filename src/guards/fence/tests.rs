@@ -1,0 +1,203 @@
+use super::*;
+
+fn fingerprint(body: &str) -> Fingerprint {
+    let mut hash = BodyHash::default();
+    hash.update(body.as_bytes());
+    Fingerprint {
+        method: "POST".into(),
+        path: "/ingest".into(),
+        body_sha256: hash.finish(),
+    }
+}
+
+fn receipt(body: &str, expires_ms: u64) -> Receipt {
+    Receipt {
+        request: fingerprint("{}"),
+        status: 201,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body_omitted: false,
+        created_ms: 1,
+        expires_ms,
+        body: Bytes::from(body.to_string()),
+    }
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "driftguard-fence-{name}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ))
+}
+
+fn fence(dir: &Path) -> Arc<Fence> {
+    let metrics = Metrics::new();
+    Arc::new(Fence::open(&Writes::default(), dir, &metrics).unwrap())
+}
+
+fn settings() -> FenceSettings {
+    FenceSettings::from(&Writes::default())
+}
+
+#[test]
+fn receipts_encode_and_decode() {
+    let r = receipt("{\"id\":7}", 99);
+    let bytes = r.encode();
+    assert_eq!(Receipt::expires_of(&bytes), Some(99));
+    assert_eq!(Receipt::decode(&bytes), Some(r));
+    assert_eq!(Receipt::decode(&bytes[..10]), None);
+}
+
+#[test]
+fn diff_names_only_the_fields_that_differ() {
+    let a = fingerprint("{\"doc\":1}");
+    let b = fingerprint("{\"doc\":2}");
+    let diff = a.diff(&b);
+    assert_eq!(diff.len(), 1);
+    assert_eq!(
+        diff["body_sha256"]["stored"].as_str().unwrap(),
+        &a.body_sha256[..12]
+    );
+    let mut c = a.clone();
+    c.path = "/docs".into();
+    assert!(a.diff(&c).contains_key("path"));
+    assert!(a.diff(&a).is_empty());
+}
+
+#[test]
+fn embedded_store_expires_reports_duplicates_and_purges() {
+    let dir = temp_dir("embedded");
+    let path = dir.join(EMBEDDED_FILE);
+    let db = Embedded::open(&path).unwrap();
+    assert_eq!(db.get("k", 10).unwrap(), None);
+    assert!(!db.put("k", &receipt("a", 100).encode(), 10).unwrap());
+    assert_eq!(db.get("k", 50).unwrap().unwrap().body, "a");
+    // A second live receipt for the key is a duplicate effect.
+    assert!(db.put("k", &receipt("b", 100).encode(), 20).unwrap());
+    assert_eq!(db.get("k", 100).unwrap(), None, "expired at 100");
+    assert!(!db.put("k2", &receipt("c", 300).encode(), 150).unwrap());
+    assert_eq!(db.purge(200).unwrap(), 1);
+    assert!(db.get("k2", 200).unwrap().is_some());
+    drop(db);
+    // Reopened: the receipt is still there.
+    let db = Embedded::open(&path).unwrap();
+    assert_eq!(db.get("k2", 200).unwrap().unwrap().body, "c");
+    drop(db);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn one_lead_then_waiters_replay_and_other_bodies_conflict() {
+    let dir = temp_dir("flight");
+    let fence = fence(&dir);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let lease = Duration::from_secs(10);
+    let Decision::Lead(lead) = fence.admit("k", fingerprint("a"), deadline, lease).await else {
+        panic!("first request leads");
+    };
+    // While it runs: another body conflicts at once, the same body waits.
+    assert!(matches!(
+        fence.admit("k", fingerprint("b"), deadline, lease).await,
+        Decision::Conflict(_)
+    ));
+    let waiter = {
+        let fence = fence.clone();
+        tokio::spawn(async move { fence.admit("k", fingerprint("a"), deadline, lease).await })
+    };
+    tokio::task::yield_now().await;
+    let mut headers = HeaderMap::new();
+    headers.insert("x-request-id", HeaderValue::from_static("r1"));
+    headers.insert("x-kept", HeaderValue::from_static("1"));
+    let mut recording = lead.record(fingerprint("a"), StatusCode::CREATED, &headers, &settings());
+    recording.push(&Bytes::from_static(b"done"));
+    recording.finish(true);
+    let Decision::Replay(receipt) = waiter.await.unwrap() else {
+        panic!("the waiter replays");
+    };
+    assert_eq!(receipt.status, 201);
+    assert_eq!(receipt.body, "done");
+    assert_eq!(receipt.headers, [("x-kept".to_string(), "1".to_string())]);
+    // Later arrivals replay from the store.
+    assert!(matches!(
+        fence.admit("k", fingerprint("a"), deadline, lease).await,
+        Decision::Replay(_)
+    ));
+    assert_eq!(fence.decisions[0].get(), 1, "new");
+    assert_eq!(fence.decisions[1].get(), 2, "replay");
+    assert_eq!(fence.decisions[2].get(), 1, "conflict");
+    assert_eq!(fence.decisions[3].get(), 1, "wait");
+    assert_eq!(fence.duplicate_effects.get(), 0);
+    drop(fence);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_dropped_lead_frees_the_key_and_a_broken_body_keeps_no_body() {
+    let dir = temp_dir("release");
+    let fence = fence(&dir);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let lease = Duration::from_secs(10);
+    let Decision::Lead(lead) = fence.admit("k", fingerprint("a"), deadline, lease).await else {
+        panic!("leads");
+    };
+    drop(lead);
+    let Decision::Lead(lead) = fence.admit("k", fingerprint("a"), deadline, lease).await else {
+        panic!("a released key leads again");
+    };
+    let mut recording = lead.record(
+        fingerprint("a"),
+        StatusCode::OK,
+        &HeaderMap::new(),
+        &settings(),
+    );
+    recording.push(&Bytes::from_static(b"half"));
+    drop(recording);
+    let receipt = eventually_replay(&fence, deadline).await;
+    assert!(receipt.body_omitted);
+    assert!(receipt.body.is_empty());
+    drop(fence);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_waiter_gives_up_at_its_deadline() {
+    let dir = temp_dir("deadline");
+    let fence = fence(&dir);
+    let far = tokio::time::Instant::now() + Duration::from_secs(10);
+    let Decision::Lead(_lead) = fence
+        .admit(
+            "k",
+            fingerprint("a"),
+            far,
+            far - tokio::time::Instant::now(),
+        )
+        .await
+    else {
+        panic!("leads");
+    };
+    let soon = tokio::time::Instant::now() + Duration::from_millis(50);
+    assert!(matches!(
+        fence
+            .admit("k", fingerprint("a"), soon, Duration::from_secs(1))
+            .await,
+        Decision::StillInFlight
+    ));
+    drop(fence);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+async fn eventually_replay(fence: &Arc<Fence>, deadline: tokio::time::Instant) -> Arc<Receipt> {
+    loop {
+        match fence
+            .admit("k", fingerprint("a"), deadline, Duration::from_secs(1))
+            .await
+        {
+            Decision::Replay(r) => return r,
+            Decision::Lead(_) => {
+                assert!(tokio::time::Instant::now() < deadline, "no receipt");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            _ => panic!("unexpected decision"),
+        }
+    }
+}
