@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, ConfigError, ConfigErrors};
-use crate::guards::budget::LocalBudget;
+use crate::config::{self, Config, ConfigError, ConfigErrors};
+use crate::guards::budget::{Budget, RedisBudgetError};
 use crate::guards::Breakers;
 use crate::metrics::Metrics;
 use crate::pins;
@@ -84,8 +84,9 @@ pub struct App {
     pub metrics: Metrics,
     pub pools: Pools,
     pub breakers: Breakers,
-    /// The global token budget, when the config has a `[budget]`.
-    pub budget: Option<Arc<LocalBudget>>,
+    /// The global token budget, when the config has a `[budget]`; rebuilt by a reload that changes its
+    /// backend.
+    budget: ArcSwapOption<Budget>,
     pub pipeline: Arc<Pipeline>,
     started: Instant,
     draining: AtomicBool,
@@ -168,6 +169,8 @@ pub enum StartError {
     Signals(#[from] EvalError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Budget(#[from] RedisBudgetError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +183,18 @@ pub enum ReloadError {
     Router(#[from] RouterError),
     #[error("signals: {0}")]
     Signals(#[from] EvalError),
+    #[error(transparent)]
+    Budget(#[from] RedisBudgetError),
+}
+
+/// Whether a reload from `old` to `new` needs a new budget rather than new settings for the running one.
+fn budget_backend_changed(old: &config::Budget, new: &config::Budget) -> bool {
+    old.backend != new.backend
+        || (new.backend == config::BudgetBackend::Redis
+            && (old.redis_url != new.redis_url
+                || old.redis_key != new.redis_key
+                || old.redis_timeout != new.redis_timeout
+                || old.on_backend_error != new.on_backend_error))
 }
 
 impl App {
@@ -188,11 +203,13 @@ impl App {
         let env_pins = pins::from_env(std::env::vars());
         let pools = Pools::new((&loaded.config.upstream).into());
         let breakers = Breakers::default();
-        let budget = loaded
-            .config
-            .budget
-            .as_ref()
-            .map(|b| Arc::new(LocalBudget::new(b.into(), Instant::now())));
+        let budget = match &loaded.config.budget {
+            Some(b) => Some(Arc::new(Budget::from_config(
+                b,
+                metrics.budget_backend_errors.clone(),
+            )?)),
+            None => None,
+        };
         let (state_file, mut state) = StateFile::open(&loaded.config.state_dir)?;
         let table =
             RoutingTable::from_config(&loaded.config, &env_pins, &metrics, &pools, &breakers)?;
@@ -206,7 +223,7 @@ impl App {
             config_path,
             pools,
             breakers,
-            budget,
+            budget: ArcSwapOption::new(budget),
             config: ArcSwap::from_pointee(loaded.config),
             config_hash: ArcSwap::from_pointee(loaded.hash),
             table: ArcSwap::from_pointee(table),
@@ -222,6 +239,11 @@ impl App {
 
     pub fn table(&self) -> Arc<RoutingTable> {
         self.table.load_full()
+    }
+
+    /// The global token budget, when the config has a `[budget]`.
+    pub fn budget(&self) -> Option<Arc<Budget>> {
+        self.budget.load_full()
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -271,6 +293,17 @@ impl App {
         let mut next = state.clone();
         let table = apply(&mut next, table, &loaded.config)?;
         let old = self.config.load();
+        // A new backend (or Redis location) is a new budget, built before anything is committed; the
+        // same backend keeps its state and takes the new settings.
+        let new_budget = match (&old.budget, &loaded.config.budget) {
+            (Some(before), Some(after)) if !budget_backend_changed(before, after) => None,
+            (_, Some(after)) => Some(Some(Arc::new(Budget::from_config(
+                after,
+                self.metrics.budget_backend_errors.clone(),
+            )?))),
+            (Some(_), None) => Some(None),
+            (None, None) => None,
+        };
         for key in restart_only_changes(&old, &loaded.config) {
             tracing::warn!(
                 key,
@@ -282,13 +315,20 @@ impl App {
             *state = next;
             self.persist(&state);
         }
-        match (&self.budget, &loaded.config.budget) {
-            (Some(budget), Some(settings)) => budget.set_settings(settings.into()),
-            (None, None) => {}
-            (None, Some(_)) => {
-                tracing::warn!("a [budget] added to the file takes effect on restart")
+        match (new_budget, &loaded.config.budget) {
+            (Some(budget), settings) => {
+                match settings {
+                    Some(b) => tracing::info!(backend = ?b.backend, "token budget (re)built"),
+                    None => tracing::warn!("[budget] removed: requests are no longer priced"),
+                }
+                self.budget.store(budget);
             }
-            (Some(_), None) => tracing::warn!("[budget] removed: requests are no longer priced"),
+            (None, Some(settings)) => {
+                if let Some(budget) = self.budget.load().as_ref() {
+                    budget.set_settings(settings.into());
+                }
+            }
+            (None, None) => {}
         }
         self.table.store(Arc::new(table));
         self.config.store(Arc::new(loaded.config));
@@ -384,7 +424,7 @@ impl App {
         self.metrics.render(
             &self.table(),
             self.config.load().rules.window.0,
-            self.budget.as_ref().map(|b| b.available(Instant::now())),
+            self.budget().map(|b| b.available(Instant::now())),
         )
     }
 

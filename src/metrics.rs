@@ -49,14 +49,17 @@ pub enum ProxyError {
     BreakerOpen,
     /// Refused by the token budget: 429.
     OverBudget,
+    /// The budget's Redis fails and `budget.on_backend_error = "closed"`: 503.
+    BudgetUnavailable,
 }
 
 impl ProxyError {
-    pub const ALL: [ProxyError; 8] = [
+    pub const ALL: [ProxyError; 9] = [
         ProxyError::ClientClosed,
         ProxyError::WritesFrozen,
         ProxyError::BreakerOpen,
         ProxyError::OverBudget,
+        ProxyError::BudgetUnavailable,
         ProxyError::UpstreamUnreachable,
         ProxyError::UpstreamTimeout,
         ProxyError::PinMismatch,
@@ -73,6 +76,7 @@ impl ProxyError {
             ProxyError::WritesFrozen => "writes_frozen",
             ProxyError::BreakerOpen => "breaker_open",
             ProxyError::OverBudget => "budget",
+            ProxyError::BudgetUnavailable => "budget_unavailable",
         }
     }
 }
@@ -98,6 +102,8 @@ pub struct Metrics {
     pub eval_errors: IntCounterVec,
     pub tee_truncated: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    /// Failed calls of the budget's Redis backend (`driftguard_budget_backend_errors_total`).
+    pub budget_backend_errors: IntCounter,
     origin: Instant,
     arms: Mutex<HashMap<String, Arc<ArmStats>>>,
 }
@@ -169,6 +175,13 @@ impl Metrics {
             .expect("metric names are unique");
         r.register(Box::new(eval_queue_depth.clone()))
             .expect("metric names are unique");
+        let budget_backend_errors = IntCounter::new(
+            "budget_backend_errors_total",
+            "Calls to the budget's Redis backend that failed or timed out.",
+        )
+        .expect("static metric definition is valid");
+        r.register(Box::new(budget_backend_errors.clone()))
+            .expect("metric names are unique");
         let m = Metrics {
             requests: counter_vec(&r, "requests_total", "Responses sent to clients, by arm and status class.", &["arm", "class"]),
             duration: histogram_vec(&r, "request_duration_seconds", "Time from request to the end of the response body.", LATENCY_BUCKETS, &["arm"]),
@@ -187,12 +200,13 @@ impl Metrics {
             rate_limited: counter_vec(
                 &r,
                 "rate_limited_total",
-                "Requests refused by the token budget (429), by reason.",
+                "Requests refused by the token budget (429; 503 for backend_down), by reason.",
                 &["reason"],
             ),
             tee_truncated: counter_vec(&r, "tee_truncated_total", "Body copies stopped at signals.max_body_bytes, by direction.", &["direction"]),
             eval_dropped,
             eval_queue_depth,
+            budget_backend_errors,
             registry: r,
             origin: Instant::now(),
             arms: Mutex::new(HashMap::new()),
@@ -207,7 +221,7 @@ impl Metrics {
             m.tee_truncated.with_label_values(&[direction]);
         }
         m.eval_errors.with_label_values(&["embedder"]);
-        for reason in ["over_budget", "too_large"] {
+        for reason in ["over_budget", "too_large", "backend_down"] {
             m.rate_limited.with_label_values(&[reason]);
         }
         m

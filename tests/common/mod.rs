@@ -1486,7 +1486,11 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> Option<RedisServer> {
-        if Command::new("redis-server").arg("--version").output().is_err() {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
             assert!(
                 std::env::var_os("CI").is_none(),
                 "redis-server is missing; .ci/run installs it"
@@ -1518,7 +1522,10 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + WAIT;
         while self.cli(&["PING"]).as_deref() != Some("PONG") {
-            assert!(Instant::now() < deadline, "redis-server did not answer PING");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
