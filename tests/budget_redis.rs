@@ -483,3 +483,96 @@ fn bodies_cost_what_they_say() {
         assert_eq!(body.len().div_ceil(4) as u64 + max, tokens);
     }
 }
+
+/// A reload that switches the backend from "local" to "redis" builds the shared budget: the replica's
+/// spending now shows in Redis and limits another replica on the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_switches_a_local_budget_to_the_shared_one() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let key = key("reload");
+    let up = llm("reload");
+    let shared = config(&up.url(), &redis.url(), &key, 60, 100, "closed");
+    let local = shared.replace("backend = \"redis\"", "backend = \"local\"");
+    let a = Proxy::start(&local);
+    let client = client();
+    let body = body_costing(80, 70);
+    let reply = post(&client, &a, "/plain", &body, "local-1").await;
+    assert_status(&reply, StatusCode::OK, "local-1");
+    assert_eq!(redis.cli(&["EXISTS", &key]).as_deref(), Some("0"));
+
+    a.rewrite_config(&shared);
+    let reply = admin_post(&client, &a.admin_url("/reload"), "", None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // A fresh shared budget: full, whatever the local one had spent.
+    let reply = post(&client, &a, "/plain", &body, "shared-1").await;
+    assert_status(&reply, StatusCode::OK, "shared-1");
+    assert_eq!(redis.cli(&["EXISTS", &key]).as_deref(), Some("1"));
+    let b = Proxy::start(&shared);
+    let reply = post(&client, &b, "/plain", &body, "other-replica").await;
+    assert_status(&reply, StatusCode::TOO_MANY_REQUESTS, "other-replica");
+}
+
+/// `driftguard check` names the new keys when they are wrong and shows the Redis budget (without the
+/// URL's password) when they are right.
+#[test]
+fn check_reports_the_redis_budget_keys() {
+    let run = |budget: &str| {
+        let path = unique("check").with_extension("toml");
+        std::fs::write(
+            &path,
+            format!("{budget}\n[[arms]]\nname = \"a\"\nupstream = \"http://127.0.0.1:8000\"\n"),
+        )
+        .unwrap();
+        let out = std::process::Command::new(bin())
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .env_remove("DRIFTGUARD_CONFIG")
+            .output()
+            .expect("run driftguard check");
+        let _ = std::fs::remove_file(&path);
+        out
+    };
+    let out = run(
+        "[budget]\nbackend = \"redis\"\nredis_url = \"http://nowhere\"\nredis_key = \"\"\n\
+         redis_timeout = \"0ms\"\non_backend_error = \"sometimes\"\n",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // A bad enum value stops serde before the semantic checks, so it is reported on its own.
+    assert!(stderr.contains("budget.on_backend_error"), "{stderr}");
+    let out = run(
+        "[budget]\nbackend = \"redis\"\nredis_url = \"http://nowhere\"\nredis_key = \"\"\n\
+         redis_timeout = \"0ms\"\n",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for key in [
+        "budget.redis_url",
+        "budget.redis_key",
+        "budget.redis_timeout",
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{key}:"))),
+            "no error line for {key} in:\n{stderr}"
+        );
+    }
+    let out = run(
+        "[budget]\nbackend = \"redis\"\nredis_url = \"redis://:hunter2@10.1.2.3:6380/1\"\n\
+         redis_key = \"team:budget\"\nredis_timeout = \"80ms\"\non_backend_error = \"closed\"\n",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("budget:"))
+        .unwrap_or_else(|| panic!("no budget line in:\n{stdout}"));
+    for part in ["redis", "10.1.2.3:6380", "team:budget", "80ms", "closed"] {
+        assert!(line.contains(part), "{part:?} missing from {line:?}");
+    }
+    assert!(!line.contains("hunter2"), "the password leaked: {line:?}");
+}

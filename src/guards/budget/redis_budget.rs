@@ -321,3 +321,6 @@ impl Health {
 fn backoff_ns() -> u64 {
     u64::try_from(BACKOFF.as_nanos()).unwrap_or(u64::MAX).max(1)
 }
+
+#[cfg(test)]
+mod tests;
