@@ -199,3 +199,31 @@ async fn an_unreachable_redis_follows_on_backend_error_and_backs_off() {
         assert!((1..=2).contains(&failed), "{failed} failed calls");
     }
 }
+
+/// A Redis that does not answer in time is a failure too: the request waits `redis_timeout`, not Redis.
+#[tokio::test]
+async fn a_slow_redis_times_out() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let mut c = server.config(60, 10, OnBackendError::Open);
+    c.redis_timeout = Dur(Duration::from_millis(100));
+    let errors = counter();
+    let budget = RedisBudget::new(&c, errors.clone()).unwrap();
+    // Connected and the script loaded while Redis is still quick.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while budget.admit(0).await.is_err() {
+        assert!(Instant::now() < deadline, "Redis never answered");
+        tokio::time::sleep(BACKOFF).await;
+    }
+    let before = errors.get();
+    server.cmd(&["CLIENT", "PAUSE", "3000", "ALL"]).await;
+    let started = Instant::now();
+    assert_eq!(budget.admit(1).await, Err(BackendDown::Admit));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(100) && waited < Duration::from_secs(2),
+        "waited {waited:?}"
+    );
+    assert_eq!(errors.get(), before + 1);
+}
