@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, ConfigError, ConfigErrors};
-use crate::guards::budget::{BudgetSettings, LocalBudget};
+use crate::config::{self, Config, ConfigError, ConfigErrors};
+use crate::guards::budget::{Budget, BudgetSettings, RedisBudgetError};
 use crate::guards::fence::{Fence, FenceError};
 use crate::guards::Breakers;
 use crate::metrics::Metrics;
@@ -85,8 +85,9 @@ pub struct App {
     pub metrics: Metrics,
     pub pools: Pools,
     pub breakers: Breakers,
-    /// The global token budget, when the config has a `[budget]`.
-    pub budget: Option<Arc<LocalBudget>>,
+    /// The global token budget, when the config has a `[budget]`; rebuilt by a reload that changes its
+    /// backend.
+    budget: ArcSwapOption<Budget>,
     pub pipeline: Arc<Pipeline>,
     /// The idempotency fence, opened at start when the config names write routes.
     pub fence: Option<Arc<Fence>>,
@@ -196,6 +197,8 @@ pub enum StartError {
     State(#[from] StateError),
     #[error(transparent)]
     Fence(#[from] FenceError),
+    #[error(transparent)]
+    Budget(#[from] RedisBudgetError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -208,6 +211,18 @@ pub enum ReloadError {
     Router(#[from] RouterError),
     #[error("signals: {0}")]
     Signals(#[from] EvalError),
+    #[error(transparent)]
+    Budget(#[from] RedisBudgetError),
+}
+
+/// Whether a reload from `old` to `new` needs a new budget rather than new settings for the running one.
+fn budget_backend_changed(old: &config::Budget, new: &config::Budget) -> bool {
+    old.backend != new.backend
+        || (new.backend == config::BudgetBackend::Redis
+            && (old.redis_url != new.redis_url
+                || old.redis_key != new.redis_key
+                || old.redis_timeout != new.redis_timeout
+                || old.on_backend_error != new.on_backend_error))
 }
 
 impl App {
@@ -216,11 +231,13 @@ impl App {
         let env_pins = pins::from_env(std::env::vars());
         let pools = Pools::new((&loaded.config.upstream).into());
         let breakers = Breakers::default();
-        let budget = loaded
-            .config
-            .budget
-            .as_ref()
-            .map(|b| Arc::new(LocalBudget::new(b.into(), Instant::now())));
+        let budget = match &loaded.config.budget {
+            Some(b) => Some(Arc::new(Budget::from_config(
+                b,
+                metrics.budget_backend_errors.clone(),
+            )?)),
+            None => None,
+        };
         let (state_file, mut state) = StateFile::open(&loaded.config.state_dir)?;
         let table = RoutingTable::from_config(
             &loaded.config,
@@ -255,7 +272,7 @@ impl App {
             config_path,
             pools,
             breakers,
-            budget,
+            budget: ArcSwapOption::new(budget),
             config: ArcSwap::from_pointee(loaded.config),
             config_hash: ArcSwap::from_pointee(loaded.hash),
             table: ArcSwap::from_pointee(table),
@@ -272,6 +289,11 @@ impl App {
 
     pub fn table(&self) -> Arc<RoutingTable> {
         self.table.load_full()
+    }
+
+    /// The global token budget, when the config has a `[budget]`.
+    pub fn budget(&self) -> Option<Arc<Budget>> {
+        self.budget.load_full()
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -337,6 +359,17 @@ impl App {
         let mut next = state.clone();
         let table = apply(&mut next, table, &loaded.config)?;
         let old = self.config.load();
+        // A new backend (or Redis location) is a new budget, built before anything is committed; the
+        // same backend keeps its state and takes the new settings.
+        let new_budget = match (&old.budget, &loaded.config.budget) {
+            (Some(before), Some(after)) if !budget_backend_changed(before, after) => None,
+            (_, Some(after)) => Some(Some(Arc::new(Budget::from_config(
+                after,
+                self.metrics.budget_backend_errors.clone(),
+            )?))),
+            (Some(_), None) => Some(None),
+            (None, None) => None,
+        };
         for key in restart_only_changes(&old, &loaded.config) {
             tracing::warn!(
                 key,
@@ -348,17 +381,18 @@ impl App {
             *state = next;
             self.persist(&state);
         }
-        match (&self.budget, &loaded.config.budget) {
-            (Some(budget), Some(_)) => {
-                if let Some(settings) = budget_settings(&state, &loaded.config) {
-                    budget.set_settings(settings);
-                }
+        if let Some(budget) = new_budget {
+            match &loaded.config.budget {
+                Some(b) => tracing::info!(backend = ?b.backend, "token budget (re)built"),
+                None => tracing::warn!("[budget] removed: requests are no longer priced"),
             }
-            (None, None) => {}
-            (None, Some(_)) => {
-                tracing::warn!("a [budget] added to the file takes effect on restart")
-            }
-            (Some(_), None) => tracing::warn!("[budget] removed: requests are no longer priced"),
+            self.budget.store(budget);
+        }
+        // New or kept, the budget takes the file's settings, × the throttle while it is on.
+        if let (Some(budget), Some(settings)) =
+            (self.budget(), budget_settings(&state, &loaded.config))
+        {
+            budget.set_settings(settings);
         }
         if self.fence.is_none() && !loaded.config.writes.routes.is_empty() {
             tracing::warn!(
@@ -466,7 +500,7 @@ impl App {
         )?;
         let table = apply(&mut next, table, &config)?;
         self.table.store(Arc::new(table));
-        if let (Some(budget), Some(settings)) = (&self.budget, budget_settings(&next, &config)) {
+        if let (Some(budget), Some(settings)) = (self.budget(), budget_settings(&next, &config)) {
             budget.set_settings(settings);
         }
         self.metrics.guard_state.set(next.guard.state.gauge());
@@ -499,7 +533,7 @@ impl App {
         self.metrics.render(
             &self.table(),
             self.config.load().rules.window.0,
-            self.budget.as_ref().map(|b| b.available(Instant::now())),
+            self.budget().map(|b| b.available(Instant::now())),
         )
     }
 

@@ -329,28 +329,44 @@ impl Default for OpenAiEmbedder {
     }
 }
 
+/// Where the budget's state lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BudgetBackend {
+    /// In this process: each replica has a budget of its own.
     Local,
+    /// In Redis at `redis_url`: every replica pointing at the same key shares one budget.
     Redis,
 }
 
+/// What the Redis budget decides while Redis is unreachable or slower than `redis_timeout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnBackendError {
+    /// Admit the request unpriced: availability over the budget.
     Open,
+    /// Refuse it with 503 `budget_unavailable`: the budget over availability.
     Closed,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Budget {
+    /// Steady refill rate of the budget.
     pub tokens_per_minute: u64,
+    /// Most tokens admitted at once from a full budget; a request priced above it is refused for good.
     pub burst: u64,
+    /// Completion tokens reserved for a request that names no `max_tokens`.
     pub default_completion_tokens: u64,
+    /// "local" (per process) or "redis" (shared by every replica using the same `redis_url` and key).
     pub backend: BudgetBackend,
+    /// The Redis server of `backend = "redis"`, e.g. "redis://127.0.0.1:6379" or "redis://:pw@host/2".
     pub redis_url: String,
+    /// The Redis key holding the shared budget; replicas that share a budget use the same key.
+    pub redis_key: String,
+    /// Longest wait for one Redis call; slower counts as a backend error.
+    pub redis_timeout: Dur,
+    /// What `backend = "redis"` does while Redis fails: "open" admits, "closed" refuses with 503.
     pub on_backend_error: OnBackendError,
     /// Most request-body bytes read ahead to find `max_tokens` and estimate the prompt; a longer body
     /// is estimated from its Content-Length and streamed on.
@@ -365,6 +381,8 @@ impl Default for Budget {
             default_completion_tokens: 256,
             backend: BudgetBackend::Local,
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_key: "driftguard:budget".into(),
+            redis_timeout: millis(50),
             on_backend_error: OnBackendError::Open,
             peek_bytes: 64 * 1024,
         }
@@ -819,11 +837,18 @@ impl Config {
             if budget.burst == 0 {
                 errors.push(err("budget.burst", "must be above 0"));
             }
-            if budget.backend == BudgetBackend::Redis {
+            // Checked whatever the backend, so switching to "redis" later cannot surprise.
+            if let Err(e) = redis::Client::open(budget.redis_url.as_str()) {
                 errors.push(err(
-                    "budget.backend",
-                    "\"redis\" is not implemented yet; use \"local\"",
+                    "budget.redis_url",
+                    format!("{:?} is not a Redis URL: {e}", budget.redis_url),
                 ));
+            }
+            if budget.redis_key.is_empty() {
+                errors.push(err("budget.redis_key", "must not be empty"));
+            }
+            if budget.redis_timeout.0.is_zero() {
+                errors.push(err("budget.redis_timeout", "must be above 0"));
             }
             if budget.peek_bytes == 0 {
                 errors.push(err("budget.peek_bytes", "must be above 0"));

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use driftguard::cli;
-use driftguard::config::Config;
+use driftguard::config::{BudgetBackend, Config, OnBackendError};
 use driftguard::signals::gold;
 
 /// Config file used when neither `--config` nor `DRIFTGUARD_CONFIG` names one.
@@ -278,6 +278,25 @@ fn check(path: &Path) -> ExitCode {
                 c.arms.len(),
                 arms.join(", ")
             );
+            if let Some(b) = &c.budget {
+                let backend = match b.backend {
+                    BudgetBackend::Local => "local".to_string(),
+                    BudgetBackend::Redis => format!(
+                        "redis {} key {:?}, timeout {:?}, on_backend_error = {}",
+                        redacted(&b.redis_url),
+                        b.redis_key,
+                        b.redis_timeout.0,
+                        match b.on_backend_error {
+                            OnBackendError::Open => "open",
+                            OnBackendError::Closed => "closed",
+                        }
+                    ),
+                };
+                println!(
+                    "budget: {} tokens/min, burst {}, backend {backend}",
+                    b.tokens_per_minute, b.burst
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {
@@ -287,5 +306,15 @@ fn check(path: &Path) -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A URL without the credentials it may carry (`redis://:secret@host` → `redis://***@host`).
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
     }
 }

@@ -60,14 +60,17 @@ pub enum ProxyError {
     IdempotencyConflict,
     /// The receipt store cannot be reached: a fenced write is refused rather than run unfenced: 503.
     ReceiptStoreUnavailable,
+    /// The budget's Redis fails and `budget.on_backend_error = "closed"`: 503.
+    BudgetUnavailable,
 }
 
 impl ProxyError {
-    pub const ALL: [ProxyError; 13] = [
+    pub const ALL: [ProxyError; 14] = [
         ProxyError::ClientClosed,
         ProxyError::WritesFrozen,
         ProxyError::BreakerOpen,
         ProxyError::OverBudget,
+        ProxyError::BudgetUnavailable,
         ProxyError::UpstreamUnreachable,
         ProxyError::UpstreamTimeout,
         ProxyError::PinMismatch,
@@ -94,6 +97,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::IdempotencyConflict => "idempotency_conflict",
             ProxyError::ReceiptStoreUnavailable => "receipt_store_unavailable",
+            ProxyError::BudgetUnavailable => "budget_unavailable",
         }
     }
 }
@@ -133,6 +137,8 @@ pub struct Metrics {
     pub duplicate_effects: IntCounter,
     /// Receipt store operations that failed (unreachable Redis, disk errors).
     pub receipt_store_errors: IntCounter,
+    /// Failed calls of the budget's Redis backend (`driftguard_budget_backend_errors_total`).
+    pub budget_backend_errors: IntCounter,
     origin: Instant,
     arms: Mutex<HashMap<String, Arc<ArmStats>>>,
 }
@@ -225,6 +231,13 @@ impl Metrics {
             .expect("metric names are unique");
         r.register(Box::new(receipt_store_errors.clone()))
             .expect("metric names are unique");
+        let budget_backend_errors = IntCounter::new(
+            "budget_backend_errors_total",
+            "Calls to the budget's Redis backend that failed or timed out.",
+        )
+        .expect("static metric definition is valid");
+        r.register(Box::new(budget_backend_errors.clone()))
+            .expect("metric names are unique");
         let m = Metrics {
             requests: counter_vec(&r, "requests_total", "Responses sent to clients, by arm and status class.", &["arm", "class"]),
             duration: histogram_vec(&r, "request_duration_seconds", "Time from request to the end of the response body.", LATENCY_BUCKETS, &["arm"]),
@@ -243,7 +256,7 @@ impl Metrics {
             rate_limited: counter_vec(
                 &r,
                 "rate_limited_total",
-                "Requests refused by the token budget (429), by reason.",
+                "Requests refused by the token budget (429; 503 for backend_down), by reason.",
                 &["reason"],
             ),
             hook_runs: counter_vec(&r, "hook_runs_total", "Rollback hook runs, by hook and outcome (ok, failed, timeout).", &["hook", "outcome"]),
@@ -258,6 +271,7 @@ impl Metrics {
             eval_queue_depth,
             guard_state,
             duplicate_effects,
+            budget_backend_errors,
             registry: r,
             origin: Instant::now(),
             arms: Mutex::new(HashMap::new()),
@@ -272,7 +286,7 @@ impl Metrics {
             m.tee_truncated.with_label_values(&[direction]);
         }
         m.eval_errors.with_label_values(&["embedder"]);
-        for reason in ["over_budget", "too_large"] {
+        for reason in ["over_budget", "too_large", "backend_down"] {
             m.rate_limited.with_label_values(&[reason]);
         }
         for state in crate::state::GuardState::ALL {

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 
 use crate::app::App;
 use crate::guards::breaker::Admission;
-use crate::guards::budget::Admission as BudgetAdmission;
+use crate::guards::budget::{Admission as BudgetAdmission, BackendDown};
 use crate::guards::fence::{self, Decision, Fingerprint, Lead, Receipt, Recording};
 use crate::guards::spend::{self, Reserved, UsageTap};
 use crate::log::ACCESS;
@@ -162,7 +162,7 @@ async fn forward(
     }
     // Budget: read a bounded prefix to price the request, then reserve it.
     let mut reserved = None;
-    if let (Some(budget), Some(peek)) = (app.budget.as_ref(), table.settings.budget) {
+    if let (Some(budget), Some(peek)) = (app.budget(), table.settings.budget) {
         if carries_query(&parts) {
             let read = tokio::time::timeout(
                 table.settings.request_timeout,
@@ -186,11 +186,28 @@ async fn forward(
                 Err(_) => false,
             };
             let tokens = spend::estimate(&prefix, complete, &parts.headers, peek);
-            match budget.admit(tokens, Instant::now()) {
-                BudgetAdmission::Admitted(r) => {
-                    reserved = Some(Reserved::new(budget.clone(), r.tokens))
+            match budget.admit(tokens, Instant::now()).await {
+                Ok(BudgetAdmission::Admitted(r)) => {
+                    reserved = Some(Reserved::new(budget, r.tokens))
                 }
-                BudgetAdmission::OverBudget { retry_after } => {
+                // The budget's Redis fails and on_backend_error = "open": through, unpriced.
+                Err(BackendDown::Admit) => {}
+                Err(BackendDown::Refuse) => {
+                    app.metrics
+                        .rate_limited
+                        .with_label_values(&["backend_down"])
+                        .inc();
+                    app.metrics.proxy_error(ProxyError::BudgetUnavailable);
+                    // error_response adds `Retry-After: 1` to every 503.
+                    return error_response(
+                        Some(arm),
+                        info,
+                        ProxyError::BudgetUnavailable,
+                        "the token budget cannot be checked (its Redis is unreachable or slow) and budget.on_backend_error = \"closed\"",
+                        start,
+                    );
+                }
+                Ok(BudgetAdmission::OverBudget { retry_after }) => {
                     app.metrics
                         .rate_limited
                         .with_label_values(&["over_budget"])
@@ -206,7 +223,7 @@ async fn forward(
                         .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
                     return response;
                 }
-                BudgetAdmission::TooLarge { tokens, burst } => {
+                Ok(BudgetAdmission::TooLarge { tokens, burst }) => {
                     app.metrics
                         .rate_limited
                         .with_label_values(&["too_large"])
@@ -772,7 +789,9 @@ fn error_response(
         ProxyError::PinMismatch => StatusCode::CONFLICT,
         ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
         ProxyError::ClientClosed => CLIENT_CLOSED,
-        ProxyError::WritesFrozen | ProxyError::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
+        ProxyError::WritesFrozen | ProxyError::BreakerOpen | ProxyError::BudgetUnavailable => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ProxyError::OverBudget => StatusCode::TOO_MANY_REQUESTS,
         ProxyError::IdempotencyKeyRequired | ProxyError::IdempotencyKeyInvalid => {
             StatusCode::BAD_REQUEST
@@ -786,10 +805,12 @@ fn error_response(
         arm.stats.upstream_error(Instant::now(), kind);
     }
     let body = serde_json::json!({"error": kind.as_str(), "message": message, "request_id": info.request_id_str()});
-    // Neither a frozen write nor an unreachable receipt store is the arm failing.
+    // Not the arm failing: a frozen write, an unreachable receipt store, a Redis outage of the budget.
     let deliberate = matches!(
         kind,
-        ProxyError::WritesFrozen | ProxyError::ReceiptStoreUnavailable
+        ProxyError::WritesFrozen
+            | ProxyError::ReceiptStoreUnavailable
+            | ProxyError::BudgetUnavailable
     );
     json_response(arm, info, status, body.to_string(), start, deliberate)
 }

@@ -197,3 +197,43 @@ fn writes_fence_keys_are_checked() {
         );
     }
 }
+
+#[test]
+fn budget_redis_keys_have_defaults_and_are_checked() {
+    let c = Config::parse(&format!("{MINIMAL}[budget]\nbackend = \"redis\"\n")).unwrap();
+    let b = c.budget.unwrap();
+    assert_eq!(b.backend, BudgetBackend::Redis);
+    assert_eq!(b.redis_url, "redis://127.0.0.1:6379");
+    assert_eq!(b.redis_key, "driftguard:budget");
+    assert_eq!(b.redis_timeout.0, Duration::from_millis(50));
+    assert_eq!(b.on_backend_error, OnBackendError::Open);
+
+    let c = Config::parse(&format!(
+        "{MINIMAL}[budget]\nbackend = \"redis\"\nredis_url = \"redis://:pw@10.0.0.7:6380/2\"\n\
+         redis_key = \"team-a:budget\"\nredis_timeout = \"200ms\"\non_backend_error = \"closed\"\n"
+    ))
+    .unwrap();
+    let b = c.budget.unwrap();
+    assert_eq!(b.redis_key, "team-a:budget");
+    assert_eq!(b.redis_timeout.0, Duration::from_millis(200));
+    assert_eq!(b.on_backend_error, OnBackendError::Closed);
+
+    for (extra, path) in [
+        (
+            "redis_url = \"http://127.0.0.1:6379\"\n",
+            "budget.redis_url",
+        ),
+        ("redis_url = \"not a url\"\n", "budget.redis_url"),
+        ("redis_key = \"\"\n", "budget.redis_key"),
+        ("redis_timeout = \"0s\"\n", "budget.redis_timeout"),
+        ("redis_timeout = \"soon\"\n", "budget.redis_timeout"),
+        ("on_backend_error = \"maybe\"\n", "budget.on_backend_error"),
+        ("backend = \"memcached\"\n", "budget.backend"),
+    ] {
+        let errors = errors_of(&format!("{MINIMAL}[budget]\n{extra}"));
+        assert!(
+            errors.iter().any(|e| e.path == path),
+            "{extra:?}: expected an error at {path}, got {errors:?}"
+        );
+    }
+}

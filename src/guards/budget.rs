@@ -28,6 +28,9 @@
 //!
 //! Time is always passed in, so the budget is deterministic under test and callers can reuse the
 //! `Instant` they already took for the request.
+//!
+//! [`Budget`] is what the proxy holds: this local budget, or the [`RedisBudget`] that runs the same GCRA
+//! in Redis (`redis_budget.rs`, `gcra.lua`) for replicas that share one budget.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
@@ -36,6 +39,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::config;
+
+mod redis_budget;
+
+pub use redis_budget::{RedisBudget, RedisBudgetError, BACKOFF};
 
 /// Nanoseconds in a minute: the period `tokens_per_minute` refers to.
 const MINUTE_NS: u128 = 60_000_000_000;
@@ -120,6 +127,16 @@ pub enum Admission {
     OverBudget { retry_after: Duration },
     /// The request asks for more than `burst` tokens and can never fit, however long it waits.
     TooLarge { tokens: u64, burst: u64 },
+}
+
+/// Outcome of [`Budget::admit`] when the budget's backend (Redis) did not answer, or is being left alone
+/// after a failure: what `budget.on_backend_error` says to do with the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendDown {
+    /// "open": let it through without a reservation.
+    Admit,
+    /// "closed": refuse it (503 `budget_unavailable`).
+    Refuse,
 }
 
 /// Tokens reserved by an admission. Plain data: nothing happens on drop; the caller passes `tokens` to
@@ -237,6 +254,74 @@ impl LocalBudget {
     /// `now` as ns since `origin`; instants before `origin` count as `origin`.
     fn nanos(&self, now: Instant) -> u64 {
         u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// The global token budget of either backend, as the proxy and the app use it.
+pub enum Budget {
+    /// `budget.backend = "local"`: this process's own budget.
+    Local(LocalBudget),
+    /// `budget.backend = "redis"`: one budget shared by every replica using the same key.
+    Redis(RedisBudget),
+}
+
+// === impl Budget ===
+
+impl Budget {
+    /// The budget `[budget]` asks for. The Redis one must be built within a tokio runtime (it connects in
+    /// the background); `backend_errors` counts its failed calls.
+    pub fn from_config(
+        c: &config::Budget,
+        backend_errors: prometheus::IntCounter,
+    ) -> Result<Budget, RedisBudgetError> {
+        Ok(match c.backend {
+            config::BudgetBackend::Local => {
+                Budget::Local(LocalBudget::new(c.into(), Instant::now()))
+            }
+            config::BudgetBackend::Redis => Budget::Redis(RedisBudget::new(c, backend_errors)?),
+        })
+    }
+
+    /// Reserves `tokens` (see [`LocalBudget::admit`]; the Redis backend uses the server's clock instead
+    /// of `now`). Only the Redis backend can fail, with what `budget.on_backend_error` says to do.
+    pub async fn admit(&self, tokens: u64, now: Instant) -> Result<Admission, BackendDown> {
+        match self {
+            Budget::Local(b) => Ok(b.admit(tokens, now)),
+            Budget::Redis(b) => b.admit(tokens).await,
+        }
+    }
+
+    /// Settles a reservation (see [`LocalBudget::reconcile`]). Never blocks: the Redis backend runs it
+    /// in a spawned task.
+    pub fn reconcile(&self, reserved: u64, actual: u64, now: Instant) {
+        match self {
+            Budget::Local(b) => b.reconcile(reserved, actual, now),
+            Budget::Redis(b) => b.reconcile(reserved, actual),
+        }
+    }
+
+    pub fn settings(&self) -> BudgetSettings {
+        match self {
+            Budget::Local(b) => b.settings(),
+            Budget::Redis(b) => b.settings(),
+        }
+    }
+
+    /// New settings (reload, rollback throttle), in effect from the next admission.
+    pub fn set_settings(&self, settings: BudgetSettings) {
+        match self {
+            Budget::Local(b) => b.set_settings(settings),
+            Budget::Redis(b) => b.set_settings(settings),
+        }
+    }
+
+    /// Tokens a request could reserve now, for `driftguard_budget_available_tokens`; never does I/O (the
+    /// Redis backend reports the figure of its last call).
+    pub fn available(&self, now: Instant) -> u64 {
+        match self {
+            Budget::Local(b) => b.available(now),
+            Budget::Redis(b) => b.available(),
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! The token budget on the request path: read a bounded prefix of the request body to estimate what it
-//! will cost, reserve that in the [`LocalBudget`](super::budget::LocalBudget), and settle the
-//! reservation against the usage the upstream reports once the response is complete.
+//! will cost, reserve that in the [`Budget`](super::budget::Budget), and settle the reservation against
+//! the usage the upstream reports once the response is complete.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use super::budget::{completion_tokens, estimate_prompt_tokens, LocalBudget};
+use super::budget::{completion_tokens, estimate_prompt_tokens, Budget};
 use crate::router::BudgetPeek;
 use crate::tee::Capture;
 
@@ -71,15 +71,15 @@ pub fn estimate(
 }
 
 /// A reservation held by one request. Dropped unsettled (the request failed before the upstream
-/// answered), it is given back in full.
+/// answered), it is given back in full. Settling never blocks (the Redis backend settles in a task).
 pub struct Reserved {
-    budget: Arc<LocalBudget>,
+    budget: Arc<Budget>,
     tokens: u64,
     settled: bool,
 }
 
 impl Reserved {
-    pub fn new(budget: Arc<LocalBudget>, tokens: u64) -> Self {
+    pub fn new(budget: Arc<Budget>, tokens: u64) -> Self {
         Reserved {
             budget,
             tokens,
@@ -298,15 +298,18 @@ mod tests {
     #[test]
     fn unsettled_reservations_are_refunded() {
         let start = Instant::now();
-        let budget = Arc::new(LocalBudget::new(
+        let budget = Arc::new(Budget::Local(super::super::budget::LocalBudget::new(
             super::super::budget::BudgetSettings {
                 tokens_per_minute: 60,
                 burst: 10,
             },
             start,
-        ));
+        )));
         let before = budget.available(start);
-        match budget.admit(10, start) {
+        let Budget::Local(local) = budget.as_ref() else {
+            unreachable!()
+        };
+        match local.admit(10, start) {
             super::super::budget::Admission::Admitted(r) => {
                 drop(Reserved::new(budget.clone(), r.tokens))
             }
