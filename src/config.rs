@@ -399,6 +399,9 @@ pub struct Breaker {
     pub slow_call_rate: f64,
     pub open_for: Dur,
     pub half_open_probes: u32,
+    /// Arm that takes the requests of an arm whose breaker is open (SPEC §5 "route to the degrade
+    /// target"); empty = fail fast with 503.
+    pub degrade_target: String,
 }
 
 impl Default for Breaker {
@@ -411,6 +414,7 @@ impl Default for Breaker {
             slow_call_rate: 0.8,
             open_for: secs(10),
             half_open_probes: 5,
+            degrade_target: String::new(),
         }
     }
 }
@@ -853,6 +857,13 @@ impl Config {
             if budget.peek_bytes == 0 {
                 errors.push(err("budget.peek_bytes", "must be above 0"));
             }
+        }
+        let target = &self.breaker.degrade_target;
+        if !target.is_empty() && !self.arms.iter().any(|a| &a.name == target) {
+            errors.push(err(
+                "breaker.degrade_target",
+                format!("no arm named {target:?}"),
+            ));
         }
         for (key, v) in [
             ("breaker.failure_rate", self.breaker.failure_rate),

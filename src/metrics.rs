@@ -131,6 +131,8 @@ pub struct Metrics {
     pub transitions: IntCounterVec,
     /// Rollback hook runs by hook name and outcome (`hooks::HookOutcome`).
     pub hook_runs: IntCounterVec,
+    /// Requests sent to `breaker.degrade_target` because their arm's breaker was open.
+    pub breaker_fallbacks: IntCounterVec,
     /// Idempotency fence decisions (new, replay, conflict, wait).
     pub idempotency: IntCounterVec,
     /// Upstream executions of a key that already had a live receipt; must stay 0.
@@ -265,6 +267,7 @@ impl Metrics {
             baseline_breaches: counter_vec(&r, "baseline_breaches_total", "Rule breaches the baseline shared, so no trip, by rule.", &["rule"]),
             rule_warnings: counter_vec(&r, "rule_warnings_total", "Soft-rule breaches (warnings only), by rule.", &["rule"]),
             transitions: counter_vec(&r, "guard_transitions_total", "Rollback engine state changes, by new state.", &["state"]),
+            breaker_fallbacks: counter_vec(&r, "breaker_fallbacks_total", "Requests routed to breaker.degrade_target because their arm's breaker was open.", &["arm", "target"]),
             idempotency: counter_vec(&r, "idempotency_total", "Idempotency fence decisions for keyed writes.", &["decision"]),
             receipt_store_errors,
             eval_dropped,

@@ -242,18 +242,36 @@ async fn forward(
             }
         }
     }
-    let ticket = match arm.breaker.admit(Instant::now()) {
-        Admission::Allowed(ticket) => ticket,
+    let (arm, ticket) = match arm.breaker.admit(Instant::now()) {
+        Admission::Allowed(ticket) => (arm, ticket),
         Admission::Rejected { retry_after } => {
-            app.metrics.proxy_error(ProxyError::BreakerOpen);
-            let message = format!("the circuit breaker of arm {:?} is open", arm.name);
-            let mut response =
-                error_response(Some(arm), info, ProxyError::BreakerOpen, &message, start);
-            let headers = response.headers_mut();
-            headers.insert(X_DRIFTGUARD_BREAKER, HeaderValue::from_static("open"));
-            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-            return response;
+            // `breaker.degrade_target`: another arm takes the request, if its own breaker lets it.
+            let fallback = table
+                .settings
+                .degrade_target
+                .and_then(|i| table.arms().get(i))
+                .filter(|target| target.name != arm.name)
+                .and_then(|target| match target.breaker.admit(Instant::now()) {
+                    Admission::Allowed(ticket) => Some((target, ticket)),
+                    Admission::Rejected { .. } => None,
+                });
+            if let Some((target, ticket)) = fallback {
+                app.metrics
+                    .breaker_fallbacks
+                    .with_label_values(&[arm.name.as_str(), target.name.as_str()])
+                    .inc();
+                (target, ticket)
+            } else {
+                app.metrics.proxy_error(ProxyError::BreakerOpen);
+                let message = format!("the circuit breaker of arm {:?} is open", arm.name);
+                let mut response =
+                    error_response(Some(arm), info, ProxyError::BreakerOpen, &message, start);
+                let headers = response.headers_mut();
+                headers.insert(X_DRIFTGUARD_BREAKER, HeaderValue::from_static("open"));
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                return response;
+            }
         }
     };
     let chunked = has_chunked_body(&parts.headers, &body);

@@ -56,6 +56,8 @@ pub struct Settings {
     pub writes: WriteRoutes,
     /// How keyed writes are fenced (`[writes]`).
     pub fence: FenceSettings,
+    /// Index of the arm that takes requests whose arm's breaker is open (`breaker.degrade_target`).
+    pub degrade_target: Option<usize>,
     /// With a `[budget]`: how many request bytes to read ahead, and the completion tokens to reserve
     /// when the request names none.
     pub budget: Option<BudgetPeek>,
@@ -215,6 +217,10 @@ impl RoutingTable {
             max_body_bytes: config.signals.max_body_bytes,
             session_header: HeaderName::try_from(&config.signals.session_header).ok(),
             writes: WriteRoutes::new(&config.writes.routes),
+            degrade_target: config
+                .arms
+                .iter()
+                .position(|a| a.name == config.breaker.degrade_target),
             fence: FenceSettings::from(&config.writes),
             budget: config.budget.as_ref().map(|b| BudgetPeek {
                 peek_bytes: b.peek_bytes,

@@ -1126,3 +1126,43 @@ async fn runtime_state_survives_a_restart() {
     .await;
     let _ = std::fs::remove_dir_all(&state_dir);
 }
+
+/// `breaker.degrade_target`: while an arm's breaker is open its requests go to the degrade target
+/// instead of failing fast; the refused arm never sees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_open_routes_to_the_degrade_target() {
+    let primary = Flaky::start("primary", Duration::ZERO);
+    let fallback = Upstream::start("fallback");
+    let proxy = Proxy::start(&format!(
+        "{LISTEN}\n{BREAKER}degrade_target = \"fallback\"\n\n{}\n{}",
+        arm("primary", &primary.url(), 100, &[]),
+        arm("fallback", &fallback.url(), 0, &[])
+    ));
+    let client = client();
+    trip(&client, &proxy, &primary, "fail").await;
+    assert_eq!(breaker_gauge(&client, &proxy, "primary").await, 1.0);
+
+    let before = primary.request_count();
+    for (i, reply) in burst(&client, &proxy, 10, "open").await.iter().enumerate() {
+        assert_eq!(reply.status, StatusCode::OK, "open-{i}: {}", reply.text());
+        assert_eq!(
+            reply.header("x-driftguard-arm").as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(reply.header("x-upstream").as_deref(), Some("fallback"));
+    }
+    assert_eq!(
+        primary.request_count(),
+        before,
+        "the open arm saw no request"
+    );
+    let fallbacks = metric_now(
+        &client,
+        &proxy,
+        "driftguard_breaker_fallbacks_total",
+        &[("arm", "primary"), ("target", "fallback")],
+    )
+    .await;
+    assert_eq!(fallbacks, 10.0);
+    assert_eq!(proxy_errors(&client, &proxy, "breaker_open").await, 0.0);
+}

@@ -237,3 +237,14 @@ fn budget_redis_keys_have_defaults_and_are_checked() {
         );
     }
 }
+
+#[test]
+fn breaker_degrade_target_names_an_arm() {
+    let c = Config::parse(MINIMAL).unwrap();
+    assert_eq!(c.breaker.degrade_target, "");
+    let errors = errors_of(&format!("{MINIMAL}[breaker]\ndegrade_target = \"nope\"\n"));
+    assert!(
+        errors.iter().any(|e| e.path == "breaker.degrade_target"),
+        "{errors:?}"
+    );
+}
