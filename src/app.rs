@@ -572,6 +572,15 @@ impl App {
             "frozen": table.controls.frozen,
             "degrade": table.controls.degrade.as_ref().and_then(|v| v.to_str().ok()),
             "flags": &table.controls.flags,
+            "budget": self.budget().map(|b| {
+                let settings = b.settings();
+                serde_json::json!({
+                    "backend": match &*b { Budget::Local(_) => "local", Budget::Redis(_) => "redis" },
+                    "tokens_per_minute": settings.tokens_per_minute,
+                    "burst": settings.burst,
+                    "available_tokens": b.available(Instant::now()),
+                })
+            }),
             "signals": {
                 "embedder": self.pipeline.embedder_name(),
                 "sample": config.signals.sample,

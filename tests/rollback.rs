@@ -426,7 +426,10 @@ retries = 2
 async fn an_off_topic_canary_trips_a_delta_s_rule() {
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", OFF_TOPIC);
-    let extra = format!("[rules.hard]\ncoverage_under = 0.0\n{SLOW_RECOVERY}");
+    // Only the ΔS rules judge: off-topic answers also lose coverage and flip λ.
+    let extra = format!(
+        "[rules.hard]\ncoverage_under = 0.0\nlambda_flip_rate_over = 1.0\np99_latency_ratio_over = 1000.0\n{SLOW_RECOVERY}"
+    );
     let proxy = Proxy::start(&config(&baseline.url(), &canary.url(), &extra));
     let client = client();
     let load = Load::start(&proxy, 4, Duration::from_millis(2));
@@ -444,7 +447,7 @@ async fn an_ungrounded_canary_trips_the_coverage_rule() {
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", OFF_TOPIC);
     let extra = format!(
-        "[rules.hard]\ndelta_s_p95_drift_over = 1.0\ndelta_s_p50_drift_over = 1.0\nlambda_flip_rate_over = 1.0\n{SLOW_RECOVERY}"
+        "[rules.hard]\ndelta_s_p95_drift_over = 1.0\ndelta_s_p50_drift_over = 1.0\nlambda_flip_rate_over = 1.0\np99_latency_ratio_over = 1000.0\n{SLOW_RECOVERY}"
     );
     let proxy = Proxy::start(&config(&baseline.url(), &canary.url(), &extra));
     let client = client();
@@ -859,4 +862,61 @@ async fn a_single_arm_is_judged_against_its_pinned_baseline() {
     assert_eq!(tripped["guard"]["last_trip"]["rule"], "error_rate");
     assert_eq!(tripped["guard"]["baseline"]["arm"], "only");
     assert_eq!(tripped["degrade"], "skip_rerank;k=3;cite_only");
+}
+
+/// The throttle step: the token budget × `rollback.throttle_factor` and tighter breakers while tripped;
+/// recovery lifts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trip_throttles_the_budget_until_recovery() {
+    let baseline = RagArm::start("baseline", GROUNDED);
+    let canary = RagArm::start("canary", GROUNDED);
+    let extra = format!(
+        "{SLOW_RECOVERY}[budget]\ntokens_per_minute = 60000\nburst = 4000\n[rollback]\nthrottle_factor = 0.25\n"
+    );
+    let proxy = Proxy::start(&config(&baseline.url(), &canary.url(), &extra));
+    let client = client();
+    let budget = |s: &Value| {
+        (
+            s["budget"]["tokens_per_minute"].as_u64(),
+            s["budget"]["burst"].as_u64(),
+        )
+    };
+    assert_eq!(
+        budget(&status(&client, &proxy).await),
+        (Some(60000), Some(4000))
+    );
+    let reply = admin_post(
+        &client,
+        &proxy.admin_url("/trip"),
+        r#"{"reason": "drill"}"#,
+        None,
+    )
+    .await;
+    assert_eq!(reply.json()["throttled"], true);
+    let s = status(&client, &proxy).await;
+    assert_eq!(budget(&s), (Some(15000), Some(1000)));
+    // A request that fit the full burst (~1500 tokens) no longer fits the throttled one.
+    let question = format!("{} {}", TOPICS[0].question, "please ".repeat(700));
+    let big = json!({"question": question, "max_tokens": 800});
+    let reply = post_json(&client, &proxy.url("/v1/ask"), &big, &[]).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        reply.text()
+    );
+    // A reload keeps the throttle (the file's budget, × the factor).
+    let reload = admin_post(&client, &proxy.admin_url("/reload"), "", None).await;
+    assert_eq!(reload.status, StatusCode::OK, "{}", reload.text());
+    assert_eq!(
+        budget(&status(&client, &proxy).await),
+        (Some(15000), Some(1000))
+    );
+    admin_post(&client, &proxy.admin_url("/recover"), "", None).await;
+    assert_eq!(
+        budget(&status(&client, &proxy).await),
+        (Some(60000), Some(4000))
+    );
+    let reply = post_json(&client, &proxy.url("/v1/ask"), &big, &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 }
