@@ -61,7 +61,9 @@
 #              {"answer": "<~420 B of prose grounded in the chunks>", "contexts": [{"text": "<~600 B>"} x 5],
 #               "usage": {"prompt_tokens": 900, "completion_tokens": 120}}  (nginx `return 200 '<json>'`).
 #   client     wrk -s rag.lua: `POST /rag`, `Content-Type: application/json`, body {"question": "<~95 B>"}.
-#   rows       direct (as above), driftguard-signals ([signals] sample = 1.0: every response is teed,
+#   rows       driftguard-guards: signals off plus a [budget] it never exhausts (1e9 tokens/min): the cost of
+#              pricing every request (issue #4's target: >= 0.95 x driftguard-nosignals);
+#              direct (as above), driftguard-signals ([signals] sample = 1.0: every response is teed,
 #              queued and evaluated — default hashed embedder, default signals.workers = 1 and
 #              signals.queue = 4096), driftguard-nosignals (sample = 0.0: nothing teed), haproxy (reference;
 #              same config as above). Both driftguard rows keep the access log on, as in the first table.
@@ -518,9 +520,10 @@ measure_direct() {
 
 # --- driftguard -------------------------------------------------------------------------------------
 
-# run_driftguard NAME ACCESS SAMPLE: SAMPLE "" leaves [signals] sample at its default (1.0).
+# run_driftguard NAME ACCESS SAMPLE [EXTRA]: SAMPLE "" leaves [signals] sample at its default (1.0);
+# EXTRA is appended to the config (TOML tables).
 run_driftguard() {
-    local name=$1 access=$2 sample=$3 port admin
+    local name=$1 access=$2 sample=$3 extra=${4:-} port admin
     free_port port; free_port admin
     cat > "$TMP/$name.toml" <<EOF
 state_dir = "$TMP/$name-state"
@@ -549,6 +552,9 @@ access = $access
 EOF
     if [[ -n $sample ]]; then
         printf '\n[signals]\nsample = %s\n' "$sample" >> "$TMP/$name.toml"
+    fi
+    if [[ -n $extra ]]; then
+        printf '\n%s\n' "$extra" >> "$TMP/$name.toml"
     fi
     "$DG" check -c "$TMP/$name.toml" > /dev/null || die "driftguard rejected its bench config"
     taskset -c "$PROXY_CPU" "$DG" run -c "$TMP/$name.toml" > "$DG_STDOUT" 2> "$TMP/$name.log" &
@@ -694,7 +700,7 @@ report_rag() {
         { name[NR] = $1; rps[NR] = $2; p50[NR] = $3; p99[NR] = $4; cpu[NR] = $5; core[NR] = $6; rss[NR] = $7; busy[NR] = $8
           reqs[NR] = $9; ev[NR] = $10; dr[NR] = $11; sk[NR] = $12; q[NR] = $13; idx[$1] = NR }
         END {
-            d = idx["direct"]; h = idx["haproxy"]; on = idx["driftguard-signals"]; off = idx["driftguard-nosignals"]
+            d = idx["direct"]; h = idx["haproxy"]; on = idx["driftguard-signals"]; off = idx["driftguard-nosignals"]; gd = idx["driftguard-guards"]
             printf "\n%-21s %9s %8s %8s %8s %9s %11s %8s %9s %12s %10s %8s\n", "target", "req/s", "p50 ms", "p99 ms", "/direct", "/haproxy", "CPU us/req", "target%", "peak RSS", "busy% wrk/tgt", "evaluated", "dropped"
             for (i = 1; i <= NR; i++) {
                 rd = d ? sprintf("%.2f", rps[i] / rps[d]) : "-"
@@ -704,6 +710,10 @@ report_rag() {
             printf "\ntargets (RAG JSON, access log on, proxy + evaluation on core %s):\n", cpu_core
             r = rps[on] / rps[off]; ok = r >= 0.9
             printf "  signals on >= 0.9 x signals off : %.2f x  %s\n", r, ok ? "PASS" : "FAIL"
+            if (gd) {
+                r = rps[gd] / rps[off]; gok = r >= 0.95; ok = ok && gok
+                printf "  budget on  >= 0.95 x budget off  : %.2f x  %s   (CPU/req %.2f vs %.2f us)\n", r, gok ? "PASS" : "FAIL", cpu[gd], cpu[off]
+            }
             printf "\nevaluation over the measured run (driftguard-signals): %d of %d requests evaluated, %d dropped (queue full), %d skipped, %d still queued at the end: %s\n", ev[on], reqs[on], dr[on], sk[on], q[on], dr[on] == 0 ? "kept up" : sprintf("fell behind (%.1f%% dropped)", 100 * dr[on] / reqs[on])
             exit ok ? 0 : 3
         }'
@@ -736,6 +746,10 @@ EOF
     skipped rag-direct || measure_direct
     run_driftguard driftguard-signals true 1.0
     run_driftguard driftguard-nosignals true 0.0
+    # Guards on, generous limits: every request is priced (body peeked, estimated, reserved, settled
+    # against the reported usage) by a budget it never exhausts; the breaker is on in every row.
+    skipped driftguard-guards || run_driftguard driftguard-guards true 0.0 \
+        "$(printf '[budget]\ntokens_per_minute = 1000000000\nburst = 100000000')"
     skipped rag-haproxy || run_haproxy
     report_rag || STATUS=$?
 fi
