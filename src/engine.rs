@@ -62,6 +62,14 @@ pub enum EngineError {
 impl Engine {
     pub fn new(app: Arc<App>) -> Arc<Engine> {
         let duplicates = app.metrics.duplicate_effects.get();
+        // The configured hooks' series exist from the start, so dashboards show 0 rather than nothing.
+        for hook in &app.config().rollback.hooks {
+            for outcome in crate::hooks::HookOutcome::ALL {
+                app.metrics
+                    .hook_runs
+                    .with_label_values(&[hook.name.as_str(), outcome.as_str()]);
+            }
+        }
         Arc::new(Engine {
             app,
             last_duplicates: Mutex::new(duplicates),
