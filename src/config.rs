@@ -961,14 +961,11 @@ impl Config {
                 HookKind::Exec if hook.command.is_empty() => {
                     errors.push(err(at("command"), "required for kind = \"exec\""))
                 }
-                HookKind::Webhook
-                    if !hook.url.starts_with("http://") && !hook.url.starts_with("https://") =>
-                {
-                    errors.push(err(
-                        at("url"),
-                        "an http:// URL is required for kind = \"webhook\"",
-                    ))
-                }
+                // Hooks call a local agent or an in-cluster service; the client speaks plain HTTP.
+                HookKind::Webhook if !hook.url.starts_with("http://") => errors.push(err(
+                    at("url"),
+                    "an http:// URL is required for kind = \"webhook\" (https is not supported; use an in-cluster http endpoint)",
+                )),
                 _ => {}
             }
         }

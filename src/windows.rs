@@ -382,13 +382,14 @@ impl Window {
         self.slots[(next % SLOTS as u64) as usize].claim(next);
     }
 
-    /// Merges the slots covering the last `span` (rounded up to whole slots, current slot included).
+    /// Merges the slots covering the whole of the last `span`: from the slot holding `now − span` to the
+    /// current one, so the merged window covers at least `span` (up to one slot more) and never shrinks
+    /// to a freshly rotated, empty slot. At most `SLOTS − 1` slots: the oldest may be being cleared for
+    /// the next period.
     pub fn stats(&self, now: Instant, span: Duration) -> WindowStats {
         let newest = self.epoch_at(now);
-        let n = span
-            .as_millis()
-            .div_ceil(SLOT.as_millis())
-            .clamp(1, SLOTS as u128) as u64;
+        let reach = now.checked_sub(span).map_or(0, |from| self.epoch_at(from));
+        let n = (newest - reach.min(newest) + 1).clamp(1, SLOTS as u64 - 1);
         let oldest = newest.saturating_sub(n - 1);
         let mut stats = WindowStats {
             span: Duration::from_millis(n * SLOT.as_millis() as u64),

@@ -168,10 +168,12 @@ impl UsageTap {
     }
 }
 
-/// The last `"usage": {...}` object in a fragment of JSON.
+/// The last `"usage": {...}` object in a (fragment of) JSON: found by a reverse substring search, so
+/// only the end of a body is looked at, and only that object is parsed.
 fn usage_in_tail(tail: &[u8]) -> Option<u64> {
-    let key = tail.windows(7).rposition(|w| w == b"\"usage\"")?;
-    let open = key + tail[key..].iter().position(|b| *b == b'{')?;
+    let key = memchr::memmem::rfind(tail, b"\"usage\"")?;
+    let after = tail[key + 7..].trim_ascii_start().strip_prefix(b":")?;
+    let open = tail.len() - after.trim_ascii_start().strip_prefix(b"{")?.len() - 1;
     let mut depth = 0usize;
     for (i, b) in tail[open..].iter().enumerate() {
         match b {
@@ -212,17 +214,23 @@ impl Usage {
 }
 
 /// Total tokens in the response's `usage` (OpenAI format); for SSE the last event that carries one.
+///
+/// A JSON body is read from its end: the last `"usage"` key's object (OpenAI puts it last), which spares
+/// parsing the whole answer on every response; only when that fails is the whole body parsed.
 pub fn reported_usage(body: &[u8], sse: bool) -> Option<u64> {
     if !sse {
-        return serde_json::from_slice::<UsageDoc>(body)
-            .ok()?
-            .usage?
-            .total();
+        return usage_in_tail(body).or_else(|| {
+            serde_json::from_slice::<UsageDoc>(body)
+                .ok()?
+                .usage?
+                .total()
+        });
     }
+    let finder = memchr::memmem::Finder::new(b"\"usage\"");
     body.split(|b| *b == b'\n')
         .rev()
         .filter_map(|line| line.strip_prefix(b"data:"))
-        .filter(|data| data.windows(7).any(|w| w == b"\"usage\""))
+        .filter(|data| finder.find(data).is_some())
         .find_map(|data| {
             serde_json::from_slice::<UsageDoc>(data.trim_ascii())
                 .ok()?
@@ -244,6 +252,18 @@ mod tests {
             Some(42)
         );
         assert_eq!(reported_usage(br#"{"answer":"x"}"#, false), None);
+        // Read from the end: the key, not an earlier string value; whitespace and later keys allowed.
+        assert_eq!(
+            reported_usage(
+                br#"{"topic":"usage","usage" : {"total_tokens":5},"model":"m"}"#,
+                false
+            ),
+            Some(5)
+        );
+        assert_eq!(
+            reported_usage(br#"{"usage": null, "answer": "the "usage" policy"}"#, false),
+            None
+        );
         let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\n\ndata: [DONE]\n\n";
         assert_eq!(reported_usage(sse, true), Some(10));
         assert_eq!(reported_usage(b"data: {\"choices\":[]}\n\n", true), None);

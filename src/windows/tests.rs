@@ -89,7 +89,8 @@ fn window_merges_only_the_newest_slots() {
         }
     }
     let now = origin + SLOT * 9 + Duration::from_millis(5);
-    let last3 = w.stats(now, SLOT * 3);
+    // The last 20 s reach back 5 ms into period 7: periods 7, 8 and 9 (the current one).
+    let last3 = w.stats(now, SLOT * 2);
     assert_eq!(last3.span, SLOT * 3);
     assert_eq!(last3.hist(Hist::Latency).count(), 3);
     assert_eq!(last3.requests(), 4); // 3 × 2xx + one 5xx (period 8)
