@@ -22,7 +22,7 @@ use crate::listener;
 use crate::shutdown::Shutdown;
 
 /// Of every 10 questions the degraded canary gets, this many get an off-topic answer.
-pub const OFF_TOPIC_PER_10: u64 = 4;
+pub const OFF_TOPIC_PER_10: u64 = 6;
 /// The degraded canary fails one request in this many with a 500 — few enough that a quality rule, not
 /// `error_rate`, is what trips (a share at or under 1 % cannot breach `error_rate_over = 0.01`).
 pub const FAIL_EVERY: u64 = 150;

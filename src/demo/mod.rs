@@ -176,6 +176,16 @@ deadline = "2m"
 
 async fn demo(options: &Options) -> Result<Outcome, DemoError> {
     let dir = state_dir(options)?;
+    let result = demo_in(&dir, options).await;
+    // The demo never ran: nothing worth keeping. A --state-dir is the user's and stays.
+    if result.is_err() && options.state_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+async fn demo_in(dir: &Path, options: &Options) -> Result<Outcome, DemoError> {
+    let dir = dir.to_path_buf();
     // The arms' ports first, so a taken port fails before anything starts.
     let baseline_listener = bind("baseline arm", "--base-port", options.base_port).await?;
     let canary_port = match options.base_port {
@@ -262,7 +272,7 @@ async fn demo(options: &Options) -> Result<Outcome, DemoError> {
     let mut degraded_shown = false;
     let mut guard = GuardState::Healthy;
     let mut trip: Option<Trip> = None;
-    let mut at_trip: Option<Snapshot> = None;
+    let mut at_trip: Option<(Duration, Snapshot)> = None;
     let mut interrupted = false;
     loop {
         tokio::select! {
@@ -289,7 +299,7 @@ async fn demo(options: &Options) -> Result<Outcome, DemoError> {
         if state.guard.state != guard {
             match (&trip, state.guard.state, &state.guard.last_trip) {
                 (None, GuardState::Tripped, Some(t)) => {
-                    at_trip = Some(snap);
+                    at_trip = Some((elapsed, snap));
                     trip = Some(t.clone());
                     println!(
                         "t+{:>5.1}s  >> TRIPPED by rule {} on arm {}: observed {} → lever {}: {}",
@@ -479,7 +489,8 @@ struct Report<'a> {
     degrade_ms: u64,
     started_ms: u64,
     first_bad_ms: u64,
-    at_trip: Option<&'a Snapshot>,
+    /// When the progress first showed the trip, and the counts then.
+    at_trip: Option<&'a (Duration, Snapshot)>,
     end: &'a Snapshot,
     guard: GuardState,
     state_dir: &'a Path,
@@ -557,11 +568,11 @@ impl Report<'_> {
                     let path = snapshot_dir(self.state_dir).join(format!("{id}.json"));
                     let _ = writeln!(out, "{:16}{}", "snapshot:", path.display());
                 }
-                if let Some(at) = self.at_trip {
+                if let Some((seen, at)) = self.at_trip {
                     let _ = writeln!(
                         out,
-                        "{:16}baseline {} requests, canary {} (in flight at the flip), 5xx {}, writes refused while frozen {}",
-                        "after the flip:",
+                        "{:16}baseline {} requests, canary {}, 5xx {}, writes refused while frozen {}",
+                        format!("from t+{}s on:", seen.as_secs()),
                         self.end.baseline - at.baseline,
                         self.end.canary - at.canary,
                         self.end.errors - at.errors,
