@@ -8,6 +8,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod guards;
 pub mod hooks;
@@ -27,7 +28,7 @@ pub mod upstream;
 pub mod windows;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -72,14 +73,46 @@ pub fn run(path: &Path) -> Result<(), RunError> {
 
 /// Binds both listeners and serves until a shutdown signal, then drains.
 pub async fn serve(loaded: Loaded, path: &Path) -> Result<(), RunError> {
-    let app = Arc::new(App::new(loaded, Some(path.to_path_buf()))?);
+    let running = start(loaded, Some(path.to_path_buf())).await?;
+    signals(running.app.clone()).await;
+    tracing::info!("shutdown signal: draining");
+    running.stop().await;
+    Ok(())
+}
+
+/// A driftguard serving in this process: what [`start`] bound and spawned.
+pub struct Running {
+    pub app: Arc<App>,
+    pub engine: Arc<engine::Engine>,
+    /// Where the proxy and admin listeners are bound (the real ports when the config asked for port 0).
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    trigger: shutdown::Trigger,
+    proxy: tokio::task::JoinHandle<bool>,
+    admin: tokio::task::JoinHandle<bool>,
+}
+
+/// Binds both listeners and starts serving on the current runtime: the proxy, the admin API, the rule
+/// engine and the background tasks. `config_path` is what `POST /reload` re-reads (none: no reload).
+pub async fn start(loaded: Loaded, config_path: Option<PathBuf>) -> Result<Running, RunError> {
+    let app = Arc::new(App::new(loaded, config_path)?);
     let config = app.config();
     let proxy_listener = bind("proxy", &config.listen.proxy).await?;
     let admin_listener = bind("admin", &config.listen.admin).await?;
-    let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local = |what: &'static str, l: &TcpListener| {
+        l.local_addr().map_err(|source| RunError::Bind {
+            what,
+            addr: String::new(),
+            source,
+        })
+    };
+    let (proxy_addr, admin_addr) = (
+        local("proxy", &proxy_listener)?,
+        local("admin", &admin_listener)?,
+    );
     tracing::info!(
-        proxy = addr(&proxy_listener).as_str(),
-        admin = addr(&admin_listener).as_str(),
+        proxy = proxy_addr.to_string().as_str(),
+        admin = admin_addr.to_string().as_str(),
         arms = config.arms.len(),
         workers = config.runtime.workers,
         version = env!("CARGO_PKG_VERSION"),
@@ -87,7 +120,6 @@ pub async fn serve(loaded: Loaded, path: &Path) -> Result<(), RunError> {
     );
 
     let (trigger, shutdown) = shutdown::channel();
-    tokio::spawn(signals(app.clone(), trigger));
     tokio::spawn(rotate_windows(app.clone(), shutdown.clone()));
     let engine = engine::Engine::new(app.clone());
     let mut engine_stop = shutdown.clone();
@@ -108,21 +140,39 @@ pub async fn serve(loaded: Loaded, path: &Path) -> Result<(), RunError> {
             move |req| proxy::handle(app.clone(), peer.clone(), req)
         },
     ));
+    let admin_engine = engine.clone();
     let admin = tokio::spawn(listener::serve(
         "admin",
         admin_listener,
         shutdown,
         drain,
         move |peer| {
-            let engine = engine.clone();
+            let engine = admin_engine.clone();
             move |req| admin::handle(engine.clone(), peer, req)
         },
     ));
-    let drained = proxy.await.unwrap_or(false);
-    let _ = admin.await;
-    let evaluated = app.pipeline.flush(EVAL_FLUSH).await;
-    tracing::info!(drained, evaluated, "stopped");
-    Ok(())
+    Ok(Running {
+        app,
+        engine,
+        proxy_addr,
+        admin_addr,
+        trigger,
+        proxy,
+        admin,
+    })
+}
+
+impl Running {
+    /// Drains: stops accepting, waits for in-flight requests (up to `listen.drain_timeout`) and for
+    /// queued evaluations (up to [`EVAL_FLUSH`]).
+    pub async fn stop(self) {
+        self.app.start_draining();
+        self.trigger.fire();
+        let drained = self.proxy.await.unwrap_or(false);
+        let _ = self.admin.await;
+        let evaluated = self.app.pipeline.flush(EVAL_FLUSH).await;
+        tracing::info!(drained, evaluated, "stopped");
+    }
 }
 
 /// How long a shutdown waits for queued evaluations after the listeners have drained.
@@ -143,8 +193,8 @@ async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, RunError> {
         })
 }
 
-/// SIGHUP reloads; SIGTERM and SIGINT start the drain.
-async fn signals(app: Arc<App>, trigger: shutdown::Trigger) {
+/// SIGHUP reloads; returns on SIGTERM or SIGINT (never, when the handlers cannot be installed).
+async fn signals(app: Arc<App>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::hangup()),
@@ -152,7 +202,7 @@ async fn signals(app: Arc<App>, trigger: shutdown::Trigger) {
         signal(SignalKind::interrupt()),
     ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return;
+        return std::future::pending().await;
     };
     loop {
         tokio::select! {
@@ -160,13 +210,10 @@ async fn signals(app: Arc<App>, trigger: shutdown::Trigger) {
                 tracing::info!("SIGHUP: reloading config");
                 let _ = app.reload();
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = term.recv() => return,
+            _ = int.recv() => return,
         }
     }
-    tracing::info!("shutdown signal: draining");
-    app.start_draining();
-    trigger.fire();
 }
 
 async fn rotate_windows(app: Arc<App>, mut shutdown: shutdown::Shutdown) {

@@ -21,7 +21,12 @@ pub const ACCESS: &str = "driftguard::access";
 
 /// Installs the JSON subscriber. Keep the guard alive until exit: dropping it flushes the last lines.
 pub fn init(level: &str) -> LogGuard {
-    let (writer, guard) = BatchWriter::stdout();
+    init_to(level, Box::new(std::io::stdout()))
+}
+
+/// [`init`] writing the JSON lines to `out` instead of stdout (the demo keeps its terminal for itself).
+pub fn init_to(level: &str, out: Box<dyn Write + Send>) -> LogGuard {
+    let (writer, guard) = BatchWriter::new(out);
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));

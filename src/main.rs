@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use driftguard::cli;
 use driftguard::config::{BudgetBackend, Config, OnBackendError};
 use driftguard::signals::gold;
+use driftguard::{cli, demo};
 
 /// Config file used when neither `--config` nor `DRIFTGUARD_CONFIG` names one.
 const DEFAULT_CONFIG: &str = "driftguard.toml";
@@ -78,6 +78,42 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// The whole loop on this machine: demo RAG arms, load, a canary going bad, the trip, the rollback,
+    /// the recovery, with progress each second and a report. Exit 0 when a rule tripped on the bad
+    /// canary, 1 when nothing did, 2 when it cannot start (a port taken, …).
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Proxy port on 127.0.0.1 (0 = any free port).
+    #[arg(long, default_value_t = 9000)]
+    proxy_port: u16,
+    /// Admin port on 127.0.0.1 (0 = any free port).
+    #[arg(long, default_value_t = 9901)]
+    admin_port: u16,
+    /// The baseline demo arm listens on this port, the canary on the next (0 = any free ports).
+    #[arg(long, default_value_t = 0)]
+    base_port: u16,
+    /// Requests per second sent through the proxy.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=5000))]
+    rps: u32,
+    /// Requests in flight at most.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// When the canary starts going bad, after the load starts.
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    degrade_after: Duration,
+    /// The longest the demo runs; it ends a few seconds after the trip.
+    #[arg(long, default_value = "45s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Leave the proxy, admin API and demo arms running after the report, until Ctrl-C.
+    #[arg(long)]
+    keep: bool,
+    /// Where the generated config, the log, the runtime state and the snapshots go (absent or empty)
+    /// [default: a new folder under the temp dir].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
 }
 
 /// Where the admin listener of the running driftguard is; the token comes from DRIFTGUARD_ADMIN_TOKEN.
@@ -104,6 +140,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Check => check(&config_path),
+        Command::Demo(args) => demo(args),
         Command::Status { admin, json } => {
             admin_call(&admin, http::Method::GET, "/status", None, |doc| {
                 if json {
@@ -167,6 +204,28 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+    }
+}
+
+fn demo(args: DemoArgs) -> ExitCode {
+    let options = demo::Options {
+        proxy_port: args.proxy_port,
+        admin_port: args.admin_port,
+        base_port: args.base_port,
+        rps: args.rps,
+        concurrency: args.concurrency,
+        degrade_after: args.degrade_after,
+        duration: args.duration,
+        keep: args.keep,
+        state_dir: args.state_dir,
+    };
+    match demo::run(&options) {
+        Ok(demo::Outcome::Tripped) => ExitCode::SUCCESS,
+        Ok(demo::Outcome::NotTripped) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("driftguard demo: {e}");
+            ExitCode::from(2)
         }
     }
 }

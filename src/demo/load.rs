@@ -1,0 +1,139 @@
+//! The demo's load generator: questions from the knowledge base sent through the proxy at a steady
+//! `rps` with bounded concurrency (a tick that finds every slot busy is counted as shed, not queued),
+//! and a feedback write now and then so the write freeze shows. It counts what comes back by arm.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::Semaphore;
+
+use super::kb::TOPICS;
+
+/// One request in this many is a feedback write (`POST /v1/feedback`, a write route).
+const WRITE_EVERY: u64 = 25;
+/// A request that takes longer is abandoned and counted as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Cumulative counts; the progress line takes differences.
+#[derive(Default)]
+pub struct Counts {
+    pub sent: AtomicU64,
+    pub done: AtomicU64,
+    pub baseline: AtomicU64,
+    pub canary: AtomicU64,
+    /// 5xx the client saw (upstream or proxy-made, frozen writes excluded).
+    pub errors: AtomicU64,
+    /// Writes refused with 503 while writes were frozen.
+    pub frozen_writes: AtomicU64,
+    /// Ticks skipped because `concurrency` requests were already in flight.
+    pub shed: AtomicU64,
+    /// No response at all (connection refused, timeout).
+    pub failed: AtomicU64,
+}
+
+/// A running load generator.
+pub struct Load {
+    pub counts: Arc<Counts>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    /// Starts sending to `proxy` (`http://host:port`).
+    pub fn start(proxy: String, rps: u32, concurrency: usize) -> Load {
+        let counts = Arc::new(Counts::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let slots = Arc::new(Semaphore::new(concurrency.max(1)));
+        let period = Duration::from_secs_f64(1.0 / f64::from(rps.max(1)));
+        let (c, s) = (counts.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            let mut n: u64 = 0;
+            while !s.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    c.shed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                n += 1;
+                let req = request(&proxy, n);
+                let (client, c) = (client.clone(), c.clone());
+                c.sent.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let write = req.method() == Method::POST && req.uri().path() == "/v1/feedback";
+                    let exchange = async {
+                        let resp = client.request(req).await.ok()?;
+                        let status = resp.status();
+                        let arm = resp
+                            .headers()
+                            .get("x-driftguard-arm")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                        let body = resp.into_body().collect().await.ok()?.to_bytes();
+                        Some((status, arm, body))
+                    };
+                    match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+                        Ok(Some((status, arm, body))) => {
+                            c.done.fetch_add(1, Ordering::Relaxed);
+                            match arm.as_deref() {
+                                Some("baseline") => c.baseline.fetch_add(1, Ordering::Relaxed),
+                                Some("canary") => c.canary.fetch_add(1, Ordering::Relaxed),
+                                _ => 0,
+                            };
+                            let frozen = write
+                                && status.as_u16() == 503
+                                && String::from_utf8_lossy(&body).contains("writes_frozen");
+                            if frozen {
+                                c.frozen_writes.fetch_add(1, Ordering::Relaxed);
+                            } else if status.is_server_error() {
+                                c.errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        _ => {
+                            c.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    drop(slot);
+                });
+            }
+        });
+        Load { counts, stop, task }
+    }
+
+    pub async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+    }
+}
+
+/// The `n`th request: a question of the knowledge base, or every [`WRITE_EVERY`]th a feedback write.
+fn request(proxy: &str, n: u64) -> Request<Full<Bytes>> {
+    let topic = &TOPICS[(n as usize * 7) % TOPICS.len()];
+    let (path, body) = if n % WRITE_EVERY == 0 {
+        (
+            "/v1/feedback",
+            serde_json::json!({"question": topic.question, "helpful": true}),
+        )
+    } else {
+        ("/v1/ask", serde_json::json!({"question": topic.question}))
+    };
+    let mut builder = Request::builder()
+        .method(Method::POST)
+        .uri(format!("{proxy}{path}"))
+        .header(header::CONTENT_TYPE, "application/json");
+    if path == "/v1/feedback" {
+        builder = builder.header("idempotency-key", format!("demo-feedback-{n}"));
+    }
+    builder
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap_or_else(|_| Request::new(Full::new(Bytes::new())))
+}
