@@ -186,17 +186,19 @@ pub enum Rule {
 }
 
 impl Rule {
+    /// In the order they are judged: when several trip in one evaluation, the first names the trip
+    /// (and so the lever): the certain count rules first, then errors, quality, cost and latency.
     pub const ALL: [Rule; 10] = [
+        Rule::PinMismatch,
+        Rule::DuplicateEffects,
+        Rule::ToolLoops,
+        Rule::ErrorRate,
         Rule::DeltaSP95Drift,
         Rule::DeltaSP50Drift,
         Rule::Coverage,
         Rule::LambdaFlipRate,
-        Rule::ErrorRate,
         Rule::RateLimited,
         Rule::P99LatencyRatio,
-        Rule::PinMismatch,
-        Rule::ToolLoops,
-        Rule::DuplicateEffects,
     ];
 
     /// The rule's name: its config key without `_over` / `_under`.
