@@ -14,6 +14,7 @@ pub mod hooks;
 pub mod listener;
 pub mod log;
 pub mod metrics;
+pub mod otel;
 pub mod pins;
 pub mod proxy;
 pub mod router;
@@ -121,12 +122,17 @@ pub async fn serve(loaded: Loaded, path: &Path) -> Result<(), RunError> {
     let drained = proxy.await.unwrap_or(false);
     let _ = admin.await;
     let evaluated = app.pipeline.flush(EVAL_FLUSH).await;
+    if let Some(otel) = &app.otel {
+        otel.shutdown(OTEL_FLUSH).await;
+    }
     tracing::info!(drained, evaluated, "stopped");
     Ok(())
 }
 
 /// How long a shutdown waits for queued evaluations after the listeners have drained.
 const EVAL_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a shutdown waits for the last spans to reach the OTLP collector.
+const OTEL_FLUSH: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, RunError> {
     let parsed: SocketAddr = addr.parse().map_err(|e| RunError::Bind {
