@@ -138,6 +138,7 @@ async fn spans_carry_the_client_trace_pins_arm_and_signals() {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url().as_str()),
             ("OTEL_SERVICE_NAME", "dg-test"),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-otlp-token=s3cret"),
         ],
     );
     let client = client();
@@ -247,6 +248,10 @@ async fn spans_carry_the_client_trace_pins_arm_and_signals() {
         }
     }
     assert_eq!(arms.values().sum::<usize>(), N);
+    assert!(otlp
+        .exchanges()
+        .iter()
+        .all(|e| e.request.header("x-otlp-token").as_deref() == Some("s3cret")));
 
     let samples = wait_metric(
         &client,
@@ -352,7 +357,7 @@ async fn a_failing_collector_costs_spans_not_requests() {
             &text,
             &[
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-                ("OTEL_EXPORTER_OTLP_TIMEOUT", "500"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "200"),
                 ("OTEL_BSP_SCHEDULE_DELAY", "50"),
                 ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4"),
             ],
@@ -370,7 +375,8 @@ async fn a_failing_collector_costs_spans_not_requests() {
             "driftguard_otel_dropped_spans_total",
             &[("reason", "export_failed")],
             WAIT,
-            |v| v >= 8.0,
+            // Ten failed exports at least (batches of 4); a slow one fails by its 200 ms timeout.
+            |v| v >= 40.0,
         )
         .await;
         assert_eq!(
@@ -391,6 +397,58 @@ async fn a_failing_collector_costs_spans_not_requests() {
         );
         if what == "500" {
             assert!(failing.request_count() >= 2, "exports were attempted");
+        }
+    }
+}
+
+/// SIGTERM exports what is still queued before the process exits; a collector that does not answer
+/// holds the exit up by the flush deadline (3 s) at most.
+#[tokio::test]
+async fn shutdown_flushes_with_a_deadline() {
+    let otlp = collector(Arc::new(AtomicU16::new(200)));
+    let stuck = Scripted::start("stuck-collector", |_req, _body| {
+        Canned::body("application/x-protobuf", Bytes::new()).delay(Duration::from_secs(60))
+    });
+    for (what, endpoint) in [("healthy", otlp.url()), ("stuck", stuck.url())] {
+        let up = rag_service("up", false);
+        let mut text = config();
+        text.push_str(&arm("main", &up.url(), 1, &[]));
+        let mut proxy = Proxy::start_with_env(
+            &text,
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+                // Nothing is exported before the shutdown but by the flush.
+                ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "60000"),
+            ],
+        );
+        let client = client();
+        traffic(&client, &proxy, 3).await;
+        let evaluated = || proxy.count_log(|v| v["event"] == "signals");
+        eventually(WAIT, "3 evaluations", || {
+            let n = evaluated();
+            async move { (n >= 3).then_some(()) }
+        })
+        .await;
+        let stopping = Instant::now();
+        proxy.signal(libc::SIGTERM);
+        let exit = proxy.wait_exit(WAIT).await;
+        let took = stopping.elapsed();
+        assert!(exit.is_some_and(|s| s.success()), "{what}: {exit:?}");
+        if what == "healthy" {
+            let got = spans(&otlp);
+            let requests = got.iter().filter(|s| s.name == "POST /v1/ask").count();
+            let evals = got
+                .iter()
+                .filter(|s| s.name == "driftguard.evaluate")
+                .count();
+            assert_eq!((requests, evals), (3, 3), "{got:#?}");
+        } else {
+            assert!(
+                took < Duration::from_secs(10),
+                "{what}: the exit took {took:?}"
+            );
+            assert!(stuck.request_count() >= 1, "the flush was attempted");
         }
     }
 }
