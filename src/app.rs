@@ -89,6 +89,9 @@ pub struct App {
     /// backend.
     budget: ArcSwapOption<Budget>,
     pub pipeline: Arc<Pipeline>,
+    /// OpenTelemetry tracing, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; `None` costs the request path
+    /// nothing more than this check.
+    pub otel: Option<Arc<crate::otel::Otel>>,
     /// The idempotency fence, opened at start when the config names write routes.
     pub fence: Option<Arc<Fence>>,
     started: Instant,
@@ -266,9 +269,15 @@ impl App {
                 &metrics,
             )?)),
         };
+        // A tracing setup that cannot work is said once; traffic goes on untraced.
+        let otel = crate::otel::Otel::from_env(&metrics).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "OpenTelemetry tracing off");
+            None
+        });
         Ok(App {
             fence,
             pipeline,
+            otel,
             config_path,
             pools,
             breakers,

@@ -15,6 +15,7 @@ pub mod hooks;
 pub mod listener;
 pub mod log;
 pub mod metrics;
+pub mod otel;
 pub mod pins;
 pub mod proxy;
 pub mod router;
@@ -163,20 +164,25 @@ pub async fn start(loaded: Loaded, config_path: Option<PathBuf>) -> Result<Runni
 }
 
 impl Running {
-    /// Drains: stops accepting, waits for in-flight requests (up to `listen.drain_timeout`) and for
-    /// queued evaluations (up to [`EVAL_FLUSH`]).
+    /// Drains: stops accepting, waits for in-flight requests (up to `listen.drain_timeout`), for
+    /// queued evaluations (up to [`EVAL_FLUSH`]) and for queued trace spans (up to [`OTEL_FLUSH`]).
     pub async fn stop(self) {
         self.app.start_draining();
         self.trigger.fire();
         let drained = self.proxy.await.unwrap_or(false);
         let _ = self.admin.await;
         let evaluated = self.app.pipeline.flush(EVAL_FLUSH).await;
+        if let Some(otel) = &self.app.otel {
+            otel.shutdown(OTEL_FLUSH).await;
+        }
         tracing::info!(drained, evaluated, "stopped");
     }
 }
 
 /// How long a shutdown waits for queued evaluations after the listeners have drained.
 const EVAL_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a shutdown waits for the last spans to reach the OTLP collector.
+const OTEL_FLUSH: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, RunError> {
     let parsed: SocketAddr = addr.parse().map_err(|e| RunError::Bind {

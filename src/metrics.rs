@@ -118,6 +118,9 @@ pub struct Metrics {
     evaluations: IntCounterVec,
     pub reloads: IntCounterVec,
     pub eval_dropped: IntCounter,
+    /// OpenTelemetry: spans lost (queue full, export failed) and spans delivered.
+    pub otel_dropped_spans: IntCounterVec,
+    pub otel_exported_spans: IntCounter,
     pub eval_queue_depth: IntGauge,
     pub eval_skipped: IntCounterVec,
     pub eval_errors: IntCounterVec,
@@ -254,6 +257,13 @@ impl Metrics {
             evaluations: counter_vec(&r, "evaluations_total", "Responses whose quality signals were computed.", &["arm"]),
             reloads: counter_vec(&r, "config_reloads_total", "Configuration reloads, by outcome.", &["outcome"]),
             eval_skipped: counter_vec(&r, "eval_skipped_total", "Sampled responses not evaluated, by reason.", &["reason"]),
+            otel_dropped_spans: counter_vec(&r, "otel_dropped_spans_total", "OpenTelemetry spans not delivered, by reason (queue_full, export_failed).", &["reason"]),
+            otel_exported_spans: {
+                let c = IntCounter::new("otel_exported_spans_total", "OpenTelemetry spans the collector accepted.")
+                    .expect("static metric definition is valid");
+                r.register(Box::new(c.clone())).expect("metric names are unique");
+                c
+            },
             eval_errors: counter_vec(&r, "eval_errors_total", "Evaluations that failed, by stage (embedder).", &["stage"]),
             rate_limited: counter_vec(
                 &r,

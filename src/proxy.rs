@@ -28,6 +28,7 @@ use crate::guards::fence::{self, Decision, Fingerprint, Lead, Receipt, Recording
 use crate::guards::spend::{self, Reserved, UsageTap};
 use crate::log::ACCESS;
 use crate::metrics::ProxyError;
+use crate::otel::RequestSpan;
 use crate::pins;
 use crate::router::{Arm, RoutingTable};
 use crate::signals::pipeline::{Pipeline, Sample};
@@ -69,13 +70,22 @@ pub async fn handle(
         Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
         _ => new_request_id(),
     };
+    // Tracing off: this one check is all it costs.
+    let trace = app.otel.as_ref().map(|otel| {
+        Arc::new(otel.start_request(
+            &parts.method,
+            parts.uri.path(),
+            &parts.headers,
+            request_id.to_str().unwrap_or(""),
+        ))
+    });
     let sticky = table
         .sticky_header()
         .and_then(|h| parts.headers.get(h))
         .map(HeaderValue::as_bytes);
     let Some(arm) = table.pick(sticky).cloned() else {
         app.metrics.proxy_error(ProxyError::NoUpstream);
-        let info = RequestInfo::new(&parts, request_id);
+        let info = RequestInfo::new(&parts, request_id, trace.clone());
         tracing::warn!(
             request_id = info.request_id_str(),
             "no arm has a weight above 0"
@@ -88,7 +98,7 @@ pub async fn handle(
             start,
         ));
     };
-    let info = RequestInfo::new(&parts, request_id);
+    let info = RequestInfo::new(&parts, request_id, trace);
     // If the client goes away before the response head, hyper drops this future mid-await; the guard
     // still logs and counts the request.
     let guard = Cancelled {
@@ -280,6 +290,9 @@ async fn forward(
     parts.headers.reserve(arm.pins.len() + 5);
     forwarded_for(&mut parts.headers, peer);
     stamp(&mut parts.headers, arm, &info.request_id);
+    if let Some(trace) = &info.trace {
+        trace.inject(&mut parts.headers);
+    }
     // Only driftguard says what degrade mode and the flags are.
     parts.headers.remove(X_DRIFTGUARD_DEGRADE);
     parts.headers.remove(X_DRIFTGUARD_FLAGS);
@@ -887,11 +900,18 @@ struct RequestInfo {
     uri: Uri,
     version: Version,
     authority: Option<HeaderValue>,
+    /// The request's OpenTelemetry span, when tracing is on; ended with the access-log line.
+    trace: Option<Arc<RequestSpan>>,
 }
 
 impl RequestInfo {
-    fn new(parts: &http::request::Parts, request_id: HeaderValue) -> Self {
+    fn new(
+        parts: &http::request::Parts,
+        request_id: HeaderValue,
+        trace: Option<Arc<RequestSpan>>,
+    ) -> Self {
         RequestInfo {
+            trace,
             request_id,
             method: parts.method.clone(),
             uri: parts.uri.clone(),
@@ -946,6 +966,9 @@ impl Observed {
             self.arm.stats.first_byte(now, now - self.start);
         }
         self.arm.stats.completed(now, now - self.start);
+        if let (false, Some(trace)) = (self.access_log, &self.info.trace) {
+            trace.end(Some(&self.arm), self.status, now - self.start, complete);
+        }
         if self.access_log {
             access_log(
                 &self.info,
@@ -979,6 +1002,7 @@ impl Observed {
                     response: tee.response,
                     sse: tee.sse,
                     at: now,
+                    trace: self.info.trace.as_ref().map(|t| t.follow_up()),
                 });
             } else {
                 tee.pipeline.skip_incomplete();
@@ -1006,6 +1030,9 @@ fn access_log(
     bytes: u64,
     complete: bool,
 ) {
+    if let Some(trace) = &info.trace {
+        trace.end(arm, status, latency, complete);
+    }
     tracing::info!(
         target: ACCESS,
         request_id = info.request_id_str(),

@@ -19,7 +19,12 @@ use prometheus::{IntCounter, IntCounterVec};
 
 use crate::config::Signals as SignalsConfig;
 use crate::log::ACCESS;
+use opentelemetry::trace::{Span as _, Status};
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::trace::Span;
+
 use crate::metrics::{ArmStats, Evaluation, Metrics, LAMBDA_STATES};
+use crate::otel::FollowUp;
 use crate::signals::embed::Embedder;
 use crate::signals::extract::{Extracted, Extractor, Skip};
 use crate::signals::measure::{self, Lambda, SessionTools, ToolCall};
@@ -36,6 +41,8 @@ pub struct Sample {
     pub response: Capture,
     pub sse: bool,
     pub at: Instant,
+    /// The request's span, when tracing is on: the evaluation reports to it as a child span.
+    pub trace: Option<FollowUp>,
 }
 
 impl Sample {
@@ -383,7 +390,21 @@ impl Worker {
         }
     }
 
-    fn evaluate(&self, sample: Sample) {
+    fn evaluate(&self, mut sample: Sample) {
+        let Some(follow_up) = sample.trace.take() else {
+            let _ = self.score(sample, None);
+            return;
+        };
+        let mut span = follow_up.start(&sample.request_id);
+        let outcome = self.score(sample, Some(&mut span));
+        if let Err(reason) = outcome {
+            span.set_attribute(KeyValue::new("driftguard.skipped", reason));
+        }
+        span.end();
+    }
+
+    /// Evaluates a sample; `Err` names why it was not scored. `span` gets the signals as attributes.
+    fn score(&self, sample: Sample, span: Option<&mut Span>) -> Result<(), &'static str> {
         let evaluator = self.evaluator.load();
         let (request, request_cut) = match sample.request {
             Some(c) => {
@@ -423,14 +444,17 @@ impl Worker {
                 reason = skip.as_str(),
                 "sample skipped"
             );
-            return;
+            return Err(skip.as_str());
         }
         let scored = match evaluator.score(&extracted) {
             Ok(s) => s,
             Err(e) => {
                 self.errors.with_label_values(&["embedder"]).inc();
                 tracing::warn!(request_id = sample.request_id.as_str(), error = %e, "evaluation failed; sample skipped");
-                return;
+                if let Some(span) = span {
+                    span.set_status(Status::error(e.to_string()));
+                }
+                return Err("embedder_error");
             }
         };
         let lambda = self
@@ -459,5 +483,23 @@ impl Worker {
             prompt_tokens = extracted.prompt_tokens,
             completion_tokens = extracted.completion_tokens,
         );
+        if let Some(span) = span {
+            span.set_attributes([
+                KeyValue::new("driftguard.arm", sample.arm.name.clone()),
+                KeyValue::new("driftguard.delta_s", evaluation.delta_s),
+                KeyValue::new("driftguard.delta_s.qr", evaluation.delta_s_qr),
+                KeyValue::new("driftguard.delta_s.ra", evaluation.delta_s_ra),
+                KeyValue::new(
+                    "driftguard.band",
+                    measure::band(evaluation.delta_s).as_str(),
+                ),
+                KeyValue::new("driftguard.lambda", LAMBDA_STATES[evaluation.lambda]),
+                KeyValue::new("driftguard.tool_loop", tool_loop),
+            ]);
+            if let Some(coverage) = evaluation.coverage {
+                span.set_attribute(KeyValue::new("driftguard.coverage", coverage));
+            }
+        }
+        Ok(())
     }
 }
