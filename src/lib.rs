@@ -11,6 +11,7 @@ pub mod config;
 pub mod engine;
 pub mod guards;
 pub mod hooks;
+pub mod inject;
 pub mod listener;
 pub mod log;
 pub mod metrics;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use driftguard::cli;
 use driftguard::config::{BudgetBackend, Config, OnBackendError};
+use driftguard::inject;
 use driftguard::signals::gold;
 
 /// Config file used when neither `--config` nor `DRIFTGUARD_CONFIG` names one.
@@ -78,6 +79,32 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Add the driftguard sidecar to every Deployment and StatefulSet of a Kubernetes YAML stream
+    /// (printed to stdout; injecting twice changes nothing).
+    Inject {
+        /// The YAML file, or "-" for stdin.
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+        /// The sidecar image.
+        #[arg(long, default_value_t = inject::Options::default().image)]
+        image: String,
+        /// The ConfigMap holding driftguard.toml (mounted read-only at /etc/driftguard).
+        #[arg(long, default_value_t = inject::Options::default().config_map)]
+        config_map: String,
+        /// The app's Service-facing port name: the app port is renamed app-<name>, the sidecar's
+        /// proxy port takes the name.
+        #[arg(long, default_value_t = inject::Options::default().port_name)]
+        port_name: String,
+        /// The sidecar's proxy port (listen.proxy in the config).
+        #[arg(long, default_value_t = inject::Options::default().proxy_port)]
+        proxy_port: u16,
+        /// The sidecar's admin port (listen.admin in the config).
+        #[arg(long, default_value_t = inject::Options::default().admin_port)]
+        admin_port: u16,
+        /// The Secret whose key `token` becomes DRIFTGUARD_ADMIN_TOKEN (optional in the pod).
+        #[arg(long, default_value_t = inject::Options::default().admin_secret)]
+        admin_secret: String,
+    },
 }
 
 /// Where the admin listener of the running driftguard is; the token comes from DRIFTGUARD_ADMIN_TOKEN.
@@ -121,6 +148,25 @@ fn main() -> ExitCode {
         ),
         Command::Recover { admin } => {
             admin_call(&admin, http::Method::POST, "/recover", None, guard_text)
+        }
+        Command::Inject {
+            file,
+            image,
+            config_map,
+            port_name,
+            proxy_port,
+            admin_port,
+            admin_secret,
+        } => {
+            let opts = inject::Options {
+                image,
+                config_map,
+                port_name,
+                proxy_port,
+                admin_port,
+                admin_secret,
+            };
+            run_inject(&file, &opts)
         }
         Command::Eval {
             gold,
@@ -167,6 +213,34 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+    }
+}
+
+/// `driftguard inject`: the injected stream on stdout; exit 2 with the reason on anything it refuses.
+fn run_inject(file: &Path, opts: &inject::Options) -> ExitCode {
+    use std::io::{Read as _, Write as _};
+    let mut input = String::new();
+    let read = if file == Path::new("-") {
+        std::io::stdin().read_to_string(&mut input)
+    } else {
+        std::fs::File::open(file).and_then(|mut f| f.read_to_string(&mut input))
+    };
+    if let Err(e) = read {
+        eprintln!("driftguard inject: cannot read {}: {e}", file.display());
+        return ExitCode::from(2);
+    }
+    match inject::inject(&input, opts) {
+        Ok(out) => match std::io::stdout().lock().write_all(out.as_bytes()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("driftguard inject: cannot write the output: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprintln!("driftguard inject: {}: {e}", file.display());
+            ExitCode::from(2)
         }
     }
 }
