@@ -12,6 +12,7 @@ pub mod demo;
 pub mod engine;
 pub mod guards;
 pub mod hooks;
+pub mod inject;
 pub mod listener;
 pub mod log;
 pub mod metrics;

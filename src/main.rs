@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use driftguard::config::{BudgetBackend, Config, OnBackendError};
+use driftguard::inject;
 use driftguard::signals::gold;
 use driftguard::{cli, demo};
 
@@ -77,6 +78,32 @@ enum Command {
     Recover {
         #[command(flatten)]
         admin: AdminArgs,
+    },
+    /// Add the driftguard sidecar to every Deployment and StatefulSet of a Kubernetes YAML stream
+    /// (printed to stdout; injecting twice changes nothing).
+    Inject {
+        /// The YAML file, or "-" for stdin.
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+        /// The sidecar image.
+        #[arg(long, default_value_t = inject::Options::default().image)]
+        image: String,
+        /// The ConfigMap holding driftguard.toml (mounted read-only at /etc/driftguard).
+        #[arg(long, default_value_t = inject::Options::default().config_map)]
+        config_map: String,
+        /// The app's Service-facing port name: the app port is renamed app-<name>, the sidecar's
+        /// proxy port takes the name.
+        #[arg(long, default_value_t = inject::Options::default().port_name)]
+        port_name: String,
+        /// The sidecar's proxy port (listen.proxy in the config).
+        #[arg(long, default_value_t = inject::Options::default().proxy_port)]
+        proxy_port: u16,
+        /// The sidecar's admin port (listen.admin in the config).
+        #[arg(long, default_value_t = inject::Options::default().admin_port)]
+        admin_port: u16,
+        /// The Secret whose key `token` becomes DRIFTGUARD_ADMIN_TOKEN (optional in the pod).
+        #[arg(long, default_value_t = inject::Options::default().admin_secret)]
+        admin_secret: String,
     },
     /// The whole loop on this machine: demo RAG arms, load, a canary going bad, the trip, the rollback,
     /// the recovery, with progress each second and a report. Exit 0 when a rule tripped on the bad
@@ -159,6 +186,25 @@ fn main() -> ExitCode {
         Command::Recover { admin } => {
             admin_call(&admin, http::Method::POST, "/recover", None, guard_text)
         }
+        Command::Inject {
+            file,
+            image,
+            config_map,
+            port_name,
+            proxy_port,
+            admin_port,
+            admin_secret,
+        } => {
+            let opts = inject::Options {
+                image,
+                config_map,
+                port_name,
+                proxy_port,
+                admin_port,
+                admin_secret,
+            };
+            run_inject(&file, &opts)
+        }
         Command::Eval {
             gold,
             url,
@@ -225,6 +271,34 @@ fn demo(args: DemoArgs) -> ExitCode {
         Ok(demo::Outcome::NotTripped) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("driftguard demo: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `driftguard inject`: the injected stream on stdout; exit 2 with the reason on anything it refuses.
+fn run_inject(file: &Path, opts: &inject::Options) -> ExitCode {
+    use std::io::{Read as _, Write as _};
+    let mut input = String::new();
+    let read = if file == Path::new("-") {
+        std::io::stdin().read_to_string(&mut input)
+    } else {
+        std::fs::File::open(file).and_then(|mut f| f.read_to_string(&mut input))
+    };
+    if let Err(e) = read {
+        eprintln!("driftguard inject: cannot read {}: {e}", file.display());
+        return ExitCode::from(2);
+    }
+    match inject::inject(&input, opts) {
+        Ok(out) => match std::io::stdout().lock().write_all(out.as_bytes()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("driftguard inject: cannot write the output: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprintln!("driftguard inject: {}: {e}", file.display());
             ExitCode::from(2)
         }
     }

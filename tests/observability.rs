@@ -27,6 +27,7 @@ const RULES: &str = "deploy/prometheus/driftguard-rules.yml";
 const RULES_TEST: &str = "deploy/prometheus/driftguard-rules.test.yml";
 const PROMETHEUS_RULE: &str = "deploy/k8s/prometheusrule.yaml";
 const SERVICE_MONITOR: &str = "deploy/k8s/servicemonitor.yaml";
+const SERVICE: &str = "deploy/k8s/service.yaml";
 const DASHBOARD: &str = "dashboards/driftguard.json";
 
 /// Every YAML document of a file, as JSON values.
@@ -453,23 +454,22 @@ fn prometheus_rule_carries_the_same_groups_as_the_rules_file() {
 
 #[test]
 fn service_monitor_scrapes_the_admin_port() {
-    let docs = yaml_docs(SERVICE_MONITOR);
-    let service = docs
-        .iter()
-        .find(|d| d["kind"] == "Service")
-        .expect("a Service");
-    let monitor = docs
-        .iter()
+    let monitor = yaml_docs(SERVICE_MONITOR)
+        .into_iter()
         .find(|d| d["kind"] == "ServiceMonitor")
         .expect("a ServiceMonitor");
+    // The app's Service (deploy/k8s/service.yaml) carries the sidecar's admin port.
+    let service = yaml_docs(SERVICE)
+        .into_iter()
+        .find(|d| d["kind"] == "Service")
+        .expect("a Service");
     assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
-    assert_eq!(service["metadata"]["name"], "driftguard-admin");
     let port = service["spec"]["ports"]
         .as_array()
-        .and_then(|p| p.iter().find(|p| p["name"] == "admin"))
-        .expect("the Service exposes a port named admin");
+        .and_then(|p| p.iter().find(|p| p["name"] == "dg-admin"))
+        .expect("the Service exposes a port named dg-admin");
     assert_eq!(
-        port["targetPort"], "admin",
+        port["targetPort"], "dg-admin",
         "targets the container port by its name"
     );
     let selected = monitor["spec"]["selector"]["matchLabels"]
@@ -485,8 +485,18 @@ fn service_monitor_scrapes_the_admin_port() {
     assert!(
         endpoints
             .iter()
-            .any(|e| e["port"] == "admin" && e["path"] == "/metrics"),
-        "an endpoint scrapes port admin at /metrics: {endpoints:?}"
+            .any(|e| e["port"] == "dg-admin" && e["path"] == "/metrics"),
+        "an endpoint scrapes port dg-admin at /metrics: {endpoints:?}"
+    );
+    // The sidecar in the Deployment declares that port.
+    let deployment = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/k8s/deployment.yaml"
+    ))
+    .expect("deployment.yaml");
+    assert!(
+        deployment.contains("name: dg-admin"),
+        "the sidecar names its admin port dg-admin"
     );
 }
 

@@ -1,0 +1,725 @@
+//! Deployment artefacts (deploy/Dockerfile, deploy/k8s) and `driftguard inject` (SPEC §7, §8).
+//!
+//! Docker is not available in CI, so the Dockerfile is read, not built: it must build the same binary
+//! target as `cargo build --release` and run it as a non-root user. Manifests and inject output are
+//! validated offline against the Kubernetes 1.30 schemas with `kubernetes-validate --strict` (PyPI,
+//! installed by .ci/run).
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+use common::{bin, run_cli, unique};
+
+/// The Kubernetes version the manifests are checked against.
+const KUBERNETES: &str = "1.30.0";
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+fn docs(text: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).expect("YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter()
+        .filter(|d| d["kind"].as_str() == Some(kind))
+        .collect()
+}
+
+fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .expect("containers")
+        .iter()
+        .find(|c| c["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+/// `driftguard inject <args>` with `stdin` piped in (or /dev/null), bounded in time.
+fn inject(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(bin())
+        .arg("inject")
+        .args(args)
+        .current_dir(root())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn driftguard inject");
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        let text = text.to_string();
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(text.as_bytes());
+        });
+    }
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("driftguard inject {args:?} did not exit within {LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+fn inject_ok(args: &[&str], stdin: Option<&str>) -> String {
+    let out = inject(args, stdin);
+    assert!(
+        out.status.success(),
+        "inject {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// `kubernetes-validate`, or `None` (with a skip message) when it is absent outside CI.
+fn validator(test: &str) -> Option<&'static str> {
+    let found = Command::new("kubernetes-validate")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "kubernetes-validate is required in CI (pip install kubernetes-validate)"
+        );
+        eprintln!("SKIPPED {test}: kubernetes-validate is not installed (pip install kubernetes-validate)");
+        return None;
+    }
+    Some("kubernetes-validate")
+}
+
+/// Validates the files against the Kubernetes schemas (strict: unknown fields are errors).
+fn validate(tool: &str, files: &[&Path]) -> Output {
+    Command::new(tool)
+        .args(["--strict", "--kubernetes-version", KUBERNETES, "--quiet"])
+        .args(files)
+        .output()
+        .expect("run kubernetes-validate")
+}
+
+fn assert_valid(tool: &str, files: &[&Path]) {
+    let out = validate(tool, files);
+    assert!(
+        out.status.success(),
+        "kubernetes-validate refused {files:?}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let dir = unique("k8s");
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write temp file");
+    path
+}
+
+// ================================================================================================
+// The container image
+// ================================================================================================
+
+/// The instructions of the Dockerfile, continuation lines joined, comments dropped.
+fn dockerfile() -> Vec<String> {
+    let text = read("deploy/Dockerfile");
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('#') || (t.is_empty() && current.is_empty()) {
+            continue;
+        }
+        match t.strip_suffix('\\') {
+            Some(part) => {
+                current.push_str(part.trim());
+                current.push(' ');
+            }
+            None => {
+                current.push_str(t);
+                out.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    out
+}
+
+fn instructions<'a>(lines: &'a [String], op: &str) -> Vec<&'a str> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(op).and_then(|r| r.strip_prefix(' ')))
+        .collect()
+}
+
+#[test]
+fn dockerfile_builds_the_release_binary_and_runs_it_unprivileged() {
+    let lines = dockerfile();
+    // The binary target is the one Cargo.toml declares.
+    let cargo: toml::Value = toml::from_str(&read("Cargo.toml")).expect("Cargo.toml");
+    let bins: Vec<&str> = cargo["bin"]
+        .as_array()
+        .expect("[[bin]]")
+        .iter()
+        .filter_map(|b| b["name"].as_str())
+        .collect();
+    assert_eq!(bins, ["driftguard"]);
+
+    let froms = instructions(&lines, "FROM");
+    assert_eq!(
+        froms.len(),
+        2,
+        "a build stage and a runtime stage: {froms:?}"
+    );
+    let build_stage = froms[0]
+        .split(" AS ")
+        .nth(1)
+        .expect("the first stage is named")
+        .trim();
+    // The builder's toolchain is at least the crate's rust-version.
+    let image = froms[0].split_whitespace().next().unwrap_or_default();
+    let tag = image.strip_prefix("rust:").expect("a rust builder image");
+    let version = |s: &str| -> Vec<u32> {
+        s.split(['.', '-'])
+            .take(2)
+            .map(|p| p.parse().expect("numeric rust version"))
+            .collect()
+    };
+    let msrv = cargo["package"]["rust-version"]
+        .as_str()
+        .expect("rust-version");
+    assert!(
+        version(tag) >= version(msrv),
+        "builder {image} is older than rust-version {msrv}"
+    );
+    assert!(
+        !froms[1].contains("rust:"),
+        "the runtime image is not the toolchain"
+    );
+
+    let builds: Vec<&str> = instructions(&lines, "RUN")
+        .into_iter()
+        .filter(|r| r.contains("cargo build"))
+        .collect();
+    assert_eq!(builds.len(), 1, "{builds:?}");
+    let words: Vec<&str> = builds[0].split_whitespace().collect();
+    let at = words
+        .iter()
+        .position(|w| *w == "build")
+        .expect("cargo build");
+    let cargo_args = &words[at..];
+    for want in ["--release", "--locked"] {
+        assert!(
+            cargo_args.contains(&want),
+            "cargo build without {want}: {builds:?}"
+        );
+    }
+    assert!(
+        cargo_args.windows(2).any(|w| w == ["--bin", "driftguard"]),
+        "cargo build does not name --bin driftguard: {builds:?}"
+    );
+    assert!(
+        !cargo_args
+            .iter()
+            .any(|a| a.starts_with("--profile") || a.starts_with("--features")),
+        "the image builds the plain release profile: {builds:?}"
+    );
+
+    let copies = instructions(&lines, "COPY");
+    assert!(
+        copies.iter().any(|c| {
+            c.contains(&format!("--from={build_stage}"))
+                && c.contains("target/release/driftguard")
+                && c.trim_end().ends_with("/usr/local/bin/driftguard")
+        }),
+        "the runtime stage copies target/release/driftguard from {build_stage}: {copies:?}"
+    );
+    let user = instructions(&lines, "USER");
+    let user = user.last().expect("USER").trim();
+    let uid = user.split(':').next().unwrap_or_default();
+    assert!(
+        uid != "root" && uid != "0" && !uid.is_empty(),
+        "the image runs as root: USER {user}"
+    );
+    // The pod's securityContext runs the sidecar as the image's user.
+    let deployment = docs(&read("deploy/k8s/deployment.yaml"));
+    let sidecar = container(&deployment[0], "driftguard");
+    assert_eq!(
+        sidecar["securityContext"]["runAsUser"]
+            .as_u64()
+            .map(|u| u.to_string()),
+        Some(uid.to_string())
+    );
+
+    let expose: Vec<&str> = instructions(&lines, "EXPOSE")
+        .iter()
+        .flat_map(|e| e.split_whitespace())
+        .collect();
+    assert_eq!(expose, ["9000", "9901"], "proxy and admin ports of SPEC §9");
+    assert_eq!(
+        instructions(&lines, "ENTRYPOINT"),
+        [r#"["driftguard"]"#],
+        "exec-form entrypoint"
+    );
+    assert_eq!(
+        instructions(&lines, "CMD").last().copied(),
+        Some(r#"["run", "--config", "/etc/driftguard/driftguard.toml"]"#)
+    );
+    assert_eq!(
+        driftguard::inject::CONFIG_FILE,
+        "/etc/driftguard/driftguard.toml"
+    );
+    let health = instructions(&lines, "HEALTHCHECK");
+    assert!(
+        health.len() == 1 && health[0].contains(r#"CMD ["driftguard", "status""#),
+        "HEALTHCHECK asks the admin listener: {health:?}"
+    );
+
+    // The build context leaves the target directory (gigabytes) and the git history out.
+    let ignore = read(".dockerignore");
+    for want in ["target/", ".git/"] {
+        assert!(
+            ignore.lines().any(|l| l.trim() == want),
+            ".dockerignore lacks {want}"
+        );
+    }
+    // Everything the Dockerfile copies from the context is in the context.
+    for copy in copies.iter().filter(|c| !c.contains("--from=")) {
+        let parts: Vec<&str> = copy.split_whitespace().collect();
+        for source in &parts[..parts.len() - 1] {
+            assert!(
+                root().join(source).exists(),
+                "COPY {source}: not in the repository"
+            );
+            let top = source
+                .trim_end_matches('/')
+                .split('/')
+                .next()
+                .unwrap_or_default();
+            assert!(
+                !ignore
+                    .lines()
+                    .any(|l| l.trim().trim_end_matches('/') == top),
+                "COPY {source} is excluded by .dockerignore"
+            );
+        }
+    }
+}
+
+#[test]
+fn dockerfile_passes_hadolint_when_installed() {
+    let Ok(out) = Command::new("hadolint")
+        .arg(root().join("deploy/Dockerfile"))
+        .output()
+    else {
+        // hadolint is no Debian package and CI cannot fetch its release binary: optional everywhere.
+        eprintln!("SKIPPED dockerfile_passes_hadolint_when_installed: hadolint is not installed");
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "hadolint:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ================================================================================================
+// The manifests
+// ================================================================================================
+
+#[test]
+fn manifests_validate_against_the_kubernetes_schemas() {
+    let Some(tool) = validator("manifests_validate_against_the_kubernetes_schemas") else {
+        return;
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/k8s"))
+        .expect("deploy/k8s")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.push(root().join("deploy/k8s/examples/app.yaml"));
+    assert!(files.len() >= 5, "{files:?}");
+    for file in &files {
+        assert_valid(tool, &[file]);
+    }
+}
+
+/// The validator is a real check: a misspelt field and a string port number are refused.
+#[test]
+fn the_validator_refuses_a_broken_manifest() {
+    let Some(tool) = validator("the_validator_refuses_a_broken_manifest") else {
+        return;
+    };
+    let deployment = read("deploy/k8s/deployment.yaml");
+    for (from, to) in [
+        ("readinessProbe:", "readinesProbe:"),
+        ("containerPort: 9000", "containerPort: nine-thousand"),
+    ] {
+        assert!(deployment.contains(from));
+        let broken = temp_file("broken.yaml", &deployment.replacen(from, to, 1));
+        let out = validate(tool, &[&broken]);
+        assert!(!out.status.success(), "{to} was accepted");
+    }
+}
+
+#[test]
+fn the_sidecar_manifests_agree_with_each_other_and_the_config() {
+    let config_map = docs(&read("deploy/k8s/configmap.yaml"));
+    let toml_text = config_map[0]["data"]["driftguard.toml"]
+        .as_str()
+        .expect("data.driftguard.toml");
+    // The config passes `driftguard check`.
+    let path = temp_file("driftguard.toml", toml_text);
+    let out = run_cli(
+        &["check", "--config", path.to_str().expect("path")],
+        path.parent().expect("dir"),
+        LIMIT,
+    );
+    assert!(
+        out.status.success(),
+        "driftguard check: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: toml::Value = toml::from_str(toml_text).expect("TOML");
+    assert_eq!(config["listen"]["proxy"].as_str(), Some("0.0.0.0:9000"));
+    assert_eq!(config["listen"]["admin"].as_str(), Some("0.0.0.0:9901"));
+    assert_eq!(
+        config["state_dir"].as_str(),
+        Some(driftguard::inject::STATE_DIR)
+    );
+
+    let deployment = docs(&read("deploy/k8s/deployment.yaml"));
+    let deployment = &deployment[0];
+    let pod = &deployment["spec"]["template"];
+    let app_port = pod["metadata"]["annotations"]["driftguard.io/app-port"]
+        .as_str()
+        .expect("app-port annotation");
+    let baseline = config["arms"]
+        .as_array()
+        .expect("arms")
+        .iter()
+        .find(|a| a["baseline"].as_bool() == Some(true))
+        .expect("a baseline arm");
+    assert_eq!(
+        baseline["upstream"].as_str(),
+        Some(format!("http://127.0.0.1:{app_port}").as_str()),
+        "the baseline arm is the app container of the pod"
+    );
+    let app = container(deployment, "app");
+    assert_eq!(
+        app["ports"][0]["containerPort"]
+            .as_u64()
+            .map(|p| p.to_string())
+            .as_deref(),
+        Some(app_port)
+    );
+    let sidecar = container(deployment, "driftguard");
+    assert_eq!(sidecar["ports"][0]["name"].as_str(), Some("http"));
+    assert_eq!(sidecar["ports"][0]["containerPort"].as_u64(), Some(9000));
+    assert_eq!(sidecar["ports"][1]["containerPort"].as_u64(), Some(9901));
+    assert_eq!(
+        sidecar["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        sidecar["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/healthz")
+    );
+    assert!(sidecar["resources"]["requests"].is_mapping());
+    assert!(sidecar["resources"]["limits"].is_mapping());
+    let mounts = sidecar["volumeMounts"].as_sequence().expect("mounts");
+    let config_mount = mounts
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some("/etc/driftguard"))
+        .expect("config mount");
+    assert_eq!(config_mount["readOnly"].as_bool(), Some(true));
+    let volumes = pod["spec"]["volumes"].as_sequence().expect("volumes");
+    let config_volume = volumes
+        .iter()
+        .find(|v| v["name"] == config_mount["name"])
+        .expect("config volume");
+    assert_eq!(
+        config_volume["configMap"]["name"],
+        config_map[0]["metadata"]["name"]
+    );
+    let token = &sidecar["env"][0];
+    assert_eq!(token["name"].as_str(), Some("DRIFTGUARD_ADMIN_TOKEN"));
+    let secret = docs(&read("deploy/k8s/secret.yaml"));
+    assert_eq!(
+        token["valueFrom"]["secretKeyRef"]["name"],
+        secret[0]["metadata"]["name"]
+    );
+    assert!(secret[0]["stringData"]["token"].is_string());
+
+    // The Service reaches the sidecar's proxy port, and selects this pod.
+    let service = docs(&read("deploy/k8s/service.yaml"));
+    let selector = service[0]["spec"]["selector"]
+        .as_mapping()
+        .expect("selector");
+    for (k, v) in selector {
+        assert_eq!(pod["metadata"]["labels"].get(k), Some(v));
+    }
+    assert_eq!(
+        service[0]["spec"]["ports"][0]["targetPort"].as_str(),
+        Some("http")
+    );
+
+    // deployment.yaml is what inject makes of the example app.
+    let injected = inject_ok(&["-f", "deploy/k8s/examples/app.yaml"], None);
+    let injected = docs(&injected);
+    assert_eq!(kind(&injected, "Deployment")[0], deployment);
+}
+
+// ================================================================================================
+// driftguard inject
+// ================================================================================================
+
+#[test]
+fn inject_output_of_the_example_validates() {
+    let out = inject_ok(&["-f", "deploy/k8s/examples/app.yaml"], None);
+    let d = docs(&out);
+    assert_eq!(d.len(), 3);
+    assert_eq!(d[1]["spec"]["ports"][0]["targetPort"].as_u64(), Some(9000));
+    // The app's own ConfigMap is copied byte for byte, comment included.
+    let example = read("deploy/k8s/examples/app.yaml");
+    let tail = &example[example.find("# The app's own settings").expect("comment")..];
+    assert!(out.ends_with(tail));
+    let Some(tool) = validator("inject_output_of_the_example_validates") else {
+        return;
+    };
+    assert_valid(tool, &[&temp_file("injected.yaml", &out)]);
+}
+
+const MULTI: &str = "\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: unrelated   # stays as it is
+data:
+  key: value
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: api
+  namespace: rag
+spec:
+  selector:
+    matchLabels: {app: api}
+  template:
+    metadata:
+      labels: {app: api}
+    spec:
+      containers:
+        - name: api
+          image: registry.example.com/api:2
+          ports:
+            - {name: web, containerPort: 8080}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: index
+  namespace: rag
+spec:
+  serviceName: index
+  selector:
+    matchLabels: {app: index}
+  template:
+    metadata:
+      labels: {app: index}
+    spec:
+      containers:
+        - name: index
+          image: registry.example.com/index:7
+          ports:
+            - {name: web, containerPort: 7000}
+            - {name: peer, containerPort: 7001}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: index
+  namespace: rag
+spec:
+  selector: {app: index}
+  ports:
+    - {name: web, port: 80, targetPort: 7000}
+    - {name: peer, port: 7001, targetPort: 7001}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: elsewhere   # selects another app: untouched
+  namespace: rag
+spec:
+  selector: {app: other}
+  ports:
+    - {port: 80, targetPort: 7000}
+";
+
+#[test]
+fn inject_handles_deployments_statefulsets_and_services_in_one_stream() {
+    let file = temp_file("multi.yaml", MULTI);
+    let out = inject_ok(
+        &[
+            "-f",
+            file.to_str().expect("path"),
+            "--port-name",
+            "web",
+            "--image",
+            "registry.example.com/driftguard:0.1.0",
+            "--config-map",
+            "rag-driftguard",
+        ],
+        None,
+    );
+    let d = docs(&out);
+    assert_eq!(d.len(), 5);
+    for (workload, app, port) in [(&d[1], "api", 8080), (&d[2], "index", 7000)] {
+        let app = container(workload, app);
+        assert_eq!(app["ports"][0]["name"].as_str(), Some("app-web"));
+        assert_eq!(app["ports"][0]["containerPort"].as_u64(), Some(port));
+        let sidecar = container(workload, "driftguard");
+        assert_eq!(sidecar["ports"][0]["name"].as_str(), Some("web"));
+        assert_eq!(
+            sidecar["image"].as_str(),
+            Some("registry.example.com/driftguard:0.1.0")
+        );
+        let volumes = workload["spec"]["template"]["spec"]["volumes"]
+            .as_sequence()
+            .expect("volumes");
+        assert!(volumes
+            .iter()
+            .any(|v| v["configMap"]["name"].as_str() == Some("rag-driftguard")));
+        assert_eq!(
+            workload["spec"]["template"]["metadata"]["annotations"]["driftguard.io/app-port"]
+                .as_str(),
+            Some(port.to_string().as_str())
+        );
+    }
+    // The Service of the StatefulSet now reaches the sidecar; its peer port still the app.
+    assert_eq!(d[3]["spec"]["ports"][0]["targetPort"].as_u64(), Some(9000));
+    assert_eq!(d[3]["spec"]["ports"][1]["targetPort"].as_u64(), Some(7001));
+    // Untouched documents are byte for byte the input, comments included.
+    assert!(out.starts_with(&MULTI[..MULTI.find("---").expect("marker")]));
+    assert!(out.ends_with(
+        &MULTI[MULTI
+            .find("---\napiVersion: v1\nkind: Service\nmetadata:\n  name: elsewhere")
+            .expect("doc")..]
+    ));
+
+    // A second pass changes nothing, byte for byte.
+    let twice = inject_ok(&["-f", "-", "--port-name", "web"], Some(&out));
+    assert_eq!(twice, out);
+
+    let Some(tool) =
+        validator("inject_handles_deployments_statefulsets_and_services_in_one_stream")
+    else {
+        return;
+    };
+    assert_valid(tool, &[&temp_file("multi-injected.yaml", &out)]);
+}
+
+#[test]
+fn inject_reads_stdin_and_is_idempotent() {
+    let example = read("deploy/k8s/examples/app.yaml");
+    let from_file = inject_ok(&["-f", "deploy/k8s/examples/app.yaml"], None);
+    let from_stdin = inject_ok(&["-f", "-"], Some(&example));
+    assert_eq!(from_stdin, from_file);
+    let twice = inject_ok(&["-f", "-"], Some(&from_stdin));
+    assert_eq!(twice, from_stdin, "injecting twice changed the output");
+}
+
+#[test]
+fn inject_refuses_what_it_cannot_handle() {
+    let app = read("deploy/k8s/examples/app.yaml");
+    let cases: Vec<(String, Vec<&str>, &str)> = vec![
+        ("kind: [unclosed\n".into(), vec![], "-: document 1: not YAML"),
+        (
+            format!("{app}---\nplain text, not an object\n"),
+            vec![],
+            "document 4: not a Kubernetes object",
+        ),
+        (
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: empty\nspec:\n  template:\n    spec:\n      containers: []\n".into(),
+            vec![],
+            "document 1 (Deployment empty): it has no containers",
+        ),
+        (
+            app.clone(),
+            vec!["--port-name", "grpc"],
+            "document 1 (Deployment rag): no port to take over: no container port is named \"grpc\"",
+        ),
+        (
+            app.replace("containerPort: 8000", "containerPort: 9000"),
+            vec![],
+            "document 1 (Deployment rag): container port 9000 is already used",
+        ),
+        (
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\n".into(),
+            vec![],
+            "the input holds no Deployment or StatefulSet to inject",
+        ),
+        (app.clone(), vec!["--port-name", "Not_A_Name"], "invalid option: --port-name"),
+    ];
+    for (input, extra, message) in cases {
+        let mut args = vec!["-f", "-"];
+        args.extend(extra);
+        let out = inject(&args, Some(&input));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{message}: {stderr}");
+        assert!(out.stdout.is_empty(), "{message}: wrote output");
+        assert!(
+            stderr.contains(message),
+            "expected {message:?} in {stderr:?}"
+        );
+    }
+    let out = inject(&["-f", "/nonexistent/app.yaml"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/app.yaml"));
+}
