@@ -50,8 +50,11 @@ pub async fn handle(
             }
         }
         (&Method::GET, "/status") => {
+            // The guard first: a state change stores the routing table before it commits the state,
+            // so a table read after the state is at least as new as the state shown.
+            let guard = engine.status();
             let mut status = app.status();
-            status["guard"] = engine.status();
+            status["guard"] = guard;
             json(StatusCode::OK, status)
         }
         (&Method::GET, "/snapshots") => {

@@ -183,7 +183,8 @@ BUILD_ID = "b-1"
 window = "10s"
 eval_interval = "250ms"
 min_samples = 50
-{hard}{extra}
+{extra}
+{hard}
 [[arms]]
 name = "baseline"
 upstream = "{baseline}"
@@ -816,7 +817,8 @@ async fn levers_can_be_overridden_to_a_kill_switch_flag() {
     let load = Load::start(&proxy, 4, Duration::from_millis(2));
     let tripped = wait_state(&client, &proxy, "tripped", WAIT * 2).await;
     load.stop().await;
-    assert_eq!(tripped["guard"]["last_trip"]["lever"], "flag");
+    let trip = &tripped["guard"]["last_trip"];
+    assert_eq!(trip["lever"], "flag", "{trip}");
     assert_eq!(tripped["flags"]["prompt_pack_v7"], false);
     assert_eq!(weight(&tripped, "canary"), 50);
     post_json(
