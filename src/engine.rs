@@ -187,73 +187,8 @@ impl Engine {
                             trip = Some((arm.name.clone(), finding));
                         }
                     }
-                    Verdict::Trip => {
-                        if first {
-                            self.app
-                                .metrics
-                                .trips
-                                .with_label_values(&[finding.rule])
-                                .inc();
-                            tracing::warn!(
-                                arm = arm.name.as_str(),
-                                rule = finding.rule,
-                                observed = finding.observed,
-                                threshold = finding.threshold,
-                                baseline = finding.baseline,
-                                p_value = finding.p_value,
-                                window_seconds = summaries[i].span_seconds,
-                                dry_run = true,
-                                "rule would trip (rules.dry_run: nothing done)"
-                            );
-                        }
-                    }
-                    Verdict::BaselineBreach => {
-                        if first {
-                            self.app
-                                .metrics
-                                .baseline_breaches
-                                .with_label_values(&[finding.rule])
-                                .inc();
-                            tracing::warn!(
-                                arm = arm.name.as_str(),
-                                rule = finding.rule,
-                                observed = finding.observed,
-                                threshold = finding.threshold,
-                                baseline = finding.baseline,
-                                "the baseline breaches this rule as much as the arm: not a trip"
-                            );
-                        }
-                    }
-                    Verdict::Warn => {
-                        if first {
-                            self.app
-                                .metrics
-                                .rule_warnings
-                                .with_label_values(&[finding.rule])
-                                .inc();
-                            tracing::warn!(
-                                arm = arm.name.as_str(),
-                                rule = finding.rule,
-                                observed = finding.observed,
-                                threshold = finding.threshold,
-                                baseline = finding.baseline,
-                                "soft rule breached"
-                            );
-                        }
-                    }
-                    Verdict::NotSignificant => {
-                        if first {
-                            tracing::info!(
-                                arm = arm.name.as_str(),
-                                rule = finding.rule,
-                                observed = finding.observed,
-                                threshold = finding.threshold,
-                                baseline = finding.baseline,
-                                p_value = finding.p_value,
-                                "over the threshold but not significantly worse than the baseline"
-                            );
-                        }
-                    }
+                    _ if first => self.report(&arm.name, &finding, summaries[i].span_seconds),
+                    _ => {}
                 }
             }
         }
@@ -280,6 +215,49 @@ impl Engine {
         }
         self.auto_baseline(config, table, state, summaries, set);
         Vec::new()
+    }
+
+    /// Logs and counts a finding that does not act (a dry-run trip, a baseline breach, a soft-rule
+    /// warning, a breach without significance), once per episode.
+    fn report(&self, arm: &str, f: &Finding, window_seconds: u64) {
+        let m = &self.app.metrics;
+        let (counter, message) = match f.verdict {
+            Verdict::Trip => (
+                Some(&m.trips),
+                "rule would trip (rules.dry_run: nothing done)",
+            ),
+            Verdict::BaselineBreach => (
+                Some(&m.baseline_breaches),
+                "the baseline breaches this rule as much as the arm: not a trip",
+            ),
+            Verdict::Warn => (Some(&m.rule_warnings), "soft rule breached"),
+            Verdict::NotSignificant => (
+                None,
+                "over the threshold but not significantly worse than the baseline",
+            ),
+        };
+        macro_rules! log {
+            ($level:ident) => {
+                tracing::$level!(
+                    arm,
+                    rule = f.rule,
+                    verdict = verdict_name(f.verdict),
+                    observed = f.observed,
+                    threshold = f.threshold,
+                    baseline = f.baseline,
+                    p_value = f.p_value,
+                    window_seconds,
+                    "{message}"
+                )
+            };
+        }
+        match counter {
+            Some(c) => {
+                c.with_label_values(&[f.rule]).inc();
+                log!(warn)
+            }
+            None => log!(info),
+        }
     }
 
     /// Single arm without a pinned baseline: pin one after `rules.auto_baseline_after` of green.
