@@ -182,11 +182,11 @@ impl Engine {
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(key);
                 match finding.verdict {
-                    Verdict::Trip if !config.rules.dry_run => {
-                        if trip.is_none() {
-                            trip = Some((arm.name.clone(), finding));
-                        }
+                    // The first tripping finding names the trip; later ones this round are moot.
+                    Verdict::Trip if !config.rules.dry_run && trip.is_none() => {
+                        trip = Some((arm.name.clone(), finding));
                     }
+                    Verdict::Trip if !config.rules.dry_run => {}
                     _ if first => self.report(&arm.name, &finding, summaries[i].span_seconds),
                     _ => {}
                 }
