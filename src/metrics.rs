@@ -120,6 +120,8 @@ pub struct Metrics {
     pub eval_dropped: IntCounter,
     pub eval_queue_depth: IntGauge,
     pub eval_skipped: IntCounterVec,
+    /// `build_info{version, embedder}`, set by the signals pipeline.
+    pub build_info: GaugeVec,
     pub eval_errors: IntCounterVec,
     pub tee_truncated: IntCounterVec,
     pub rate_limited: IntCounterVec,
@@ -190,13 +192,11 @@ impl Metrics {
             .expect("static registry prefix is valid");
         let build_info = GaugeVec::new(
             Opts::new("build_info", "Build of this driftguard (value always 1)."),
-            &["version"],
+            &["version", "embedder"],
         )
         .expect("static metric definition is valid");
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1.0);
-        r.register(Box::new(build_info))
+        // Its one series is set by the signals pipeline, which knows the embedder.
+        r.register(Box::new(build_info.clone()))
             .expect("metric names are unique");
         let eval_dropped = IntCounter::new(
             "eval_dropped_total",
@@ -254,6 +254,7 @@ impl Metrics {
             evaluations: counter_vec(&r, "evaluations_total", "Responses whose quality signals were computed.", &["arm"]),
             reloads: counter_vec(&r, "config_reloads_total", "Configuration reloads, by outcome.", &["outcome"]),
             eval_skipped: counter_vec(&r, "eval_skipped_total", "Sampled responses not evaluated, by reason.", &["reason"]),
+            build_info,
             eval_errors: counter_vec(&r, "eval_errors_total", "Evaluations that failed, by stage (embedder).", &["stage"]),
             rate_limited: counter_vec(
                 &r,
