@@ -3,6 +3,8 @@
 //! on absolute ΔS, names it in `/status`, `driftguard_build_info` and `eval --gold`, refuses broken model
 //! folders at `check`, at startup and on reload; `signals.max_evals_per_sec` caps evaluations.
 
+#![cfg(feature = "local-embedder")]
+
 mod common;
 
 use std::path::{Path, PathBuf};
