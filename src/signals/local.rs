@@ -62,6 +62,14 @@ pub struct Local {
 impl Local {
     /// Loads and checks the model folder `dir`; `max_tokens` truncates every input.
     pub fn load(dir: &Path, max_tokens: usize, cache_entries: usize) -> Result<Local, LoadError> {
+        // candle hands row-wise work (softmax, layer norm) to rayon's global pool: one thread, at the
+        // evaluation threads' low priority, so the model never competes with traffic. An error means
+        // the pool exists already (a second load, or an embedding host that built its own).
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|_| "driftguard-embed".into())
+            .start_handler(|_| crate::signals::pipeline::lower_priority())
+            .build_global();
         if !dir.is_dir() {
             return Err(load_error(dir, "not a model folder (no such directory)"));
         }
