@@ -593,6 +593,7 @@ impl App {
             "signals": {
                 "embedder": self.pipeline.embedder_name(),
                 "sample": config.signals.sample,
+                "max_evals_per_sec": config.signals.max_evals_per_sec,
                 "queue_depth": self.pipeline.depth(),
                 "dropped": self.metrics.eval_dropped.get(),
             },

@@ -253,6 +253,19 @@ impl Default for Cache {
 pub enum EmbedderKind {
     Hashed,
     Openai,
+    /// A sentence-transformers model folder run in process (`[signals.local]`; cargo feature
+    /// `local-embedder`).
+    Local,
+}
+
+impl EmbedderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmbedderKind::Hashed => "hashed",
+            EmbedderKind::Openai => "openai",
+            EmbedderKind::Local => "local",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -280,7 +293,12 @@ pub struct Signals {
     pub session_ttl: Dur,
     /// Most bytes of body copies waiting in the queue; past it samples are dropped (counted).
     pub max_queue_bytes: usize,
+    /// Most evaluations started per second (token bucket, one second of burst), applied after
+    /// `sample`; 0 = unlimited. Samples over it are not copied and count as
+    /// `eval_skipped_total{reason="rate_limited"}`.
+    pub max_evals_per_sec: f64,
     pub openai: OpenAiEmbedder,
+    pub local: LocalEmbedder,
 }
 
 impl Default for Signals {
@@ -299,7 +317,9 @@ impl Default for Signals {
             max_sessions: 100_000,
             session_ttl: secs(30 * 60),
             max_queue_bytes: 32 << 20,
+            max_evals_per_sec: 0.0,
             openai: OpenAiEmbedder::default(),
+            local: LocalEmbedder::default(),
         }
     }
 }
@@ -324,6 +344,29 @@ impl Default for OpenAiEmbedder {
             model: "bge-small-en-v1.5".into(),
             timeout: secs(2),
             api_key_env: String::new(),
+            cache_entries: 10_000,
+        }
+    }
+}
+
+/// `[signals.local]`: the in-process sentence-embedding model of `embedder = "local"`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalEmbedder {
+    /// A sentence-transformers BERT model folder: `config.json`, `model.safetensors`, `tokenizer.json`,
+    /// `1_Pooling/config.json`.
+    pub model_dir: String,
+    /// Tokens of each text fed to the model; longer texts are truncated.
+    pub max_tokens: usize,
+    /// Embeddings cached by text hash (0 = no cache).
+    pub cache_entries: usize,
+}
+
+impl Default for LocalEmbedder {
+    fn default() -> Self {
+        LocalEmbedder {
+            model_dir: String::new(),
+            max_tokens: 256,
             cache_entries: 10_000,
         }
     }
@@ -830,6 +873,29 @@ impl Config {
         }
         if s.embedder == EmbedderKind::Openai && !s.openai.url.starts_with("http://") {
             errors.push(err("signals.openai.url", "an http:// URL is required for embedder = \"openai\" (https is not supported; use a local endpoint or a TLS-terminating sidecar)"));
+        }
+        if !(s.max_evals_per_sec.is_finite() && s.max_evals_per_sec >= 0.0) {
+            errors.push(err(
+                "signals.max_evals_per_sec",
+                "must be 0 (unlimited) or above",
+            ));
+        }
+        if s.embedder == EmbedderKind::Local {
+            if !cfg!(feature = "local-embedder") {
+                errors.push(err("signals.embedder", "\"local\" needs a driftguard built with the cargo feature local-embedder (this build is the lean one)"));
+            }
+            if s.local.model_dir.is_empty() {
+                errors.push(err(
+                    "signals.local.model_dir",
+                    "a model folder is required for embedder = \"local\"",
+                ));
+            }
+        }
+        if s.local.max_tokens == 0 || s.local.max_tokens > 8192 {
+            errors.push(err(
+                "signals.local.max_tokens",
+                "must be between 1 and 8192 (and at most the model's max_position_embeddings)",
+            ));
         }
         if s.max_sessions == 0 {
             errors.push(err("signals.max_sessions", "must be at least 1"));

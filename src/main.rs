@@ -155,6 +155,12 @@ struct AdminArgs {
 }
 
 fn main() -> ExitCode {
+    // The local embedder's matrix products then run on the (low-priority) evaluation thread that asks
+    // for them instead of fanning out over every core; `signals.workers` is the knob for parallelism.
+    // Set before any thread exists, as the environment must be.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
     let cli = Cli::parse();
     let explicit = cli.config.is_some();
     let config_path = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
@@ -400,6 +406,15 @@ fn check(path: &Path) -> ExitCode {
     match driftguard::app::load(path) {
         Ok(loaded) => {
             let c = &loaded.config;
+            // The embedder is built as `run` would build it: a local model is loaded and run once.
+            let embedder = match driftguard::signals::embedder(&c.signals) {
+                Ok(embedder) => embedder,
+                Err(e) => {
+                    eprintln!("{}: 1 error(s)", path.display());
+                    eprintln!("  {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let arms: Vec<String> = c
                 .arms
                 .iter()
@@ -411,6 +426,7 @@ fn check(path: &Path) -> ExitCode {
                 c.arms.len(),
                 arms.join(", ")
             );
+            println!("signals: embedder {}", embedder.name());
             if let Some(b) = &c.budget {
                 let backend = match b.backend {
                     BudgetBackend::Local => "local".to_string(),

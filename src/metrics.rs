@@ -123,6 +123,8 @@ pub struct Metrics {
     pub otel_exported_spans: IntCounter,
     pub eval_queue_depth: IntGauge,
     pub eval_skipped: IntCounterVec,
+    /// `build_info{version, embedder}`, set by the signals pipeline.
+    pub build_info: GaugeVec,
     pub eval_errors: IntCounterVec,
     pub tee_truncated: IntCounterVec,
     pub rate_limited: IntCounterVec,
@@ -193,13 +195,11 @@ impl Metrics {
             .expect("static registry prefix is valid");
         let build_info = GaugeVec::new(
             Opts::new("build_info", "Build of this driftguard (value always 1)."),
-            &["version"],
+            &["version", "embedder"],
         )
         .expect("static metric definition is valid");
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1.0);
-        r.register(Box::new(build_info))
+        // Its one series is set by the signals pipeline, which knows the embedder.
+        r.register(Box::new(build_info.clone()))
             .expect("metric names are unique");
         let eval_dropped = IntCounter::new(
             "eval_dropped_total",
@@ -264,6 +264,7 @@ impl Metrics {
                 r.register(Box::new(c.clone())).expect("metric names are unique");
                 c
             },
+            build_info,
             eval_errors: counter_vec(&r, "eval_errors_total", "Evaluations that failed, by stage (embedder).", &["stage"]),
             rate_limited: counter_vec(
                 &r,

@@ -19,6 +19,7 @@ use crate::guards::freeze::WriteRoutes;
 use crate::guards::Breakers;
 use crate::metrics::{ArmStats, Metrics};
 use crate::pins::{self, PinSet};
+use crate::signals::rate::EvalRate;
 use crate::upstream::{Pool, Pools};
 
 /// One upstream arm with everything the request path needs, prepared once.
@@ -61,6 +62,8 @@ pub struct Settings {
     /// With a `[budget]`: how many request bytes to read ahead, and the completion tokens to reserve
     /// when the request names none.
     pub budget: Option<BudgetPeek>,
+    /// `signals.max_evals_per_sec` above 0: the bucket each sampled request takes a token from.
+    pub eval_rate: Option<Arc<EvalRate>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -123,7 +126,8 @@ impl Settings {
     /// Whether this request's exchange is copied for evaluation.
     #[inline]
     pub fn sampled(&self) -> bool {
-        self.sample >= 1.0 || (self.sample > 0.0 && fastrand::f64() < self.sample)
+        let drawn = self.sample >= 1.0 || (self.sample > 0.0 && fastrand::f64() < self.sample);
+        drawn && self.eval_rate.as_ref().is_none_or(|rate| rate.admit())
     }
 }
 
@@ -225,6 +229,14 @@ impl RoutingTable {
             budget: config.budget.as_ref().map(|b| BudgetPeek {
                 peek_bytes: b.peek_bytes,
                 default_completion_tokens: b.default_completion_tokens,
+            }),
+            eval_rate: (config.signals.max_evals_per_sec > 0.0).then(|| {
+                Arc::new(EvalRate::new(
+                    config.signals.max_evals_per_sec,
+                    metrics
+                        .eval_skipped
+                        .with_label_values(&[crate::signals::pipeline::RATE_LIMITED]),
+                ))
             }),
         };
         Ok(RoutingTable::new(

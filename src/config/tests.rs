@@ -248,3 +248,44 @@ fn breaker_degrade_target_names_an_arm() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn local_embedder_keys_have_defaults_and_are_checked() {
+    let c = Config::parse(&format!(
+        "{MINIMAL}[signals]\nembedder = \"local\"\nmax_evals_per_sec = 5\n[signals.local]\nmodel_dir = \"/models/minilm\"\n"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.signals.embedder, EmbedderKind::Local);
+    assert_eq!(c.signals.max_evals_per_sec, 5.0);
+    assert_eq!(c.signals.local.model_dir, "/models/minilm");
+    assert_eq!(c.signals.local.max_tokens, 256);
+    assert_eq!(c.signals.local.cache_entries, 10_000);
+    assert_eq!(
+        Config::parse(MINIMAL).unwrap().signals.max_evals_per_sec,
+        0.0
+    );
+
+    let bad = [
+        (
+            "[signals]\nembedder = \"local\"\n",
+            "signals.local.model_dir",
+        ),
+        (
+            "[signals]\nmax_evals_per_sec = -1\n",
+            "signals.max_evals_per_sec",
+        ),
+        (
+            "[signals.local]\nmax_tokens = 0\n",
+            "signals.local.max_tokens",
+        ),
+        ("[signals.local]\nmodel = \"x\"\n", "signals.local.model"),
+        ("[signals]\nembedder = \"onnx\"\n", "signals.embedder"),
+    ];
+    for (extra, path) in bad {
+        let errors = errors_of(&format!("{MINIMAL}{extra}"));
+        assert!(
+            errors.iter().any(|e| e.path == path),
+            "{extra:?}: expected an error at {path}, got {errors:?}"
+        );
+    }
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 /// Dimensions of a [`Hashed`] vector.
 pub const DIMS: usize = 1024;
 
-/// Why an embedder produced no vectors. Only remote embedders fail; a failure skips the sample.
+/// Why an embedder produced no vectors. `hashed` never fails; a failure skips the sample.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
     /// The endpoint refused the request, was unreachable or answered with an error status.
@@ -27,6 +27,9 @@ pub enum EmbedError {
     /// The endpoint answered, but not with embeddings we can read.
     #[error("embedding endpoint sent a malformed response: {0}")]
     Malformed(String),
+    /// The in-process model failed on this input.
+    #[error("local model failed: {0}")]
+    Model(String),
     /// The endpoint returned a different number of vectors than texts sent.
     #[error("embedder returned {got} vectors for {expected} texts")]
     Count { expected: usize, got: usize },

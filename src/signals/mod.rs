@@ -2,15 +2,22 @@
 //! request path from the teed bodies.
 //!
 //! [`extract`] finds the question, chunks and answer in the bodies, [`embed`] turns text into vectors
-//! (`hashed` built in, [`openai`] for a remote endpoint), [`measure`] holds the SPEC definitions, and
+//! (`hashed` built in, [`openai`] for a remote endpoint, `local` for a model run in process, both
+//! behind the shared [`cache`]), [`measure`] holds the SPEC definitions, and
 //! [`pipeline`] runs it all on worker threads behind a bounded queue.
 
+#[cfg(feature = "local-embedder")]
+pub mod bert;
+pub mod cache;
 pub mod embed;
 pub mod extract;
 pub mod gold;
+#[cfg(feature = "local-embedder")]
+pub mod local;
 pub mod measure;
 pub mod openai;
 pub mod pipeline;
+pub mod rate;
 
 use std::sync::Arc;
 
@@ -25,6 +32,9 @@ pub enum EvalError {
     Embed(#[from] EmbedError),
     #[error("{0}")]
     Setup(String),
+    /// The `local` embedder's model folder cannot be used.
+    #[error("signals.local.model_dir: {0}")]
+    Model(String),
 }
 
 /// The embedder the config asks for.
@@ -44,5 +54,32 @@ pub fn embedder(config: &SignalsConfig) -> Result<Arc<dyn Embedder>, EvalError> 
                 o.cache_entries,
             )?)
         }
+        EmbedderKind::Local => local(config)?,
     })
+}
+
+#[cfg(feature = "local-embedder")]
+fn local(config: &SignalsConfig) -> Result<Arc<dyn Embedder>, EvalError> {
+    let l = &config.local;
+    let model = local::Local::load(
+        std::path::Path::new(&l.model_dir),
+        l.max_tokens,
+        l.cache_entries,
+    )
+    .map_err(|e| EvalError::Model(e.to_string()))?;
+    tracing::info!(
+        model_dir = l.model_dir.as_str(),
+        dims = model.dims(),
+        pooling = ?model.pooling(),
+        max_tokens = model.max_tokens(),
+        "local embedding model loaded"
+    );
+    Ok(Arc::new(model))
+}
+
+#[cfg(not(feature = "local-embedder"))]
+fn local(_: &SignalsConfig) -> Result<Arc<dyn Embedder>, EvalError> {
+    Err(EvalError::Model(
+        "this driftguard was built without the cargo feature local-embedder".into(),
+    ))
 }

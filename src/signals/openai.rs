@@ -5,20 +5,16 @@
 //! It is called from the evaluation threads, which block on a small runtime of its own — never the
 //! proxy's.
 
-use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::signals::cache::VectorCache;
+use crate::signals::embed::{EmbedError, Embedder};
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use lru::LruCache;
-use sha2::{Digest, Sha256};
-
-use crate::signals::embed::{EmbedError, Embedder};
 
 /// Texts sent in one request at most.
 const MAX_BATCH: usize = 64;
@@ -33,7 +29,7 @@ pub struct OpenAi {
     client: Client<HttpConnector, Full<Bytes>>,
     /// Always `Some` until drop; see `Drop`.
     runtime: Option<tokio::runtime::Runtime>,
-    cache: Mutex<LruCache<[u8; 16], Arc<Vec<f32>>>>,
+    cache: VectorCache,
 }
 
 impl OpenAi {
@@ -68,7 +64,6 @@ impl OpenAi {
             .map(|k| HeaderValue::try_from(format!("Bearer {k}")))
             .transpose()
             .map_err(|_| EmbedError::Endpoint("the API key is not a valid header value".into()))?;
-        let capacity = NonZeroUsize::new(cache_entries).unwrap_or(NonZeroUsize::MIN);
         Ok(OpenAi {
             url,
             model: model.to_string(),
@@ -76,7 +71,7 @@ impl OpenAi {
             api_key,
             client,
             runtime: Some(runtime),
-            cache: Mutex::new(LruCache::new(capacity)),
+            cache: VectorCache::new(cache_entries),
         })
     }
 
@@ -156,13 +151,6 @@ fn parse_response(bytes: &[u8], expected: usize) -> Result<Vec<Vec<f32>>, EmbedE
     Ok(out)
 }
 
-fn text_key(text: &str) -> [u8; 16] {
-    let digest = Sha256::digest(text.as_bytes());
-    let mut key = [0u8; 16];
-    key.copy_from_slice(&digest[..16]);
-    key
-}
-
 impl Drop for OpenAi {
     /// A reload or shutdown can drop the embedder on a thread of the proxy's runtime, where dropping a
     /// runtime would panic; shutting it down in the background is allowed anywhere.
@@ -179,38 +167,8 @@ impl Embedder for OpenAi {
     }
 
     fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let keys: Vec<[u8; 16]> = texts.iter().map(|t| text_key(t)).collect();
-        let mut out: Vec<Option<Arc<Vec<f32>>>> = {
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            keys.iter().map(|k| cache.get(k).cloned()).collect()
-        };
-        // Each distinct missing text once.
-        let mut missing: Vec<usize> = Vec::new();
-        for (i, v) in out.iter().enumerate() {
-            if v.is_none() && !missing.iter().any(|&j| keys[j] == keys[i]) {
-                missing.push(i);
-            }
-        }
-        for batch in missing.chunks(MAX_BATCH) {
-            let batch_texts: Vec<&str> = batch.iter().map(|&i| texts[i]).collect();
-            let vectors = self.request(&batch_texts)?;
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            for (&i, v) in batch.iter().zip(vectors) {
-                let v = Arc::new(v);
-                cache.put(keys[i], v.clone());
-                for (slot, key) in out.iter_mut().zip(&keys) {
-                    if slot.is_none() && *key == keys[i] {
-                        *slot = Some(v.clone());
-                    }
-                }
-            }
-        }
-        out.into_iter()
-            .map(|v| {
-                v.map(|v| v.as_ref().clone())
-                    .ok_or_else(|| EmbedError::Malformed("embedding missing".into()))
-            })
-            .collect()
+        self.cache
+            .embed_through(texts, MAX_BATCH, |batch| self.request(batch))
     }
 }
 

@@ -15,9 +15,9 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use lru::LruCache;
-use prometheus::{IntCounter, IntCounterVec};
+use prometheus::{GaugeVec, IntCounter, IntCounterVec};
 
-use crate::config::Signals as SignalsConfig;
+use crate::config::{EmbedderKind, LocalEmbedder, Signals as SignalsConfig};
 use crate::log::ACCESS;
 use opentelemetry::trace::{Span as _, Status};
 use opentelemetry::KeyValue;
@@ -56,10 +56,26 @@ impl Sample {
 pub struct Evaluator {
     pub extractor: Extractor,
     pub embedder: Arc<dyn Embedder>,
+    /// The `local` model's settings, so a reload that keeps them keeps the loaded model.
+    local: Option<LocalEmbedder>,
 }
 
 impl Evaluator {
     pub fn from_config(config: &SignalsConfig) -> Result<Evaluator, EvalError> {
+        Evaluator::reusing(config, None)
+    }
+
+    /// Like [`Evaluator::from_config`], but keeps `previous`'s local model when its settings did not
+    /// change: loading one reads and checks ~100 MB.
+    fn reusing(
+        config: &SignalsConfig,
+        previous: Option<&Evaluator>,
+    ) -> Result<Evaluator, EvalError> {
+        let local = (config.embedder == EmbedderKind::Local).then(|| config.local.clone());
+        let embedder = match previous {
+            Some(p) if local.is_some() && p.local == local => p.embedder.clone(),
+            _ => crate::signals::embedder(config)?,
+        };
         Ok(Evaluator {
             extractor: Extractor::new(
                 &config.question,
@@ -67,7 +83,8 @@ impl Evaluator {
                 &config.answer,
                 &config.anchor,
             )?,
-            embedder: crate::signals::embedder(config)?,
+            embedder,
+            local,
         })
     }
 }
@@ -195,12 +212,15 @@ pub struct Pipeline {
     truncated: IntCounterVec,
     skipped: IntCounterVec,
     evaluator: Arc<ArcSwap<Evaluator>>,
+    build_info: GaugeVec,
 }
 
 /// Skip reason of a response that did not complete.
 const INCOMPLETE: &str = "incomplete";
 /// Skip reason of a response whose content type holds no JSON.
 pub const NOT_JSON: &str = "response_not_json";
+/// Skip reason of a sampled request over `signals.max_evals_per_sec`.
+pub const RATE_LIMITED: &str = "rate_limited";
 
 /// How long an idle worker keeps polling before it parks until woken. Under load samples arrive well
 /// within it, so the request path almost never pays for a wake-up.
@@ -243,9 +263,14 @@ impl Pipeline {
             let _ = wakeup.thread.set(handle.thread().clone());
             workers.push(wakeup);
         }
-        for reason in Skip::ALL.iter().map(|s| s.as_str()).chain([INCOMPLETE]) {
+        for reason in Skip::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .chain([INCOMPLETE, RATE_LIMITED])
+        {
             metrics.eval_skipped.with_label_values(&[reason]);
         }
+        set_build_info(&metrics.build_info, evaluator.load().embedder.name());
         Ok(Pipeline {
             queue,
             queued_bytes,
@@ -256,6 +281,7 @@ impl Pipeline {
             truncated: metrics.tee_truncated.clone(),
             skipped: metrics.eval_skipped.clone(),
             evaluator,
+            build_info: metrics.build_info.clone(),
         })
     }
 
@@ -330,17 +356,29 @@ impl Pipeline {
     }
 
     /// Swaps in a new extractor and embedder (config reload).
+    /// The new embedder is built (a model loaded and checked) before the swap; an error leaves the
+    /// running evaluator in place.
     pub fn reconfigure(&self, config: &SignalsConfig) -> Result<(), EvalError> {
-        self.evaluator
-            .store(Arc::new(Evaluator::from_config(config)?));
+        let next = Evaluator::reusing(config, Some(&self.evaluator.load()))?;
+        let name = next.embedder.name();
+        self.evaluator.store(Arc::new(next));
+        set_build_info(&self.build_info, name);
         Ok(())
     }
+}
+
+/// `driftguard_build_info{version, embedder}`: one series, naming the embedder in use.
+fn set_build_info(build_info: &GaugeVec, embedder: &str) {
+    build_info.reset();
+    build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), embedder])
+        .set(1.0);
 }
 
 /// Evaluation yields the CPU to traffic: a sidecar usually has one core, and an evaluation costs more
 /// than proxying the request it scores. At nice 19 the workers take what the proxy leaves; when that is
 /// not enough the queue fills and samples are dropped (counted) instead of requests slowing down.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     // SAFETY: setpriority has no memory effects; on Linux, PRIO_PROCESS with who = 0 is this thread.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, EVAL_NICE) };
     if rc != 0 {

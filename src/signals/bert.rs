@@ -1,0 +1,192 @@
+//! The BERT encoder behind the `local` embedder ([`super::local`]): the forward pass of a
+//! sentence-transformers BERT (MiniLM, BGE-small, …) on candle's CPU backend, inference only.
+//!
+//! Written out here rather than taken from candle-transformers: the whole of that crate (80k lines of
+//! models) would be compiled for these 150, and every weight is fetched through [`VarBuilder`], so a
+//! weight missing from `model.safetensors` or of another shape than `config.json` says is an error at
+//! load time, never a panic at evaluation time.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+/// The fields of a Hugging Face `config.json` the encoder needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "gelu")]
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "two")]
+    pub type_vocab_size: usize,
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+fn gelu() -> String {
+    "gelu".into()
+}
+fn two() -> usize {
+    2
+}
+fn eps() -> f64 {
+    1e-12
+}
+
+/// Added to the attention scores of padding positions: their softmax weight becomes exactly 0, so a
+/// text embeds the same alone and padded in a batch.
+const MASKED: f64 = -1e9;
+
+pub struct Bert {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    embeddings_norm: LayerNorm,
+    layers: Vec<Layer>,
+    gelu_exact: bool,
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_out: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+    heads: usize,
+    head_size: usize,
+}
+
+// === impl Bert ===
+
+impl Bert {
+    /// Fetches every weight `config` implies from `vb`; the weights may sit under a `bert.` prefix.
+    pub fn load(vb: VarBuilder, config: &BertConfig) -> Result<Bert> {
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+            vb.pp("bert")
+        } else {
+            vb
+        };
+        let gelu_exact = match config.hidden_act.as_str() {
+            "gelu" => true,
+            "gelu_new" | "gelu_pytorch_tanh" => false,
+            other => candle_core::bail!("hidden_act {other:?} is not supported (gelu, gelu_new)"),
+        };
+        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+            candle_core::bail!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                config.hidden_size,
+                config.num_attention_heads
+            );
+        }
+        let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+        let e = vb.pp("embeddings");
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let l = vb.pp(format!("encoder.layer.{i}"));
+                let a = l.pp("attention");
+                Ok(Layer {
+                    query: linear(h, h, a.pp("self.query"))?,
+                    key: linear(h, h, a.pp("self.key"))?,
+                    value: linear(h, h, a.pp("self.value"))?,
+                    attention_out: linear(h, h, a.pp("output.dense"))?,
+                    attention_norm: layer_norm(h, eps, a.pp("output.LayerNorm"))?,
+                    intermediate: linear(h, config.intermediate_size, l.pp("intermediate.dense"))?,
+                    output: linear(config.intermediate_size, h, l.pp("output.dense"))?,
+                    output_norm: layer_norm(h, eps, l.pp("output.LayerNorm"))?,
+                    heads: config.num_attention_heads,
+                    head_size: h / config.num_attention_heads,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Bert {
+            word: embedding(config.vocab_size, h, e.pp("word_embeddings"))?,
+            position: embedding(
+                config.max_position_embeddings,
+                h,
+                e.pp("position_embeddings"),
+            )?,
+            token_type: embedding(config.type_vocab_size, h, e.pp("token_type_embeddings"))?,
+            embeddings_norm: layer_norm(h, eps, e.pp("LayerNorm"))?,
+            layers,
+            gelu_exact,
+        })
+    }
+
+    /// The last hidden states `(batch, seq, hidden)` of `ids` `(batch, seq)`, with `mask` `(batch,
+    /// seq)` 1 for tokens and 0 for padding.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (_, seq) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
+        let types = ids.zeros_like()?;
+        let x = self
+            .word
+            .forward(ids)?
+            .add(&self.token_type.forward(&types)?)?
+            .broadcast_add(&self.position.forward(&positions)?)?;
+        let mut x = self.embeddings_norm.forward(&x)?;
+        // (batch, 1, 1, seq): 0 where attended, MASKED on padding.
+        let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * -MASKED)?
+            .unsqueeze(1)?
+            .unsqueeze(1)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &bias, self.gelu_exact)?;
+        }
+        Ok(x)
+    }
+}
+
+// === impl Layer ===
+
+impl Layer {
+    fn forward(&self, x: &Tensor, bias: &Tensor, gelu_exact: bool) -> Result<Tensor> {
+        let (batch, seq, hidden) = x.dims3()?;
+        let split = |t: Tensor| {
+            t.reshape((batch, seq, self.heads, self.head_size))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.query.forward(x)?)?;
+        let k = split(self.key.forward(x)?)?;
+        let v = split(self.value.forward(x)?)?;
+        let scores = (q.matmul(&k.t()?)? / (self.head_size as f64).sqrt())?.broadcast_add(bias)?;
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let context = weights
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((batch, seq, hidden))?;
+        let attended = self
+            .attention_norm
+            .forward(&(self.attention_out.forward(&context)? + x)?)?;
+        let inner = self.intermediate.forward(&attended)?;
+        let inner = if gelu_exact {
+            inner.gelu_erf()?
+        } else {
+            inner.gelu()?
+        };
+        self.output_norm
+            .forward(&(self.output.forward(&inner)? + attended)?)
+    }
+}
+
+/// Mean of the hidden states over the real tokens: `(batch, seq, hidden)` → `(batch, hidden)`.
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let mask = mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+    let counts = mask.sum(1)?.clamp(1.0, f64::MAX)?;
+    summed.broadcast_div(&counts)
+}
+
+/// The hidden state of the first token (`[CLS]`): `(batch, seq, hidden)` → `(batch, hidden)`.
+pub fn cls_pool(hidden: &Tensor) -> Result<Tensor> {
+    hidden.narrow(1, 0, 1)?.squeeze(1)
+}
