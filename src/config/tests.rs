@@ -251,10 +251,18 @@ fn breaker_degrade_target_names_an_arm() {
 
 #[test]
 fn local_embedder_keys_have_defaults_and_are_checked() {
-    let c = Config::parse(&format!(
+    let text = format!(
         "{MINIMAL}[signals]\nembedder = \"local\"\nmax_evals_per_sec = 5\n[signals.local]\nmodel_dir = \"/models/minilm\"\n"
-    ))
-    .unwrap_or_else(|e| panic!("{e}"));
+    );
+    if !cfg!(feature = "local-embedder") {
+        let errors = errors_of(&text);
+        assert!(
+            errors.iter().any(|e| e.path == "signals.embedder"),
+            "{errors:?}"
+        );
+        return;
+    }
+    let c = Config::parse(&text).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.signals.embedder, EmbedderKind::Local);
     assert_eq!(c.signals.max_evals_per_sec, 5.0);
     assert_eq!(c.signals.local.model_dir, "/models/minilm");
