@@ -236,10 +236,15 @@ fn hmac_hex(secret: &str, body: &[u8]) -> String {
 // Tests
 // ================================================================================================
 
+/// One test at a time: each drives a proxy and two upstreams at full speed, and the rules judge
+/// latency and error shares — tests sharing two CI cores would judge each other's load.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The headline: a canary answering 5xx at 10 % is rolled back within seconds of `min_samples`, with
 /// the hooks run, a signed webhook, a snapshot, and no request failed by the flip.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_failing_one_in_ten_is_rolled_back() {
+    let _serial = SERIAL.lock().await;
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", FAIL_10);
     let receiver = Scripted::start("webhook", |_, _| Canned::json(&json!({"ok": true})));
@@ -433,6 +438,7 @@ retries = 2
 /// Off-topic answers move ΔS: a ΔS drift rule trips (coverage judged off so the ΔS rule is the one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_off_topic_canary_trips_a_delta_s_rule() {
+    let _serial = SERIAL.lock().await;
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", OFF_TOPIC);
     // Only the ΔS rules judge: off-topic answers also lose coverage and flip λ.
@@ -453,6 +459,7 @@ async fn an_off_topic_canary_trips_a_delta_s_rule() {
 /// Answers without grounding in the retrieved chunks: the coverage rule trips.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ungrounded_canary_trips_the_coverage_rule() {
+    let _serial = SERIAL.lock().await;
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", OFF_TOPIC);
     let extra = format!(
@@ -473,6 +480,7 @@ async fn an_ungrounded_canary_trips_the_coverage_rule() {
 /// A healthy canary under the same load for two windows: no trip, no warning that matters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_canary_is_left_alone() {
+    let _serial = SERIAL.lock().await;
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", GROUNDED);
     let proxy = Proxy::start(&config(&baseline.url(), &canary.url(), SLOW_RECOVERY));
@@ -503,6 +511,7 @@ async fn a_healthy_canary_is_left_alone() {
 /// `rules.dry_run`: the trip is counted and logged, nothing is changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_counts_without_acting() {
+    let _serial = SERIAL.lock().await;
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", FAIL_10);
     let proxy = Proxy::start(&config(&baseline.url(), &canary.url(), "dry_run = true\n"));
@@ -535,6 +544,7 @@ async fn dry_run_counts_without_acting() {
 /// A restart — kill -9 — while tripped comes back tripped, with the same routing and freeze.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trip_survives_kill_9() {
+    let _serial = SERIAL.lock().await;
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", GROUNDED);
     let state_dir = unique("rollback-state");
@@ -587,6 +597,7 @@ async fn a_trip_survives_kill_9() {
 /// rolled back, the `recovered` hook fires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_targets_held_for_the_hold_recover() {
+    let _serial = SERIAL.lock().await;
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", GROUNDED);
     let receiver = Scripted::start("webhook", |_, _| Canned::json(&json!({"ok": true})));
@@ -644,6 +655,7 @@ async fn exit_targets_held_for_the_hold_recover() {
 /// Unmet exit targets by the deadline: escalated, and it stays there until `recover`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmet_targets_by_the_deadline_escalate() {
+    let _serial = SERIAL.lock().await;
     let baseline = RagArm::start("baseline", FAIL_10);
     let canary = RagArm::start("canary", GROUNDED);
     let extra = "[recovery]\nhold = \"1h\"\ndeadline = \"2s\"\n";
@@ -666,6 +678,7 @@ async fn unmet_targets_by_the_deadline_escalate() {
 /// The CLI verbs talk to the admin listener with the token from the environment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_trip_status_and_recover() {
+    let _serial = SERIAL.lock().await;
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", GROUNDED);
     let proxy = Proxy::start_with_env(
@@ -724,6 +737,7 @@ async fn cli_trip_status_and_recover() {
 /// good alias and hash, and a new cache namespace; the canary keeps its traffic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_index_pin_mismatch_pulls_the_alias_lever() {
+    let _serial = SERIAL.lock().await;
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", WRONG_INDEX);
     let extra = format!(
@@ -768,6 +782,7 @@ async fn an_index_pin_mismatch_pulls_the_alias_lever() {
 /// Decision tree: a p99 regression pulls `degrade` — the upstreams then get `x-driftguard-degrade`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_p99_regression_pulls_degrade() {
+    let _serial = SERIAL.lock().await;
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", SLOW);
     let extra = format!(
@@ -807,6 +822,7 @@ async fn a_p99_regression_pulls_degrade() {
 /// `[rollback.levers]` overrides the tree: errors pull the `flag` kill switch instead of routing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn levers_can_be_overridden_to_a_kill_switch_flag() {
+    let _serial = SERIAL.lock().await;
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", FAIL_10);
     let extra = format!(
@@ -844,6 +860,7 @@ async fn levers_can_be_overridden_to_a_kill_switch_flag() {
 /// A single arm: rules compare against a pinned baseline captured by `POST /baseline`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_arm_is_judged_against_its_pinned_baseline() {
+    let _serial = SERIAL.lock().await;
     let only = RagArm::start("only", GROUNDED);
     let text = format!(
         "{LISTEN}\n[rules]\nwindow = \"10s\"\neval_interval = \"250ms\"\nmin_samples = 50\n{SLOW_RECOVERY}[rollback]\nlever = \"degrade\"\n[rollback.levers]\nerror_rate = \"degrade\"\n[[arms]]\nname = \"only\"\nupstream = \"{}\"\n",
@@ -878,6 +895,7 @@ async fn a_single_arm_is_judged_against_its_pinned_baseline() {
 /// recovery lifts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trip_throttles_the_budget_until_recovery() {
+    let _serial = SERIAL.lock().await;
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", GROUNDED);
     let extra = format!(
