@@ -158,7 +158,7 @@ impl Engine {
         set: &RuleSet,
         duplicates: u64,
     ) -> Vec<HookContext> {
-        let baseline_index = baseline_index(table);
+        let baseline_index = table.baseline_index();
         let pinned = state.guard.baseline.as_ref();
         let mut seen = HashSet::new();
         let mut trip = None;
@@ -295,7 +295,7 @@ impl Engine {
         set: &RuleSet,
         duplicates: u64,
     ) -> Vec<HookContext> {
-        let baseline_index = baseline_index(table);
+        let baseline_index = table.baseline_index();
         let pinned = state.guard.baseline.as_ref();
         let mut targets = Vec::new();
         for (i, arm) in table.arms().iter().enumerate() {
@@ -605,7 +605,9 @@ impl Engine {
         let config = self.app.config();
         let table = self.app.table();
         if table.arms().len() > 1 {
-            let name = baseline_index(&table).map_or("", |i| table.arms()[i].name.as_str());
+            let name = table
+                .baseline_index()
+                .map_or("", |i| table.arms()[i].name.as_str());
             return Err(EngineError::Baseline(format!(
                 "with several arms the baseline is arm {name:?}'s concurrent window; nothing to pin"
             )));
@@ -728,17 +730,9 @@ impl Engine {
     }
 }
 
-/// The baseline arm: the one marked `baseline = true`, else the first.
-fn baseline_index(table: &RoutingTable) -> Option<usize> {
-    let arms = table.arms();
-    arms.iter()
-        .position(|a| a.baseline)
-        .or((!arms.is_empty()).then_some(0))
-}
-
 /// The arm a manual trip is about: the first serving non-baseline arm, else the baseline.
 fn default_arm(table: &RoutingTable) -> String {
-    let base = baseline_index(table);
+    let base = table.baseline_index();
     table
         .arms()
         .iter()
@@ -781,7 +775,8 @@ fn pull_lever(
             let mut action = format!("arm {arm} weight {weight} → 0");
             if others == 0 {
                 // Blue/green: the active arm goes back to the previous one, the baseline.
-                let back = baseline_index(table)
+                let back = table
+                    .baseline_index()
                     .filter(|b| *b != i)
                     .or_else(|| (0..table.arms().len()).find(|j| *j != i));
                 if let Some(b) = back {
@@ -793,7 +788,9 @@ fn pull_lever(
             action
         }
         Lever::Alias => {
-            let base = baseline_index(table).map(|b| table.arms()[b].pins.map().clone());
+            let base = table
+                .baseline_index()
+                .map(|b| table.arms()[b].pins.map().clone());
             let mut put_back = BTreeMap::new();
             for pin in ALIAS_PINS {
                 let value = config

@@ -409,6 +409,12 @@ fn table_families(table: &RoutingTable, window: Duration) -> Vec<MetricFamily> {
         "Current routing weight of each arm.",
         &["arm"],
     );
+    let baseline = gauge(
+        "arm_baseline",
+        "1 for the baseline arm the rules compare the others with, else 0.",
+        &["arm"],
+    );
+    let baseline_index = table.baseline_index();
     let breaker = gauge(
         "breaker_state",
         "Circuit breaker of each arm: 0 closed, 1 open, 2 half-open.",
@@ -445,11 +451,15 @@ fn table_families(table: &RoutingTable, window: Duration) -> Vec<MetricFamily> {
     );
 
     let now = Instant::now();
-    for (arm, w) in table.arms().iter().zip(table.weights()) {
+    for (i, (arm, w)) in table.arms().iter().zip(table.weights()).enumerate() {
         let name = arm.name.as_str();
         let stats = arm.stats.window.stats(now, window);
         if let Some(g) = &weight {
             g.with_label_values(&[name]).set(f64::from(*w));
+        }
+        if let Some(g) = &baseline {
+            g.with_label_values(&[name])
+                .set(if Some(i) == baseline_index { 1.0 } else { 0.0 });
         }
         if let Some(g) = &breaker {
             g.with_label_values(&[name])

@@ -307,6 +307,14 @@ impl RoutingTable {
         &self.weights
     }
 
+    /// The baseline arm of the rules: the one marked `baseline = true`, else the first.
+    pub fn baseline_index(&self) -> Option<usize> {
+        self.arms
+            .iter()
+            .position(|a| a.baseline)
+            .or((!self.arms.is_empty()).then_some(0))
+    }
+
     pub fn index_of(&self, arm: &str) -> Option<usize> {
         self.arms.iter().position(|a| a.name == arm)
     }
