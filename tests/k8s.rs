@@ -7,15 +7,14 @@
 
 mod common;
 
-use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use common::{bin, run_cli, unique};
+use common::{run_cli, run_cli_with_input, unique};
 
 /// The Kubernetes version the manifests are checked against.
 const KUBERNETES: &str = "1.30.0";
@@ -53,55 +52,9 @@ fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
 
 /// `driftguard inject <args>` with `stdin` piped in (or /dev/null), bounded in time.
 fn inject(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(bin())
-        .arg("inject")
-        .args(args)
-        .current_dir(root())
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn driftguard inject");
-    if let Some(text) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin");
-        let text = text.to_string();
-        std::thread::spawn(move || {
-            let _ = pipe.write_all(text.as_bytes());
-        });
-    }
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let out = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
-        buf
-    });
-    let err = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
-    let deadline = Instant::now() + LIMIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("driftguard inject {args:?} did not exit within {LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    }
+    let mut argv = vec!["inject"];
+    argv.extend_from_slice(args);
+    run_cli_with_input(&argv, &root(), LIMIT, stdin)
 }
 
 fn inject_ok(args: &[&str], stdin: Option<&str>) -> String {

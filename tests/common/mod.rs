@@ -1213,13 +1213,36 @@ pub async fn wait_metric(
 /// Runs `driftguard <args>` in `cwd` with a cleaned environment, waiting at most `limit` (then kills it
 /// and fails the test).
 pub fn run_cli(args: &[&str], cwd: &Path, limit: Duration) -> std::process::Output {
+    run_cli_with_input(args, cwd, limit, None)
+}
+
+/// [`run_cli`] with `stdin` piped in (else /dev/null).
+pub fn run_cli_with_input(
+    args: &[&str],
+    cwd: &Path,
+    limit: Duration,
+    stdin: Option<&str>,
+) -> std::process::Output {
     let mut cmd = Command::new(bin());
     cmd.args(args).current_dir(cwd);
     clean_env(&mut cmd);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn driftguard");
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        let text = text.to_string();
+        // A writer thread: a large input must not block against a full stdout pipe.
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = pipe.write_all(text.as_bytes());
+        });
+    }
     let mut stdout = child.stdout.take().expect("stdout");
     let mut stderr = child.stderr.take().expect("stderr");
     let out = std::thread::spawn(move || {
