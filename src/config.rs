@@ -1037,15 +1037,6 @@ impl Config {
         }
         errors
     }
-
-    /// The baseline arm's name: the one marked `baseline = true`, else the first arm.
-    pub fn baseline_arm(&self) -> Option<&str> {
-        self.arms
-            .iter()
-            .find(|a| a.baseline)
-            .or(self.arms.first())
-            .map(|a| a.name.as_str())
-    }
 }
 
 /// A rule's name is its key without the `_over` / `_under` suffix.

@@ -18,7 +18,7 @@ use crate::app::App;
 use crate::config::{self, HookEvent, Lever, RollbackStep};
 use crate::hooks::{event_name, HookContext, HookRunner};
 use crate::router::{RouterError, RoutingTable};
-use crate::rules::{self, Baseline, Finding, RuleSet, Summary, Target, Verdict};
+use crate::rules::{self, Finding, RuleSet, Summary, Target, Verdict};
 use crate::state::{now_ms, GuardState, PinnedBaseline, RuntimeState, Trip};
 
 /// Rule name of a trip requested through `POST /trip`.
@@ -159,7 +159,6 @@ impl Engine {
         duplicates: u64,
     ) -> Vec<HookContext> {
         let baseline_index = table.baseline_index();
-        let pinned = state.guard.baseline.as_ref();
         let mut seen = HashSet::new();
         let mut trip = None;
         for (i, arm) in table.arms().iter().enumerate() {
@@ -167,11 +166,7 @@ impl Engine {
             if table.weights()[i] == 0 || (!single && Some(i) == baseline_index) {
                 continue;
             }
-            let baseline = match (single, baseline_index, pinned) {
-                (false, Some(b), _) => Baseline::Summary(&summaries[b]),
-                (true, _, Some(p)) if p.arm == arm.name => Baseline::Summary(&p.summary),
-                _ => Baseline::None,
-            };
+            let baseline = baseline_of(table, summaries, state, i);
             for finding in rules::evaluate(set, &summaries[i], baseline, duplicates) {
                 let verdict = verdict_name(finding.verdict);
                 let key = (arm.name.clone(), finding.rule, verdict);
@@ -295,21 +290,15 @@ impl Engine {
         set: &RuleSet,
         duplicates: u64,
     ) -> Vec<HookContext> {
-        let baseline_index = table.baseline_index();
-        let pinned = state.guard.baseline.as_ref();
         let mut targets = Vec::new();
         for (i, arm) in table.arms().iter().enumerate() {
             if table.weights()[i] == 0 {
                 continue;
             }
-            let baseline = match (table.arms().len() == 1, baseline_index) {
-                (false, Some(b)) => Some(&summaries[b]),
-                _ => pinned.filter(|p| p.arm == arm.name).map(|p| &p.summary),
-            };
             targets.extend(rules::exit_targets(
                 &arm.name,
                 &summaries[i],
-                baseline,
+                baseline_of(table, summaries, state, i),
                 &config.recovery,
                 set,
             ));
@@ -728,6 +717,26 @@ impl Engine {
             "arms": arms,
         })
     }
+}
+
+/// What arm `i` is judged against: with several arms the baseline arm's concurrent window (the baseline
+/// judged against itself holds every exit target), with one arm its pinned baseline, if any.
+fn baseline_of<'a>(
+    table: &RoutingTable,
+    summaries: &'a [Summary],
+    state: &'a RuntimeState,
+    i: usize,
+) -> Option<&'a Summary> {
+    if table.arms().len() > 1 {
+        return table.baseline_index().map(|b| &summaries[b]);
+    }
+    let name = &table.arms()[i].name;
+    state
+        .guard
+        .baseline
+        .as_ref()
+        .filter(|p| &p.arm == name)
+        .map(|p| &p.summary)
 }
 
 /// The arm a manual trip is about: the first serving non-baseline arm, else the baseline.

@@ -352,22 +352,14 @@ pub struct Finding {
     pub p_value: Option<f64>,
 }
 
-/// The baseline to compare against, if any.
-#[derive(Debug, Clone, Copy)]
-pub enum Baseline<'a> {
-    /// Another arm's concurrent window, or a pinned one.
-    Summary(&'a Summary),
-    /// Single arm, nothing pinned yet: only the count rules apply.
-    None,
-}
-
-/// Evaluates the hard and soft rules on `arm` against `baseline`. `duplicate_effects` is the number of
+/// Evaluates the hard and soft rules on `arm` against `baseline` (another arm's concurrent window or a
+/// pinned one; `None` — a single arm with nothing pinned yet — leaves only the count rules). `duplicate_effects` is the number of
 /// duplicate upstream executions since the last evaluation (a process-wide count). Returns the
 /// breaches only (tripping, baseline, not significant, soft warnings); empty below `min_samples`.
 pub fn evaluate(
     set: &RuleSet,
     arm: &Summary,
-    baseline: Baseline<'_>,
+    baseline: Option<&Summary>,
     duplicate_effects: u64,
 ) -> Vec<Finding> {
     let mut findings = Vec::new();
@@ -379,7 +371,7 @@ pub fn evaluate(
             findings.push(f);
         }
     }
-    if let Baseline::Summary(base) = baseline {
+    if let Some(base) = baseline {
         if arm.requests >= set.min_samples {
             findings.extend(soft_findings(set, arm, base));
         }
@@ -392,7 +384,7 @@ fn evaluate_rule(
     rule: Rule,
     threshold: f64,
     arm: &Summary,
-    baseline: Baseline<'_>,
+    baseline: Option<&Summary>,
     duplicate_effects: u64,
 ) -> Option<Finding> {
     let count = |observed: u64| {
@@ -412,9 +404,7 @@ fn evaluate_rule(
         Rule::PinMismatch | Rule::ToolLoops => return None,
         _ => {}
     }
-    let Baseline::Summary(base) = baseline else {
-        return None;
-    };
+    let base = baseline?;
     if arm.requests < set.min_samples {
         return None;
     }

@@ -22,7 +22,8 @@ fn spec_example_parses_with_its_values() {
     assert_eq!(c.writes.ttl.0, Duration::from_secs(48 * 3600));
     assert_eq!(c.rollback.levers["pin_mismatch"], Lever::Alias);
     assert_eq!(c.rollback.hooks[0].command[0], "/usr/local/bin/notify");
-    assert_eq!(c.baseline_arm(), Some("baseline"));
+    let baseline = c.arms.iter().find(|a| a.baseline).map(|a| a.name.as_str());
+    assert_eq!(baseline, Some("baseline"));
 }
 
 #[test]

@@ -92,7 +92,7 @@ fn healthy_arms_from_one_distribution_rarely_trip() {
         let canary = draw.window(n, HEALTHY);
         let m = draw.rng.u64(50..=1000);
         let base = draw.window(m, HEALTHY);
-        let findings = evaluate(&set, &canary, Baseline::Summary(&base), 0);
+        let findings = evaluate(&set, &canary, Some(&base), 0);
         breaches += findings.len();
         if !trips(&findings).is_empty() {
             tripped += 1;
@@ -128,7 +128,7 @@ fn a_partly_ungrounded_canary_trips() {
     for _ in 0..WINDOWS {
         let canary = draw.window(200, bad);
         let base = draw.window(200, HEALTHY);
-        if !trips(&evaluate(&set, &canary, Baseline::Summary(&base), 0)).is_empty() {
+        if !trips(&evaluate(&set, &canary, Some(&base), 0)).is_empty() {
             tripped += 1;
         }
     }
@@ -151,7 +151,7 @@ fn a_canary_with_three_percent_errors_trips() {
         // A canary on 20 % of the traffic: its baseline holds four times as many requests.
         let canary = draw.window(1000, bad);
         let base = draw.window(4000, HEALTHY);
-        let findings = evaluate(&set, &canary, Baseline::Summary(&base), 0);
+        let findings = evaluate(&set, &canary, Some(&base), 0);
         if trips(&findings).contains(&"error_rate") {
             tripped += 1;
         }
@@ -173,7 +173,7 @@ fn too_few_samples_are_not_judged() {
         },
     );
     let base = draw.window(500, HEALTHY);
-    assert!(evaluate(&set, &canary, Baseline::Summary(&base), 0).is_empty());
+    assert!(evaluate(&set, &canary, Some(&base), 0).is_empty());
 }
 
 #[test]
@@ -187,7 +187,7 @@ fn a_baseline_as_bad_is_a_baseline_breach() {
     let canary = draw.window(500, broken);
     let mut base = draw.window(500, broken);
     base.errors_5xx = canary.errors_5xx + 5;
-    let findings = evaluate(&set, &canary, Baseline::Summary(&base), 0);
+    let findings = evaluate(&set, &canary, Some(&base), 0);
     let error = findings.iter().find(|f| f.rule == "error_rate").unwrap();
     assert_eq!(error.verdict, Verdict::BaselineBreach);
 }
@@ -198,16 +198,13 @@ fn count_rules_trip_on_any_occurrence_even_without_a_baseline() {
     let mut draw = Draw::new(5);
     let mut canary = draw.window(100, HEALTHY);
     canary.pin_mismatches = 1;
-    assert_eq!(
-        trips(&evaluate(&set, &canary, Baseline::None, 0)),
-        ["pin_mismatch"]
-    );
+    assert_eq!(trips(&evaluate(&set, &canary, None, 0)), ["pin_mismatch"]);
     canary.pin_mismatches = 0;
-    assert!(trips(&evaluate(&set, &canary, Baseline::None, 0)).is_empty());
+    assert!(trips(&evaluate(&set, &canary, None, 0)).is_empty());
     // Duplicate effects are process-wide: judged even on a quiet arm.
     let quiet = Summary::default();
     assert_eq!(
-        trips(&evaluate(&set, &quiet, Baseline::None, 2)),
+        trips(&evaluate(&set, &quiet, None, 2)),
         ["duplicate_effects"]
     );
 }
@@ -225,7 +222,7 @@ fn latency_ratio_needs_the_floor() {
     canary.latency = vec![(2_000, 150), (15_000, 50)];
     canary.latency_p99_us = Some(15_000);
     let p99 = |c: &Summary| {
-        evaluate(&set, c, Baseline::Summary(&base), 0)
+        evaluate(&set, c, Some(&base), 0)
             .into_iter()
             .find(|f| f.rule == "p99_latency_ratio")
     };
