@@ -216,6 +216,19 @@ async fn wait_state(client: &HttpClient, proxy: &Proxy, state: &str, limit: Dura
     .await
 }
 
+/// Drives the proxy with `clients` paced request loops until the guard trips; that `/status`.
+async fn load_until_tripped(
+    proxy: &Proxy,
+    client: &HttpClient,
+    clients: usize,
+    limit: Duration,
+) -> Value {
+    let load = Load::start(proxy, clients, Duration::from_millis(2));
+    let tripped = wait_state(client, proxy, "tripped", limit).await;
+    load.stop().await;
+    tripped
+}
+
 fn weight(status: &Value, arm: &str) -> u64 {
     status["arms"]
         .as_array()
@@ -447,9 +460,7 @@ async fn an_off_topic_canary_trips_a_delta_s_rule() {
     );
     let proxy = Proxy::start(&config(&baseline.url(), &canary.url(), &extra));
     let client = client();
-    let load = Load::start(&proxy, 4, Duration::from_millis(2));
-    let tripped = wait_state(&client, &proxy, "tripped", WAIT * 2).await;
-    load.stop().await;
+    let tripped = load_until_tripped(&proxy, &client, 4, WAIT * 2).await;
     let rule = tripped["guard"]["last_trip"]["rule"].as_str().unwrap();
     assert!(rule.starts_with("delta_s_p"), "tripped by {rule}");
     assert_eq!(tripped["guard"]["last_trip"]["lever"], "route");
@@ -467,9 +478,7 @@ async fn an_ungrounded_canary_trips_the_coverage_rule() {
     );
     let proxy = Proxy::start(&config(&baseline.url(), &canary.url(), &extra));
     let client = client();
-    let load = Load::start(&proxy, 4, Duration::from_millis(2));
-    let tripped = wait_state(&client, &proxy, "tripped", WAIT * 2).await;
-    load.stop().await;
+    let tripped = load_until_tripped(&proxy, &client, 4, WAIT * 2).await;
     let trip = &tripped["guard"]["last_trip"];
     assert_eq!(trip["rule"], "coverage", "{trip}");
     assert!(trip["observed"].as_f64().unwrap() < 0.6);
@@ -830,9 +839,7 @@ async fn levers_can_be_overridden_to_a_kill_switch_flag() {
     );
     let proxy = Proxy::start(&config(&baseline.url(), &canary.url(), &extra));
     let client = client();
-    let load = Load::start(&proxy, 4, Duration::from_millis(2));
-    let tripped = wait_state(&client, &proxy, "tripped", WAIT * 2).await;
-    load.stop().await;
+    let tripped = load_until_tripped(&proxy, &client, 4, WAIT * 2).await;
     let trip = &tripped["guard"]["last_trip"];
     assert_eq!(trip["lever"], "flag", "{trip}");
     assert_eq!(tripped["flags"]["prompt_pack_v7"], false);
