@@ -12,8 +12,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::app::{App, ReloadError};
-use crate::engine::{self, Engine, EngineError, TripRequest, MANUAL};
-use crate::router::RouterError;
+use crate::rollback::engine::{self, Engine, EngineError, TripRequest, MANUAL};
+use crate::serve::router::RouterError;
 
 /// Largest request body an admin endpoint reads.
 const MAX_BODY: usize = 64 * 1024;

@@ -15,13 +15,13 @@ use crate::config::{self, Config, ConfigError, ConfigErrors};
 use crate::guards::budget::{Budget, BudgetSettings, RedisBudgetError};
 use crate::guards::fence::{Fence, FenceError};
 use crate::guards::Breakers;
-use crate::metrics::Metrics;
-use crate::pins;
-use crate::router::{is_flag_name, Controls, Overrides, RouterError, RoutingTable, MAX_FLAGS};
-use crate::signals::pipeline::Pipeline;
+use crate::telemetry::metrics::Metrics;
+use crate::serve::pins;
+use crate::serve::router::{is_flag_name, Controls, Overrides, RouterError, RoutingTable, MAX_FLAGS};
+use crate::eval::Pipeline;
 use crate::signals::EvalError;
-use crate::state::{RuntimeState, StateError, StateFile};
-use crate::upstream::Pools;
+use crate::rollback::state::{RuntimeState, StateError, StateFile};
+use crate::serve::upstream::Pools;
 use crate::windows::{Counter, Hist, WindowStats};
 
 pub const ADMIN_TOKEN_ENV: &str = "DRIFTGUARD_ADMIN_TOKEN";
@@ -91,7 +91,7 @@ pub struct App {
     pub pipeline: Arc<Pipeline>,
     /// OpenTelemetry tracing, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; `None` costs the request path
     /// nothing more than this check.
-    pub otel: Option<Arc<crate::otel::Otel>>,
+    pub otel: Option<Arc<crate::telemetry::otel::Otel>>,
     /// The idempotency fence, opened at start when the config names write routes.
     pub fence: Option<Arc<Fence>>,
     started: Instant,
@@ -270,7 +270,7 @@ impl App {
             )?)),
         };
         // A tracing setup that cannot work is said once; traffic goes on untraced.
-        let otel = crate::otel::Otel::from_env(&metrics).unwrap_or_else(|e| {
+        let otel = crate::telemetry::otel::Otel::from_env(&metrics).unwrap_or_else(|e| {
             tracing::error!(error = %e, "OpenTelemetry tracing off");
             None
         });
@@ -289,7 +289,7 @@ impl App {
             env_pins,
             metrics,
             started: Instant::now(),
-            started_ms: crate::state::now_ms(),
+            started_ms: crate::rollback::state::now_ms(),
             draining: AtomicBool::new(false),
             write_lock: Mutex::new(state),
             state_file,

@@ -7,9 +7,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use driftguard::config::{BudgetBackend, Config, OnBackendError};
-use driftguard::inject;
-use driftguard::signals::gold;
-use driftguard::{cli, demo};
+use driftguard::cmd::inject;
+use driftguard::cmd::eval as gold;
+use driftguard::cmd::{demo, operate as cli};
 
 /// Config file used when neither `--config` nor `DRIFTGUARD_CONFIG` names one.
 const DEFAULT_CONFIG: &str = "driftguard.toml";
@@ -165,7 +165,7 @@ fn main() -> ExitCode {
     let explicit = cli.config.is_some();
     let config_path = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => match driftguard::run(&config_path) {
+        Command::Run => match driftguard::cmd::run::run(&config_path) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("driftguard: {e}");

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, Lever};
-use crate::stats;
+use significance as stats;
 use crate::windows::{Counter, Hist, WindowStats, SIGNAL_SCALE};
 
 /// What the rules read of one window. Serializable: a pinned baseline is one of these, and snapshots
@@ -642,6 +642,8 @@ pub fn exit_targets(
     }
     out
 }
+
+pub mod significance;
 
 #[cfg(test)]
 mod tests;

@@ -368,9 +368,7 @@ async fn metrics_families_have_samples_and_count_pin_mismatch() {
     assert_eq!(status["arms"][0]["window"]["pin_mismatches"], 1, "{status}");
 }
 
-/// promtool lints every family. One finding is accepted, and only for the two ΔS families whose names
-/// are fixed by SPEC §7: the unit-abbreviation rule reads the `_s` of `delta_s` (ΔS, "delta S") as
-/// seconds. Any other finding — or that finding on any other family — fails the test.
+/// promtool lints every family, and finds nothing: any finding fails the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_check() {
     let Some(promtool) = promtool("metrics_pass_promtool_check") else {

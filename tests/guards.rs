@@ -585,8 +585,7 @@ async fn invalid_flags_bodies_are_refused_and_change_nothing() {
     );
 }
 
-/// Same acceptance rule as `metrics_pass_promtool_check` in tests/admin.rs: the only findings allowed are
-/// the unit-abbreviation lints on the two ΔS families whose names SPEC §7 fixes.
+/// Same rule as `metrics_pass_promtool_check` in tests/admin.rs: promtool finds nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_with_writes_frozen_pass_promtool_check() {
     let Some(promtool) = promtool("metrics_with_writes_frozen_pass_promtool_check") else {

@@ -262,7 +262,7 @@ fn dockerfile_builds_the_release_binary_and_runs_it_unprivileged() {
         Some(r#"["run", "--config", "/etc/driftguard/driftguard.toml"]"#)
     );
     assert_eq!(
-        driftguard::inject::CONFIG_FILE,
+        driftguard::cmd::inject::CONFIG_FILE,
         "/etc/driftguard/driftguard.toml"
     );
     let health = instructions(&lines, "HEALTHCHECK");
@@ -382,7 +382,7 @@ fn the_sidecar_manifests_agree_with_each_other_and_the_config() {
     assert_eq!(config["listen"]["admin"].as_str(), Some("0.0.0.0:9901"));
     assert_eq!(
         config["state_dir"].as_str(),
-        Some(driftguard::inject::STATE_DIR)
+        Some(driftguard::cmd::inject::STATE_DIR)
     );
 
     let deployment = docs(&read("deploy/k8s/deployment.yaml"));

@@ -127,7 +127,7 @@ async fn local_model_tells_grounded_from_off_topic_answers() {
     let q = |arm: &str, probe: &str| {
         metric(
             &samples,
-            "driftguard_delta_s_quantile",
+            "driftguard_semantic_drift_quantile",
             &[("arm", arm), ("probe", probe), ("quantile", "0.5")],
         )
         .unwrap_or_else(|| panic!("no ΔS {probe} p50 for {arm} in\n{text}"))

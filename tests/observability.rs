@@ -612,7 +612,7 @@ fn dashboard_is_well_formed() {
         "driftguard_arm_weight",
         "driftguard_trips_total",
         "driftguard_latency_quantile_seconds",
-        "driftguard_delta_s_quantile",
+        "driftguard_semantic_drift_quantile",
         "driftguard_coverage_mean",
         "driftguard_lambda_total",
         "driftguard_lambda_flip_rate",
@@ -716,7 +716,7 @@ async fn every_metric_in_the_rules_and_the_dashboard_is_exposed() {
     for name in [
         "driftguard_guard_state",
         "driftguard_ttfb_seconds_bucket",
-        "driftguard_delta_s_quantile",
+        "driftguard_semantic_drift_quantile",
         "driftguard_pins_info",
         "driftguard_eval_dropped_total",
     ] {

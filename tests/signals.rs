@@ -165,7 +165,7 @@ async fn grounded_and_off_topic_arms_are_told_apart() {
     let q = |arm: &str, probe: &str, quantile: &str| {
         metric(
             &samples,
-            "driftguard_delta_s_quantile",
+            "driftguard_semantic_drift_quantile",
             &[("arm", arm), ("probe", probe), ("quantile", quantile)],
         )
         .unwrap_or_else(|| panic!("no ΔS {probe} {quantile} for {arm} in\n{text}"))
@@ -211,11 +211,11 @@ async fn grounded_and_off_topic_arms_are_told_apart() {
             assert_eq!(
                 m(
                     &samples,
-                    "driftguard_delta_s_count",
+                    "driftguard_semantic_drift_count",
                     &[("arm", arm), ("probe", probe)]
                 ),
                 n as f64,
-                "delta_s_count {arm} {probe}"
+                "semantic_drift_count {arm} {probe}"
             );
         }
         assert_eq!(
@@ -668,7 +668,7 @@ async fn delta_s_quantiles_stay_within_0_and_1() {
     assert_eq!(
         m(
             &samples,
-            "driftguard_delta_s_sum",
+            "driftguard_semantic_drift_sum",
             &[("arm", "main"), ("probe", "ra")]
         ),
         4.0
@@ -684,13 +684,13 @@ async fn delta_s_quantiles_stay_within_0_and_1() {
         for quantile in ["0.5", "0.95", "0.99"] {
             let v = metric(
                 &samples,
-                "driftguard_delta_s_quantile",
+                "driftguard_semantic_drift_quantile",
                 &[("arm", "main"), ("probe", probe), ("quantile", quantile)],
             )
             .expect("ΔS quantile on /metrics");
             assert!(v >= 0.99, "{probe} {quantile} = {v}");
             if v > 1.0 {
-                over.push(format!("driftguard_delta_s_quantile{{probe=\"{probe}\",quantile=\"{quantile}\"}} = {v}"));
+                over.push(format!("driftguard_semantic_drift_quantile{{probe=\"{probe}\",quantile=\"{quantile}\"}} = {v}"));
             }
         }
     }

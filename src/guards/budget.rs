@@ -40,9 +40,10 @@ use arc_swap::ArcSwap;
 
 use crate::config;
 
-mod redis_budget;
+pub mod admission;
+mod redis;
 
-pub use redis_budget::{RedisBudget, RedisBudgetError, BACKOFF};
+pub use redis::{RedisBudget, RedisBudgetError, BACKOFF};
 
 /// Nanoseconds in a minute: the period `tokens_per_minute` refers to.
 const MINUTE_NS: u128 = 60_000_000_000;

@@ -35,8 +35,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::config::{ReceiptStore, Writes};
-use crate::metrics::Metrics;
-use crate::tee::Capture;
+use crate::telemetry::metrics::Metrics;
+use crate::capture::Capture;
 
 /// Values of the `decision` label of `driftguard_idempotency_total`.
 pub const DECISIONS: [&str; 4] = ["new", "replay", "conflict", "wait"];
@@ -60,7 +60,7 @@ pub const PURGE_EVERY: Duration = Duration::from_secs(60);
 
 /// Response headers never stored in a receipt: they belong to one exchange, not to its result.
 const PER_EXCHANGE: [HeaderName; 4] = [
-    crate::proxy::X_REQUEST_ID,
+    crate::serve::handle::X_REQUEST_ID,
     http::header::CONTENT_LENGTH,
     http::header::TRANSFER_ENCODING,
     http::header::DATE,

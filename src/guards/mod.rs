@@ -4,7 +4,6 @@ pub mod breaker;
 pub mod budget;
 pub mod fence;
 pub mod freeze;
-pub mod spend;
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -9,6 +9,13 @@
 //! The word definition here — a maximal run of `char::is_alphanumeric` chars, lowercased char by
 //! char — is shared with coverage, so both signals see the same words.
 
+#[cfg(feature = "local-embedder")]
+pub mod bert;
+pub mod cache;
+#[cfg(feature = "local-embedder")]
+pub mod local;
+pub mod openai;
+
 use std::cell::RefCell;
 use std::time::Duration;
 

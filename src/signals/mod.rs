@@ -6,18 +6,9 @@
 //! behind the shared [`cache`]), [`measure`] holds the SPEC definitions, and
 //! [`pipeline`] runs it all on worker threads behind a bounded queue.
 
-#[cfg(feature = "local-embedder")]
-pub mod bert;
-pub mod cache;
 pub mod embed;
 pub mod extract;
-pub mod gold;
-#[cfg(feature = "local-embedder")]
-pub mod local;
 pub mod measure;
-pub mod openai;
-pub mod pipeline;
-pub mod rate;
 
 use std::sync::Arc;
 
@@ -46,7 +37,7 @@ pub fn embedder(config: &SignalsConfig) -> Result<Arc<dyn Embedder>, EvalError> 
             let api_key = (!o.api_key_env.is_empty())
                 .then(|| std::env::var(&o.api_key_env).ok())
                 .flatten();
-            Arc::new(openai::OpenAi::new(
+            Arc::new(embed::openai::OpenAi::new(
                 &o.url,
                 &o.model,
                 o.timeout.0,
@@ -61,7 +52,7 @@ pub fn embedder(config: &SignalsConfig) -> Result<Arc<dyn Embedder>, EvalError> 
 #[cfg(feature = "local-embedder")]
 fn local(config: &SignalsConfig) -> Result<Arc<dyn Embedder>, EvalError> {
     let l = &config.local;
-    let model = local::Local::load(
+    let model = embed::local::Local::load(
         std::path::Path::new(&l.model_dir),
         l.max_tokens,
         l.cache_entries,

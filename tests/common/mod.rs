@@ -1454,9 +1454,8 @@ pub fn promtool(test: &str) -> Option<&'static str> {
     found
 }
 
-/// Runs `promtool check metrics` on an exposition. One finding is accepted, and only for the two ΔS
-/// families whose names are fixed by SPEC §7: the unit-abbreviation rule reads the `_s` of `delta_s`
-/// (ΔS, "delta S") as seconds. Any other finding fails.
+/// Runs `promtool check metrics` on an exposition. Any finding fails: promtool must print nothing and
+/// exit 0.
 pub fn assert_promtool_clean(promtool: &str, text: &str) {
     use std::io::Write as _;
     let mut child = std::process::Command::new(promtool)
@@ -1478,20 +1477,13 @@ pub fn assert_promtool_clean(promtool: &str, text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    const ACCEPTED: [&str; 2] = [
-        "driftguard_delta_s metric names should not contain abbreviated units",
-        "driftguard_delta_s_quantile metric names should not contain abbreviated units",
-    ];
-    let findings: Vec<&str> = report
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !ACCEPTED.contains(&l.trim()))
-        .collect();
+    let findings: Vec<&str> = report.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(
         findings.is_empty(),
         "promtool check metrics found problems:\n{report}"
     );
     assert!(
-        out.status.success() || report.lines().any(|l| ACCEPTED.contains(&l.trim())),
+        out.status.success(),
         "promtool check metrics failed ({}):\n{report}",
         out.status
     );

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use super::kb::{self, Topic};
-use crate::listener;
+use crate::serve::listener;
 use crate::shutdown::Shutdown;
 
 /// Of every 10 questions the degraded canary gets, this many get an off-topic answer.
@@ -60,7 +60,7 @@ impl Arm {
     fn bad(&self) {
         let _ = self.first_bad_ms.compare_exchange(
             0,
-            crate::state::now_ms(),
+            crate::rollback::state::now_ms(),
             Ordering::Relaxed,
             Ordering::Relaxed,
         );

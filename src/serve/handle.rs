@@ -25,15 +25,15 @@ use crate::app::App;
 use crate::guards::breaker::Admission;
 use crate::guards::budget::{Admission as BudgetAdmission, BackendDown};
 use crate::guards::fence::{self, Decision, Fingerprint, Lead, Receipt, Recording};
-use crate::guards::spend::{self, Reserved, UsageTap};
-use crate::log::ACCESS;
-use crate::metrics::ProxyError;
-use crate::otel::RequestSpan;
-use crate::pins;
-use crate::router::{Arm, RoutingTable};
-use crate::signals::pipeline::{Pipeline, Sample};
-use crate::tee::{Capture, RequestBody, RequestSlot};
-use crate::upstream::Lease;
+use crate::guards::budget::admission::{self, Reserved, UsageTap};
+use crate::telemetry::log::ACCESS;
+use crate::telemetry::metrics::ProxyError;
+use crate::telemetry::otel::RequestSpan;
+use crate::serve::pins;
+use crate::serve::router::{Arm, RoutingTable};
+use crate::eval::{Pipeline, Sample};
+use crate::capture::{Capture, RequestBody, RequestSlot};
+use crate::serve::upstream::Lease;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_DRIFTGUARD_ARM: HeaderName = HeaderName::from_static("x-driftguard-arm");
@@ -176,7 +176,7 @@ async fn forward(
         if carries_query(&parts) {
             let read = tokio::time::timeout(
                 table.settings.request_timeout,
-                spend::peek(&mut body, peek.peek_bytes, &mut prefix),
+                admission::peek(&mut body, peek.peek_bytes, &mut prefix),
             )
             .await;
             let complete = match read {
@@ -195,7 +195,7 @@ async fn forward(
                 // A slow upload is priced by what it declares; the frames read so far are kept.
                 Err(_) => false,
             };
-            let tokens = spend::estimate(&prefix, complete, &parts.headers, peek);
+            let tokens = admission::estimate(&prefix, complete, &parts.headers, peek);
             match budget.admit(tokens, Instant::now()).await {
                 Ok(BudgetAdmission::Admitted(r)) => {
                     reserved = Some(Reserved::new(budget, r.tokens))
@@ -1233,7 +1233,7 @@ mod tests {
     #[test]
     fn error_chain_says_each_cause_once() {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        let e = crate::upstream::UpstreamError::Connect {
+        let e = crate::serve::upstream::UpstreamError::Connect {
             addr: "h:1".into(),
             detail: io,
         };

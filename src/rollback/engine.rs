@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use crate::app::App;
 use crate::config::{self, HookEvent, Lever, RollbackStep};
-use crate::hooks::{event_name, HookContext, HookRunner};
-use crate::router::{RouterError, RoutingTable};
+use crate::rollback::hooks::{event_name, HookContext, HookRunner};
+use crate::serve::router::{RouterError, RoutingTable};
 use crate::rules::{self, Finding, RuleSet, Summary, Target, Verdict};
-use crate::state::{now_ms, GuardState, PinnedBaseline, RuntimeState, Trip};
+use crate::rollback::state::{now_ms, GuardState, PinnedBaseline, RuntimeState, Trip};
 
 /// Rule name of a trip requested through `POST /trip`.
 pub const MANUAL: &str = "manual";
@@ -64,7 +64,7 @@ impl Engine {
         let duplicates = app.metrics.duplicate_effects.get();
         // The configured hooks' series exist from the start, so dashboards show 0 rather than nothing.
         for hook in &app.config().rollback.hooks {
-            for outcome in crate::hooks::HookOutcome::ALL {
+            for outcome in crate::rollback::hooks::HookOutcome::ALL {
                 app.metrics
                     .hook_runs
                     .with_label_values(&[hook.name.as_str(), outcome.as_str()]);

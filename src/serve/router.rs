@@ -17,10 +17,10 @@ use crate::guards::breaker::{Breaker, BreakerSettings};
 use crate::guards::fence::FenceSettings;
 use crate::guards::freeze::WriteRoutes;
 use crate::guards::Breakers;
-use crate::metrics::{ArmStats, Metrics};
-use crate::pins::{self, PinSet};
-use crate::signals::rate::EvalRate;
-use crate::upstream::{Pool, Pools};
+use crate::telemetry::metrics::{ArmStats, Metrics};
+use crate::serve::pins::{self, PinSet};
+use crate::eval::rate::EvalRate;
+use crate::serve::upstream::{Pool, Pools};
 
 /// One upstream arm with everything the request path needs, prepared once.
 pub struct Arm {
@@ -235,7 +235,7 @@ impl RoutingTable {
                     config.signals.max_evals_per_sec,
                     metrics
                         .eval_skipped
-                        .with_label_values(&[crate::signals::pipeline::RATE_LIMITED]),
+                        .with_label_values(&[crate::eval::RATE_LIMITED]),
                 ))
             }),
         };

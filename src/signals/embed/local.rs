@@ -17,8 +17,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use crate::signals::bert::{self, Bert, BertConfig};
-use crate::signals::cache::VectorCache;
+use crate::signals::embed::bert::{self, Bert, BertConfig};
+use crate::signals::embed::cache::VectorCache;
 use crate::signals::embed::{EmbedError, Embedder};
 
 /// Texts per forward pass at most.
@@ -68,7 +68,7 @@ impl Local {
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .thread_name(|_| "driftguard-embed".into())
-            .start_handler(|_| crate::signals::pipeline::lower_priority())
+            .start_handler(|_| crate::eval::lower_priority())
             .build_global();
         if !dir.is_dir() {
             return Err(load_error(dir, "not a model folder (no such directory)"));

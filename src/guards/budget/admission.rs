@@ -13,9 +13,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use super::budget::{completion_tokens, estimate_prompt_tokens, Budget};
-use crate::router::BudgetPeek;
-use crate::tee::Capture;
+use super::{completion_tokens, estimate_prompt_tokens, Budget};
+use crate::serve::router::BudgetPeek;
+use crate::capture::Capture;
 
 /// Reads frames into `into` until `limit` bytes or the end of the body. Returns whether the body ended.
 /// The frames read stay in `into` even when the caller gives up waiting, so nothing is lost.
@@ -318,8 +318,8 @@ mod tests {
     #[test]
     fn unsettled_reservations_are_refunded() {
         let start = Instant::now();
-        let budget = Arc::new(Budget::Local(super::super::budget::LocalBudget::new(
-            super::super::budget::BudgetSettings {
+        let budget = Arc::new(Budget::Local(super::super::LocalBudget::new(
+            super::super::BudgetSettings {
                 tokens_per_minute: 60,
                 burst: 10,
             },
@@ -330,7 +330,7 @@ mod tests {
             unreachable!()
         };
         match local.admit(10, start) {
-            super::super::budget::Admission::Admitted(r) => {
+            super::super::Admission::Admitted(r) => {
                 drop(Reserved::new(budget.clone(), r.tokens))
             }
             _ => panic!("admitted"),

@@ -13,7 +13,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-use crate::router::RoutingTable;
+use crate::serve::router::RoutingTable;
 use crate::windows::{Counter, Hist, Window};
 use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary};
 
@@ -249,7 +249,7 @@ impl Metrics {
             ttfb: histogram_vec(&r, "ttfb_seconds", "Time from request to the first response body byte (TTFT for streams).", LATENCY_BUCKETS, &["arm"]),
             pin_mismatch: counter_vec(&r, "pin_mismatch_total", "Upstream-echoed x-pin-* values that differ from the stamped pin.", &["arm", "pin"]),
             proxy_errors: counter_vec(&r, "proxy_errors_total", "Responses the proxy made itself, by kind.", &["kind"]),
-            delta_s: histogram_vec(&r, "delta_s", "Semantic drift ΔS of evaluated answers, by probe (qr, ra, max).", SIGNAL_BUCKETS, &["arm", "probe"]),
+            delta_s: histogram_vec(&r, "semantic_drift", "Semantic drift ΔS of evaluated answers, by probe (qr, ra, max).", SIGNAL_BUCKETS, &["arm", "probe"]),
             coverage: histogram_vec(&r, "coverage", "Share of the answer's content tokens found in the retrieved chunks.", SIGNAL_BUCKETS, &["arm"]),
             lambda: counter_vec(&r, "lambda_total", "Evaluated answers by convergence state λ.", &["arm", "state"]),
             tool_loops: counter_vec(&r, "tool_loops_total", "Responses with a repeated tool call (3 in one response or 3 responses of a session).", &["arm"]),
@@ -303,7 +303,7 @@ impl Metrics {
         for reason in ["over_budget", "too_large", "backend_down"] {
             m.rate_limited.with_label_values(&[reason]);
         }
-        for state in crate::state::GuardState::ALL {
+        for state in crate::rollback::state::GuardState::ALL {
             m.transitions.with_label_values(&[state.as_str()]);
         }
         for rule in crate::rules::Rule::ALL {
@@ -511,7 +511,7 @@ fn table_families(table: &RoutingTable, window: Duration) -> Vec<MetricFamily> {
         latency,
     ));
     families.push(summary_family(
-        "delta_s_quantile",
+        "semantic_drift_quantile",
         "ΔS quantiles over the rule window, by probe; _sum and _count are lifetime totals.",
         delta_s,
     ));

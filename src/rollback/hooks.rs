@@ -105,7 +105,7 @@ struct Inner {
 }
 
 impl HookRunner {
-    /// `runs` is `driftguard_hook_runs_total{hook,outcome}` ([`crate::metrics::Metrics::hook_runs`]).
+    /// `runs` is `driftguard_hook_runs_total{hook,outcome}` ([`crate::telemetry::metrics::Metrics::hook_runs`]).
     pub fn new(hooks: Vec<Hook>, runs: IntCounterVec) -> Self {
         // Every hook's series exist from the start, so "no failures yet" reads as 0, not as absent.
         for hook in &hooks {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Signals as SignalsConfig;
 use crate::signals::measure::{self, Lambda};
-use crate::signals::pipeline::Evaluator;
+use crate::eval::Evaluator;
 use crate::signals::EvalError;
 
 /// Largest response body read per item.

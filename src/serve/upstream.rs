@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::config::Upstream as UpstreamConfig;
-use crate::tee::RequestBody;
+use crate::capture::RequestBody;
 
 /// Why an exchange with the upstream failed before a response head arrived.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::signals::cache::VectorCache;
+use crate::signals::embed::cache::VectorCache;
 use crate::signals::embed::{EmbedError, Embedder};
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Uri};

@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
-use crate::engine::snapshot_dir;
-use crate::state::{now_ms, GuardState, Trip};
-use crate::{app, shutdown, RunError};
+use crate::rollback::engine::snapshot_dir;
+use crate::rollback::state::{now_ms, GuardState, Trip};
+use crate::cmd::run::RunError;
+use crate::{app, shutdown};
 
 /// Weights of the two arms (percent of the traffic).
 const BASELINE_WEIGHT: u32 = 80;
@@ -212,9 +213,9 @@ async fn demo_in(dir: &Path, options: &Options) -> Result<Outcome, DemoError> {
         .map_err(|e| DemoError::Setup(format!("the demo config is invalid:\n{e}")))?;
     let log_file = std::fs::File::create(&log_path)
         .map_err(|e| DemoError::Setup(format!("cannot create {}: {e}", log_path.display())))?;
-    let _log = crate::log::init_to(&loaded.config.log.level, Box::new(log_file));
+    let _log = crate::telemetry::log::init_to(&loaded.config.log.level, Box::new(log_file));
 
-    let running = crate::start(loaded, Some(config_path.clone()))
+    let running = crate::cmd::run::start(loaded, Some(config_path.clone()))
         .await
         .map_err(|e| match e {
             RunError::Bind {

@@ -5,6 +5,8 @@
 //! worker is unparked only when it had gone to sleep. A full queue drops the sample and counts it.
 //! Nothing here can delay or fail a request.
 
+pub mod rate;
+
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -18,18 +20,18 @@ use lru::LruCache;
 use prometheus::{GaugeVec, IntCounter, IntCounterVec};
 
 use crate::config::{EmbedderKind, LocalEmbedder, Signals as SignalsConfig};
-use crate::log::ACCESS;
+use crate::telemetry::log::ACCESS;
 use opentelemetry::trace::{Span as _, Status};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::Span;
 
-use crate::metrics::{ArmStats, Evaluation, Metrics, LAMBDA_STATES};
-use crate::otel::FollowUp;
+use crate::telemetry::metrics::{ArmStats, Evaluation, Metrics, LAMBDA_STATES};
+use crate::telemetry::otel::FollowUp;
 use crate::signals::embed::Embedder;
 use crate::signals::extract::{Extracted, Extractor, Skip};
 use crate::signals::measure::{self, Lambda, SessionTools, ToolCall};
 use crate::signals::EvalError;
-use crate::tee::Capture;
+use crate::capture::Capture;
 
 /// A completed, sampled exchange waiting for evaluation.
 pub struct Sample {

@@ -1,0 +1,224 @@
+//! `driftguard run`: loads the config, binds the listeners and serves until a shutdown signal.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::app::{self, App, Loaded};
+use crate::rollback::engine;
+use crate::serve::{handle as proxy, listener};
+use crate::telemetry::log;
+use crate::{admin, guards, shutdown};
+use crate::config::ConfigErrors;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid config:\n{0}")]
+    Config(#[from] ConfigErrors),
+    #[error(transparent)]
+    Start(#[from] app::StartError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Loads the config at `path` and runs driftguard until SIGTERM/SIGINT.
+pub fn run(path: &Path) -> Result<(), RunError> {
+    let loaded = app::load(path)?;
+    let _log = log::init(&loaded.config.log.level);
+    let workers = loaded.config.runtime.workers;
+    let runtime = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    }
+    .map_err(RunError::Runtime)?;
+    runtime.block_on(serve(loaded, path))
+}
+
+/// Binds both listeners and serves until a shutdown signal, then drains.
+pub async fn serve(loaded: Loaded, path: &Path) -> Result<(), RunError> {
+    let running = start(loaded, Some(path.to_path_buf())).await?;
+    signals(running.app.clone()).await;
+    tracing::info!("shutdown signal: draining");
+    running.stop().await;
+    Ok(())
+}
+
+/// A driftguard serving in this process: what [`start`] bound and spawned.
+pub struct Running {
+    pub app: Arc<App>,
+    pub engine: Arc<engine::Engine>,
+    /// Where the proxy and admin listeners are bound (the real ports when the config asked for port 0).
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    trigger: shutdown::Trigger,
+    proxy: tokio::task::JoinHandle<bool>,
+    admin: tokio::task::JoinHandle<bool>,
+}
+
+/// Binds both listeners and starts serving on the current runtime: the proxy, the admin API, the rule
+/// engine and the background tasks. `config_path` is what `POST /reload` re-reads (none: no reload).
+pub async fn start(loaded: Loaded, config_path: Option<PathBuf>) -> Result<Running, RunError> {
+    let app = Arc::new(App::new(loaded, config_path)?);
+    let config = app.config();
+    let proxy_listener = bind("proxy", &config.listen.proxy).await?;
+    let admin_listener = bind("admin", &config.listen.admin).await?;
+    let local = |what: &'static str, l: &TcpListener| {
+        l.local_addr().map_err(|source| RunError::Bind {
+            what,
+            addr: String::new(),
+            source,
+        })
+    };
+    let (proxy_addr, admin_addr) = (
+        local("proxy", &proxy_listener)?,
+        local("admin", &admin_listener)?,
+    );
+    tracing::info!(
+        proxy = proxy_addr.to_string().as_str(),
+        admin = admin_addr.to_string().as_str(),
+        arms = config.arms.len(),
+        workers = config.runtime.workers,
+        version = env!("CARGO_PKG_VERSION"),
+        "listening"
+    );
+
+    let (trigger, shutdown) = shutdown::channel();
+    tokio::spawn(rotate_windows(app.clone(), shutdown.clone()));
+    let engine = engine::Engine::new(app.clone());
+    let mut engine_stop = shutdown.clone();
+    tokio::spawn(engine.clone().run(async move { engine_stop.wait().await }));
+    if let Some(fence) = app.fence.clone() {
+        tokio::spawn(purge_receipts(fence, shutdown.clone()));
+    }
+
+    let drain = config.listen.drain_timeout.0;
+    let proxy_app = app.clone();
+    let proxy = tokio::spawn(listener::serve(
+        "proxy",
+        proxy_listener,
+        shutdown.clone(),
+        drain,
+        move |addr| {
+            let (app, peer) = (proxy_app.clone(), proxy::Peer::new(addr));
+            move |req| proxy::handle(app.clone(), peer.clone(), req)
+        },
+    ));
+    let admin_engine = engine.clone();
+    let admin = tokio::spawn(listener::serve(
+        "admin",
+        admin_listener,
+        shutdown,
+        drain,
+        move |peer| {
+            let engine = admin_engine.clone();
+            move |req| admin::handle(engine.clone(), peer, req)
+        },
+    ));
+    Ok(Running {
+        app,
+        engine,
+        proxy_addr,
+        admin_addr,
+        trigger,
+        proxy,
+        admin,
+    })
+}
+
+impl Running {
+    /// Drains: stops accepting, waits for in-flight requests (up to `listen.drain_timeout`), for
+    /// queued evaluations (up to [`EVAL_FLUSH`]) and for queued trace spans (up to [`OTEL_FLUSH`]).
+    pub async fn stop(self) {
+        self.app.start_draining();
+        self.trigger.fire();
+        let drained = self.proxy.await.unwrap_or(false);
+        let _ = self.admin.await;
+        let evaluated = self.app.pipeline.flush(EVAL_FLUSH).await;
+        if let Some(otel) = &self.app.otel {
+            otel.shutdown(OTEL_FLUSH).await;
+        }
+        tracing::info!(drained, evaluated, "stopped");
+    }
+}
+
+/// How long a shutdown waits for queued evaluations after the listeners have drained.
+const EVAL_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a shutdown waits for the last spans to reach the OTLP collector.
+const OTEL_FLUSH: std::time::Duration = std::time::Duration::from_secs(3);
+
+async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, RunError> {
+    let parsed: SocketAddr = addr.parse().map_err(|e| RunError::Bind {
+        what,
+        addr: addr.into(),
+        source: std::io::Error::other(e),
+    })?;
+    TcpListener::bind(parsed)
+        .await
+        .map_err(|source| RunError::Bind {
+            what,
+            addr: addr.into(),
+            source,
+        })
+}
+
+/// SIGHUP reloads; returns on SIGTERM or SIGINT (never, when the handlers cannot be installed).
+async fn signals(app: Arc<App>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading config");
+                let _ = app.reload();
+            }
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+        }
+    }
+}
+
+async fn rotate_windows(app: Arc<App>, mut shutdown: shutdown::Shutdown) {
+    let mut tick = tokio::time::interval(app::ROTATE_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => app.metrics.rotate_windows(),
+            _ = shutdown.wait() => return,
+        }
+    }
+}
+
+/// Deletes expired idempotency receipts now and then (a read already ignores them).
+async fn purge_receipts(fence: Arc<guards::fence::Fence>, mut shutdown: shutdown::Shutdown) {
+    let mut tick = tokio::time::interval(guards::fence::PURGE_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match fence.purge().await {
+                Ok(0) => {}
+                Ok(purged) => tracing::debug!(purged, "expired idempotency receipts purged"),
+                Err(e) => tracing::warn!(error = %e, "cannot purge expired idempotency receipts"),
+            },
+            _ = shutdown.wait() => return,
+        }
+    }
+}
