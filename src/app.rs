@@ -16,6 +16,7 @@ use crate::guards::budget::{Budget, BudgetSettings, RedisBudgetError};
 use crate::guards::fence::{Fence, FenceError};
 use crate::guards::Breakers;
 use crate::telemetry::metrics::Metrics;
+use crate::serve::context::{BudgetCell, Context, TableCell};
 use crate::serve::pins;
 use crate::serve::router::{is_flag_name, Controls, Overrides, RouterError, RoutingTable, MAX_FLAGS};
 use crate::eval::Pipeline;
@@ -79,15 +80,15 @@ pub struct App {
     config_path: Option<PathBuf>,
     config: ArcSwap<Config>,
     config_hash: ArcSwap<String>,
-    table: ArcSwap<RoutingTable>,
+    table: TableCell,
     admin_token: ArcSwap<Option<String>>,
     env_pins: BTreeMap<String, String>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub pools: Pools,
     pub breakers: Breakers,
     /// The global token budget, when the config has a `[budget]`; rebuilt by a reload that changes its
     /// backend.
-    budget: ArcSwapOption<Budget>,
+    budget: BudgetCell,
     pub pipeline: Arc<Pipeline>,
     /// OpenTelemetry tracing, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; `None` costs the request path
     /// nothing more than this check.
@@ -230,7 +231,7 @@ fn budget_backend_changed(old: &config::Budget, new: &config::Budget) -> bool {
 
 impl App {
     pub fn new(loaded: Loaded, config_path: Option<PathBuf>) -> Result<App, StartError> {
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
         let env_pins = pins::from_env(std::env::vars());
         let pools = Pools::new((&loaded.config.upstream).into());
         let breakers = Breakers::default();
@@ -281,10 +282,10 @@ impl App {
             config_path,
             pools,
             breakers,
-            budget: ArcSwapOption::new(budget),
+            budget: Arc::new(ArcSwapOption::new(budget)),
             config: ArcSwap::from_pointee(loaded.config),
             config_hash: ArcSwap::from_pointee(loaded.hash),
-            table: ArcSwap::from_pointee(table),
+            table: Arc::new(ArcSwap::from_pointee(table)),
             admin_token: ArcSwap::from_pointee(loaded.admin_token),
             env_pins,
             metrics,
@@ -294,6 +295,18 @@ impl App {
             write_lock: Mutex::new(state),
             state_file,
         })
+    }
+
+    /// The handles the request path uses.
+    pub fn context(&self) -> Arc<Context> {
+        Arc::new(Context::new(
+            self.table.clone(),
+            self.budget.clone(),
+            self.fence.clone(),
+            self.pipeline.clone(),
+            self.otel.clone(),
+            self.metrics.clone(),
+        ))
     }
 
     pub fn table(&self) -> Arc<RoutingTable> {

@@ -106,15 +106,15 @@ pub async fn start(loaded: Loaded, config_path: Option<PathBuf>) -> Result<Runni
     }
 
     let drain = config.listen.drain_timeout.0;
-    let proxy_app = app.clone();
+    let cx = app.context();
     let proxy = tokio::spawn(listener::serve(
         "proxy",
         proxy_listener,
         shutdown.clone(),
         drain,
         move |addr| {
-            let (app, peer) = (proxy_app.clone(), proxy::Peer::new(addr));
-            move |req| proxy::handle(app.clone(), peer.clone(), req)
+            let (cx, peer) = (cx.clone(), proxy::Peer::new(addr));
+            move |req| proxy::handle(cx.clone(), peer.clone(), req)
         },
     ));
     let admin_engine = engine.clone();

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,7 +21,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::app::App;
+use crate::serve::context::Context;
 use crate::guards::breaker::Admission;
 use crate::guards::budget::{Admission as BudgetAdmission, BackendDown};
 use crate::guards::fence::{self, Decision, Fingerprint, Lead, Receipt, Recording};
@@ -58,12 +58,12 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 
 /// Handles one client request. Never fails: upstream problems become JSON error responses.
 pub async fn handle(
-    app: Arc<App>,
+    cx: Arc<Context>,
     peer: Peer,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
-    let table = app.table();
+    let table = cx.table();
     let (parts, body) = req.into_parts();
 
     let request_id = match parts.headers.get(X_REQUEST_ID) {
@@ -71,7 +71,7 @@ pub async fn handle(
         _ => new_request_id(),
     };
     // Tracing off: this one check is all it costs.
-    let trace = app.otel.as_ref().map(|otel| {
+    let trace = cx.tracer.as_ref().map(|otel| {
         Arc::new(otel.start_request(
             &parts.method,
             parts.uri.path(),
@@ -84,7 +84,7 @@ pub async fn handle(
         .and_then(|h| parts.headers.get(h))
         .map(HeaderValue::as_bytes);
     let Some(arm) = table.pick(sticky).cloned() else {
-        app.metrics.proxy_error(ProxyError::NoUpstream);
+        cx.metrics.proxy_error(ProxyError::NoUpstream);
         let info = RequestInfo::new(&parts, request_id, trace.clone());
         tracing::warn!(
             request_id = info.request_id_str(),
@@ -106,7 +106,7 @@ pub async fn handle(
         info: Some(info.clone()),
         start,
     };
-    let response = forward(&app, &table, &arm, &peer, info, parts, body, start).await;
+    let response = forward(&cx, &table, &arm, &peer, info, parts, body, start).await;
     guard.disarm();
     Ok(response)
 }
@@ -114,7 +114,7 @@ pub async fn handle(
 /// The request path once an arm is chosen.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
-    app: &Arc<App>,
+    cx: &Arc<Context>,
     table: &RoutingTable,
     arm: &Arc<Arm>,
     peer: &Peer,
@@ -125,7 +125,7 @@ async fn forward(
 ) -> Response<ProxyBody> {
     let diffs = arm.pins.strip_client_pins(&mut parts.headers);
     if table.settings.strict_pins && !diffs.is_empty() {
-        app.metrics.proxy_error(ProxyError::PinMismatch);
+        cx.metrics.proxy_error(ProxyError::PinMismatch);
         let body = pins::diff_json(&diffs, info.request_id_str());
         return json_response(
             Some(arm),
@@ -140,7 +140,7 @@ async fn forward(
     // The fence comes before the freeze: a replay never reaches the upstream, so it is no write.
     let mut prefix = VecDeque::new();
     let lead = match fence_step(
-        app,
+        cx,
         table,
         arm,
         &info,
@@ -161,7 +161,7 @@ async fn forward(
             .writes
             .is_write(&parts.method, parts.uri.path())
     {
-        app.metrics.proxy_error(ProxyError::WritesFrozen);
+        cx.metrics.proxy_error(ProxyError::WritesFrozen);
         return error_response(
             Some(arm),
             info,
@@ -172,7 +172,7 @@ async fn forward(
     }
     // Budget: read a bounded prefix to price the request, then reserve it.
     let mut reserved = None;
-    if let (Some(budget), Some(peek)) = (app.budget(), table.settings.budget) {
+    if let (Some(budget), Some(peek)) = (cx.budget(), table.settings.budget) {
         if carries_query(&parts) {
             let read = tokio::time::timeout(
                 table.settings.request_timeout,
@@ -183,7 +183,7 @@ async fn forward(
                 Ok(Ok(complete)) => complete,
                 Ok(Err(_)) => {
                     let kind = ProxyError::ClientClosed;
-                    app.metrics.proxy_error(kind);
+                    cx.metrics.proxy_error(kind);
                     return error_response(
                         Some(arm),
                         info,
@@ -203,11 +203,11 @@ async fn forward(
                 // The budget's Redis fails and on_backend_error = "open": through, unpriced.
                 Err(BackendDown::Admit) => {}
                 Err(BackendDown::Refuse) => {
-                    app.metrics
+                    cx.metrics
                         .rate_limited
                         .with_label_values(&["backend_down"])
                         .inc();
-                    app.metrics.proxy_error(ProxyError::BudgetUnavailable);
+                    cx.metrics.proxy_error(ProxyError::BudgetUnavailable);
                     // error_response adds `Retry-After: 1` to every 503.
                     return error_response(
                         Some(arm),
@@ -218,7 +218,7 @@ async fn forward(
                     );
                 }
                 Ok(BudgetAdmission::OverBudget { retry_after }) => {
-                    app.metrics
+                    cx.metrics
                         .rate_limited
                         .with_label_values(&["over_budget"])
                         .inc();
@@ -234,7 +234,7 @@ async fn forward(
                     return response;
                 }
                 Ok(BudgetAdmission::TooLarge { tokens, burst }) => {
-                    app.metrics
+                    cx.metrics
                         .rate_limited
                         .with_label_values(&["too_large"])
                         .inc();
@@ -266,13 +266,13 @@ async fn forward(
                     Admission::Rejected { .. } => None,
                 });
             if let Some((target, ticket)) = fallback {
-                app.metrics
+                cx.metrics
                     .breaker_fallbacks
                     .with_label_values(&[arm.name.as_str(), target.name.as_str()])
                     .inc();
                 (target, ticket)
             } else {
-                app.metrics.proxy_error(ProxyError::BreakerOpen);
+                cx.metrics.proxy_error(ProxyError::BreakerOpen);
                 let message = format!("the circuit breaker of arm {:?} is open", arm.name);
                 let mut response =
                     error_response(Some(arm), info, ProxyError::BreakerOpen, &message, start);
@@ -375,7 +375,7 @@ async fn forward(
                 ProxyError::UpstreamUnreachable
             };
             let message = format!("upstream {}: {}", arm.upstream, error_chain(&e));
-            app.metrics.proxy_error(kind);
+            cx.metrics.proxy_error(kind);
             return error_response(Some(arm), info, kind, &message, start);
         }
         Err(_) => {
@@ -387,7 +387,7 @@ async fn forward(
                 "upstream {} sent no response within {:?}",
                 arm.upstream, table.settings.request_timeout
             );
-            app.metrics.proxy_error(ProxyError::UpstreamTimeout);
+            cx.metrics.proxy_error(ProxyError::UpstreamTimeout);
             return error_response(
                 Some(arm),
                 info,
@@ -422,10 +422,10 @@ async fn forward(
             response: Capture::new(settings.max_body_bytes),
             sse,
             session,
-            pipeline: app.pipeline.clone(),
+            pipeline: cx.eval.clone(),
         }),
         (Some(_), true, None) => {
-            app.pipeline.skip_not_json();
+            cx.eval.skip_not_json();
             None
         }
         _ => None,
@@ -468,7 +468,7 @@ async fn forward(
 /// answers it here: a replay, a 409 conflict, or a refusal. Other requests pass with `Ok(None)`.
 #[allow(clippy::too_many_arguments)]
 async fn fence_step(
-    app: &Arc<App>,
+    cx: &Arc<Context>,
     table: &RoutingTable,
     arm: &Arc<Arm>,
     info: &RequestInfo,
@@ -481,11 +481,11 @@ async fn fence_step(
     if !settings.writes.is_write(&parts.method, parts.uri.path()) {
         return Ok(None);
     }
-    let (Some(fence), config) = (app.fence.as_ref(), &settings.fence) else {
+    let (Some(fence), config) = (cx.fence.as_ref(), &settings.fence) else {
         return Ok(None);
     };
     let refuse = |kind: ProxyError, message: &str| {
-        app.metrics.proxy_error(kind);
+        cx.metrics.proxy_error(kind);
         error_response(Some(arm), info.clone(), kind, message, start)
     };
     let key = match parts.headers.get(&config.header) {
@@ -571,7 +571,7 @@ async fn fence_step(
         Decision::Lead(lead) => Ok(Some((lead, request))),
         Decision::Replay(receipt) => Err(replay_response(arm, info.clone(), &receipt, start)),
         Decision::Conflict(diff) => {
-            app.metrics.proxy_error(ProxyError::IdempotencyConflict);
+            cx.metrics.proxy_error(ProxyError::IdempotencyConflict);
             let body = serde_json::json!({
                 "error": ProxyError::IdempotencyConflict.as_str(),
                 "message": format!("idempotency key {key:?} was used for another request"),
@@ -1071,7 +1071,7 @@ impl Body for ProxyBody {
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.get_mut().0 {
             Kind::Full(full) => Pin::new(full)
