@@ -12,17 +12,19 @@ use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
 use crate::config::{self, Config, ConfigError, ConfigErrors};
+use crate::eval::Pipeline;
 use crate::guards::budget::{Budget, BudgetSettings, RedisBudgetError};
 use crate::guards::fence::{Fence, FenceError};
 use crate::guards::Breakers;
-use crate::telemetry::metrics::Metrics;
+use crate::rollback::state::{RuntimeState, StateError, StateFile};
 use crate::serve::context::{BudgetCell, Context, TableCell};
 use crate::serve::pins;
-use crate::serve::router::{is_flag_name, Controls, Overrides, RouterError, RoutingTable, MAX_FLAGS};
-use crate::eval::Pipeline;
-use crate::signals::EvalError;
-use crate::rollback::state::{RuntimeState, StateError, StateFile};
+use crate::serve::router::{
+    is_flag_name, Controls, Overrides, RouterError, RoutingTable, MAX_FLAGS,
+};
 use crate::serve::upstream::Pools;
+use crate::signals::EvalError;
+use crate::telemetry::metrics::Metrics;
 use crate::windows::{Counter, Hist, WindowStats};
 
 pub const ADMIN_TOKEN_ENV: &str = "DRIFTGUARD_ADMIN_TOKEN";
@@ -290,7 +292,7 @@ impl App {
             env_pins,
             metrics,
             started: Instant::now(),
-            started_ms: crate::rollback::state::now_ms(),
+            started_ms: crate::clock::now_ms(),
             draining: AtomicBool::new(false),
             write_lock: Mutex::new(state),
             state_file,

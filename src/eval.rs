@@ -25,13 +25,13 @@ use opentelemetry::trace::{Span as _, Status};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::Span;
 
-use crate::telemetry::metrics::{ArmStats, Evaluation, Metrics, LAMBDA_STATES};
-use crate::telemetry::otel::FollowUp;
+use crate::capture::Capture;
 use crate::signals::embed::Embedder;
 use crate::signals::extract::{Extracted, Extractor, Skip};
 use crate::signals::measure::{self, Lambda, SessionTools, ToolCall};
 use crate::signals::EvalError;
-use crate::capture::Capture;
+use crate::telemetry::metrics::{ArmStats, Evaluation, Metrics, LAMBDA_STATES};
+use crate::telemetry::otel::FollowUp;
 
 /// A completed, sampled exchange waiting for evaluation.
 pub struct Sample {

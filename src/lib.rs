@@ -3,8 +3,10 @@
 pub mod admin;
 pub mod app;
 pub mod capture;
+pub mod clock;
 pub mod cmd;
 pub mod config;
+pub mod error;
 pub mod eval;
 pub mod guards;
 pub mod rollback;

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use driftguard::config::{BudgetBackend, Config, OnBackendError};
-use driftguard::cmd::inject;
 use driftguard::cmd::eval as gold;
+use driftguard::cmd::inject;
 use driftguard::cmd::{demo, operate as cli};
+use driftguard::config::{BudgetBackend, Config, OnBackendError};
 
 /// Config file used when neither `--config` nor `DRIFTGUARD_CONFIG` names one.
 const DEFAULT_CONFIG: &str = "driftguard.toml";

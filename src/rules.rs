@@ -14,8 +14,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, Lever};
-use significance as stats;
 use crate::windows::{Counter, Hist, WindowStats, SIGNAL_SCALE};
+use significance as stats;
 
 /// What the rules read of one window. Serializable: a pinned baseline is one of these, and snapshots
 /// carry them.

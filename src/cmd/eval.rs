@@ -15,8 +15,8 @@ use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Signals as SignalsConfig;
-use crate::signals::measure::{self, Lambda};
 use crate::eval::Evaluator;
+use crate::signals::measure::{self, Lambda};
 use crate::signals::EvalError;
 
 /// Largest response body read per item.

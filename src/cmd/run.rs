@@ -7,11 +7,11 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::app::{self, App, Loaded};
+use crate::config::ConfigErrors;
 use crate::rollback::engine;
 use crate::serve::{handle as proxy, listener};
 use crate::telemetry::log;
 use crate::{admin, guards, shutdown};
-use crate::config::ConfigErrors;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

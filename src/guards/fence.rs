@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -34,9 +34,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::capture::Capture;
 use crate::config::{ReceiptStore, Writes};
 use crate::telemetry::metrics::Metrics;
-use crate::capture::Capture;
 
 /// Values of the `decision` label of `driftguard_idempotency_total`.
 pub const DECISIONS: [&str; 4] = ["new", "replay", "conflict", "wait"];
@@ -212,12 +212,7 @@ impl Receipt {
     }
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use crate::clock::now_ms;
 
 // === Decision ===
 

@@ -15,11 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::app::App;
+use crate::clock::now_ms;
 use crate::config::{self, HookEvent, Lever, RollbackStep};
 use crate::rollback::hooks::{event_name, HookContext, HookRunner};
-use crate::serve::router::{RouterError, RoutingTable};
+use crate::rollback::state::{GuardState, PinnedBaseline, RuntimeState, Trip};
 use crate::rules::{self, Finding, RuleSet, Summary, Target, Verdict};
-use crate::rollback::state::{now_ms, GuardState, PinnedBaseline, RuntimeState, Trip};
+use crate::serve::router::{RouterError, RoutingTable};
 
 /// Rule name of a trip requested through `POST /trip`.
 pub const MANUAL: &str = "manual";

@@ -272,7 +272,7 @@ impl Inner {
             .client
             .request(request)
             .await
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| crate::error::chain(&e))?;
         let status = response.status();
         if status.is_success() {
             return Ok((status, String::new()));
@@ -314,18 +314,6 @@ fn signature(hook: &Hook, body: &[u8]) -> Option<String> {
 fn backoff(retry: u32) -> Duration {
     let base = BACKOFF_BASE.saturating_mul(1 << retry.min(16));
     base.mul_f64(0.5 + fastrand::f64()).min(BACKOFF_CAP)
-}
-
-/// An error with its sources: hyper's top-level errors alone say little ("client error (Connect)").
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 // === exec ===

@@ -107,12 +107,7 @@ pub struct PinnedBaseline {
     pub summary: crate::rules::Summary,
 }
 
-/// Now as Unix milliseconds.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::clock::now_ms;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {

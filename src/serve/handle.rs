@@ -21,19 +21,19 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::serve::context::Context;
+use crate::capture::{Capture, RequestBody, RequestSlot};
+use crate::eval::{Pipeline, Sample};
 use crate::guards::breaker::Admission;
+use crate::guards::budget::admission::{self, Reserved, UsageTap};
 use crate::guards::budget::{Admission as BudgetAdmission, BackendDown};
 use crate::guards::fence::{self, Decision, Fingerprint, Lead, Receipt, Recording};
-use crate::guards::budget::admission::{self, Reserved, UsageTap};
+use crate::serve::context::Context;
+use crate::serve::pins;
+use crate::serve::router::{Arm, RoutingTable};
+use crate::serve::upstream::Lease;
 use crate::telemetry::log::ACCESS;
 use crate::telemetry::metrics::ProxyError;
 use crate::telemetry::otel::RequestSpan;
-use crate::serve::pins;
-use crate::serve::router::{Arm, RoutingTable};
-use crate::eval::{Pipeline, Sample};
-use crate::capture::{Capture, RequestBody, RequestSlot};
-use crate::serve::upstream::Lease;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_DRIFTGUARD_ARM: HeaderName = HeaderName::from_static("x-driftguard-arm");
@@ -374,7 +374,7 @@ async fn forward(
             } else {
                 ProxyError::UpstreamUnreachable
             };
-            let message = format!("upstream {}: {}", arm.upstream, error_chain(&e));
+            let message = format!("upstream {}: {}", arm.upstream, crate::error::chain(&e));
             cx.metrics.proxy_error(kind);
             return error_response(Some(arm), info, kind, &message, start);
         }
@@ -792,19 +792,6 @@ fn new_request_id() -> HeaderValue {
 }
 
 /// An error and its causes, each said once (wrappers often repeat their cause in their own text).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
 
 /// A JSON error made by the proxy: `{"error": kind, "message": .., "request_id": ..}`.
 fn error_response(
@@ -1228,16 +1215,6 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
-    }
-
-    #[test]
-    fn error_chain_says_each_cause_once() {
-        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        let e = crate::serve::upstream::UpstreamError::Connect {
-            addr: "h:1".into(),
-            detail: io,
-        };
-        assert_eq!(error_chain(&e), "connect to h:1: refused");
     }
 
     #[test]

@@ -13,14 +13,14 @@ use http::uri::Authority;
 use http::{HeaderName, HeaderValue};
 
 use crate::config::{parse_upstream, Config};
+use crate::eval::rate::EvalRate;
 use crate::guards::breaker::{Breaker, BreakerSettings};
 use crate::guards::fence::FenceSettings;
 use crate::guards::freeze::WriteRoutes;
 use crate::guards::Breakers;
-use crate::telemetry::metrics::{ArmStats, Metrics};
 use crate::serve::pins::{self, PinSet};
-use crate::eval::rate::EvalRate;
 use crate::serve::upstream::{Pool, Pools};
+use crate::telemetry::metrics::{ArmStats, Metrics};
 
 /// One upstream arm with everything the request path needs, prepared once.
 pub struct Arm {

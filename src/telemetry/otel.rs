@@ -35,8 +35,8 @@ use opentelemetry_sdk::trace::{
 use opentelemetry_sdk::Resource;
 use prometheus::{IntCounter, IntCounterVec};
 
-use crate::telemetry::metrics::Metrics;
 use crate::serve::router::Arm;
+use crate::telemetry::metrics::Metrics;
 
 /// The name of the span a sample's evaluation gets.
 pub const EVALUATE_SPAN: &str = "driftguard.evaluate";

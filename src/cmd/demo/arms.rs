@@ -60,7 +60,7 @@ impl Arm {
     fn bad(&self) {
         let _ = self.first_bad_ms.compare_exchange(
             0,
-            crate::rollback::state::now_ms(),
+            crate::clock::now_ms(),
             Ordering::Relaxed,
             Ordering::Relaxed,
         );

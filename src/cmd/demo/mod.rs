@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
-use crate::rollback::engine::snapshot_dir;
-use crate::rollback::state::{now_ms, GuardState, Trip};
+use crate::clock::now_ms;
 use crate::cmd::run::RunError;
+use crate::rollback::engine::snapshot_dir;
+use crate::rollback::state::{GuardState, Trip};
 use crate::{app, shutdown};
 
 /// Weights of the two arms (percent of the traffic).

@@ -14,8 +14,8 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 
 use super::{completion_tokens, estimate_prompt_tokens, Budget};
-use crate::serve::router::BudgetPeek;
 use crate::capture::Capture;
+use crate::serve::router::BudgetPeek;
 
 /// Reads frames into `into` until `limit` bytes or the end of the body. Returns whether the body ended.
 /// The frames read stay in `into` even when the caller gives up waiting, so nothing is lost.
@@ -330,9 +330,7 @@ mod tests {
             unreachable!()
         };
         match local.admit(10, start) {
-            super::super::Admission::Admitted(r) => {
-                drop(Reserved::new(budget.clone(), r.tokens))
-            }
+            super::super::Admission::Admitted(r) => drop(Reserved::new(budget.clone(), r.tokens)),
             _ => panic!("admitted"),
         }
         assert_eq!(budget.available(Instant::now()), before);
