@@ -107,8 +107,6 @@ pub struct PinnedBaseline {
     pub summary: crate::rules::Summary,
 }
 
-use crate::clock::now_ms;
-
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("state_dir {path}: {source}")]

@@ -791,8 +791,6 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
 }
 
-/// An error and its causes, each said once (wrappers often repeat their cause in their own text).
-
 /// A JSON error made by the proxy: `{"error": kind, "message": .., "request_id": ..}`.
 fn error_response(
     arm: Option<&Arc<Arm>>,
