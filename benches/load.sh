@@ -17,7 +17,12 @@
 #         SKIP="nginx haproxy driftguard-nolog driftguard-nosample"   (rows to leave out)
 #         SKIP="rag"          leave out the whole RAG table; SKIP="rag-direct rag-haproxy" its reference rows
 #         SKIP="base"         leave out the whole first table (--rag-only does the same)
-#         NO_BUILD=1                                   (use the existing target/release/driftguard)
+#         NO_BUILD=1                                   (use the existing binary, no cargo build)
+#         DG_BIN=/path/to/driftguard                   (the binary to measure; default
+#                                                       target/release/driftguard, built first unless
+#                                                       NO_BUILD=1; an explicit DG_BIN is never built)
+#         BUDGET_TPM=1000000000000 BUDGET_BURST=$BUDGET_TPM   ([budget] of the RAG driftguard-guards row;
+#                                                       lower them only to see an INVALID row, see below)
 #
 # What runs (first table: a tiny text response to GET, no quality signals evaluated):
 #   upstream   one nginx process (master_process off, worker_processes 1) answering `200 "ok\n"` on
@@ -61,8 +66,16 @@
 #              {"answer": "<~420 B of prose grounded in the chunks>", "contexts": [{"text": "<~600 B>"} x 5],
 #               "usage": {"prompt_tokens": 900, "completion_tokens": 120}}  (nginx `return 200 '<json>'`).
 #   client     wrk -s rag.lua: `POST /rag`, `Content-Type: application/json`, body {"question": "<~95 B>"}.
-#   rows       driftguard-guards: signals off plus a [budget] it never exhausts (1e9 tokens/min): the cost of
-#              pricing every request (issue #4's target: >= 0.95 x driftguard-nosignals);
+#   rows       driftguard-guards: signals off plus a [budget] it never exhausts: the cost of pricing every
+#              request (issue #4's target: >= 0.95 x driftguard-nosignals). Every request is still priced,
+#              reserved (~28 prompt + 256 default completion tokens) and settled against the reported usage
+#              (900 + 120 = 1020 tokens), but none may be refused: a 429 is cheaper than forwarding, so a row
+#              with refusals says nothing about the cost of pricing (and is INVALID, below). The limits:
+#              BUDGET_TPM and BUDGET_BURST, both 1e12 by default. The budget works in whole ns per token
+#              (T = ceil(60 s / tokens_per_minute) >= 1 ns), so any rate above 6e10/min refills 1e9 tokens/s
+#              = ~980 k requests/s at 1020 tokens, and a burst of 1e12 tokens (~1e9 requests) alone covers
+#              the whole warm-up + run even with no refill: wrk on one core does ~1e5 requests/s, i.e.
+#              ~1e8 tokens/s. The script prints the margin before the row and warns if it is thin;
 #              direct (as above), driftguard-signals ([signals] sample = 1.0: every response is teed,
 #              queued and evaluated — default hashed embedder, default signals.workers = 1 and
 #              signals.queue = 4096), driftguard-nosignals (sample = 0.0: nothing teed), haproxy (reference;
@@ -77,7 +90,17 @@
 #              dropped = 0 means evaluation kept up. Samples still queued when wrk ends are evaluated
 #              after the CPU sample is taken, so with a large "queued" the CPU us/req slightly understates.
 #
-# Exit status: 0 when every target (of both tables) passes, 3 when one fails, 1 on a setup error.
+# Valid rows: a measured wrk run with socket errors (connect/read/write/timeout) or any non-2xx/3xx
+# response is INVALID: its table line says so with the counts, no target is computed from it (the target
+# line says NOT CHECKED, never PASS), and the script exits 4 at the end. wrk prints those two lines only
+# when the counts are nonzero. The warm-up runs are not checked.
+# Missing reference rows: without a haproxy row (haproxy not installed, or SKIP) the haproxy-relative
+# targets are reported SKIPPED, and the verdict line says that not every target was checked; SKIPPED
+# alone does not make the exit status nonzero.
+#
+# Exit status: 0 when every checked target (of both tables) passes and every row is valid (targets may
+# be SKIPPED: read the verdict lines), 3 when a target fails, 4 when a measured row is INVALID (takes
+# precedence over 3), 1 on a setup error.
 #
 # Everything listens on 127.0.0.1 on free ports, lives under one mktemp dir, every started process is
 # killed by PID on exit (trap), and each step is bounded by `timeout`.
@@ -93,6 +116,9 @@ UPSTREAM_CPU=${UPSTREAM_CPU:-0}
 DG_STDOUT=${DG_STDOUT:-/dev/null}
 SKIP=${SKIP:-}
 NO_BUILD=${NO_BUILD:-}
+DG_BIN=${DG_BIN:-}
+BUDGET_TPM=${BUDGET_TPM:-1000000000000}
+BUDGET_BURST=${BUDGET_BURST:-$BUDGET_TPM}
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -245,12 +271,20 @@ peak_rss_kb() {
 
 # --- build -----------------------------------------------------------------------------------------
 
-DG="$ROOT/target/release/driftguard"
-if [[ -z $NO_BUILD ]]; then
-    note "cargo build --release"
-    (cd "$ROOT" && timeout 1800 cargo build --release --quiet) || die "cargo build --release failed"
+if [[ -n $DG_BIN ]]; then
+    # An explicit binary is measured as it is (building would not change it).
+    DG=$DG_BIN
+    [[ $DG == /* ]] || DG="$PWD/$DG"
+else
+    DG="$ROOT/target/release/driftguard"
+    if [[ -z $NO_BUILD ]]; then
+        note "cargo build --release"
+        (cd "$ROOT" && timeout 1800 cargo build --release --quiet) || die "cargo build --release failed"
+    fi
 fi
 [[ -x "$DG" ]] || die "$DG missing (build failed?)"
+note "driftguard binary: $DG"
+[[ $BUDGET_TPM =~ ^[0-9]+$ && $BUDGET_BURST =~ ^[0-9]+$ ]] || die "BUDGET_TPM and BUDGET_BURST must be whole numbers"
 
 # --- RAG payload ------------------------------------------------------------------------------------
 
@@ -274,7 +308,8 @@ for i in "${!RAG_CONTEXTS[@]}"; do
     (( i == 0 )) || RAG_JSON+=", "
     RAG_JSON+="{\"text\": \"${RAG_CONTEXTS[i]}\"}"
 done
-RAG_JSON+="], \"usage\": {\"prompt_tokens\": 900, \"completion_tokens\": 120}}"
+RAG_PROMPT_TOKENS=900 RAG_COMPLETION_TOKENS=120   # the usage the upstream reports (settled by the budget)
+RAG_JSON+="], \"usage\": {\"prompt_tokens\": $RAG_PROMPT_TOKENS, \"completion_tokens\": $RAG_COMPLETION_TOKENS}}"
 # nginx refuses a config token of 4 KB or more ("too long parameter").
 (( ${#RAG_JSON} < 4000 )) || die "the RAG response is ${#RAG_JSON} bytes: nginx return needs < 4000"
 
@@ -410,6 +445,12 @@ eval_counts() {
         END { printf "%d %d %d %d\n", ev, dr, sk, q }'
 }
 
+# rate_limited: requests the token budget refused (driftguard_rate_limited_total, all reasons), from
+# /metrics text on stdin.
+rate_limited() {
+    awk '{ n = $1; sub(/\{.*/, "", n) } n == "driftguard_rate_limited_total" { r += $2 } END { printf "%d\n", r }'
+}
+
 # wait_eval_idle ADMIN_PORT: waits (at most 30 s) until driftguard's evaluation queue is empty.
 wait_eval_idle() {
     local counts
@@ -437,8 +478,9 @@ check_answer() {
     fi
 }
 
-ROWS=()       # first table
-RAG_ROWS=()   # RAG table
+ROWS=()          # first table
+RAG_ROWS=()      # RAG table
+INVALID_ROWS=()  # measured runs with socket errors or non-2xx/3xx responses (tag and counts)
 # measure NAME PORT PID [ADMIN_PORT]: warm-up run, then the measured run with CPU sampled around it.
 # In the rag scenario wrk POSTs the RAG question (wrk -s rag.lua) to /rag, and with ADMIN_PORT the
 # evaluation counters of driftguard's /metrics are read before and right after the measured run.
@@ -456,7 +498,8 @@ measure() {
     local m0="0 0 0 0" m1="0 0 0 0"
     if [[ -n $admin ]]; then
         wait_eval_idle "$admin"
-        m0=$(eval_metrics "$admin" | eval_counts)
+        eval_metrics "$admin" > "$TMP/metrics0-$tag.txt"
+        m0=$(eval_counts < "$TMP/metrics0-$tag.txt")
     fi
     local t0 t1 c0 c1 out w0 w1 p0 p1
     c0=$(cpu_ticks "$pid")
@@ -478,11 +521,18 @@ measure() {
     reqs=$(awk '/ requests in / {print $1}' <<<"$out")
     p50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
     p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
-    errs=$(awk '/Socket errors:/ {print}' <<<"$out")
-    non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' <<<"$out")
-    [[ -n $errs ]] && echo "   warning: $name: $errs" >&2
-    [[ -n $non2xx ]] && echo "   warning: $name: $non2xx non-2xx responses" >&2
+    # "Socket errors: connect A, read B, write C, timeout D" and "Non-2xx or 3xx responses: N" appear only
+    # when nonzero; absent means 0. errs is "A/B/C/D" (one field of the row).
+    errs=$(awk '/Socket errors:/ { gsub(",", ""); e = $4 "/" $6 "/" $8 "/" $10 } END { print (e == "" ? "0/0/0/0" : e) }' <<<"$out")
+    non2xx=$(awk '/Non-2xx or 3xx responses:/ { n = $NF } END { print n + 0 }' <<<"$out")
+    [[ $errs =~ ^[0-9]+/[0-9]+/[0-9]+/[0-9]+$ ]] || { echo "$out" >&2; die "$name: could not parse wrk's socket errors"; }
     [[ -n $rps && -n $reqs && $reqs -gt 0 ]] || { echo "$out" >&2; die "$name: could not parse wrk output"; }
+    if [[ $errs != 0/0/0/0 || $non2xx != 0 ]]; then
+        local e
+        IFS=/ read -ra e <<<"$errs"
+        INVALID_ROWS+=("$tag ($non2xx non-2xx/3xx of $reqs responses; socket errors connect ${e[0]}, read ${e[1]}, write ${e[2]}, timeout ${e[3]})")
+        echo "   INVALID: $name: $non2xx non-2xx/3xx responses of $reqs, socket errors connect ${e[0]}, read ${e[1]}, write ${e[2]}, timeout ${e[3]}" >&2
+    fi
     local cpu_us core rss
     cpu_us=$(awk -v d=$(( c1 - c0 )) -v hz="$TICKS" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }')
     core=$(awk -v d=$(( c1 - c0 )) -v hz="$TICKS" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", 100 * d / hz / (b - a) }')
@@ -493,7 +543,7 @@ measure() {
         split(w0, a, " "); split(w1, b, " "); split(p0, c, " "); split(p1, d, " ")
         printf "%.0f/%.0f", 100 * (b[1] - a[1]) / (b[2] - a[2]), 100 * (d[1] - c[1]) / (d[2] - c[2]) }')
     if [[ $SCEN == base ]]; then
-        ROWS+=("$name $rps $p50 $p99 $cpu_us $core $rss $busy")
+        ROWS+=("$name $rps $p50 $p99 $cpu_us $core $rss $busy $non2xx $errs")
         return
     fi
     # Evaluation counters over the measured run ("-" where there is no driftguard to ask).
@@ -507,7 +557,14 @@ measure() {
             grep '^driftguard_eval_skipped_total' "$TMP/metrics-$tag.txt" >&2 || echo "   (none)" >&2
         fi
     fi
-    RAG_ROWS+=("$name $rps $p50 $p99 $cpu_us $core $rss $busy $reqs $evals")
+    # Budget refusals over the run (driftguard_rate_limited_total), "-" without a driftguard to ask.
+    local refused=-
+    if [[ -n $admin ]]; then
+        local r0 r1
+        r0=$(rate_limited < "$TMP/metrics0-$tag.txt"); r1=$(rate_limited < "$TMP/metrics-$tag.txt")
+        refused=$(( r1 - r0 ))
+    fi
+    RAG_ROWS+=("$name $rps $p50 $p99 $cpu_us $core $rss $busy $reqs $evals $non2xx $errs $refused")
 }
 
 # --- direct -----------------------------------------------------------------------------------------
@@ -658,35 +715,72 @@ EOF
 
 # --- reports ----------------------------------------------------------------------------------------
 
+# Shared by both reports (awk): a row is valid when its measured run had no socket error and no
+# non-2xx/3xx response; run_status is what the table prints for it.
+# shellcheck disable=SC2016  # awk code
+AWK_VALIDITY='
+    function row_valid(non2xx, errs) { return non2xx == 0 && errs == "0/0/0/0" }
+    function run_status(non2xx, errs, e) {
+        if (row_valid(non2xx, errs)) return "ok"
+        split(errs, e, "/")
+        return sprintf("INVALID: %d non-2xx/3xx, socket errors connect %d read %d write %d timeout %d", non2xx, e[1], e[2], e[3], e[4])
+    }
+    # ratio column: "-" without the reference row, "inv" when either row is INVALID.
+    function ratio(i, ref) { return !ref ? "-" : (!valid[i] || !valid[ref]) ? "inv" : sprintf("%.2f", rps[i] / rps[ref]) }
+'
+
+# Why a reference row is absent (for the SKIPPED lines): not installed, or left out by SKIP.
+haproxy_missing_reason() {
+    if [[ -z $HAVE_HAPROXY ]]; then echo "haproxy not installed ($HAPROXY)"; else echo "left out by SKIP=\"$SKIP\""; fi
+}
+
 report_base() {
 echo
 echo "wrk -t$THREADS -c$CONNS -d$DURATION --latency (warm-up $WARMUP); wrk on core $WRK_CPU, target on core $PROXY_CPU, upstream ($UPSTREAM_KIND, 1 process) on core $UPSTREAM_CPU except in 'direct'"
 echo "$(nproc) cores: $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo); $(uname -r)"
-printf '%s\n' "${ROWS[@]}" | awk -v dg_name=driftguard '
-    { name[NR] = $1; rps[NR] = $2; p50[NR] = $3; p99[NR] = $4; cpu[NR] = $5; core[NR] = $6; rss[NR] = $7; busy[NR] = $8; idx[$1] = NR }
+echo "driftguard binary: $DG"
+printf '%s\n' "${ROWS[@]}" | awk -v dg_name=driftguard -v hap_reason="$(haproxy_missing_reason)" "$AWK_VALIDITY"'
+    { name[NR] = $1; rps[NR] = $2; p50[NR] = $3; p99[NR] = $4; cpu[NR] = $5; core[NR] = $6; rss[NR] = $7; busy[NR] = $8
+      non2xx[NR] = $9; errs[NR] = $10; valid[NR] = row_valid($9, $10); idx[$1] = NR }
     END {
         d = idx["direct"]; h = idx["haproxy"]
-        printf "\n%-19s %9s %8s %8s %8s %9s %11s %8s %9s %12s\n", "target", "req/s", "p50 ms", "p99 ms", "/direct", "/haproxy", "CPU us/req", "target%", "peak RSS", "busy% wrk/tgt"
+        printf "\n%-19s %9s %8s %8s %8s %9s %11s %8s %9s %12s  %s\n", "target", "req/s", "p50 ms", "p99 ms", "/direct", "/haproxy", "CPU us/req", "target%", "peak RSS", "busy% wrk/tgt", "run"
         for (i = 1; i <= NR; i++) {
-            rd = d ? sprintf("%.2f", rps[i] / rps[d]) : "-"
-            rh = h ? sprintf("%.2f", rps[i] / rps[h]) : "-"
-            printf "%-19s %9.0f %8.3f %8.3f %8s %9s %11.2f %7s%% %6.1f MB %12s\n", name[i], rps[i], p50[i], p99[i], rd, rh, cpu[i], core[i], rss[i], busy[i]
+            printf "%-19s %9.0f %8.3f %8.3f %8s %9s %11.2f %7s%% %6.1f MB %12s  %s\n", name[i], rps[i], p50[i], p99[i], ratio(i, d), ratio(i, h), cpu[i], core[i], rss[i], busy[i], run_status(non2xx[i], errs[i])
         }
         g = idx[dg_name]
         printf "\ntargets (driftguard, access log on):\n"
-        fails = 0
-        if (h) {
-            r = rps[g] / rps[h]; ok = r >= 0.9;  fails += !ok
-            printf "  throughput  >= 0.9 x haproxy : %.2f x  %s\n", r, ok ? "PASS" : "FAIL"
-            r = p99[g] / p99[h]; ok = r <= 1.1;  fails += !ok
-            printf "  p99 latency <= 1.1 x haproxy : %.2f x  %s\n", r, ok ? "PASS" : "FAIL"
-            r = cpu[g] / cpu[h]; ok = r <= 1.2;  fails += !ok
-            printf "  CPU/request <= 1.2 x haproxy : %.2f x  %s\n", r, ok ? "PASS" : "FAIL"
+        fails = 0; passes = 0; skips = 0; unchecked = 0
+        if (!h) {
+            for (t = 1; t <= 3; t++) skips++
+            printf "  throughput  >= 0.9 x haproxy : SKIPPED (no haproxy row: %s)\n", hap_reason
+            printf "  p99 latency <= 1.1 x haproxy : SKIPPED (no haproxy row)\n"
+            printf "  CPU/request <= 1.2 x haproxy : SKIPPED (no haproxy row)\n"
+        } else if (!valid[g] || !valid[h]) {
+            why = !valid[g] ? (!valid[h] ? "driftguard and haproxy rows INVALID" : "driftguard row INVALID") : "haproxy row INVALID"
+            unchecked += 3
+            printf "  throughput  >= 0.9 x haproxy : NOT CHECKED (%s)\n", why
+            printf "  p99 latency <= 1.1 x haproxy : NOT CHECKED (%s)\n", why
+            printf "  CPU/request <= 1.2 x haproxy : NOT CHECKED (%s)\n", why
         } else {
-            printf "  haproxy row missing: the three haproxy-relative targets are not checked\n"
+            r = rps[g] / rps[h]; ok = r >= 0.9;  fails += !ok; passes += ok
+            printf "  throughput  >= 0.9 x haproxy : %.2f x  %s\n", r, ok ? "PASS" : "FAIL"
+            r = p99[g] / p99[h]; ok = r <= 1.1;  fails += !ok; passes += ok
+            printf "  p99 latency <= 1.1 x haproxy : %.2f x  %s\n", r, ok ? "PASS" : "FAIL"
+            r = cpu[g] / cpu[h]; ok = r <= 1.2;  fails += !ok; passes += ok
+            printf "  CPU/request <= 1.2 x haproxy : %.2f x  %s\n", r, ok ? "PASS" : "FAIL"
         }
-        ok = rss[g] <= 30; fails += !ok
-        printf "  peak RSS    <= 30 MB         : %.1f MB  %s\n", rss[g], ok ? "PASS" : "FAIL"
+        if (!valid[g]) {
+            unchecked++
+            printf "  peak RSS    <= 30 MB         : NOT CHECKED (driftguard row INVALID)\n"
+        } else {
+            ok = rss[g] <= 30; fails += !ok; passes += ok
+            printf "  peak RSS    <= 30 MB         : %.1f MB  %s\n", rss[g], ok ? "PASS" : "FAIL"
+        }
+        if (unchecked)  printf "verdict: INVALID: %d target(s) NOT CHECKED because a row had errors, %d PASS, %d FAIL\n", unchecked, passes, fails
+        else if (fails) printf "verdict: FAIL: %d of %d targets failed\n", fails, passes + fails + skips
+        else if (skips) printf "verdict: INCOMPLETE, not a PASS: %d target(s) SKIPPED (no haproxy reference), %d PASS\n", skips, passes
+        else            printf "verdict: PASS (%d of %d targets)\n", passes, passes
         exit fails > 0 ? 3 : 0
     }'
 }
@@ -696,26 +790,65 @@ report_rag() {
     echo "RAG-shaped JSON: POST /rag with a ${#RAG_REQUEST} B JSON question, upstream answers ${#RAG_JSON} B of application/json (answer + 5 contexts + usage)"
     echo "wrk -t$THREADS -c$CONNS -d$DURATION --latency -s rag.lua (warm-up $WARMUP); wrk on core $WRK_CPU, target on core $PROXY_CPU (driftguard: proxy and evaluation worker both), upstream ($UPSTREAM_KIND, 1 process) on core $UPSTREAM_CPU except in 'direct'"
     echo "driftguard-signals: [signals] sample = 1.0, embedder hashed, signals.workers 1, queue 4096 (defaults); driftguard-nosignals: sample = 0.0; both access log on"
-    printf '%s\n' "${RAG_ROWS[@]}" | awk -v cpu_core="$PROXY_CPU" '
+    echo "driftguard-guards: sample = 0.0, [budget] tokens_per_minute = $BUDGET_TPM, burst = $BUDGET_BURST (every request priced and settled, none may be refused)"
+    printf '%s\n' "${RAG_ROWS[@]}" | awk -v cpu_core="$PROXY_CPU" -v hap_reason="$(haproxy_missing_reason)" "$AWK_VALIDITY"'
         { name[NR] = $1; rps[NR] = $2; p50[NR] = $3; p99[NR] = $4; cpu[NR] = $5; core[NR] = $6; rss[NR] = $7; busy[NR] = $8
-          reqs[NR] = $9; ev[NR] = $10; dr[NR] = $11; sk[NR] = $12; q[NR] = $13; idx[$1] = NR }
+          reqs[NR] = $9; ev[NR] = $10; dr[NR] = $11; sk[NR] = $12; q[NR] = $13
+          non2xx[NR] = $14; errs[NR] = $15; refused[NR] = $16; valid[NR] = row_valid($14, $15); idx[$1] = NR }
         END {
             d = idx["direct"]; h = idx["haproxy"]; on = idx["driftguard-signals"]; off = idx["driftguard-nosignals"]; gd = idx["driftguard-guards"]
-            printf "\n%-21s %9s %8s %8s %8s %9s %11s %8s %9s %12s %10s %8s\n", "target", "req/s", "p50 ms", "p99 ms", "/direct", "/haproxy", "CPU us/req", "target%", "peak RSS", "busy% wrk/tgt", "evaluated", "dropped"
+            printf "\n%-21s %9s %8s %8s %8s %9s %11s %8s %9s %12s %10s %8s  %s\n", "target", "req/s", "p50 ms", "p99 ms", "/direct", "/haproxy", "CPU us/req", "target%", "peak RSS", "busy% wrk/tgt", "evaluated", "dropped", "run"
             for (i = 1; i <= NR; i++) {
-                rd = d ? sprintf("%.2f", rps[i] / rps[d]) : "-"
-                rh = h ? sprintf("%.2f", rps[i] / rps[h]) : "-"
-                printf "%-21s %9.0f %8.3f %8.3f %8s %9s %11.2f %7s%% %6.1f MB %12s %10s %8s\n", name[i], rps[i], p50[i], p99[i], rd, rh, cpu[i], core[i], rss[i], busy[i], ev[i], dr[i]
+                printf "%-21s %9.0f %8.3f %8.3f %8s %9s %11.2f %7s%% %6.1f MB %12s %10s %8s  %s\n", name[i], rps[i], p50[i], p99[i], ratio(i, d), ratio(i, h), cpu[i], core[i], rss[i], busy[i], ev[i], dr[i], run_status(non2xx[i], errs[i])
             }
+            if (!h) printf "(no haproxy row: %s; it is a reference only here, no target depends on it)\n", hap_reason
             printf "\ntargets (RAG JSON, access log on, proxy + evaluation on core %s):\n", cpu_core
-            r = rps[on] / rps[off]; ok = r >= 0.9
-            printf "  signals on >= 0.9 x signals off : %.2f x  %s\n", r, ok ? "PASS" : "FAIL"
-            if (gd) {
-                r = rps[gd] / rps[off]; gok = r >= 0.95; ok = ok && gok
-                printf "  budget on  >= 0.95 x budget off  : %.2f x  %s   (CPU/req %.2f vs %.2f us)\n", r, gok ? "PASS" : "FAIL", cpu[gd], cpu[off]
+            fails = 0; passes = 0; skips = 0; unchecked = 0
+            if (!valid[on] || !valid[off]) {
+                unchecked++
+                printf "  signals on >= 0.9 x signals off : NOT CHECKED (%s INVALID)\n", !valid[on] ? (!valid[off] ? "driftguard-signals and driftguard-nosignals rows" : "driftguard-signals row") : "driftguard-nosignals row"
+            } else {
+                r = rps[on] / rps[off]; ok = r >= 0.9; fails += !ok; passes += ok
+                printf "  signals on >= 0.9 x signals off : %.2f x  %s\n", r, ok ? "PASS" : "FAIL"
             }
+            if (!gd) {
+                skips++
+                printf "  budget on  >= 0.95 x budget off  : SKIPPED (driftguard-guards row left out by SKIP)\n"
+            } else if (!valid[gd] || !valid[off]) {
+                unchecked++
+                printf "  budget on  >= 0.95 x budget off  : NOT CHECKED (%s INVALID; %s of %d budget-row requests refused by the budget)\n", !valid[gd] ? (!valid[off] ? "driftguard-guards and driftguard-nosignals rows" : "driftguard-guards row") : "driftguard-nosignals row", refused[gd], reqs[gd]
+            } else {
+                r = rps[gd] / rps[off]; gok = r >= 0.95; fails += !gok; passes += gok
+                printf "  budget on  >= 0.95 x budget off  : %.2f x  %s   (CPU/req %.2f vs %.2f us; %s of %d requests refused by the budget)\n", r, gok ? "PASS" : "FAIL", cpu[gd], cpu[off], refused[gd], reqs[gd]
+            }
+            if (unchecked)  printf "verdict: INVALID: %d target(s) NOT CHECKED because a row had errors, %d PASS, %d FAIL\n", unchecked, passes, fails
+            else if (fails) printf "verdict: FAIL: %d of %d targets failed\n", fails, passes + fails + skips
+            else if (skips) printf "verdict: INCOMPLETE, not a PASS: %d target(s) SKIPPED, %d PASS\n", skips, passes
+            else            printf "verdict: PASS (%d of %d targets)\n", passes, passes
             printf "\nevaluation over the measured run (driftguard-signals): %d of %d requests evaluated, %d dropped (queue full), %d skipped, %d still queued at the end: %s\n", ev[on], reqs[on], dr[on], sk[on], q[on], dr[on] == 0 ? "kept up" : sprintf("fell behind (%.1f%% dropped)", 100 * dr[on] / reqs[on])
-            exit ok ? 0 : 3
+            exit fails > 0 ? 3 : 0
+        }'
+}
+
+# budget_margin: how far the driftguard-guards budget is above what the warm-up + measured run could
+# consume, computed for a request rate wrk cannot reach here (1e6 requests/s, ~10x its one-core rate),
+# each request charged the larger of its reservation (prompt bytes / 4 + 256 default completion tokens)
+# and its settled usage. The budget refills one token per T = ceil(60e9 ns / tokens_per_minute) >= 1 ns
+# and holds `burst` tokens. Prints the figures; warns when the margin is below 10x (the row is then
+# likely INVALID: refused requests are non-2xx).
+budget_margin() {
+    awk -v tpm="$BUDGET_TPM" -v burst="$BUDGET_BURST" -v secs=$(( WARM_S + DUR_S )) \
+        -v reserve=$(( ${#RAG_REQUEST} / 4 + 1 + 256 )) -v usage=$(( RAG_PROMPT_TOKENS + RAG_COMPLETION_TOKENS )) '
+        function ceil(x) { return x == int(x) ? x : int(x) + 1 }
+        BEGIN {
+            per_req = reserve > usage ? reserve : usage
+            t_ns = ceil(60e9 / tpm); if (t_ns < 1) t_ns = 1
+            admits = burst + secs * 1e9 / t_ns
+            need = secs * 1e6 * per_req
+            margin = admits / need
+            printf "== driftguard-guards budget: tokens_per_minute %s (refill %.3g tokens/s), burst %s: admits %.3g tokens over %d s of warm-up + run; 1e6 requests/s x %d tokens would use %.3g: margin %.3gx\n", tpm, 1e9 / t_ns, burst, admits, secs, per_req, need, margin > "/dev/stderr"
+            if (margin < 10)
+                printf "   warning: budget margin below 10x: requests may be refused (429), and the row would be INVALID\n" > "/dev/stderr"
         }'
 }
 
@@ -746,11 +879,32 @@ EOF
     skipped rag-direct || measure_direct
     run_driftguard driftguard-signals true 1.0
     run_driftguard driftguard-nosignals true 0.0
-    # Guards on, generous limits: every request is priced (body peeked, estimated, reserved, settled
-    # against the reported usage) by a budget it never exhausts; the breaker is on in every row.
-    skipped driftguard-guards || run_driftguard driftguard-guards true 0.0 \
-        "$(printf '[budget]\ntokens_per_minute = 1000000000\nburst = 100000000')"
+    # Guards on, limits nothing can reach: every request is priced (body peeked, estimated, reserved,
+    # settled against the reported usage) by a budget that refuses none of them (a refusal makes the row
+    # INVALID); the breaker is on in every row.
+    if ! skipped driftguard-guards; then
+        budget_margin
+        run_driftguard driftguard-guards true 0.0 \
+            "$(printf '[budget]\ntokens_per_minute = %s\nburst = %s' "$BUDGET_TPM" "$BUDGET_BURST")"
+    fi
     skipped rag-haproxy || run_haproxy
     report_rag || STATUS=$?
 fi
+
+# --- validity ---------------------------------------------------------------------------------------
+
+if (( ${#INVALID_ROWS[@]} > 0 )); then
+    echo
+    echo "INVALID: ${#INVALID_ROWS[@]} measured row(s) had socket errors or non-2xx/3xx responses; no target was computed from them:"
+    printf '  %s\n' "${INVALID_ROWS[@]}"
+    STATUS=4
+fi
+echo
+# Targets not checked for want of a row (reported SKIPPED above): not a failure, but not a PASS either.
+SKIPPED_TARGETS=()
+if ! skipped base && [[ " ${ROWS[*]%% *} " != *" haproxy "* ]]; then SKIPPED_TARGETS+=("3 haproxy-relative targets (no haproxy row)"); fi
+if ! skipped rag && [[ " ${RAG_ROWS[*]%% *} " != *" driftguard-guards "* ]]; then SKIPPED_TARGETS+=("budget target (no driftguard-guards row)"); fi
+skipped_note=
+(( ${#SKIPPED_TARGETS[@]} == 0 )) || skipped_note="; SKIPPED, not passed: $(IFS=,; echo "${SKIPPED_TARGETS[*]}")"
+echo "load.sh: exit $STATUS ($(case $STATUS in 0) echo "every row valid, every checked target passed$skipped_note" ;; 3) echo "a target failed" ;; 4) echo "a measured row was INVALID" ;; *) echo "?" ;; esac))"
 exit "$STATUS"
