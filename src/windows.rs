@@ -13,14 +13,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::time::{Duration, Instant};
 
-/// Length of one slot.
-pub const SLOT: Duration = Duration::from_secs(10);
-/// Slots in the ring.
-pub const SLOTS: usize = 30;
-/// The longest span a window can merge.
-pub const MAX_SPAN: Duration = Duration::from_secs(SLOT.as_secs() * SLOTS as u64);
-/// The longest rule window: the ring less the slot being cleared ahead of its period.
-pub const MAX_WINDOW: Duration = Duration::from_secs(SLOT.as_secs() * (SLOTS as u64 - 1));
+// The ring's geometry is config's: `rules.window` is bounded by it, and config sits below windows.
+pub use crate::config::{MAX_SPAN, MAX_WINDOW, SLOT, SLOTS};
 
 /// log2 of the sub-bucket count; 8 → 256 sub-buckets, bucket width ≤ 1/128 of its values.
 const SUB_BITS: u32 = 8;

@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use super::*;
 
 const MINIMAL: &str = "[[arms]]\nname = \"a\"\nupstream = \"http://127.0.0.1:8000\"\n";
@@ -297,4 +299,54 @@ fn local_embedder_keys_have_defaults_and_are_checked() {
             "{extra:?}: expected an error at {path}, got {errors:?}"
         );
     }
+}
+
+#[test]
+fn pointer_syntax_matches_the_extractor() {
+    // The same cases signals::extract::Pointer refuses and accepts; config checks the syntax itself
+    // because it sits below signals.
+    for bad in ["a/b", "*", "/a~", "/a~2", "/~x", "/a~/b"] {
+        assert!(pointer_problem(bad).is_some(), "{bad:?} should be refused");
+    }
+    for good in [
+        "",
+        "/",
+        "/a/b",
+        "/*/text",
+        "/a~1b/m~0n",
+        "/~01",
+        "/contexts/*/text",
+    ] {
+        assert_eq!(pointer_problem(good), None, "{good:?}");
+    }
+    let errors = errors_of(&format!(
+        "{MINIMAL}[signals]\nanswer = \"choices\"\nretrieved = \"/a~2\"\n"
+    ));
+    let message = |path: &str| {
+        errors
+            .iter()
+            .find(|e| e.path == path)
+            .map(|e| e.message.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        message("signals.answer"),
+        "\"choices\" is not a JSON pointer: it must be empty or start with '/'"
+    );
+    assert_eq!(
+        message("signals.retrieved"),
+        "\"/a~2\" is not a JSON pointer: '~' must be followed by 0 or 1"
+    );
+}
+
+#[test]
+fn rules_window_is_bounded_by_the_ring() {
+    assert_eq!(MAX_WINDOW, SLOT * (SLOTS as u32 - 1));
+    let errors = errors_of(&format!("{MINIMAL}[rules]\nwindow = \"291s\"\n"));
+    assert!(
+        errors.iter().any(|e| e.path == "rules.window"
+            && e.message == "must be at most 290s, the span of the window ring"),
+        "{errors:?}"
+    );
+    assert!(Config::parse(&format!("{MINIMAL}[rules]\nwindow = \"290s\"\n")).is_ok());
 }
