@@ -13,6 +13,7 @@ pub mod load;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -90,6 +91,19 @@ pub fn run(options: &Options) -> Result<Outcome, DemoError> {
         .build()
         .map_err(|e| DemoError::Setup(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(demo(options))
+}
+
+/// `driftguard demo`: exit 0 when a rule tripped on the bad canary, 1 when nothing did, 2 when the demo
+/// cannot start (a port taken, …).
+pub fn main(options: &Options) -> ExitCode {
+    match run(options) {
+        Ok(Outcome::Tripped) => ExitCode::SUCCESS,
+        Ok(Outcome::NotTripped) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("driftguard demo: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// The demo's files: config, log, runtime state and snapshots.
