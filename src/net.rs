@@ -180,7 +180,11 @@ impl Client {
         }
     }
 
-    async fn exchange(&self, request: Request<Bytes>, host: &str) -> Result<Response<Bytes>, Error> {
+    async fn exchange(
+        &self,
+        request: Request<Bytes>,
+        host: &str,
+    ) -> Result<Response<Bytes>, Error> {
         let (parts, body) = request.into_parts();
         let response = self
             .inner
@@ -274,14 +278,20 @@ mod tests {
         let only_failures = Client::builder(Duration::from_secs(5))
             .failure_body_only(64)
             .build();
-        let resp = only_failures.send(get(&serve_once(ok).await)).await.unwrap();
+        let resp = only_failures
+            .send(get(&serve_once(ok).await))
+            .await
+            .unwrap();
         assert!(resp.body().is_empty());
         let refused = "HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\nconnection: close\r\n\r\nno";
         let resp = only_failures
             .send(get(&serve_once(refused).await))
             .await
             .unwrap();
-        assert_eq!((resp.status().as_u16(), resp.body().as_ref()), (403, &b"no"[..]));
+        assert_eq!(
+            (resp.status().as_u16(), resp.body().as_ref()),
+            (403, &b"no"[..])
+        );
     }
 
     #[tokio::test]
@@ -290,7 +300,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let client = Client::new(Duration::from_secs(5));
-        let err = client.send(get(&format!("http://{addr}/"))).await.unwrap_err();
+        let err = client
+            .send(get(&format!("http://{addr}/")))
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Connect { .. }), "{err}");
         assert!(err.to_string().contains(&addr.to_string()), "{err}");
 

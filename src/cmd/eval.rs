@@ -229,7 +229,11 @@ pub fn main(config: &Path, explicit: bool, args: &Args) -> ExitCode {
 }
 
 /// Status, SSE flag and body of one POST, or why there is none (the item's error column).
-fn fetch(client: &net::Blocking, uri: &http::Uri, body: Bytes) -> Result<(u16, bool, Bytes), String> {
+fn fetch(
+    client: &net::Blocking,
+    uri: &http::Uri,
+    body: Bytes,
+) -> Result<(u16, bool, Bytes), String> {
     let req = Request::post(uri.clone())
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::ACCEPT, "application/json, text/event-stream")
