@@ -228,23 +228,17 @@ pub fn main(config: &Path, explicit: bool, args: &Args) -> ExitCode {
     }
 }
 
-/// Status, SSE flag and body of one POST, or why there is none (the item's error column).
+/// Status, SSE flag and body of one POST.
 fn fetch(
     client: &net::Blocking,
     uri: &http::Uri,
     body: Bytes,
-) -> Result<(u16, bool, Bytes), String> {
+) -> Result<(u16, bool, Bytes), net::Error> {
     let req = Request::post(uri.clone())
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::ACCEPT, "application/json, text/event-stream")
-        .body(body)
-        .map_err(|e| e.to_string())?;
-    let resp = client.send(req).map_err(|e| match e {
-        net::Error::Timeout { after, .. } => format!("no complete response within {after:?}"),
-        net::Error::Connect { cause, .. } => format!("request failed: {cause}"),
-        net::Error::Read { cause, .. } => format!("reading the response: {cause}"),
-        other => other.to_string(),
-    })?;
+        .body(body)?;
+    let resp = client.send(req)?;
     let sse = resp
         .headers()
         .get(header::CONTENT_TYPE)
@@ -252,12 +246,22 @@ fn fetch(
     Ok((resp.status().as_u16(), sse, resp.into_body()))
 }
 
+/// Why an item has no answer, as its error column says it.
+fn fetch_error(e: &net::Error) -> String {
+    match e {
+        net::Error::Timeout { after, .. } => format!("no complete response within {after:?}"),
+        net::Error::Connect { cause, .. } => format!("request failed: {cause}"),
+        net::Error::Read { cause, .. } => format!("reading the response: {cause}"),
+        other => other.to_string(),
+    }
+}
+
 fn score_item(
     evaluator: &Evaluator,
     line: usize,
     item: &GoldItem,
     request: &[u8],
-    fetched: Result<(u16, bool, Bytes), String>,
+    fetched: Result<(u16, bool, Bytes), net::Error>,
 ) -> ItemResult {
     let mut result = ItemResult {
         line,
@@ -273,7 +277,7 @@ fn score_item(
     let (status, sse, body) = match fetched {
         Ok(f) => f,
         Err(e) => {
-            result.error = Some(e);
+            result.error = Some(fetch_error(&e));
             return result;
         }
     };
