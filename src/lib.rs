@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod eval;
 pub mod guards;
+pub mod net;
 pub mod rollback;
 pub mod rules;
 pub mod serve;

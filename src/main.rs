@@ -1,15 +1,13 @@
-//! The `driftguard` command: parses the CLI and calls the library.
+//! The `driftguard` command: parses the command line (clap) and calls the verb in `cmd`; nothing else
+//! lives here, so every verb is library code the tests can reach.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use driftguard::cmd::eval as gold;
-use driftguard::cmd::inject;
-use driftguard::cmd::{demo, operate as cli};
-use driftguard::config::{BudgetBackend, Config, OnBackendError};
+use driftguard::cmd::{check, demo, eval, inject, operate};
 
 /// Config file used when neither `--config` nor `DRIFTGUARD_CONFIG` names one.
 const DEFAULT_CONFIG: &str = "driftguard.toml";
@@ -147,11 +145,20 @@ struct DemoArgs {
 #[derive(clap::Args)]
 struct AdminArgs {
     /// Admin listener URL.
-    #[arg(long, env = "DRIFTGUARD_ADMIN", default_value = cli::DEFAULT_ADMIN)]
+    #[arg(long, env = "DRIFTGUARD_ADMIN", default_value = operate::DEFAULT_ADMIN)]
     admin: String,
     /// How long to wait for the answer.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+}
+
+impl AdminArgs {
+    fn admin(&self) -> operate::Admin {
+        operate::Admin {
+            url: self.admin.clone(),
+            timeout: self.timeout,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -172,26 +179,23 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Check => check(&config_path),
-        Command::Demo(args) => demo(args),
-        Command::Status { admin, json } => {
-            admin_call(&admin, http::Method::GET, "/status", None, |doc| {
-                if json {
-                    return serde_json::to_string_pretty(doc).unwrap_or_default();
-                }
-                status_text(doc)
-            })
+        Command::Check => check::main(&config_path),
+        Command::Demo(args) => demo::main(&demo::Options {
+            proxy_port: args.proxy_port,
+            admin_port: args.admin_port,
+            base_port: args.base_port,
+            rps: args.rps,
+            concurrency: args.concurrency,
+            degrade_after: args.degrade_after,
+            duration: args.duration,
+            keep: args.keep,
+            state_dir: args.state_dir,
+        }),
+        Command::Status { admin, json } => operate::status(&admin.admin(), json),
+        Command::Trip { admin, reason, arm } => {
+            operate::trip(&admin.admin(), &reason, arm.as_deref())
         }
-        Command::Trip { admin, reason, arm } => admin_call(
-            &admin,
-            http::Method::POST,
-            "/trip",
-            Some(serde_json::json!({"reason": reason, "arm": arm})),
-            guard_text,
-        ),
-        Command::Recover { admin } => {
-            admin_call(&admin, http::Method::POST, "/recover", None, guard_text)
-        }
+        Command::Recover { admin } => operate::recover(&admin.admin()),
         Command::Inject {
             file,
             image,
@@ -209,7 +213,7 @@ fn main() -> ExitCode {
                 admin_port,
                 admin_secret,
             };
-            run_inject(&file, &opts)
+            inject::main(&file, &opts)
         }
         Command::Eval {
             gold,
@@ -219,251 +223,17 @@ fn main() -> ExitCode {
             min_coverage,
             timeout,
         } => {
-            // The gold audit scores with the configured extractor and embedder when there is a config.
-            let signals = if explicit || config_path.exists() {
-                match driftguard::app::load(&config_path) {
-                    Ok(loaded) => loaded.config.signals,
-                    Err(errors) => {
-                        eprintln!("driftguard: {}:\n{errors}", config_path.display());
-                        return ExitCode::from(2);
-                    }
-                }
-            } else {
-                Config::default().signals
+            let args = eval::Args {
+                gold,
+                url,
+                json,
+                limits: eval::Limits {
+                    max_delta_s,
+                    min_coverage,
+                },
+                timeout,
             };
-            let limits = gold::Limits {
-                max_delta_s,
-                min_coverage,
-            };
-            match gold::run(&gold, &url, &signals, &limits, timeout) {
-                Ok(report) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&report).unwrap_or_default()
-                        );
-                    } else {
-                        print!("{}", report.render());
-                    }
-                    if report.breaches.is_empty() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(e) => {
-                    eprintln!("driftguard eval: {e}");
-                    ExitCode::from(2)
-                }
-            }
+            eval::main(&config_path, explicit, &args)
         }
-    }
-}
-
-fn demo(args: DemoArgs) -> ExitCode {
-    let options = demo::Options {
-        proxy_port: args.proxy_port,
-        admin_port: args.admin_port,
-        base_port: args.base_port,
-        rps: args.rps,
-        concurrency: args.concurrency,
-        degrade_after: args.degrade_after,
-        duration: args.duration,
-        keep: args.keep,
-        state_dir: args.state_dir,
-    };
-    match demo::run(&options) {
-        Ok(demo::Outcome::Tripped) => ExitCode::SUCCESS,
-        Ok(demo::Outcome::NotTripped) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("driftguard demo: {e}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-/// `driftguard inject`: the injected stream on stdout; exit 2 with the reason on anything it refuses.
-fn run_inject(file: &Path, opts: &inject::Options) -> ExitCode {
-    use std::io::{Read as _, Write as _};
-    let mut input = String::new();
-    let read = if file == Path::new("-") {
-        std::io::stdin().read_to_string(&mut input)
-    } else {
-        std::fs::File::open(file).and_then(|mut f| f.read_to_string(&mut input))
-    };
-    if let Err(e) = read {
-        eprintln!("driftguard inject: cannot read {}: {e}", file.display());
-        return ExitCode::from(2);
-    }
-    match inject::inject(&input, opts) {
-        Ok(out) => match std::io::stdout().lock().write_all(out.as_bytes()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("driftguard inject: cannot write the output: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Err(e) => {
-            eprintln!("driftguard inject: {}: {e}", file.display());
-            ExitCode::from(2)
-        }
-    }
-}
-
-/// Calls the admin API and prints the answer through `render`; exit 1 on a refusal, 2 when unreachable.
-fn admin_call(
-    admin: &AdminArgs,
-    method: http::Method,
-    path: &str,
-    body: Option<serde_json::Value>,
-    render: impl Fn(&serde_json::Value) -> String,
-) -> ExitCode {
-    match cli::call(&admin.admin, method, path, body, admin.timeout) {
-        Ok((status, text)) => {
-            let doc: serde_json::Value =
-                serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
-            if (200..300).contains(&status) {
-                println!("{}", render(&doc));
-                ExitCode::SUCCESS
-            } else {
-                let message = doc["message"].as_str().unwrap_or(text.trim());
-                eprintln!("driftguard: {path} refused ({status}): {message}");
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            eprintln!("driftguard: {e}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-/// The guard part of a `/status`, `/trip` or `/recover` answer as a few lines.
-fn guard_text(guard: &serde_json::Value) -> String {
-    let mut out = format!("guard: {}", guard["state"].as_str().unwrap_or("?"));
-    if let Some(trip) = guard["last_trip"].as_object() {
-        let s = |k: &str| trip.get(k).and_then(|v| v.as_str()).unwrap_or("");
-        out.push_str(&format!(
-            "\nlast trip: rule {} on arm {} — lever {} ({})",
-            s("rule"),
-            s("arm"),
-            s("lever"),
-            s("action")
-        ));
-        if let (Some(o), Some(t)) = (
-            trip.get("observed").and_then(|v| v.as_f64()),
-            trip.get("threshold").and_then(|v| v.as_f64()),
-        ) {
-            out.push_str(&format!("\n  observed {o:.4}, threshold {t}"));
-        }
-        if !s("reason").is_empty() {
-            out.push_str(&format!("\n  reason: {}", s("reason")));
-        }
-        if !s("snapshot").is_empty() {
-            out.push_str(&format!("\n  snapshot: {}", s("snapshot")));
-        }
-    }
-    if let Some(targets) = guard["recovery"]["targets"].as_array() {
-        for t in targets {
-            out.push_str(&format!(
-                "\n  target {}:{} {} (limit {}) {}",
-                t["arm"].as_str().unwrap_or(""),
-                t["name"].as_str().unwrap_or(""),
-                t["value"],
-                t["limit"],
-                if t["ok"] == true { "ok" } else { "not met" }
-            ));
-        }
-    }
-    out
-}
-
-fn status_text(doc: &serde_json::Value) -> String {
-    let mut out = guard_text(&doc["guard"]);
-    out.push_str(&format!(
-        "\nwrites frozen: {}",
-        doc["frozen"].as_bool().unwrap_or(false)
-    ));
-    for arm in doc["arms"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "\narm {} weight {}{} breaker {} — {} requests, error rate {:.4}",
-            arm["name"].as_str().unwrap_or(""),
-            arm["weight"],
-            if arm["baseline"] == true {
-                " (baseline)"
-            } else {
-                ""
-            },
-            arm["breaker"].as_str().unwrap_or(""),
-            arm["window"]["requests"],
-            arm["window"]["error_rate"].as_f64().unwrap_or(0.0),
-        ));
-    }
-    out
-}
-
-fn check(path: &Path) -> ExitCode {
-    match driftguard::app::load(path) {
-        Ok(loaded) => {
-            let c = &loaded.config;
-            // The embedder is built as `run` would build it: a local model is loaded and run once.
-            let embedder = match driftguard::signals::embedder(&c.signals) {
-                Ok(embedder) => embedder,
-                Err(e) => {
-                    eprintln!("{}: 1 error(s)", path.display());
-                    eprintln!("  {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let arms: Vec<String> = c
-                .arms
-                .iter()
-                .map(|a| format!("{} (weight {})", a.name, a.weight))
-                .collect();
-            println!(
-                "{}: ok — {} arm(s): {}",
-                path.display(),
-                c.arms.len(),
-                arms.join(", ")
-            );
-            println!("signals: embedder {}", embedder.name());
-            if let Some(b) = &c.budget {
-                let backend = match b.backend {
-                    BudgetBackend::Local => "local".to_string(),
-                    BudgetBackend::Redis => format!(
-                        "redis {} key {:?}, timeout {:?}, on_backend_error = {}",
-                        redacted(&b.redis_url),
-                        b.redis_key,
-                        b.redis_timeout.0,
-                        match b.on_backend_error {
-                            OnBackendError::Open => "open",
-                            OnBackendError::Closed => "closed",
-                        }
-                    ),
-                };
-                println!(
-                    "budget: {} tokens/min, burst {}, backend {backend}",
-                    b.tokens_per_minute, b.burst
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Err(errors) => {
-            eprintln!("{}: {} error(s)", path.display(), errors.0.len());
-            for e in &errors.0 {
-                eprintln!("  {e}");
-            }
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// A URL without the credentials it may carry (`redis://:secret@host` → `redis://***@host`).
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
     }
 }

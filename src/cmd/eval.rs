@@ -3,19 +3,17 @@
 //! scores every answer with the same extractor and embedder as the live signals.
 
 use std::io::BufRead;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Request};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Signals as SignalsConfig;
+use crate::config::{Config, Signals as SignalsConfig};
 use crate::eval::Evaluator;
+use crate::net;
 use crate::signals::measure::{self, Lambda};
 use crate::signals::EvalError;
 
@@ -37,6 +35,10 @@ pub enum GoldError {
     },
     #[error("{0}")]
     Setup(String),
+    #[error("--url {0}")]
+    Url(#[source] net::Error),
+    #[error(transparent)]
+    Net(#[from] net::Error),
     #[error(transparent)]
     Eval(#[from] EvalError),
 }
@@ -128,21 +130,12 @@ pub fn run(
     if items.is_empty() {
         return Err(GoldError::Setup(format!("{display}: no items")));
     }
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| GoldError::Setup(format!("--url {url:?}: {e}")))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(GoldError::Setup(format!(
-            "--url {url:?}: only http:// is supported"
-        )));
-    }
+    let uri = net::url(url).map_err(GoldError::Url)?;
     let evaluator = Evaluator::from_config(signals)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| GoldError::Setup(format!("cannot start a runtime: {e}")))?;
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let client = net::Client::builder(timeout)
+        .max_response(MAX_RESPONSE)
+        .build();
+    let client = net::Blocking::current_thread(client)?;
 
     let results: Vec<ItemResult> = items
         .into_iter()
@@ -152,7 +145,7 @@ pub fn run(
                 .clone()
                 .unwrap_or_else(|| serde_json::json!({"question": item.question}));
             let request_bytes = Bytes::from(body.to_string());
-            let fetched = runtime.block_on(fetch(&client, &uri, request_bytes.clone(), timeout));
+            let fetched = fetch(&client, &uri, request_bytes.clone());
             score_item(&evaluator, line, &item, &request_bytes, fetched)
         })
         .collect();
@@ -183,38 +176,84 @@ pub fn run(
     })
 }
 
+/// What `driftguard eval` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Args {
+    /// The gold set (JSON Lines).
+    pub gold: PathBuf,
+    /// Where to POST each item.
+    pub url: String,
+    /// Print the report as JSON.
+    pub json: bool,
+    pub limits: Limits,
+    /// Per-item timeout.
+    pub timeout: Duration,
+}
+
+/// `driftguard eval`: scores with the configured extractor and embedder when there is a config (named
+/// with `explicit`, or the default file when it exists), the defaults otherwise. Exit 0 on a pass, 1 on
+/// a breach, 2 when the audit cannot run.
+pub fn main(config: &Path, explicit: bool, args: &Args) -> ExitCode {
+    let signals = if explicit || config.exists() {
+        match crate::app::load(config) {
+            Ok(loaded) => loaded.config.signals,
+            Err(errors) => {
+                eprintln!("driftguard: {}:\n{errors}", config.display());
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        Config::default().signals
+    };
+    match run(&args.gold, &args.url, &signals, &args.limits, args.timeout) {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", report.render());
+            }
+            if report.breaches.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("driftguard eval: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// Status, SSE flag and body of one POST.
-async fn fetch(
-    client: &Client<HttpConnector, Full<Bytes>>,
+fn fetch(
+    client: &net::Blocking,
     uri: &http::Uri,
     body: Bytes,
-    timeout: Duration,
-) -> Result<(u16, bool, Bytes), String> {
+) -> Result<(u16, bool, Bytes), net::Error> {
     let req = Request::post(uri.clone())
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::ACCEPT, "application/json, text/event-stream")
-        .body(Full::new(body))
-        .map_err(|e| e.to_string())?;
-    let call = async {
-        let resp = client
-            .request(req)
-            .await
-            .map_err(|e| format!("request failed: {e}"))?;
-        let status = resp.status().as_u16();
-        let sse = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the response: {e}"))?
-            .to_bytes();
-        Ok((status, sse, bytes))
-    };
-    tokio::time::timeout(timeout, call)
-        .await
-        .map_err(|_| format!("no complete response within {timeout:?}"))?
+        .body(body)?;
+    let resp = client.send(req)?;
+    let sse = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    Ok((resp.status().as_u16(), sse, resp.into_body()))
+}
+
+/// Why an item has no answer, as its error column says it.
+fn fetch_error(e: &net::Error) -> String {
+    match e {
+        net::Error::Timeout { after, .. } => format!("no complete response within {after:?}"),
+        net::Error::Connect { cause, .. } => format!("request failed: {cause}"),
+        net::Error::Read { cause, .. } => format!("reading the response: {cause}"),
+        other => other.to_string(),
+    }
 }
 
 fn score_item(
@@ -222,7 +261,7 @@ fn score_item(
     line: usize,
     item: &GoldItem,
     request: &[u8],
-    fetched: Result<(u16, bool, Bytes), String>,
+    fetched: Result<(u16, bool, Bytes), net::Error>,
 ) -> ItemResult {
     let mut result = ItemResult {
         line,
@@ -238,7 +277,7 @@ fn score_item(
     let (status, sse, body) = match fetched {
         Ok(f) => f,
         Err(e) => {
-            result.error = Some(e);
+            result.error = Some(fetch_error(&e));
             return result;
         }
     };

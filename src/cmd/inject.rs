@@ -17,7 +17,14 @@
 //! byte (comments kept); a changed one is re-serialised (its leading comments kept, inner ones lost).
 //! Injecting twice changes nothing: a pod that has a container named `driftguard` is left as it is.
 
+use std::path::Path;
+use std::process::ExitCode;
+
 use serde_yaml_ng::{Mapping, Value};
+
+mod stream;
+
+use stream::{leading_lines, mapping_entry, parse, sequence_entry, str_at};
 
 /// Name of the sidecar container; its presence marks a pod as injected.
 pub const SIDECAR: &str = "driftguard";
@@ -83,14 +90,6 @@ pub enum InjectError {
     Option(String),
     #[error("cannot serialise document {doc}: {message}")]
     Serialise { doc: usize, message: String },
-}
-
-/// One `---`-separated piece of the input, kept verbatim unless it changes.
-struct Chunk {
-    text: String,
-    value: Option<Value>,
-    doc: usize,
-    changed: bool,
 }
 
 /// A workload after injection, for rewriting the Services that reach it.
@@ -210,116 +209,6 @@ fn app_port_name(name: &str) -> String {
     let mut renamed = format!("app-{name}");
     renamed.truncate(15);
     renamed.trim_end_matches('-').to_string()
-}
-
-/// Whether `line` opens a new document (`---` alone or followed by a space or tab).
-fn is_marker(line: &str) -> bool {
-    let line = line.trim_end_matches(['\n', '\r']);
-    line == "---" || line.starts_with("--- ") || line.starts_with("---\t")
-}
-
-/// Splits the stream at its document markers and parses each piece.
-fn parse(input: &str) -> Result<Vec<Chunk>, InjectError> {
-    let mut pieces: Vec<String> = vec![String::new()];
-    for line in input.split_inclusive('\n') {
-        if is_marker(line) && pieces.last().is_some_and(|p| !p.is_empty()) {
-            pieces.push(String::new());
-        }
-        if let Some(last) = pieces.last_mut() {
-            last.push_str(line);
-        }
-    }
-    let mut chunks = Vec::with_capacity(pieces.len());
-    let mut doc = 0;
-    for text in pieces {
-        let has_content = text.lines().any(|l| {
-            let t = l.trim();
-            !t.is_empty() && !t.starts_with('#') && !is_marker(l) && t != "..."
-        });
-        if !has_content {
-            chunks.push(Chunk {
-                text,
-                value: None,
-                doc,
-                changed: false,
-            });
-            continue;
-        }
-        doc += 1;
-        let value: Value = serde_yaml_ng::from_str(&text).map_err(|e| InjectError::NotYaml {
-            doc,
-            message: e.to_string(),
-        })?;
-        match &value {
-            Value::Mapping(m) if m.get("kind").and_then(Value::as_str).is_some() => {}
-            Value::Mapping(_) => {
-                return Err(InjectError::NotObject {
-                    doc,
-                    message: "it has no `kind`".into(),
-                })
-            }
-            _ => {
-                return Err(InjectError::NotObject {
-                    doc,
-                    message: "it is not a mapping".into(),
-                })
-            }
-        }
-        chunks.push(Chunk {
-            text,
-            value: Some(value),
-            doc,
-            changed: false,
-        });
-    }
-    Ok(chunks)
-}
-
-/// The marker line and the comment or blank lines before a document's content, kept on a rewrite.
-fn leading_lines(text: &str) -> String {
-    let mut out = String::new();
-    for line in text.split_inclusive('\n') {
-        let t = line.trim();
-        if is_marker(line) {
-            // Content after the marker (`--- # note`) is a comment or a tag; keep only the marker.
-            out.push_str("---\n");
-        } else if t.is_empty() || t.starts_with('#') {
-            out.push_str(line);
-        } else {
-            break;
-        }
-    }
-    out
-}
-
-fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
-    let mut v = value;
-    for key in path {
-        v = v.get(*key)?;
-    }
-    v.as_str()
-}
-
-/// `value[key]` as a mapping, created (or replacing a null) when absent.
-fn mapping_entry<'a>(value: &'a mut Value, key: &str) -> Option<&'a mut Mapping> {
-    let map = value.as_mapping_mut()?;
-    let entry = map
-        .entry(Value::from(key))
-        .or_insert_with(|| Value::Mapping(Mapping::new()));
-    if entry.is_null() {
-        *entry = Value::Mapping(Mapping::new());
-    }
-    entry.as_mapping_mut()
-}
-
-fn sequence_entry<'a>(map: &'a mut Mapping, key: &str) -> Option<&'a mut Vec<Value>> {
-    let entry = map
-        .entry(Value::from(key))
-        .or_insert_with(|| Value::Sequence(Vec::new()));
-    if entry.is_null() {
-        *entry = Value::Sequence(Vec::new());
-    }
-    entry.as_sequence_mut()
 }
 
 /// Injects one workload. Returns the Service target (`None` for a pod injected by hand, whose app port
@@ -628,6 +517,34 @@ fn retarget_service(service: &mut Value, targets: &[Target], opts: &Options) -> 
         }
     }
     changed
+}
+
+/// `driftguard inject`: the injected stream on stdout; exit 2 with the reason on anything it refuses.
+pub fn main(file: &Path, opts: &Options) -> ExitCode {
+    use std::io::{Read as _, Write as _};
+    let mut input = String::new();
+    let read = if file == Path::new("-") {
+        std::io::stdin().read_to_string(&mut input)
+    } else {
+        std::fs::File::open(file).and_then(|mut f| f.read_to_string(&mut input))
+    };
+    if let Err(e) = read {
+        eprintln!("driftguard inject: cannot read {}: {e}", file.display());
+        return ExitCode::from(2);
+    }
+    match inject(&input, opts) {
+        Ok(out) => match std::io::stdout().lock().write_all(out.as_bytes()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("driftguard inject: cannot write the output: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprintln!("driftguard inject: {}: {e}", file.display());
+            ExitCode::from(2)
+        }
+    }
 }
 
 #[cfg(test)]

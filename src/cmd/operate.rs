@@ -1,15 +1,14 @@
-//! Client side of the admin API for the `status`, `trip` and `recover` verbs.
+//! The `status`, `trip` and `recover` verbs: the client side of the admin API, and how its answers are
+//! printed. Called from main.rs; the admin listener itself is `crate::admin`.
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 use crate::app::ADMIN_TOKEN_ENV;
+use crate::net;
 
 /// Default admin listener address (SPEC §7), as seen from the same pod.
 pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:9901";
@@ -17,18 +16,53 @@ pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:9901";
 /// Largest admin response read.
 const MAX_RESPONSE: usize = 4 * 1024 * 1024;
 
+/// Where the admin listener of the running driftguard is, and how long to wait for it.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Admin listener URL, e.g. [`DEFAULT_ADMIN`].
+    pub url: String,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperateError {
+    #[error("--admin {0}")]
+    Url(#[source] net::Error),
+    #[error(transparent)]
+    Net(#[from] net::Error),
+}
+
+/// `driftguard status [--json]`.
+pub fn status(admin: &Admin, json: bool) -> ExitCode {
+    print_call(admin, Method::GET, "/status", None, |doc| {
+        if json {
+            return serde_json::to_string_pretty(doc).unwrap_or_default();
+        }
+        status_text(doc)
+    })
+}
+
+/// `driftguard trip --reason R [--arm A]`.
+pub fn trip(admin: &Admin, reason: &str, arm: Option<&str>) -> ExitCode {
+    let body = serde_json::json!({"reason": reason, "arm": arm});
+    print_call(admin, Method::POST, "/trip", Some(body), guard_text)
+}
+
+/// `driftguard recover`.
+pub fn recover(admin: &Admin) -> ExitCode {
+    print_call(admin, Method::POST, "/recover", None, guard_text)
+}
+
 /// Calls `method path` on the admin listener at `admin` with an optional JSON body and the token from
 /// `DRIFTGUARD_ADMIN_TOKEN` (if set). Returns the status and the body text.
 pub fn call(
-    admin: &str,
+    admin: &Admin,
     method: Method,
     path: &str,
     body: Option<serde_json::Value>,
-    timeout: Duration,
-) -> Result<(u16, String), String> {
-    let uri: http::Uri = format!("{}{path}", admin.trim_end_matches('/'))
-        .parse()
-        .map_err(|e| format!("--admin {admin:?} is not a URL: {e}"))?;
+) -> Result<(u16, String), OperateError> {
+    let uri = net::url(&format!("{}{path}", admin.url.trim_end_matches('/')))
+        .map_err(OperateError::Url)?;
     let mut req = Request::builder().method(method).uri(uri);
     if let Ok(token) = std::env::var(ADMIN_TOKEN_ENV) {
         let token = token.trim();
@@ -40,29 +74,103 @@ pub fn call(
     if !bytes.is_empty() {
         req = req.header(header::CONTENT_TYPE, "application/json");
     }
-    let req = req.body(Full::new(bytes)).map_err(|e| e.to_string())?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start a runtime: {e}"))?;
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    runtime.block_on(async {
-        let exchange = async {
-            let resp = client
-                .request(req)
-                .await
-                .map_err(|e| format!("cannot reach the admin listener at {admin}: {e}"))?;
-            let status = resp.status().as_u16();
-            let body = Limited::new(resp.into_body(), MAX_RESPONSE)
-                .collect()
-                .await
-                .map_err(|e| format!("reading the response: {e}"))?
-                .to_bytes();
-            Ok((status, String::from_utf8_lossy(&body).into_owned()))
-        };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| format!("no answer from {admin} within {timeout:?}"))?
-    })
+    let req = req.body(bytes).map_err(net::Error::from)?;
+    let client = net::Client::builder(admin.timeout)
+        .max_response(MAX_RESPONSE)
+        .build();
+    let resp = net::Blocking::current_thread(client)?.send(req)?;
+    let text = String::from_utf8_lossy(resp.body()).into_owned();
+    Ok((resp.status().as_u16(), text))
+}
+
+/// Calls the admin API and prints the answer through `render`; exit 1 on a refusal, 2 when unreachable.
+fn print_call(
+    admin: &Admin,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    render: impl Fn(&serde_json::Value) -> String,
+) -> ExitCode {
+    match call(admin, method, path, body) {
+        Ok((status, text)) => {
+            let doc: serde_json::Value =
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+            if (200..300).contains(&status) {
+                println!("{}", render(&doc));
+                ExitCode::SUCCESS
+            } else {
+                let message = doc["message"].as_str().unwrap_or(text.trim());
+                eprintln!("driftguard: {path} refused ({status}): {message}");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("driftguard: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The guard part of a `/status`, `/trip` or `/recover` answer as a few lines.
+fn guard_text(guard: &serde_json::Value) -> String {
+    let mut out = format!("guard: {}", guard["state"].as_str().unwrap_or("?"));
+    if let Some(trip) = guard["last_trip"].as_object() {
+        let s = |k: &str| trip.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        out.push_str(&format!(
+            "\nlast trip: rule {} on arm {} — lever {} ({})",
+            s("rule"),
+            s("arm"),
+            s("lever"),
+            s("action")
+        ));
+        if let (Some(o), Some(t)) = (
+            trip.get("observed").and_then(|v| v.as_f64()),
+            trip.get("threshold").and_then(|v| v.as_f64()),
+        ) {
+            out.push_str(&format!("\n  observed {o:.4}, threshold {t}"));
+        }
+        if !s("reason").is_empty() {
+            out.push_str(&format!("\n  reason: {}", s("reason")));
+        }
+        if !s("snapshot").is_empty() {
+            out.push_str(&format!("\n  snapshot: {}", s("snapshot")));
+        }
+    }
+    if let Some(targets) = guard["recovery"]["targets"].as_array() {
+        for t in targets {
+            out.push_str(&format!(
+                "\n  target {}:{} {} (limit {}) {}",
+                t["arm"].as_str().unwrap_or(""),
+                t["name"].as_str().unwrap_or(""),
+                t["value"],
+                t["limit"],
+                if t["ok"] == true { "ok" } else { "not met" }
+            ));
+        }
+    }
+    out
+}
+
+fn status_text(doc: &serde_json::Value) -> String {
+    let mut out = guard_text(&doc["guard"]);
+    out.push_str(&format!(
+        "\nwrites frozen: {}",
+        doc["frozen"].as_bool().unwrap_or(false)
+    ));
+    for arm in doc["arms"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\narm {} weight {}{} breaker {} — {} requests, error rate {:.4}",
+            arm["name"].as_str().unwrap_or(""),
+            arm["weight"],
+            if arm["baseline"] == true {
+                " (baseline)"
+            } else {
+                ""
+            },
+            arm["breaker"].as_str().unwrap_or(""),
+            arm["window"]["requests"],
+            arm["window"]["error_rate"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    out
 }

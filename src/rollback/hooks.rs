@@ -17,17 +17,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use http::{header, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::{header, Method, Request};
 use prometheus::IntCounterVec;
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::task::JoinHandle;
 
 use crate::config::{Hook, HookEvent, HookKind};
+use crate::net;
 
 /// Most bytes of an exec hook's stdout, and of its stderr, kept for the log.
 const OUTPUT_LIMIT: usize = 4 * 1024;
@@ -37,6 +34,8 @@ const RESPONSE_LIMIT: usize = 1024;
 /// keeps several driftguard replicas that tripped together from retrying in lockstep.
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// The client's own timeout; never used, as every attempt passes its hook's.
+const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a hook is told about the transition that fired it.
 #[derive(Debug, Clone)]
@@ -101,7 +100,7 @@ pub struct HookRunner {
 struct Inner {
     hooks: Vec<Hook>,
     runs: IntCounterVec,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: net::Client,
 }
 
 impl HookRunner {
@@ -114,10 +113,12 @@ impl HookRunner {
             }
         }
         // Hooks fire minutes apart: a pooled connection would mostly be one the receiver has already
-        // closed, costing a failed attempt. Every attempt opens its own.
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .build_http();
+        // closed, costing a failed attempt. Every attempt opens its own. Each attempt is bounded by
+        // its hook's timeout (`send_within`); only a refusal's body is read, for the log.
+        let client = net::Client::builder(DEFAULT_ATTEMPT_TIMEOUT)
+            .no_pool()
+            .failure_body_only(RESPONSE_LIMIT)
+            .build();
         HookRunner {
             inner: Arc::new(Inner {
                 hooks,
@@ -211,7 +212,7 @@ impl Inner {
             Ok(body) => Bytes::from(body),
             Err(e) => return Report::new(HookOutcome::Failed, 0, format!("snapshot: {e}")),
         };
-        let uri: http::Uri = match hook.url.parse() {
+        let uri = match net::url(&hook.url) {
             Ok(uri) => uri,
             Err(e) => return Report::new(HookOutcome::Failed, 0, format!("url: {e}")),
         };
@@ -234,25 +235,33 @@ impl Inner {
             if let Some(signature) = &signature {
                 request = request.header("x-driftguard-signature", signature.as_str());
             }
-            let request = match request.body(Full::new(body.clone())) {
+            let request = match request.body(body.clone()) {
                 Ok(request) => request,
                 Err(e) => {
                     return Report::new(HookOutcome::Failed, attempt, format!("request: {e}"))
                 }
             };
-            let (outcome, detail) = match tokio::time::timeout(timeout, self.post(request)).await {
-                Ok(Ok((status, _))) if status.is_success() => {
-                    return Report::new(HookOutcome::Ok, attempt + 1, format!("HTTP {status}"))
+            let (outcome, detail) = match self.client.send_within(request, timeout).await {
+                Ok(response) if response.status().is_success() => {
+                    let status = response.status();
+                    return Report::new(HookOutcome::Ok, attempt + 1, format!("HTTP {status}"));
                 }
-                Ok(Ok((status, body))) if body.is_empty() => {
-                    (HookOutcome::Failed, format!("HTTP {status}"))
+                Ok(response) => {
+                    // Receivers often say in the body why they refused.
+                    let status = response.status();
+                    let body = String::from_utf8_lossy(response.body()).trim().to_string();
+                    if body.is_empty() {
+                        (HookOutcome::Failed, format!("HTTP {status}"))
+                    } else {
+                        (HookOutcome::Failed, format!("HTTP {status}: {body}"))
+                    }
                 }
-                Ok(Ok((status, body))) => (HookOutcome::Failed, format!("HTTP {status}: {body}")),
-                Ok(Err(e)) => (HookOutcome::Failed, e),
-                Err(_) => (
+                Err(net::Error::Timeout { .. }) => (
                     HookOutcome::Timeout,
                     format!("no answer within {}", humantime::format_duration(timeout)),
                 ),
+                Err(net::Error::Connect { cause, .. }) => (HookOutcome::Failed, cause),
+                Err(e) => (HookOutcome::Failed, e.to_string()),
             };
             tracing::debug!(
                 hook = hook.name.as_str(),
@@ -263,26 +272,6 @@ impl Inner {
             last = Report::new(outcome, attempt + 1, detail);
         }
         last
-    }
-
-    /// Sends one attempt: the status, and the start of the body when it is not a success (receivers
-    /// often say there why they refused).
-    async fn post(&self, request: Request<Full<Bytes>>) -> Result<(StatusCode, String), String> {
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|e| crate::error::chain(&e))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok((status, String::new()));
-        }
-        let body = Limited::new(response.into_body(), RESPONSE_LIMIT)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        Ok((status, String::from_utf8_lossy(&body).trim().to_string()))
     }
 }
 

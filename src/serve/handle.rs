@@ -952,7 +952,12 @@ impl Observed {
         }
         self.arm.stats.completed(now, now - self.start);
         if let (false, Some(trace)) = (self.access_log, &self.info.trace) {
-            trace.end(Some(&self.arm), self.status, now - self.start, complete);
+            trace.end(
+                Some((&self.arm.name, self.arm.pins.map())),
+                self.status,
+                now - self.start,
+                complete,
+            );
         }
         if self.access_log {
             access_log(
@@ -1016,7 +1021,12 @@ fn access_log(
     complete: bool,
 ) {
     if let Some(trace) = &info.trace {
-        trace.end(arm, status, latency, complete);
+        trace.end(
+            arm.map(|a| (a.name.as_str(), a.pins.map())),
+            status,
+            latency,
+            complete,
+        );
     }
     tracing::info!(
         target: ACCESS,

@@ -14,12 +14,11 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use http::{HeaderMap, Method, Request, Response};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
     Span as _, SpanContext, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
@@ -35,7 +34,7 @@ use opentelemetry_sdk::trace::{
 use opentelemetry_sdk::Resource;
 use prometheus::{IntCounter, IntCounterVec};
 
-use crate::serve::router::Arm;
+use crate::net;
 use crate::telemetry::metrics::Metrics;
 
 /// The name of the span a sample's evaluation gets.
@@ -84,9 +83,10 @@ impl Otel {
             .or_else(|| env_ms("OTEL_EXPORTER_OTLP_TIMEOUT"))
             .unwrap_or(Duration::from_secs(10));
         let http = TokioHttp {
-            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            client: net::Client::builder(timeout)
+                .max_response(MAX_RESPONSE_BYTES)
+                .build(),
             runtime,
-            timeout,
         };
         // The exporter reads the endpoints and OTEL_EXPORTER_OTLP_(TRACES_)HEADERS itself.
         let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -232,19 +232,28 @@ impl RequestSpan {
         }
     }
 
-    /// Ends the span with what the access log says about the request.
-    pub fn end(&self, arm: Option<&Arm>, status: u16, latency: Duration, complete: bool) {
+    /// Ends the span with what the access log says about the request: the arm that served it (its
+    /// name and pins), when one did.
+    pub fn end(
+        &self,
+        arm: Option<(&str, &BTreeMap<String, String>)>,
+        status: u16,
+        latency: Duration,
+        complete: bool,
+    ) {
         let Some(mut span) = self.span.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
         if !span.is_recording() {
             return;
         }
-        if let Some(arm) = arm {
-            span.set_attribute(KeyValue::new("driftguard.arm", arm.name.clone()));
-            for pin in arm.pins.iter() {
-                let value = pin.value.to_str().unwrap_or_default().to_string();
-                span.set_attribute(KeyValue::new(format!("driftguard.pin.{}", pin.name), value));
+        if let Some((name, pins)) = arm {
+            span.set_attribute(KeyValue::new("driftguard.arm", name.to_string()));
+            for (pin, value) in pins {
+                span.set_attribute(KeyValue::new(
+                    format!("driftguard.pin.{pin}"),
+                    value.clone(),
+                ));
             }
         }
         span.set_attribute(KeyValue::new(
@@ -500,13 +509,12 @@ impl Health {
 
 // === impl TokioHttp ===
 
-/// The exporter's HTTP client: each request is a task on the proxy's runtime, bounded by a timeout,
-/// awaited from the exporter thread.
+/// The exporter's HTTP client: each request is a task on the proxy's runtime, bounded by the client's
+/// timeout, awaited from the exporter thread.
 #[derive(Debug)]
 struct TokioHttp {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: net::Client,
     runtime: tokio::runtime::Handle,
-    timeout: Duration,
 }
 
 /// A collector's answer is a small protobuf; more is not read.
@@ -515,26 +523,11 @@ const MAX_RESPONSE_BYTES: usize = 1 << 20;
 #[async_trait::async_trait]
 impl HttpClient for TokioHttp {
     async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        let (client, timeout) = (self.client.clone(), self.timeout);
-        let task = self.runtime.spawn(async move {
-            let exchange = async {
-                let (parts, body) = request.into_parts();
-                let response = client
-                    .request(Request::from_parts(parts, Full::new(body)))
-                    .await?;
-                let (parts, body) = response.into_parts();
-                let body = Limited::new(body, MAX_RESPONSE_BYTES)
-                    .collect()
-                    .await?
-                    .to_bytes();
-                Ok::<_, HttpError>(Response::from_parts(parts, body))
-            };
-            match tokio::time::timeout(timeout, exchange).await {
-                Ok(result) => result,
-                Err(_) => Err(format!("no answer within {timeout:?}").into()),
-            }
-        });
-        task.await?
+        let client = self.client.clone();
+        let task = self
+            .runtime
+            .spawn(async move { client.send(request).await });
+        Ok(task.await??)
     }
 }
 

@@ -8,18 +8,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
 
 use super::kb::TOPICS;
+use crate::net;
 
 /// One request in this many is a feedback write (`POST /v1/feedback`, a write route).
 const WRITE_EVERY: u64 = 25;
 /// A request that takes longer is abandoned and counted as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The demo arms answer a few hundred bytes; a larger answer is counted as failed.
+const MAX_RESPONSE: usize = 1 << 20;
 
 /// Cumulative counts; the progress line takes differences.
 #[derive(Default)]
@@ -50,8 +49,9 @@ impl Load {
     pub fn start(proxy: String, rps: u32, concurrency: usize) -> Load {
         let counts = Arc::new(Counts::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let client: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let client = net::Client::builder(REQUEST_TIMEOUT)
+            .max_response(MAX_RESPONSE)
+            .build();
         let slots = Arc::new(Semaphore::new(concurrency.max(1)));
         let period = Duration::from_secs_f64(1.0 / f64::from(rps.max(1)));
         let (c, s) = (counts.clone(), stop.clone());
@@ -70,35 +70,29 @@ impl Load {
                 c.sent.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let write = req.method() == Method::POST && req.uri().path() == "/v1/feedback";
-                    let exchange = async {
-                        let resp = client.request(req).await.ok()?;
-                        let status = resp.status();
-                        let arm = resp
-                            .headers()
-                            .get("x-driftguard-arm")
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_string);
-                        let body = resp.into_body().collect().await.ok()?.to_bytes();
-                        Some((status, arm, body))
-                    };
-                    match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
-                        Ok(Some((status, arm, body))) => {
+                    match client.send(req).await {
+                        Ok(resp) => {
+                            let status = resp.status();
+                            let arm = resp
+                                .headers()
+                                .get("x-driftguard-arm")
+                                .and_then(|v| v.to_str().ok());
                             c.done.fetch_add(1, Ordering::Relaxed);
-                            match arm.as_deref() {
+                            match arm {
                                 Some("baseline") => c.baseline.fetch_add(1, Ordering::Relaxed),
                                 Some("canary") => c.canary.fetch_add(1, Ordering::Relaxed),
                                 _ => 0,
                             };
                             let frozen = write
                                 && status.as_u16() == 503
-                                && String::from_utf8_lossy(&body).contains("writes_frozen");
+                                && String::from_utf8_lossy(resp.body()).contains("writes_frozen");
                             if frozen {
                                 c.frozen_writes.fetch_add(1, Ordering::Relaxed);
                             } else if status.is_server_error() {
                                 c.errors.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                        _ => {
+                        Err(_) => {
                             c.failed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -116,7 +110,7 @@ impl Load {
 }
 
 /// The `n`th request: a question of the knowledge base, or every [`WRITE_EVERY`]th a feedback write.
-fn request(proxy: &str, n: u64) -> Request<Full<Bytes>> {
+fn request(proxy: &str, n: u64) -> Request<Bytes> {
     let topic = &TOPICS[(n as usize * 7) % TOPICS.len()];
     let (path, body) = if n % WRITE_EVERY == 0 {
         (
@@ -134,6 +128,6 @@ fn request(proxy: &str, n: u64) -> Request<Full<Bytes>> {
         builder = builder.header("idempotency-key", format!("demo-feedback-{n}"));
     }
     builder
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap_or_else(|_| Request::new(Full::new(Bytes::new())))
+        .body(Bytes::from(body.to_string()))
+        .unwrap_or_else(|_| Request::new(Bytes::new()))
 }

@@ -4,24 +4,26 @@
 //! generator ([`load`]) sends questions through the proxy. After `degrade_after` the canary starts
 //! answering off-topic (and now and then with a 500); the progress lines show the canary's ΔS and
 //! coverage move, the guard trip, the canary's weight go to 0 and the guard recover; a short report says
-//! which rule tripped, how fast, what it did, and where the snapshot is.
+//! which rule tripped, how fast, what it did, and where the snapshot is (`report`).
 
 pub mod arms;
 pub mod kb;
 pub mod load;
+mod report;
 
-use std::fmt::Write as _;
+pub use report::QUALITY_RULES;
+use report::{observed_text, progress_line, Report, Snapshot};
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tokio::net::TcpListener;
 
 use crate::clock::now_ms;
 use crate::cmd::run::RunError;
-use crate::rollback::engine::snapshot_dir;
 use crate::rollback::state::{GuardState, Trip};
 use crate::{app, shutdown};
 
@@ -90,6 +92,19 @@ pub fn run(options: &Options) -> Result<Outcome, DemoError> {
         .build()
         .map_err(|e| DemoError::Setup(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(demo(options))
+}
+
+/// `driftguard demo`: exit 0 when a rule tripped on the bad canary, 1 when nothing did, 2 when the demo
+/// cannot start (a port taken, …).
+pub fn main(options: &Options) -> ExitCode {
+    match run(options) {
+        Ok(Outcome::Tripped) => ExitCode::SUCCESS,
+        Ok(Outcome::NotTripped) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("driftguard demo: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// The demo's files: config, log, runtime state and snapshots.
@@ -388,215 +403,4 @@ async fn wait_for_stop() {
 
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
-}
-
-/// The load generator's counts at one moment.
-#[derive(Clone, Copy)]
-struct Snapshot {
-    done: u64,
-    baseline: u64,
-    canary: u64,
-    errors: u64,
-    frozen_writes: u64,
-    failed: u64,
-}
-
-impl Snapshot {
-    fn take(c: &load::Counts) -> Snapshot {
-        Snapshot {
-            done: c.done.load(Ordering::Relaxed),
-            baseline: c.baseline.load(Ordering::Relaxed),
-            canary: c.canary.load(Ordering::Relaxed),
-            errors: c.errors.load(Ordering::Relaxed),
-            frozen_writes: c.frozen_writes.load(Ordering::Relaxed),
-            failed: c.failed.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// One arm's figures from the `/status` document.
-fn arm_json<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["arms"]
-        .as_array()
-        .and_then(|arms| arms.iter().find(|a| a["name"] == name))
-        .unwrap_or(&Value::Null)
-}
-
-/// `a/b` of one figure of both arms, `-` where there is none yet.
-fn pair(status: &Value, pointer: &str, fmt: impl Fn(f64) -> String) -> String {
-    let one = |arm: &str| {
-        arm_json(status, arm)
-            .pointer(pointer)
-            .and_then(Value::as_f64)
-            .map_or("-".to_string(), &fmt)
-    };
-    format!("{}/{}", one("baseline"), one("canary"))
-}
-
-fn progress_line(
-    elapsed: Duration,
-    last: &Snapshot,
-    now: &Snapshot,
-    status: &Value,
-    guard: GuardState,
-) -> String {
-    let done = now.done - last.done;
-    let (b, c) = (now.baseline - last.baseline, now.canary - last.canary);
-    let split = match b + c {
-        0 => "-/-".to_string(),
-        n => format!("{}/{}", b * 100 / n, c * 100 / n),
-    };
-    let weights = pair(status, "/weight", |w| format!("{w:.0}"));
-    let mut line = format!(
-        "t+{:>3}s  {done:>4} req/s  split {split:>5}  p95 {:>9} ms  ΔS p95 {:>9}  cov {:>9}  5xx {:>11}  weights {weights}  guard {}",
-        elapsed.as_secs(),
-        pair(status, "/window/latency_ms/p95", |v| format!("{v:.0}")),
-        pair(status, "/window/signals/delta_s/p95", |v| format!("{v:.2}")),
-        pair(status, "/window/signals/coverage_mean", |v| format!("{v:.2}")),
-        pair(status, "/window/error_rate", |v| format!("{:.1}%", v * 100.0)),
-        guard.as_str(),
-    );
-    let frozen = now.frozen_writes - last.frozen_writes;
-    if frozen > 0 {
-        let _ = write!(line, "  ({frozen} writes refused: frozen)");
-    }
-    line
-}
-
-/// "0.5123 < threshold 0.60 (baseline 0.93)".
-fn observed_text(t: &Trip) -> String {
-    let num = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
-    let side = if t.rule == "coverage" { "<" } else { ">" };
-    let mut s = format!(
-        "{} {side} threshold {}",
-        num(t.observed),
-        t.threshold.map_or("-".to_string(), |v| format!("{v}"))
-    );
-    if let Some(b) = t.baseline_value {
-        let _ = write!(s, " (baseline {b:.4})");
-    }
-    s
-}
-
-/// The rules that watch answer quality (the others watch errors, latency, pins, tools, writes).
-pub const QUALITY_RULES: [&str; 4] = [
-    "delta_s_p95_drift",
-    "delta_s_p50_drift",
-    "coverage",
-    "lambda_flip_rate",
-];
-
-struct Report<'a> {
-    trip: Option<&'a Trip>,
-    degrade_ms: u64,
-    started_ms: u64,
-    first_bad_ms: u64,
-    /// When the progress first showed the trip, and the counts then.
-    at_trip: Option<&'a (Duration, Snapshot)>,
-    end: &'a Snapshot,
-    guard: GuardState,
-    state_dir: &'a Path,
-    admin: &'a str,
-    interrupted: bool,
-}
-
-impl Report<'_> {
-    fn outcome(&self) -> Outcome {
-        match self.trip {
-            Some(t) if t.at_ms >= self.degrade_ms => Outcome::Tripped,
-            _ => Outcome::NotTripped,
-        }
-    }
-
-    fn render(&self) -> String {
-        let t_plus = |ms: u64| format!("t+{:.2}s", ms.saturating_sub(self.started_ms) as f64 / 1e3);
-        let mut out = String::from("\n== driftguard demo: report ==\n");
-        match self.trip {
-            None => {
-                let _ = writeln!(
-                    out,
-                    "nothing tripped{} — the canary {} went bad at {}",
-                    if self.interrupted {
-                        " before the demo was interrupted"
-                    } else {
-                        " by the end of the run"
-                    },
-                    if self.first_bad_ms > 0 { "" } else { "never" },
-                    t_plus(self.degrade_ms)
-                );
-            }
-            Some(t) => {
-                let kind = if QUALITY_RULES.contains(&t.rule.as_str()) {
-                    "quality"
-                } else {
-                    "health"
-                };
-                if t.at_ms < self.degrade_ms {
-                    let _ = writeln!(
-                        out,
-                        "tripped BEFORE the canary went bad (a false alarm): rule {} at {}",
-                        t.rule,
-                        t_plus(t.at_ms)
-                    );
-                } else {
-                    let _ = writeln!(
-                        out,
-                        "tripped:        rule {} ({kind}) on arm {}, {:.2} s after the canary went bad (at {})",
-                        t.rule,
-                        t.arm,
-                        (t.at_ms - self.degrade_ms) as f64 / 1e3,
-                        t_plus(t.at_ms)
-                    );
-                }
-                if self.first_bad_ms > 0 {
-                    let _ = writeln!(
-                        out,
-                        "time to flip:   {:.2} s from the first bad response ({}) to the flip",
-                        t.at_ms.saturating_sub(self.first_bad_ms) as f64 / 1e3,
-                        t_plus(self.first_bad_ms)
-                    );
-                }
-                let _ = writeln!(
-                    out,
-                    "{:16}{} over the {} s window{}",
-                    "observed:",
-                    observed_text(t),
-                    t.window_seconds,
-                    t.p_value
-                        .map_or(String::new(), |p| format!(", p = {p:.2e}"))
-                );
-                let _ = writeln!(out, "{:16}{} — {}", "lever:", t.lever, t.action);
-                if let Some(id) = &t.snapshot {
-                    let path = snapshot_dir(self.state_dir).join(format!("{id}.json"));
-                    let _ = writeln!(out, "{:16}{}", "snapshot:", path.display());
-                }
-                if let Some((seen, at)) = self.at_trip {
-                    let _ = writeln!(
-                        out,
-                        "{:16}baseline {} requests, canary {}, 5xx {}, writes refused while frozen {}",
-                        format!("from t+{}s on:", seen.as_secs()),
-                        self.end.baseline - at.baseline,
-                        self.end.canary - at.canary,
-                        self.end.errors - at.errors,
-                        self.end.frozen_writes - at.frozen_writes,
-                    );
-                }
-            }
-        }
-        let _ = writeln!(
-            out,
-            "{:16}{} requests answered, {} 5xx, {} without an answer",
-            "traffic:", self.end.done, self.end.errors, self.end.failed
-        );
-        let _ = writeln!(out, "{:16}{}", "guard now:", self.guard.as_str());
-        let _ = writeln!(out, "{:16}{}/metrics", "metrics:", self.admin);
-        let _ = writeln!(out, "{:16}{}/status", "status:", self.admin);
-        let _ = write!(
-            out,
-            "{:16}{} (driftguard.toml, driftguard.log)",
-            "files:",
-            self.state_dir.display()
-        );
-        out
-    }
 }

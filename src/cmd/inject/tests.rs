@@ -1,3 +1,5 @@
+//! Unit tests of `inject`: port takeover, idempotence, Services, refusals.
+
 use super::*;
 
 const APP: &str = "\

@@ -2,19 +2,17 @@
 //! vLLM, Ollama, …) over plain HTTP, batched, with a timeout and an LRU cache keyed by a hash of the text,
 //! so a chunk retrieved again and again is embedded once.
 //!
-//! It is called from the evaluation threads, which block on a small runtime of its own — never the
-//! proxy's.
+//! It is called from the evaluation threads, which block on the small runtime of its `net::Blocking`
+//! client — never the proxy's.
 
 use std::time::Duration;
 
-use crate::signals::embed::cache::VectorCache;
-use crate::signals::embed::{EmbedError, Embedder};
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Uri};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+
+use crate::net;
+use crate::signals::embed::cache::VectorCache;
+use crate::signals::embed::{EmbedError, Embedder};
 
 /// Texts sent in one request at most.
 const MAX_BATCH: usize = 64;
@@ -26,9 +24,8 @@ pub struct OpenAi {
     model: String,
     timeout: Duration,
     api_key: Option<HeaderValue>,
-    client: Client<HttpConnector, Full<Bytes>>,
-    /// Always `Some` until drop; see `Drop`.
-    runtime: Option<tokio::runtime::Runtime>,
+    /// Pooled, on an I/O thread of its own; dropping it is safe on any thread.
+    client: net::Blocking,
     cache: VectorCache,
 }
 
@@ -40,26 +37,15 @@ impl OpenAi {
         api_key: Option<String>,
         cache_entries: usize,
     ) -> Result<Self, EmbedError> {
-        let url: Uri = url
-            .parse()
-            .map_err(|e| EmbedError::Endpoint(format!("embeddings url {url:?}: {e}")))?;
-        if url.scheme_str() != Some("http") {
-            return Err(EmbedError::Endpoint(format!(
-                "embeddings url {url}: only http:// is supported"
-            )));
-        }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("driftguard-embed-io")
-            .enable_all()
-            .build()
-            .map_err(|e| {
-                EmbedError::Endpoint(format!("cannot start the embedder's runtime: {e}"))
-            })?;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let url = net::url(url).map_err(|e| EmbedError::Endpoint(format!("embeddings url {e}")))?;
+        let client = net::Client::builder(timeout)
+            .connect_timeout(timeout)
+            .nodelay()
+            .max_response(MAX_RESPONSE)
+            .build();
+        let client = net::Blocking::with_io_thread(client, "driftguard-embed-io").map_err(|e| {
+            EmbedError::Endpoint(format!("cannot start the embedder's runtime: {e}"))
+        })?;
         let api_key = api_key
             .map(|k| HeaderValue::try_from(format!("Bearer {k}")))
             .transpose()
@@ -70,7 +56,6 @@ impl OpenAi {
             timeout,
             api_key,
             client,
-            runtime: Some(runtime),
             cache: VectorCache::new(cache_entries),
         })
     }
@@ -79,38 +64,30 @@ impl OpenAi {
         let body = serde_json::json!({"model": self.model, "input": texts}).to_string();
         let mut req = Request::post(self.url.clone())
             .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
+            .body(Bytes::from(body))
             .map_err(|e| EmbedError::Endpoint(e.to_string()))?;
         if let Some(key) = &self.api_key {
             req.headers_mut().insert(header::AUTHORIZATION, key.clone());
         }
-        let call = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| EmbedError::Endpoint(format!("{}: {e}", self.url)))?;
-            let status = resp.status();
-            let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
-                .collect()
-                .await
-                .map_err(|e| EmbedError::Endpoint(format!("reading the response: {e}")))?
-                .to_bytes();
-            if !status.is_success() {
-                let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
-                return Err(EmbedError::Endpoint(format!(
-                    "{} answered {status}: {text}",
-                    self.url
-                )));
+        let resp = self.client.send(req).map_err(|e| match e {
+            net::Error::Timeout { .. } => EmbedError::Timeout(self.timeout),
+            net::Error::Connect { cause, .. } => {
+                EmbedError::Endpoint(format!("{}: {cause}", self.url))
             }
-            Ok(bytes)
-        };
-        let bytes = self
-            .runtime
-            .as_ref()
-            .ok_or_else(|| EmbedError::Endpoint("the embedder is shutting down".into()))?
-            .block_on(async { tokio::time::timeout(self.timeout, call).await })
-            .map_err(|_| EmbedError::Timeout(self.timeout))??;
+            net::Error::Read { cause, .. } => {
+                EmbedError::Endpoint(format!("reading the response: {cause}"))
+            }
+            other => EmbedError::Endpoint(other.to_string()),
+        })?;
+        let status = resp.status();
+        let bytes = resp.into_body();
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+            return Err(EmbedError::Endpoint(format!(
+                "{} answered {status}: {text}",
+                self.url
+            )));
+        }
         parse_response(&bytes, texts.len())
     }
 }
@@ -149,16 +126,6 @@ fn parse_response(bytes: &[u8], expected: usize) -> Result<Vec<Vec<f32>>, EmbedE
         ));
     }
     Ok(out)
-}
-
-impl Drop for OpenAi {
-    /// A reload or shutdown can drop the embedder on a thread of the proxy's runtime, where dropping a
-    /// runtime would panic; shutting it down in the background is allowed anywhere.
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
 }
 
 impl Embedder for OpenAi {
