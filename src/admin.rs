@@ -1,6 +1,10 @@
 //! Admin listener (SPEC §7): `/metrics`, `/healthz`, `/readyz`, `/status` for anyone; mutating endpoints
 //! behind the bearer-token rule — a configured token is required from every peer, and with no token only
-//! loopback peers may mutate.
+//! loopback peers may mutate. The routes and the auth rule live here; the documents in [`status`] and
+//! [`metrics`]. Served by `cmd::run` on the admin listener.
+
+pub mod metrics;
+pub mod status;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,7 +33,7 @@ pub async fn handle(
         (&Method::GET, "/metrics") => text(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            app.render_metrics(),
+            metrics::render(&app),
         ),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, "/readyz") => {
@@ -49,14 +53,7 @@ pub async fn handle(
                 text(StatusCode::OK, "text/plain", "ready\n".into())
             }
         }
-        (&Method::GET, "/status") => {
-            // The guard first: a state change stores the routing table before it commits the state,
-            // so a table read after the state is at least as new as the state shown.
-            let guard = engine.status();
-            let mut status = app.status();
-            status["guard"] = guard;
-            json(StatusCode::OK, status)
-        }
+        (&Method::GET, "/status") => json(StatusCode::OK, status::document(&engine)),
         (&Method::GET, "/snapshots") => {
             let ids = engine::list_snapshots(&app.config().state_dir);
             json(StatusCode::OK, serde_json::json!({ "snapshots": ids }))
@@ -233,7 +230,7 @@ fn guard(engine: &Engine, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
                     for ctx in events {
                         engine.fire(ctx);
                     }
-                    json(StatusCode::OK, engine.status())
+                    json(StatusCode::OK, status::guard(engine))
                 }
                 Err(e) => engine_error(e),
             }
@@ -242,7 +239,7 @@ fn guard(engine: &Engine, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
             for ctx in engine.recover("POST /recover") {
                 engine.fire(ctx);
             }
-            json(StatusCode::OK, engine.status())
+            json(StatusCode::OK, status::guard(engine))
         }
         _ => match engine.capture_baseline(field("arm").as_deref()) {
             Ok(b) => json(

@@ -16,7 +16,8 @@ use crate::eval::Pipeline;
 use crate::guards::budget::{Budget, BudgetSettings, RedisBudgetError};
 use crate::guards::fence::{Fence, FenceError};
 use crate::guards::Breakers;
-use crate::rollback::state::{RuntimeState, StateError, StateFile};
+use crate::rollback::state::{GuardState, RuntimeState, StateError, StateFile};
+use crate::rules::Rule;
 use crate::serve::context::{BudgetCell, Context, TableCell};
 use crate::serve::pins;
 use crate::serve::router::{
@@ -24,8 +25,7 @@ use crate::serve::router::{
 };
 use crate::serve::upstream::Pools;
 use crate::signals::EvalError;
-use crate::telemetry::metrics::Metrics;
-use crate::windows::{Counter, Hist, WindowStats};
+use crate::telemetry::metrics::{Labels, Metrics};
 
 pub const ADMIN_TOKEN_ENV: &str = "DRIFTGUARD_ADMIN_TOKEN";
 
@@ -233,7 +233,11 @@ fn budget_backend_changed(old: &config::Budget, new: &config::Budget) -> bool {
 
 impl App {
     pub fn new(loaded: Loaded, config_path: Option<PathBuf>) -> Result<App, StartError> {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::with_labels(Labels {
+            guard_states: &GuardState::ALL.map(GuardState::as_str),
+            rules: &Rule::ALL.map(Rule::name),
+            fence_decisions: &crate::guards::fence::DECISIONS,
+        }));
         let env_pins = pins::from_env(std::env::vars());
         let pools = Pools::new((&loaded.config.upstream).into());
         let breakers = Breakers::default();
@@ -336,6 +340,16 @@ impl App {
 
     pub fn admin_token(&self) -> Arc<Option<String>> {
         self.admin_token.load_full()
+    }
+
+    /// The config file reloads read, if any.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config_path.as_deref()
+    }
+
+    /// Time since this process started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// When this process started, Unix ms.
@@ -549,114 +563,6 @@ impl App {
             .with_controls(controls(state, &self.config.load()));
         self.table.store(Arc::new(table));
     }
-
-    pub fn render_metrics(&self) -> String {
-        self.metrics
-            .eval_queue_depth
-            .set(self.pipeline.depth() as i64);
-        self.metrics.render(
-            &self.table(),
-            self.config.load().rules.window.0,
-            self.budget().map(|b| b.available(Instant::now())),
-        )
-    }
-
-    /// The `/status` document.
-    pub fn status(&self) -> serde_json::Value {
-        let table = self.table();
-        let config = self.config();
-        let span = config.rules.window.0;
-        let now = Instant::now();
-        let arms: Vec<serde_json::Value> = table
-            .arms()
-            .iter()
-            .zip(table.weights())
-            .map(|(arm, weight)| {
-                serde_json::json!({
-                    "name": arm.name,
-                    "upstream": arm.upstream,
-                    "weight": weight,
-                    "baseline": arm.baseline,
-                    "pins": arm.pins.map(),
-                    "cache_ns": arm.cache_ns,
-                    "breaker": arm.breaker.state(now).as_str(),
-                    "window": window_json(&arm.stats.window.stats(now, span)),
-                })
-            })
-            .collect();
-        serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_seconds": self.started.elapsed().as_secs(),
-            "draining": self.is_draining(),
-            "config": {
-                "path": self.config_path.as_ref().map(|p| p.display().to_string()),
-                "hash": self.config_hash.load().as_str(),
-            },
-            "total_weight": table.total_weight(),
-            "frozen": table.controls.frozen,
-            "degrade": table.controls.degrade.as_ref().and_then(|v| v.to_str().ok()),
-            "flags": &table.controls.flags,
-            "budget": self.budget().map(|b| {
-                let settings = b.settings();
-                serde_json::json!({
-                    "backend": match &*b { Budget::Local(_) => "local", Budget::Redis(_) => "redis" },
-                    "tokens_per_minute": settings.tokens_per_minute,
-                    "burst": settings.burst,
-                    "available_tokens": b.available(Instant::now()),
-                })
-            }),
-            "signals": {
-                "embedder": self.pipeline.embedder_name(),
-                "sample": config.signals.sample,
-                "max_evals_per_sec": config.signals.max_evals_per_sec,
-                "queue_depth": self.pipeline.depth(),
-                "dropped": self.metrics.eval_dropped.get(),
-            },
-            "arms": arms,
-        })
-    }
-}
-
-fn window_json(stats: &WindowStats) -> serde_json::Value {
-    let quantiles = |hist: Hist| {
-        let snap = stats.hist(hist);
-        let ms = |q: f64| snap.quantile(q).map(|us| us as f64 / 1e3);
-        serde_json::json!({"p50": ms(0.5), "p95": ms(0.95), "p99": ms(0.99)})
-    };
-    serde_json::json!({
-        "span_seconds": stats.span.as_secs(),
-        "requests": stats.requests(),
-        "errors_5xx": stats.counter(Counter::Class5xx),
-        "error_rate": stats.error_rate(),
-        "rate_limited": stats.counter(Counter::RateLimited),
-        "upstream_errors": stats.counter(Counter::UpstreamErrors),
-        "timeouts": stats.counter(Counter::Timeouts),
-        "pin_mismatches": stats.counter(Counter::PinMismatches),
-        "latency_ms": quantiles(Hist::Latency),
-        "ttfb_ms": quantiles(Hist::Ttfb),
-        "signals": {
-            "evaluated": stats.counter(Counter::Evaluated),
-            "delta_s": {
-                "p50": stats.signal_quantile(Hist::DeltaS, 0.5),
-                "p95": stats.signal_quantile(Hist::DeltaS, 0.95),
-            },
-            "delta_s_qr": {
-                "p50": stats.signal_quantile(Hist::DeltaSQr, 0.5),
-                "p95": stats.signal_quantile(Hist::DeltaSQr, 0.95),
-            },
-            "delta_s_ra": {
-                "p50": stats.signal_quantile(Hist::DeltaSRa, 0.5),
-                "p95": stats.signal_quantile(Hist::DeltaSRa, 0.95),
-            },
-            "coverage_mean": stats.signal_mean(Hist::Coverage),
-            "lambda_flip_rate": stats.lambda_flip_rate(),
-            "tool_loops": stats.counter(Counter::ToolLoops),
-            "tokens": {
-                "prompt": stats.counter(Counter::PromptTokens),
-                "completion": stats.counter(Counter::CompletionTokens),
-            },
-        },
-    })
 }
 
 /// How long the windows may go without a rotation tick.

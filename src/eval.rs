@@ -30,8 +30,9 @@ use crate::signals::embed::Embedder;
 use crate::signals::extract::{Extracted, Extractor, Skip};
 use crate::signals::measure::{self, Lambda, SessionTools, ToolCall};
 use crate::signals::EvalError;
-use crate::telemetry::metrics::{ArmStats, Evaluation, Metrics, LAMBDA_STATES};
+use crate::telemetry::metrics::Metrics;
 use crate::telemetry::otel::FollowUp;
+use crate::windows::{ArmStats, Evaluation, LAMBDA_STATES};
 
 /// A completed, sampled exchange waiting for evaluation.
 pub struct Sample {

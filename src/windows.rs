@@ -8,6 +8,8 @@
 //! reported midpoint) over `AtomicU64` counts. The `hdrhistogram` crate records through `&mut` and, for
 //! concurrent use, per-thread recorders synchronised by a blocking phaser; plain atomics fit a hot path
 //! shared by every connection task better.
+//!
+//! [`arm`] holds the one write API for an arm ([`ArmStats`]) and the registry of arms ([`Arms`]).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -15,6 +17,10 @@ use std::time::{Duration, Instant};
 
 // The ring's geometry is config's: `rules.window` is bounded by it, and config sits below windows.
 pub use crate::config::{MAX_SPAN, MAX_WINDOW, SLOT, SLOTS};
+
+pub mod arm;
+
+pub use arm::{ArmStats, Arms, Evaluation, Mirror, Mirrors, NoMirror};
 
 /// log2 of the sub-bucket count; 8 → 256 sub-buckets, bucket width ≤ 1/128 of its values.
 const SUB_BITS: u32 = 8;
@@ -65,6 +71,19 @@ impl Hist {
     }
 }
 
+/// The ΔS histograms by probe: the `probe` label of `driftguard_semantic_drift`, in the order of
+/// [`Evaluation::probes`].
+pub const PROBES: [(Hist, &str); 3] = [
+    (Hist::DeltaSQr, "qr"),
+    (Hist::DeltaSRa, "ra"),
+    (Hist::DeltaS, "max"),
+];
+
+/// The λ states (SPEC §3), the one list of their names: the `state` label of `driftguard_lambda_total`,
+/// in the order of [`Counter::LAMBDA`] and of `signals::measure::Lambda::ALL` ([`Evaluation::lambda`]
+/// indexes it).
+pub const LAMBDA_STATES: [&str; 4] = ["convergent", "recursive", "divergent", "chaotic"];
+
 /// Counters kept per slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(usize)]
@@ -97,6 +116,14 @@ pub enum Counter {
 const COUNTERS: usize = Counter::CompletionTokens as usize + 1;
 
 impl Counter {
+    /// The λ counters in the order of [`LAMBDA_STATES`].
+    pub const LAMBDA: [Counter; 4] = [
+        Counter::LambdaConvergent,
+        Counter::LambdaRecursive,
+        Counter::LambdaDivergent,
+        Counter::LambdaChaotic,
+    ];
+
     /// The status-class counter for an HTTP status code.
     pub fn class_of(status: u16) -> Counter {
         match status {

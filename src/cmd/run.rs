@@ -202,7 +202,7 @@ async fn rotate_windows(app: Arc<App>, mut shutdown: shutdown::Shutdown) {
     let mut tick = tokio::time::interval(app::ROTATE_EVERY);
     loop {
         tokio::select! {
-            _ = tick.tick() => app.metrics.rotate_windows(),
+            _ = tick.tick() => app.metrics.arms.rotate(),
             _ = shutdown.wait() => return,
         }
     }

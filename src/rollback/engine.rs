@@ -639,39 +639,12 @@ impl Engine {
         Ok(pinned)
     }
 
-    /// The `guard` part of `/status`.
-    pub fn status(&self) -> serde_json::Value {
-        let state = self.app.runtime_state();
-        let config = self.app.config();
-        let g = &state.guard;
-        let progress = self
-            .progress
+    /// The exit targets as last judged (for `/status`).
+    pub fn progress(&self) -> Vec<Target> {
+        self.progress
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let now = now_ms();
-        let watching = matches!(g.state, GuardState::Tripped | GuardState::Recovering);
-        let tripped_at = g.last_trip.as_ref().map_or(g.since_ms, |t| t.at_ms);
-        serde_json::json!({
-            "state": g.state.as_str(),
-            "since_ms": g.since_ms,
-            "dry_run": config.rules.dry_run,
-            "last_trip": g.last_trip,
-            "throttled": state.throttled,
-            "cache_epoch": state.cache_epoch,
-            "pin_overrides": state.pin_overrides,
-            "baseline": g.baseline.as_ref().map(|b| serde_json::json!({
-                "kind": "pinned", "arm": b.arm, "captured_ms": b.captured_ms, "pins": b.pins,
-                "window": b.summary.to_json(),
-            })),
-            "recovery": watching.then(|| serde_json::json!({
-                "targets": progress,
-                "holding_ms": g.green_since_ms.map(|s| now.saturating_sub(s)),
-                "hold_ms": config.recovery.hold.0.as_millis() as u64,
-                "deadline_in_ms": (config.recovery.deadline.0.as_millis() as u64)
-                    .saturating_sub(now.saturating_sub(tripped_at)),
-            })),
-        })
+            .clone()
     }
 
     /// The snapshot of SPEC §6: time, rule, observed value and threshold, every arm's pins and window,

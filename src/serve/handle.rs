@@ -818,7 +818,8 @@ fn error_response(
     };
     if let (Some(arm), ProxyError::UpstreamUnreachable | ProxyError::UpstreamTimeout) = (arm, kind)
     {
-        arm.stats.upstream_error(Instant::now(), kind);
+        arm.stats
+            .upstream_error(Instant::now(), kind == ProxyError::UpstreamTimeout);
     }
     let body = serde_json::json!({"error": kind.as_str(), "message": message, "request_id": info.request_id_str()});
     // Not the arm failing: a frozen write, an unreachable receipt store, a Redis outage of the budget.
@@ -1113,10 +1114,7 @@ impl Body for ProxyBody {
                         Some(Err(_)) => {
                             if let Some(mut obs) = observed.take() {
                                 // The upstream broke off mid-body: its failure, though the head said 2xx.
-                                obs.arm.stats.upstream_error(
-                                    Instant::now(),
-                                    ProxyError::UpstreamUnreachable,
-                                );
+                                obs.arm.stats.upstream_error(Instant::now(), false);
                                 obs.finish(false);
                             }
                         }

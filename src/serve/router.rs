@@ -20,7 +20,8 @@ use crate::guards::freeze::WriteRoutes;
 use crate::guards::Breakers;
 use crate::serve::pins::{self, PinSet};
 use crate::serve::upstream::{Pool, Pools};
-use crate::telemetry::metrics::{ArmStats, Metrics};
+use crate::telemetry::metrics::Metrics;
+use crate::windows::ArmStats;
 
 /// One upstream arm with everything the request path needs, prepared once.
 pub struct Arm {
@@ -201,7 +202,7 @@ impl RoutingTable {
                 baseline: a.baseline,
                 pins: PinSet::new(pin_map),
                 cache_ns,
-                stats: metrics.arm(&a.name),
+                stats: metrics.arms.arm(&a.name),
             }));
         }
         let sticky_header = match config.routing.sticky_header.as_str() {

@@ -157,3 +157,93 @@ fn concurrent_recording_loses_nothing() {
     assert_eq!(stats.hist(Hist::Latency).count(), 400_000);
     assert_eq!(stats.requests(), 400_000);
 }
+
+/// Counts the mirror calls of [`ArmStats`], to show every event reaches both the window and the mirror.
+#[derive(Default)]
+struct Calls(std::sync::Mutex<Vec<String>>);
+
+struct Shared(std::sync::Arc<Calls>);
+
+impl Mirror for Shared {
+    fn response(&self, class: Counter) {
+        self.push(format!("response {class:?}"));
+    }
+    fn first_byte(&self, _: Duration) {
+        self.push("first_byte".into());
+    }
+    fn completed(&self, _: Duration) {
+        self.push("completed".into());
+    }
+    fn evaluated(&self, e: &Evaluation) {
+        self.push(format!("evaluated {}", LAMBDA_STATES[e.lambda]));
+    }
+    fn usage(&self, p: Option<u64>, c: Option<u64>, tool_loop: bool) {
+        self.push(format!("usage {p:?} {c:?} {tool_loop}"));
+    }
+    fn pin_mismatch(&self, pin: &str) {
+        self.push(format!("pin {pin}"));
+    }
+}
+
+impl Shared {
+    fn push(&self, call: String) {
+        self.0 .0.lock().unwrap().push(call);
+    }
+}
+
+#[test]
+fn every_arm_event_reaches_window_and_mirror() {
+    let calls = std::sync::Arc::new(Calls::default());
+    let arm = ArmStats::new("a", Instant::now(), Box::new(Shared(calls.clone())));
+    let now = Instant::now();
+    arm.response(now, 429);
+    arm.first_byte(now, Duration::from_millis(5));
+    arm.completed(now, Duration::from_millis(9));
+    arm.upstream_error(now, true);
+    arm.upstream_error(now, false);
+    arm.evaluated(
+        now,
+        &Evaluation {
+            delta_s: 0.4,
+            coverage: Some(0.5),
+            lambda: 3,
+            ..Evaluation::default()
+        },
+    );
+    arm.usage(now, Some(7), None, true);
+    arm.pin_mismatch(now, "model");
+    let w = arm.window.stats(now, Duration::from_secs(10));
+    assert_eq!(w.counter(Counter::Class4xx), 1);
+    assert_eq!(w.counter(Counter::RateLimited), 1);
+    assert_eq!(w.counter(Counter::Timeouts), 1);
+    assert_eq!(w.counter(Counter::UpstreamErrors), 1);
+    assert_eq!(w.counter(Counter::Evaluated), 1);
+    assert_eq!(w.counter(Counter::LambdaChaotic), 1);
+    assert_eq!(w.counter(Counter::ToolLoops), 1);
+    assert_eq!(w.counter(Counter::PromptTokens), 7);
+    assert_eq!(w.counter(Counter::PinMismatches), 1);
+    assert_eq!(w.hist(Hist::Ttfb).count(), 1);
+    assert_eq!(w.hist(Hist::Latency).count(), 1);
+    assert_eq!(w.hist(Hist::Coverage).count(), 1);
+    assert_eq!(arm.recent(), vec![(0.4, Some(0.5))]);
+    assert_eq!(
+        *calls.0.lock().unwrap(),
+        [
+            "response Class4xx",
+            "first_byte",
+            "completed",
+            "evaluated chaotic",
+            "usage Some(7) None true",
+            "pin model",
+        ]
+    );
+}
+
+#[test]
+fn arms_keep_an_arm_by_name() {
+    let arms = Arms::default();
+    let a = arms.arm("a");
+    assert!(std::sync::Arc::ptr_eq(&a, &arms.arm("a")));
+    assert!(!std::sync::Arc::ptr_eq(&a, &arms.arm("b")));
+    arms.rotate();
+}

@@ -311,7 +311,7 @@ async fn demo_in(dir: &Path, options: &Options) -> Result<Outcome, DemoError> {
             );
         }
         let snap = Snapshot::take(&counts);
-        let status = running.app.status();
+        let status = crate::admin::status::app(&running.app);
         let state = running.app.runtime_state();
         if state.guard.state != guard {
             match (&trip, state.guard.state, &state.guard.last_trip) {
