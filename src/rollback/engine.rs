@@ -5,9 +5,10 @@
 //! (→ escalated).
 //!
 //! All state lives in [`Control`]'s [`RuntimeState`] (persisted in `state_dir`), and every change of it
-//! is one routing-table swap through [`Control::update_state`]: the freeze, the lever, the new cache namespace
-//! and the tightened breakers reach the request path together, and a restart (kill -9 included) comes
-//! back in the same state with the same routing.
+//! is one routing-table swap through [`Control::update_state`]: the freeze, the lever, the new cache
+//! namespace and the tightened breakers reach the request path together, and a restart (kill -9
+//! included) comes back in the same state with the same routing. The plan's steps are in `plan`, the
+//! pinned baseline in `engine/baseline.rs`, snapshots and hook events in `engine/events.rs`.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -18,13 +19,17 @@ use arc_swap::ArcSwap;
 use crate::clock::now_ms;
 use crate::config::{self, HookEvent, RollbackStep};
 use crate::rollback::control::Control;
-use crate::rollback::hooks::{event_name, HookContext, HookOutcome, HookRunner};
+use crate::rollback::hooks::{HookContext, HookOutcome};
 use crate::rollback::plan::{self, lever_name};
-use crate::rollback::snapshot::{snapshot_dir, snapshot_json, write_snapshot};
-use crate::rollback::state::{GuardState, PinnedBaseline, RuntimeState, Trip};
+use crate::rollback::snapshot::write_snapshot;
+use crate::rollback::state::{GuardState, RuntimeState, Trip};
 use crate::rules::{self, Finding, RuleSet, Summary, Target, Verdict};
 use crate::serve::router::{RouterError, RoutingTable};
 use crate::telemetry::metrics::Metrics;
+use baseline::baseline_of;
+
+mod baseline;
+mod events;
 
 /// Rule name of a trip requested through `POST /trip`.
 pub const MANUAL: &str = "manual";
@@ -272,29 +277,6 @@ impl Engine {
         }
     }
 
-    /// Single arm without a pinned baseline: pin one after `rules.auto_baseline_after` of green.
-    fn auto_baseline(
-        &self,
-        config: &config::Config,
-        table: &RoutingTable,
-        state: &RuntimeState,
-        summaries: &[Summary],
-        set: &RuleSet,
-    ) {
-        if table.arms().len() != 1 || state.guard.baseline.is_some() {
-            return;
-        }
-        let healthy_for = now_ms().saturating_sub(state.guard.since_ms.max(self.started_ms));
-        if Duration::from_millis(healthy_for) < config.rules.auto_baseline_after.0
-            || summaries[0].requests < set.min_samples
-        {
-            return;
-        }
-        if let Err(e) = self.capture_baseline(None) {
-            tracing::warn!(error = %e, "automatic baseline capture failed");
-        }
-    }
-
     /// Tripped or recovering: judge the exit targets on every serving arm; move to recovering when they
     /// hold, back to tripped when they break, to healthy after `recovery.hold`, to escalated past
     /// `recovery.deadline`.
@@ -538,115 +520,6 @@ impl Engine {
         self.event(HookEvent::Escalated, &trip, snapshot, &config)
     }
 
-    /// Writes the event's snapshot and returns its hook context (when the hooks step is on).
-    fn event(
-        &self,
-        event: HookEvent,
-        trip: &Trip,
-        snapshot: serde_json::Value,
-        config: &config::Config,
-    ) -> Vec<HookContext> {
-        let name = event_name(event);
-        let mut snapshot = snapshot;
-        match write_snapshot(&config.state_dir, name, &trip.rule, now_ms(), &snapshot) {
-            Ok(id) => snapshot["id"] = id.into(),
-            Err(e) => tracing::error!(error = %e, "cannot write the {name} snapshot"),
-        }
-        if !config.rollback.steps.contains(&RollbackStep::Hooks) {
-            return Vec::new();
-        }
-        vec![self.hook_context(event, trip, snapshot, config)]
-    }
-
-    fn hook_context(
-        &self,
-        event: HookEvent,
-        trip: &Trip,
-        mut snapshot: serde_json::Value,
-        config: &config::Config,
-    ) -> HookContext {
-        let id = snapshot["id"]
-            .as_str()
-            .map(String::from)
-            .or(trip.snapshot.clone());
-        if let Some(id) = &id {
-            snapshot["id"] = id.as_str().into();
-        }
-        HookContext {
-            event,
-            rule: trip.rule.clone(),
-            arm: trip.arm.clone(),
-            snapshot_path: id.map(|id| snapshot_dir(&config.state_dir).join(format!("{id}.json"))),
-            snapshot,
-        }
-    }
-
-    /// The event's snapshot document, from the config and routing table as they are now.
-    fn snapshot(&self, event: &str, trip: &Trip, state: &RuntimeState) -> serde_json::Value {
-        let hash = self.config_hash.load();
-        let (config, table) = (self.control.config(), self.control.table());
-        snapshot_json(event, trip, state, &config, &table, hash.as_str())
-    }
-
-    /// Fires the hooks of an event on their own tasks; never waits for them.
-    pub fn fire(&self, ctx: HookContext) {
-        let hooks = self.control.config().rollback.hooks.clone();
-        if hooks.is_empty() {
-            return;
-        }
-        let runner = HookRunner::new(hooks, self.metrics.hook_runs.clone());
-        drop(runner.fire(Arc::new(ctx)));
-    }
-
-    /// Pins a baseline for a single-arm deployment from its current window (`POST /baseline`).
-    pub fn capture_baseline(&self, arm: Option<&str>) -> Result<PinnedBaseline, EngineError> {
-        let config = self.control.config();
-        let table = self.control.table();
-        if table.arms().len() > 1 {
-            let name = table
-                .baseline_index()
-                .map_or("", |i| table.arms()[i].name.as_str());
-            return Err(EngineError::Baseline(format!(
-                "with several arms the baseline is arm {name:?}'s concurrent window; nothing to pin"
-            )));
-        }
-        let index = match arm {
-            Some(name) => table
-                .index_of(name)
-                .ok_or_else(|| EngineError::UnknownArm(name.to_string()))?,
-            None => 0,
-        };
-        let arm = &table.arms()[index];
-        let summary = Summary::from_window(
-            &arm.stats
-                .window
-                .stats(Instant::now(), config.rules.window.0),
-        );
-        let min = config.rules.min_samples;
-        if summary.requests < min {
-            return Err(EngineError::Baseline(format!(
-                "arm {:?} has {} requests in the window; a baseline needs rules.min_samples ({min})",
-                arm.name, summary.requests
-            )));
-        }
-        let pinned = PinnedBaseline {
-            arm: arm.name.clone(),
-            captured_ms: now_ms(),
-            pins: arm.pins.map().clone(),
-            summary,
-        };
-        let copy = pinned.clone();
-        self.control
-            .update_state(move |s, _, _| s.guard.baseline = Some(copy))?;
-        tracing::info!(
-            arm = pinned.arm.as_str(),
-            requests = pinned.summary.requests,
-            evaluated = pinned.summary.evaluated,
-            "baseline pinned"
-        );
-        Ok(pinned)
-    }
-
     /// The `guard` part of `/status`.
     pub fn status(&self) -> serde_json::Value {
         let state = self.control.runtime_state();
@@ -681,26 +554,6 @@ impl Engine {
             })),
         })
     }
-}
-
-/// What arm `i` is judged against: with several arms the baseline arm's concurrent window (the baseline
-/// judged against itself holds every exit target), with one arm its pinned baseline, if any.
-fn baseline_of<'a>(
-    table: &RoutingTable,
-    summaries: &'a [Summary],
-    state: &'a RuntimeState,
-    i: usize,
-) -> Option<&'a Summary> {
-    if table.arms().len() > 1 {
-        return table.baseline_index().map(|b| &summaries[b]);
-    }
-    let name = &table.arms()[i].name;
-    state
-        .guard
-        .baseline
-        .as_ref()
-        .filter(|p| &p.arm == name)
-        .map(|p| &p.summary)
 }
 
 /// The arm a manual trip is about: the first serving non-baseline arm, else the baseline.

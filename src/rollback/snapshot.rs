@@ -26,8 +26,7 @@ pub fn snapshot_json(
         .iter()
         .zip(table.weights())
         .map(|(arm, weight)| {
-            let window =
-                Summary::from_window(&arm.stats.window.stats(now, config.rules.window.0));
+            let window = Summary::from_window(&arm.stats.window.stats(now, config.rules.window.0));
             let recent = arm.stats.recent();
             serde_json::json!({
                 "name": arm.name,
