@@ -16,18 +16,18 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::app::{App, ReloadError};
-use crate::rollback::engine::{self, Engine, EngineError, TripRequest, MANUAL};
+use crate::rollback::engine::{Engine, EngineError, TripRequest, MANUAL};
+use crate::rollback::snapshot;
 use crate::serve::router::RouterError;
 
 /// Largest request body an admin endpoint reads.
 const MAX_BODY: usize = 64 * 1024;
 
 pub async fn handle(
-    engine: Arc<Engine>,
+    app: Arc<App>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let app = engine.app().clone();
     let path = req.uri().path().to_string();
     let response = match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => text(
@@ -53,14 +53,14 @@ pub async fn handle(
                 text(StatusCode::OK, "text/plain", "ready\n".into())
             }
         }
-        (&Method::GET, "/status") => json(StatusCode::OK, status::document(&engine)),
+        (&Method::GET, "/status") => json(StatusCode::OK, status::document(&app)),
         (&Method::GET, "/snapshots") => {
-            let ids = engine::list_snapshots(&app.config().state_dir);
+            let ids = snapshot::list_snapshots(&app.config().state_dir);
             json(StatusCode::OK, serde_json::json!({ "snapshots": ids }))
         }
         (&Method::GET, p) if p.starts_with("/snapshots/") => {
             let id = &p["/snapshots/".len()..];
-            match engine::read_snapshot(&app.config().state_dir, id) {
+            match snapshot::read_snapshot(&app.config().state_dir, id) {
                 Some(doc) => text(StatusCode::OK, "application/json", doc),
                 None => error(
                     StatusCode::NOT_FOUND,
@@ -79,7 +79,7 @@ pub async fn handle(
                     Err(resp) => return Ok(resp),
                 };
                 let path = path.clone();
-                tokio::task::spawn_blocking(move || mutate(&engine, &path, &body))
+                tokio::task::spawn_blocking(move || mutate(&app, &path, &body))
                     .await
                     .unwrap_or_else(|e| {
                         error(
@@ -104,8 +104,8 @@ pub async fn handle(
     Ok(response)
 }
 
-fn mutate(engine: &Engine, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
-    let app = engine.app();
+fn mutate(app: &App, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
+    let engine = app.engine();
     match path {
         "/trip" | "/recover" | "/baseline" => return guard(engine, path, body),
         _ => {}
@@ -130,7 +130,7 @@ fn mutate(engine: &Engine, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
     match path {
         "/freeze" | "/unfreeze" => {
             let frozen = path == "/freeze";
-            app.set_frozen(frozen);
+            engine.control().set_frozen(frozen);
             return json(StatusCode::OK, serde_json::json!({ "frozen": frozen }));
         }
         "/flags" => {
@@ -138,7 +138,7 @@ fn mutate(engine: &Engine, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
                 Ok(body) => body,
                 Err(resp) => return *resp,
             };
-            return match app.set_flags(&body) {
+            return match engine.control().set_flags(&body) {
                 Ok(()) => {
                     let table = app.table();
                     let degrade = table
@@ -175,7 +175,7 @@ fn mutate(engine: &Engine, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
                 "expected {\"weight\": <non-negative integer>}",
             );
         };
-        return match app.set_weight(arm, weight) {
+        return match engine.control().set_weight(arm, weight) {
             Ok(()) => json(
                 StatusCode::OK,
                 serde_json::json!({"arm": arm, "weight": weight}),
@@ -223,7 +223,7 @@ fn guard(engine: &Engine, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
                 arm: field("arm"),
                 finding: None,
                 reason: Some(field("reason").unwrap_or_else(|| "manual trip".into())),
-                window_seconds: engine.app().config().rules.window.0.as_secs(),
+                window_seconds: engine.control().config().rules.window.0.as_secs(),
             };
             match engine.trip(request) {
                 Ok(events) => {

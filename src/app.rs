@@ -1,28 +1,29 @@
-//! The running application's shared state: config and routing table (each swapped atomically), metrics,
-//! the upstream client, and the admin token. Reload and weight changes go through here.
+//! The composition root: loads the config, builds every part from it (metrics, pools, budget, the
+//! rollback control and engine, the evaluation pipeline, the fence, tracing), wires the handles each
+//! stage gets (the request path's `Context`, the engine's `Control`) and reloads. It decides nothing:
+//! every change of the runtime state or the routing table is `rollback::control`'s.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
-use http::HeaderValue;
+use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
-use crate::config::{self, Config, ConfigError, ConfigErrors};
+use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::eval::Pipeline;
-use crate::guards::budget::{Budget, BudgetSettings, RedisBudgetError};
+use crate::guards::budget::{Budget, RedisBudgetError};
 use crate::guards::fence::{Fence, FenceError};
 use crate::guards::Breakers;
-use crate::rollback::state::{GuardState, RuntimeState, StateError, StateFile};
+use crate::rollback::control::{ConfigCell, Control, ControlError, TableParts};
+use crate::rollback::engine::Engine;
+use crate::rollback::state::GuardState;
 use crate::rules::Rule;
-use crate::serve::context::{BudgetCell, Context, TableCell};
+use crate::serve::context::Context;
 use crate::serve::pins;
-use crate::serve::router::{
-    is_flag_name, Controls, Overrides, RouterError, RoutingTable, MAX_FLAGS,
-};
+use crate::serve::router::{RouterError, RoutingTable};
 use crate::serve::upstream::Pools;
 use crate::signals::EvalError;
 use crate::telemetry::metrics::{Labels, Metrics};
@@ -77,20 +78,18 @@ fn admin_token(config: &Config, env: Option<String>) -> Result<Option<String>, C
     Ok(Some(token))
 }
 
-/// Shared state of a running driftguard.
+/// A running driftguard's parts and the handles that wire them.
 pub struct App {
     config_path: Option<PathBuf>,
-    config: ArcSwap<Config>,
-    config_hash: ArcSwap<String>,
-    table: TableCell,
+    /// The running config; swapped by [`Control::reload`], read here.
+    config: ConfigCell,
+    config_hash: Arc<ArcSwap<String>>,
     admin_token: ArcSwap<Option<String>>,
-    env_pins: BTreeMap<String, String>,
     pub metrics: Arc<Metrics>,
-    pub pools: Pools,
-    pub breakers: Breakers,
-    /// The global token budget, when the config has a `[budget]`; rebuilt by a reload that changes its
-    /// backend.
-    budget: BudgetCell,
+    /// The one writer of the runtime state, the routing table and the budget's settings.
+    control: Arc<Control>,
+    /// The rollback engine, built on `control`; `cmd::run` starts its loop and admin calls it.
+    engine: Arc<Engine>,
     pub pipeline: Arc<Pipeline>,
     /// OpenTelemetry tracing, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; `None` costs the request path
     /// nothing more than this check.
@@ -100,11 +99,6 @@ pub struct App {
     started: Instant,
     started_ms: u64,
     draining: AtomicBool,
-    /// Serialises table rebuilds (reload, weights, controls) so none is lost between load and store, and
-    /// holds what was set at run time; a reload re-applies it so re-reading the file never silently
-    /// undoes a rollback or a freeze.
-    write_lock: Mutex<RuntimeState>,
-    state_file: StateFile,
 }
 
 /// Keys whose new value a reload cannot apply (listeners, runtime, pools, evaluation threads).
@@ -133,74 +127,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         .collect()
 }
 
-/// The routing-table controls a runtime state and config call for.
-fn controls(state: &RuntimeState, config: &Config) -> Controls {
-    let degrade = state
-        .degrade
-        .then(|| HeaderValue::try_from(config.rollback.degrade.as_str()).ok())
-        .flatten();
-    Controls::new(state.frozen, degrade, state.flags.clone())
-}
-
-/// The arm-building overrides a runtime state calls for.
-fn overrides<'a>(state: &'a RuntimeState, config: &Config) -> Overrides<'a> {
-    Overrides {
-        pins: Some(&state.pin_overrides),
-        cache_epoch: state.cache_epoch,
-        throttle: state.throttled.then_some(config.rollback.throttle_factor),
-    }
-}
-
-/// Applies the runtime state to a table built from the config: controls, then the weights of arms that
-/// still exist (the others are forgotten).
-fn apply(
-    state: &mut RuntimeState,
-    table: RoutingTable,
-    config: &Config,
-) -> Result<RoutingTable, RouterError> {
-    let mut table = table.with_controls(controls(state, config));
-    state.weights.retain(|arm, _| table.index_of(arm).is_some());
-    for (arm, weight) in state.weights.iter() {
-        table = table.with_weight(arm, *weight)?;
-        tracing::info!(
-            arm = arm.as_str(),
-            weight,
-            "keeping the weight set at run time over the file's"
-        );
-    }
-    Ok(table)
-}
-
-/// The budget's settings for a config and runtime state: `[budget]`, × `rollback.throttle_factor` while
-/// throttled. `None` without a `[budget]`.
-fn budget_settings(state: &RuntimeState, config: &Config) -> Option<BudgetSettings> {
-    let settings = BudgetSettings::from(config.budget.as_ref()?);
-    Some(if state.throttled {
-        settings.throttled(config.rollback.throttle_factor)
-    } else {
-        settings
-    })
-}
-
-/// A change to the controls requested through `POST /flags`.
-#[derive(Debug, thiserror::Error)]
-pub enum FlagsError {
-    #[error("expected a JSON object of flag names to true/false, e.g. {{\"degrade\": true}}")]
-    Shape,
-    #[error("flag {0:?}: names are 1-64 characters of [A-Za-z0-9_.-] and values true, false or null (remove)")]
-    Invalid(String),
-    #[error("at most {MAX_FLAGS} named flags")]
-    TooMany,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Router(#[from] RouterError),
+    Control(#[from] ControlError),
     #[error("signals: {0}")]
     Signals(#[from] EvalError),
-    #[error(transparent)]
-    State(#[from] StateError),
     #[error(transparent)]
     Fence(#[from] FenceError),
     #[error(transparent)]
@@ -221,16 +153,6 @@ pub enum ReloadError {
     Budget(#[from] RedisBudgetError),
 }
 
-/// Whether a reload from `old` to `new` needs a new budget rather than new settings for the running one.
-fn budget_backend_changed(old: &config::Budget, new: &config::Budget) -> bool {
-    old.backend != new.backend
-        || (new.backend == config::BudgetBackend::Redis
-            && (old.redis_url != new.redis_url
-                || old.redis_key != new.redis_key
-                || old.redis_timeout != new.redis_timeout
-                || old.on_backend_error != new.on_backend_error))
-}
-
 impl App {
     pub fn new(loaded: Loaded, config_path: Option<PathBuf>) -> Result<App, StartError> {
         let metrics = Arc::new(Metrics::with_labels(Labels {
@@ -238,9 +160,6 @@ impl App {
             rules: &Rule::ALL.map(Rule::name),
             fence_decisions: &crate::guards::fence::DECISIONS,
         }));
-        let env_pins = pins::from_env(std::env::vars());
-        let pools = Pools::new((&loaded.config.upstream).into());
-        let breakers = Breakers::default();
         let budget = match &loaded.config.budget {
             Some(b) => Some(Arc::new(Budget::from_config(
                 b,
@@ -248,66 +167,56 @@ impl App {
             )?)),
             None => None,
         };
-        let (state_file, mut state) = StateFile::open(&loaded.config.state_dir)?;
-        let table = RoutingTable::from_config(
-            &loaded.config,
-            &env_pins,
-            overrides(&state, &loaded.config),
-            &metrics,
-            &pools,
-            &breakers,
-        )?;
-        let table = apply(&mut state, table, &loaded.config)?;
-        if let Some(budget) = &budget {
-            budget
-                .set_settings(budget_settings(&state, &loaded.config).unwrap_or(budget.settings()));
-        }
-        metrics.guard_state.set(state.guard.state.gauge());
-        if state != RuntimeState::default() {
-            tracing::warn!(state = ?state, "restored the runtime state saved before the restart");
-        }
-        let pipeline = Arc::new(Pipeline::start(&loaded.config.signals, &metrics)?);
-        let writes = &loaded.config.writes;
+        let parts = TableParts {
+            env_pins: pins::from_env(std::env::vars()),
+            metrics: metrics.clone(),
+            pools: Pools::new((&loaded.config.upstream).into()),
+            breakers: Breakers::default(),
+        };
+        let config = loaded.config;
+        let control = Arc::new(Control::open(config, parts, budget)?);
+        let config = control.config();
+        let pipeline = Arc::new(Pipeline::start(&config.signals, &metrics)?);
+        let writes = &config.writes;
         let fence = match writes.routes.is_empty() {
             true => None,
-            false => Some(Arc::new(Fence::open(
-                writes,
-                &loaded.config.state_dir,
-                &metrics,
-            )?)),
+            false => Some(Arc::new(Fence::open(writes, &config.state_dir, &metrics)?)),
         };
         // A tracing setup that cannot work is said once; traffic goes on untraced.
         let otel = crate::telemetry::otel::Otel::from_env(&metrics).unwrap_or_else(|e| {
             tracing::error!(error = %e, "OpenTelemetry tracing off");
             None
         });
+        let config_hash = Arc::new(ArcSwap::from_pointee(loaded.hash));
+        let started_ms = crate::clock::now_ms();
+        let engine = Engine::new(
+            control.clone(),
+            metrics.clone(),
+            config_hash.clone(),
+            started_ms,
+        );
         Ok(App {
             fence,
             pipeline,
             otel,
             config_path,
-            pools,
-            breakers,
-            budget: Arc::new(ArcSwapOption::new(budget)),
-            config: ArcSwap::from_pointee(loaded.config),
-            config_hash: ArcSwap::from_pointee(loaded.hash),
-            table: Arc::new(ArcSwap::from_pointee(table)),
+            config: control.config_cell(),
+            config_hash,
             admin_token: ArcSwap::from_pointee(loaded.admin_token),
-            env_pins,
             metrics,
+            control,
+            engine,
             started: Instant::now(),
-            started_ms: crate::clock::now_ms(),
+            started_ms,
             draining: AtomicBool::new(false),
-            write_lock: Mutex::new(state),
-            state_file,
         })
     }
 
     /// The handles the request path uses.
     pub fn context(&self) -> Arc<Context> {
         Arc::new(Context::new(
-            self.table.clone(),
-            self.budget.clone(),
+            self.control.table_cell(),
+            self.control.budget_cell(),
             self.fence.clone(),
             self.pipeline.clone(),
             self.otel.clone(),
@@ -315,13 +224,23 @@ impl App {
         ))
     }
 
+    /// The rollback engine (its loop is started by `cmd::run`; admin's trip, recover and baseline).
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The writer of the runtime state and the routing table (admin's weight, freeze and flag calls).
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
     pub fn table(&self) -> Arc<RoutingTable> {
-        self.table.load_full()
+        self.control.table()
     }
 
     /// The global token budget, when the config has a `[budget]`.
     pub fn budget(&self) -> Option<Arc<Budget>> {
-        self.budget.load_full()
+        self.control.budget()
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -335,7 +254,7 @@ impl App {
 
     /// The environment's pins (`DRIFTGUARD_PIN_*`).
     pub fn env_pins(&self) -> &BTreeMap<String, String> {
-        &self.env_pins
+        self.control.env_pins()
     }
 
     pub fn admin_token(&self) -> Arc<Option<String>> {
@@ -382,186 +301,29 @@ impl App {
         result
     }
 
+    /// Loads the file; the control builds the table and budget and, once the pipeline has taken the new
+    /// signals settings, commits them with the runtime state re-applied. Token and hash follow.
     fn try_reload(&self, path: &Path) -> Result<String, ReloadError> {
         let loaded = load(path)?;
-        let mut state = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let table = RoutingTable::from_config(
-            &loaded.config,
-            &self.env_pins,
-            overrides(&state, &loaded.config),
-            &self.metrics,
-            &self.pools,
-            &self.breakers,
-        )?;
-        // Nothing is committed until every part of the new config has been built.
-        let mut next = state.clone();
-        let table = apply(&mut next, table, &loaded.config)?;
-        let old = self.config.load();
-        // A new backend (or Redis location) is a new budget, built before anything is committed; the
-        // same backend keeps its state and takes the new settings.
-        let new_budget = match (&old.budget, &loaded.config.budget) {
-            (Some(before), Some(after)) if !budget_backend_changed(before, after) => None,
-            (_, Some(after)) => Some(Some(Arc::new(Budget::from_config(
-                after,
-                self.metrics.budget_backend_errors.clone(),
-            )?))),
-            (Some(_), None) => Some(None),
-            (None, None) => None,
-        };
-        for key in restart_only_changes(&old, &loaded.config) {
-            tracing::warn!(
-                key,
-                "changed in the config file; takes effect on restart only"
-            );
-        }
-        self.pipeline.reconfigure(&loaded.config.signals)?;
-        if *state != next {
-            *state = next;
-            self.persist(&state);
-        }
-        if let Some(budget) = new_budget {
-            match &loaded.config.budget {
-                Some(b) => tracing::info!(backend = ?b.backend, "token budget (re)built"),
-                None => tracing::warn!("[budget] removed: requests are no longer priced"),
+        let adds_writes = self.fence.is_none() && !loaded.config.writes.routes.is_empty();
+        self.control.reload(loaded.config, |old, new| {
+            for key in restart_only_changes(old, new) {
+                tracing::warn!(
+                    key,
+                    "changed in the config file; takes effect on restart only"
+                );
             }
-            self.budget.store(budget);
-        }
-        // New or kept, the budget takes the file's settings, × the throttle while it is on.
-        if let (Some(budget), Some(settings)) =
-            (self.budget(), budget_settings(&state, &loaded.config))
-        {
-            budget.set_settings(settings);
-        }
-        if self.fence.is_none() && !loaded.config.writes.routes.is_empty() {
+            self.pipeline.reconfigure(&new.signals)?;
+            Ok::<(), ReloadError>(())
+        })?;
+        if adds_writes {
             tracing::warn!(
                 "writes.routes added: keyed writes are fenced (idempotency) after a restart only"
             );
         }
-        self.table.store(Arc::new(table));
-        self.config.store(Arc::new(loaded.config));
         self.admin_token.store(Arc::new(loaded.admin_token));
         self.config_hash.store(Arc::new(loaded.hash.clone()));
         Ok(loaded.hash)
-    }
-
-    /// Sets one arm's weight with a single swap of the routing table.
-    pub fn set_weight(&self, arm: &str, weight: u32) -> Result<(), RouterError> {
-        let mut state = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let table = self.table.load().with_weight(arm, weight)?;
-        self.table.store(Arc::new(table));
-        state.weights.insert(arm.to_string(), weight);
-        self.persist(&state);
-        tracing::info!(arm, weight, "arm weight set");
-        Ok(())
-    }
-
-    /// Freezes or unfreezes writes with one swap of the routing table.
-    pub fn set_frozen(&self, frozen: bool) {
-        let mut state = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        state.frozen = frozen;
-        self.swap_controls(&state);
-        self.persist(&state);
-        tracing::info!(
-            frozen,
-            "writes {}",
-            if frozen { "frozen" } else { "unfrozen" }
-        );
-    }
-
-    /// Applies `POST /flags`: `degrade` switches degrade mode, any other key sets a named flag.
-    pub fn set_flags(&self, changes: &serde_json::Value) -> Result<(), FlagsError> {
-        let changes = changes.as_object().ok_or(FlagsError::Shape)?;
-        let mut parsed = Vec::with_capacity(changes.len());
-        for (name, value) in changes {
-            // true/false set a flag; null removes a named flag (degrade: off).
-            let setting = match value {
-                serde_json::Value::Bool(on) => Some(*on),
-                serde_json::Value::Null => None,
-                _ => return Err(FlagsError::Invalid(name.clone())),
-            };
-            if name != "degrade" && !is_flag_name(name) {
-                return Err(FlagsError::Invalid(name.clone()));
-            }
-            parsed.push((name.to_string(), setting));
-        }
-        let mut state = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut flags = state.flags.clone();
-        let mut degrade = state.degrade;
-        for (name, setting) in parsed {
-            match (name == "degrade", setting) {
-                (true, on) => degrade = on.unwrap_or(false),
-                (false, Some(on)) => {
-                    flags.insert(name, on);
-                }
-                (false, None) => {
-                    flags.remove(&name);
-                }
-            }
-        }
-        if flags.len() > MAX_FLAGS {
-            return Err(FlagsError::TooMany);
-        }
-        state.flags = flags;
-        state.degrade = degrade;
-        self.swap_controls(&state);
-        self.persist(&state);
-        tracing::info!(degrade, flags = ?state.flags, "flags set");
-        Ok(())
-    }
-
-    /// A copy of the runtime state (weights, controls, the rollback engine's record).
-    pub fn runtime_state(&self) -> RuntimeState {
-        self.write_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Changes the runtime state with `change` (given the current config and table) and commits it as
-    /// one routing-table swap built from the config and the new state; the budget follows the throttle.
-    /// Nothing changes when the table cannot be built. Returns what `change` returned and the new state.
-    pub fn update_state<T>(
-        &self,
-        change: impl FnOnce(&mut RuntimeState, &Config, &RoutingTable) -> T,
-    ) -> Result<(T, RuntimeState), RouterError> {
-        let mut state = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let config = self.config.load_full();
-        let mut next = state.clone();
-        let out = change(&mut next, &config, &self.table.load());
-        let table = RoutingTable::from_config(
-            &config,
-            &self.env_pins,
-            overrides(&next, &config),
-            &self.metrics,
-            &self.pools,
-            &self.breakers,
-        )?;
-        let table = apply(&mut next, table, &config)?;
-        self.table.store(Arc::new(table));
-        if let (Some(budget), Some(settings)) = (self.budget(), budget_settings(&next, &config)) {
-            budget.set_settings(settings);
-        }
-        self.metrics.guard_state.set(next.guard.state.gauge());
-        if *state != next {
-            *state = next;
-            self.persist(&state);
-        }
-        Ok((out, state.clone()))
-    }
-
-    /// Saves the runtime state; a failure is logged (the change holds until restart).
-    fn persist(&self, state: &RuntimeState) {
-        if let Err(e) = self.state_file.save(state) {
-            tracing::error!(error = %e, "cannot save the runtime state; it will not survive a restart");
-        }
-    }
-
-    fn swap_controls(&self, state: &RuntimeState) {
-        let table = self
-            .table
-            .load()
-            .with_controls(controls(state, &self.config.load()));
-        self.table.store(Arc::new(table));
     }
 }
 

@@ -19,11 +19,11 @@ use crate::rollback::state::GuardState;
 use crate::windows::{Counter, Hist, WindowStats};
 
 /// The whole document: the app's part with the guard's under `guard`.
-pub fn document(engine: &Engine) -> Value {
+pub fn document(app: &App) -> Value {
     // The guard first: a state change stores the routing table before it commits the state, so a
     // table read after the state is at least as new as the state shown.
-    let guard = guard(engine);
-    let mut status = app(engine.app());
+    let guard = guard(app.engine());
+    let mut status = self::app(app);
     status["guard"] = guard;
     status
 }
@@ -85,9 +85,9 @@ pub fn app(app: &App) -> Value {
 
 /// The guard's part: state, last trip, levers in force, pinned baseline and recovery progress.
 pub fn guard(engine: &Engine) -> Value {
-    let app = engine.app();
-    let state = app.runtime_state();
-    let config = app.config();
+    let control = engine.control();
+    let state = control.runtime_state();
+    let config = control.config();
     let g = &state.guard;
     let progress = engine.progress();
     let now = now_ms();

@@ -98,7 +98,7 @@ pub async fn start(loaded: Loaded, config_path: Option<PathBuf>) -> Result<Runni
 
     let (trigger, shutdown) = shutdown::channel();
     tokio::spawn(rotate_windows(app.clone(), shutdown.clone()));
-    let engine = engine::Engine::new(app.clone());
+    let engine = app.engine().clone();
     let mut engine_stop = shutdown.clone();
     tokio::spawn(engine.clone().run(async move { engine_stop.wait().await }));
     if let Some(fence) = app.fence.clone() {
@@ -117,15 +117,15 @@ pub async fn start(loaded: Loaded, config_path: Option<PathBuf>) -> Result<Runni
             move |req| proxy::handle(cx.clone(), peer.clone(), req)
         },
     ));
-    let admin_engine = engine.clone();
+    let admin_app = app.clone();
     let admin = tokio::spawn(listener::serve(
         "admin",
         admin_listener,
         shutdown,
         drain,
         move |peer| {
-            let engine = admin_engine.clone();
-            move |req| admin::handle(engine.clone(), peer, req)
+            let app = admin_app.clone();
+            move |req| admin::handle(app.clone(), peer, req)
         },
     ));
     Ok(Running {

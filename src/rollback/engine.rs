@@ -4,33 +4,45 @@
 //! green until the exit targets have held for `recovery.hold` (→ healthy) or `recovery.deadline` passed
 //! (→ escalated).
 //!
-//! All state lives in the app's [`RuntimeState`] (persisted in `state_dir`), and every change of it is
-//! one routing-table swap through [`App::update_state`]: the freeze, the lever, the new cache namespace
-//! and the tightened breakers reach the request path together, and a restart (kill -9 included) comes
-//! back in the same state with the same routing.
+//! All state lives in [`Control`]'s [`RuntimeState`] (persisted in `state_dir`), and every change of it
+//! is one routing-table swap through [`Control::update_state`]: the freeze, the lever, the new cache
+//! namespace and the tightened breakers reach the request path together, and a restart (kill -9
+//! included) comes back in the same state with the same routing. The plan's steps are in `plan`, the
+//! pinned baseline in `engine/baseline.rs`, snapshots and hook events in `engine/events.rs`.
 
-use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::app::App;
+use arc_swap::ArcSwap;
+
 use crate::clock::now_ms;
-use crate::config::{self, HookEvent, Lever, RollbackStep};
-use crate::rollback::hooks::{event_name, HookContext, HookRunner};
-use crate::rollback::state::{GuardState, PinnedBaseline, RuntimeState, Trip};
+use crate::config::{self, HookEvent, RollbackStep};
+use crate::rollback::control::Control;
+use crate::rollback::hooks::{HookContext, HookOutcome};
+use crate::rollback::plan::{self, lever_name};
+use crate::rollback::snapshot::write_snapshot;
+use crate::rollback::state::{GuardState, RuntimeState, Trip};
 use crate::rules::{self, Finding, RuleSet, Summary, Target, Verdict};
 use crate::serve::router::{RouterError, RoutingTable};
+use crate::telemetry::metrics::Metrics;
+use baseline::baseline_of;
+
+mod baseline;
+mod events;
 
 /// Rule name of a trip requested through `POST /trip`.
 pub const MANUAL: &str = "manual";
 
-/// Pins the `alias` lever puts back.
-const ALIAS_PINS: [&str; 2] = ["INDEX_ALIAS", "INDEX_HASH"];
-
 /// The engine's memory between evaluations (not persisted: it is rebuilt within one interval).
 pub struct Engine {
-    app: Arc<App>,
+    /// The one writer of the runtime state and the routing table; every transition goes through it.
+    control: Arc<Control>,
+    metrics: Arc<Metrics>,
+    /// The running config file's hash, for the snapshots.
+    config_hash: Arc<ArcSwap<String>>,
+    /// When this process started, Unix ms: an automatic baseline waits for green since then.
+    started_ms: u64,
     /// `duplicate_effects_total` at the last evaluation.
     last_duplicates: Mutex<u64>,
     /// (arm, rule, verdict) findings already logged and counted, so an ongoing breach is reported once.
@@ -61,32 +73,41 @@ pub enum EngineError {
 }
 
 impl Engine {
-    pub fn new(app: Arc<App>) -> Arc<Engine> {
-        let duplicates = app.metrics.duplicate_effects.get();
+    pub fn new(
+        control: Arc<Control>,
+        metrics: Arc<Metrics>,
+        config_hash: Arc<ArcSwap<String>>,
+        started_ms: u64,
+    ) -> Arc<Engine> {
+        let duplicates = metrics.duplicate_effects.get();
         // The configured hooks' series exist from the start, so dashboards show 0 rather than nothing.
-        for hook in &app.config().rollback.hooks {
-            for outcome in crate::rollback::hooks::HookOutcome::ALL {
-                app.metrics
+        for hook in &control.config().rollback.hooks {
+            for outcome in HookOutcome::ALL {
+                metrics
                     .hook_runs
                     .with_label_values(&[hook.name.as_str(), outcome.as_str()]);
             }
         }
         Arc::new(Engine {
-            app,
+            control,
+            metrics,
+            config_hash,
+            started_ms,
             last_duplicates: Mutex::new(duplicates),
             reported: Mutex::new(HashSet::new()),
             progress: Mutex::new(Vec::new()),
         })
     }
 
-    pub fn app(&self) -> &Arc<App> {
-        &self.app
+    /// The writer of the runtime state and the routing table (admin's weight, freeze and flag calls).
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
     }
 
     /// Evaluates every `rules.eval_interval` until `stop` resolves.
     pub async fn run(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
-        let state = self.app.runtime_state();
+        let state = self.control.runtime_state();
         if state.guard.state != GuardState::Healthy {
             tracing::warn!(
                 state = state.guard.state.as_str(),
@@ -95,7 +116,7 @@ impl Engine {
             );
         }
         loop {
-            let interval = self.app.config().rules.eval_interval.0;
+            let interval = self.control.config().rules.eval_interval.0;
             tokio::select! {
                 _ = &mut stop => return,
                 _ = tokio::time::sleep(interval) => {}
@@ -117,9 +138,9 @@ impl Engine {
     /// One evaluation: the rules while healthy, the exit targets while tripped or recovering. Returns the
     /// hook events to fire.
     pub fn tick(&self) -> Vec<HookContext> {
-        let config = self.app.config();
-        let table = self.app.table();
-        let state = self.app.runtime_state();
+        let config = self.control.config();
+        let table = self.control.table();
+        let state = self.control.runtime_state();
         let now = Instant::now();
         let span = config.rules.window.0;
         let summaries: Vec<Summary> = table
@@ -128,7 +149,7 @@ impl Engine {
             .map(|arm| Summary::from_window(&arm.stats.window.stats(now, span)))
             .collect();
         let duplicates = {
-            let total = self.app.metrics.duplicate_effects.get();
+            let total = self.metrics.duplicate_effects.get();
             let mut last = self
                 .last_duplicates
                 .lock()
@@ -216,7 +237,7 @@ impl Engine {
     /// Logs and counts a finding that does not act (a dry-run trip, a baseline breach, a soft-rule
     /// warning, a breach without significance), once per episode.
     fn report(&self, arm: &str, f: &Finding, window_seconds: u64) {
-        let m = &self.app.metrics;
+        let m = &self.metrics;
         let (counter, message) = match f.verdict {
             Verdict::Trip => (
                 Some(&m.trips),
@@ -253,29 +274,6 @@ impl Engine {
                 log!(warn)
             }
             None => log!(info),
-        }
-    }
-
-    /// Single arm without a pinned baseline: pin one after `rules.auto_baseline_after` of green.
-    fn auto_baseline(
-        &self,
-        config: &config::Config,
-        table: &RoutingTable,
-        state: &RuntimeState,
-        summaries: &[Summary],
-        set: &RuleSet,
-    ) {
-        if table.arms().len() != 1 || state.guard.baseline.is_some() {
-            return;
-        }
-        let healthy_for = now_ms().saturating_sub(state.guard.since_ms.max(self.app.started_ms()));
-        if Duration::from_millis(healthy_for) < config.rules.auto_baseline_after.0
-            || summaries[0].requests < set.min_samples
-        {
-            return;
-        }
-        if let Err(e) = self.capture_baseline(None) {
-            tracing::warn!(error = %e, "automatic baseline capture failed");
         }
     }
 
@@ -339,7 +337,7 @@ impl Engine {
             _ => None,
         };
         if let Some((to, green_since)) = next {
-            let result = self.app.update_state(|s, _, _| {
+            let result = self.control.update_state(|s, _, _| {
                 s.guard.state = to;
                 s.guard.since_ms = now;
                 s.guard.green_since_ms = green_since;
@@ -347,8 +345,7 @@ impl Engine {
             if let Err(e) = result {
                 tracing::error!(error = %e, "cannot change the guard state");
             } else {
-                self.app
-                    .metrics
+                self.metrics
                     .transitions
                     .with_label_values(&[to.as_str()])
                     .inc();
@@ -366,12 +363,12 @@ impl Engine {
 
     /// Runs the rollback plan for `request`. Returns the hook events to fire.
     pub fn trip(&self, request: TripRequest) -> Result<Vec<HookContext>, EngineError> {
-        let config = self.app.config();
-        let before = self.app.runtime_state();
+        let config = self.control.config();
+        let before = self.control.runtime_state();
         if before.guard.state != GuardState::Healthy {
             return Err(EngineError::NotHealthy(before.guard.state.as_str()));
         }
-        let table = self.app.table();
+        let table = self.control.table();
         let arm = match &request.arm {
             Some(name) => {
                 table
@@ -401,7 +398,7 @@ impl Engine {
             dry_run: false,
         };
         // 1. capture — before anything changes, so the snapshot shows what tripped.
-        let snapshot = self.snapshot_json("tripped", &trip, &before);
+        let snapshot = self.snapshot("tripped", &trip, &before);
         if steps.contains(&RollbackStep::Capture) {
             match write_snapshot(&config.state_dir, "tripped", &trip.rule, at_ms, &snapshot) {
                 Ok(id) => trip.snapshot = Some(id),
@@ -409,20 +406,8 @@ impl Engine {
             }
         }
         // 2–5 in one swap: freeze, lever, cache namespace, throttle.
-        let (action, _) = self.app.update_state(|s, config, table| {
-            let mut action = String::from("none");
-            if steps.contains(&RollbackStep::FreezeWrites) {
-                s.frozen = true;
-            }
-            if steps.contains(&RollbackStep::Lever) {
-                action = pull_lever(lever, s, config, table, &arm);
-            }
-            if steps.contains(&RollbackStep::RotateCache) {
-                s.cache_epoch += 1;
-            }
-            if steps.contains(&RollbackStep::Throttle) {
-                s.throttled = true;
-            }
+        let (action, _) = self.control.update_state(|s, config, table| {
+            let action = plan::apply_steps(steps, lever, s, config, table, &arm);
             let mut recorded = trip.clone();
             recorded.action = action.clone();
             s.guard.state = GuardState::Tripped;
@@ -432,7 +417,7 @@ impl Engine {
             action
         })?;
         trip.action = action;
-        let metrics = &self.app.metrics;
+        let metrics = &self.metrics;
         metrics.trips.with_label_values(&[trip.rule.as_str()]).inc();
         metrics.transitions.with_label_values(&["tripped"]).inc();
         self.progress
@@ -467,8 +452,8 @@ impl Engine {
     /// Back to healthy: writes unfreeze, the throttle lifts; traffic stays rolled back. Returns the
     /// `recovered` hook events.
     pub fn recover(&self, why: &str) -> Vec<HookContext> {
-        let config = self.app.config();
-        let result = self.app.update_state(|s, _, _| {
+        let config = self.control.config();
+        let result = self.control.update_state(|s, _, _| {
             let was = s.guard.state;
             s.frozen = false;
             s.throttled = false;
@@ -484,8 +469,7 @@ impl Engine {
                 return Vec::new();
             }
         };
-        self.app
-            .metrics
+        self.metrics
             .transitions
             .with_label_values(&["healthy"])
             .inc();
@@ -502,13 +486,13 @@ impl Engine {
             return Vec::new();
         }
         let trip = state.guard.last_trip.clone().unwrap_or_default();
-        let snapshot = self.snapshot_json("recovered", &trip, &state);
+        let snapshot = self.snapshot("recovered", &trip, &state);
         self.event(HookEvent::Recovered, &trip, snapshot, &config)
     }
 
     fn escalate(&self, targets: &[Target]) -> Vec<HookContext> {
-        let config = self.app.config();
-        let result = self.app.update_state(|s, _, _| {
+        let config = self.control.config();
+        let result = self.control.update_state(|s, _, _| {
             s.guard.state = GuardState::Escalated;
             s.guard.since_ms = now_ms();
             s.guard.green_since_ms = None;
@@ -520,8 +504,7 @@ impl Engine {
                 return Vec::new();
             }
         };
-        self.app
-            .metrics
+        self.metrics
             .transitions
             .with_label_values(&["escalated"])
             .inc();
@@ -533,110 +516,8 @@ impl Engine {
         tracing::error!(failing = ?failing, deadline = ?config.recovery.deadline.0,
             "guard escalated: the exit targets were not met by recovery.deadline");
         let trip = state.guard.last_trip.clone().unwrap_or_default();
-        let snapshot = self.snapshot_json("escalated", &trip, &state);
+        let snapshot = self.snapshot("escalated", &trip, &state);
         self.event(HookEvent::Escalated, &trip, snapshot, &config)
-    }
-
-    /// Writes the event's snapshot and returns its hook context (when the hooks step is on).
-    fn event(
-        &self,
-        event: HookEvent,
-        trip: &Trip,
-        snapshot: serde_json::Value,
-        config: &config::Config,
-    ) -> Vec<HookContext> {
-        let name = event_name(event);
-        let mut snapshot = snapshot;
-        match write_snapshot(&config.state_dir, name, &trip.rule, now_ms(), &snapshot) {
-            Ok(id) => snapshot["id"] = id.into(),
-            Err(e) => tracing::error!(error = %e, "cannot write the {name} snapshot"),
-        }
-        if !config.rollback.steps.contains(&RollbackStep::Hooks) {
-            return Vec::new();
-        }
-        vec![self.hook_context(event, trip, snapshot, config)]
-    }
-
-    fn hook_context(
-        &self,
-        event: HookEvent,
-        trip: &Trip,
-        mut snapshot: serde_json::Value,
-        config: &config::Config,
-    ) -> HookContext {
-        let id = snapshot["id"]
-            .as_str()
-            .map(String::from)
-            .or(trip.snapshot.clone());
-        if let Some(id) = &id {
-            snapshot["id"] = id.as_str().into();
-        }
-        HookContext {
-            event,
-            rule: trip.rule.clone(),
-            arm: trip.arm.clone(),
-            snapshot_path: id.map(|id| snapshot_dir(&config.state_dir).join(format!("{id}.json"))),
-            snapshot,
-        }
-    }
-
-    /// Fires the hooks of an event on their own tasks; never waits for them.
-    pub fn fire(&self, ctx: HookContext) {
-        let hooks = self.app.config().rollback.hooks.clone();
-        if hooks.is_empty() {
-            return;
-        }
-        let runner = HookRunner::new(hooks, self.app.metrics.hook_runs.clone());
-        drop(runner.fire(Arc::new(ctx)));
-    }
-
-    /// Pins a baseline for a single-arm deployment from its current window (`POST /baseline`).
-    pub fn capture_baseline(&self, arm: Option<&str>) -> Result<PinnedBaseline, EngineError> {
-        let config = self.app.config();
-        let table = self.app.table();
-        if table.arms().len() > 1 {
-            let name = table
-                .baseline_index()
-                .map_or("", |i| table.arms()[i].name.as_str());
-            return Err(EngineError::Baseline(format!(
-                "with several arms the baseline is arm {name:?}'s concurrent window; nothing to pin"
-            )));
-        }
-        let index = match arm {
-            Some(name) => table
-                .index_of(name)
-                .ok_or_else(|| EngineError::UnknownArm(name.to_string()))?,
-            None => 0,
-        };
-        let arm = &table.arms()[index];
-        let summary = Summary::from_window(
-            &arm.stats
-                .window
-                .stats(Instant::now(), config.rules.window.0),
-        );
-        let min = config.rules.min_samples;
-        if summary.requests < min {
-            return Err(EngineError::Baseline(format!(
-                "arm {:?} has {} requests in the window; a baseline needs rules.min_samples ({min})",
-                arm.name, summary.requests
-            )));
-        }
-        let pinned = PinnedBaseline {
-            arm: arm.name.clone(),
-            captured_ms: now_ms(),
-            pins: arm.pins.map().clone(),
-            summary,
-        };
-        let copy = pinned.clone();
-        self.app
-            .update_state(move |s, _, _| s.guard.baseline = Some(copy))?;
-        tracing::info!(
-            arm = pinned.arm.as_str(),
-            requests = pinned.summary.requests,
-            evaluated = pinned.summary.evaluated,
-            "baseline pinned"
-        );
-        Ok(pinned)
     }
 
     /// The exit targets as last judged (for `/status`).
@@ -646,71 +527,6 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
-
-    /// The snapshot of SPEC §6: time, rule, observed value and threshold, every arm's pins and window,
-    /// the config hash, and the last ΔS and coverage samples.
-    fn snapshot_json(&self, event: &str, trip: &Trip, state: &RuntimeState) -> serde_json::Value {
-        let config = self.app.config();
-        let table = self.app.table();
-        let now = Instant::now();
-        let arms: Vec<serde_json::Value> = table
-            .arms()
-            .iter()
-            .zip(table.weights())
-            .map(|(arm, weight)| {
-                let window =
-                    Summary::from_window(&arm.stats.window.stats(now, config.rules.window.0));
-                let recent = arm.stats.recent();
-                serde_json::json!({
-                    "name": arm.name,
-                    "weight": weight,
-                    "baseline": arm.baseline,
-                    "pins": arm.pins.map(),
-                    "cache_ns": arm.cache_ns,
-                    "window": window.to_json(),
-                    "last_delta_s": recent.iter().map(|r| r.0).collect::<Vec<_>>(),
-                    "last_coverage": recent.iter().map(|r| r.1).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        serde_json::json!({
-            "event": event,
-            "time_ms": now_ms(),
-            "rule": trip.rule,
-            "arm": trip.arm,
-            "observed": trip.observed,
-            "threshold": trip.threshold,
-            "baseline_value": trip.baseline_value,
-            "p_value": trip.p_value,
-            "window_seconds": trip.window_seconds,
-            "reason": trip.reason,
-            "lever": trip.lever,
-            "state": state.guard.state.as_str(),
-            "config_hash": self.app.config_hash(),
-            "frozen": state.frozen,
-            "arms": arms,
-        })
-    }
-}
-
-/// What arm `i` is judged against: with several arms the baseline arm's concurrent window (the baseline
-/// judged against itself holds every exit target), with one arm its pinned baseline, if any.
-fn baseline_of<'a>(
-    table: &RoutingTable,
-    summaries: &'a [Summary],
-    state: &'a RuntimeState,
-    i: usize,
-) -> Option<&'a Summary> {
-    if table.arms().len() > 1 {
-        return table.baseline_index().map(|b| &summaries[b]);
-    }
-    let name = &table.arms()[i].name;
-    state
-        .guard
-        .baseline
-        .as_ref()
-        .filter(|p| &p.arm == name)
-        .map(|p| &p.summary)
 }
 
 /// The arm a manual trip is about: the first serving non-baseline arm, else the baseline.
@@ -726,101 +542,6 @@ fn default_arm(table: &RoutingTable) -> String {
         .unwrap_or_default()
 }
 
-/// Applies a lever to the state; returns what it did, in words.
-fn pull_lever(
-    lever: Lever,
-    s: &mut RuntimeState,
-    config: &config::Config,
-    table: &RoutingTable,
-    arm: &str,
-) -> String {
-    match lever {
-        Lever::Route => {
-            let Some(i) = table.index_of(arm) else {
-                return format!("no arm {arm:?}");
-            };
-            let weight = table.weights()[i];
-            let others: u64 = table
-                .weights()
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, w)| u64::from(*w))
-                .sum();
-            if table.arms().len() == 1 {
-                tracing::warn!(
-                    arm,
-                    "lever route: a single arm has nowhere to route to; left as is"
-                );
-                return "route: single arm, nothing to route to".into();
-            }
-            s.weights.insert(arm.to_string(), 0);
-            let mut action = format!("arm {arm} weight {weight} → 0");
-            if others == 0 {
-                // Blue/green: the active arm goes back to the previous one, the baseline.
-                let back = table
-                    .baseline_index()
-                    .filter(|b| *b != i)
-                    .or_else(|| (0..table.arms().len()).find(|j| *j != i));
-                if let Some(b) = back {
-                    let name = table.arms()[b].name.clone();
-                    action.push_str(&format!(", arm {name} weight 0 → {}", weight.max(1)));
-                    s.weights.insert(name, weight.max(1));
-                }
-            }
-            action
-        }
-        Lever::Alias => {
-            let base = table
-                .baseline_index()
-                .map(|b| table.arms()[b].pins.map().clone());
-            let mut put_back = BTreeMap::new();
-            for pin in ALIAS_PINS {
-                let value = config
-                    .rollback
-                    .alias
-                    .get(pin)
-                    .cloned()
-                    .or_else(|| base.as_ref().and_then(|p| p.get(pin).cloned()));
-                if let Some(v) = value {
-                    put_back.insert(pin.to_string(), v);
-                }
-            }
-            if put_back.is_empty() {
-                tracing::warn!(arm, "lever alias: no last good INDEX_ALIAS / INDEX_HASH in [rollback.alias] or the baseline");
-                return "alias: no last good values".into();
-            }
-            let action = format!("arm {arm} pins back to {put_back:?}");
-            s.pin_overrides.insert(arm.to_string(), put_back);
-            action
-        }
-        Lever::Flag => {
-            let flag = &config.rollback.flag;
-            if flag.is_empty() {
-                tracing::warn!("lever flag: rollback.flag is not set");
-                return "flag: rollback.flag not set".into();
-            }
-            s.flags.insert(flag.clone(), false);
-            format!("flag {flag} off")
-        }
-        Lever::Degrade => {
-            s.degrade = true;
-            format!("degrade on ({})", config.rollback.degrade)
-        }
-        Lever::None => "none".into(),
-    }
-}
-
-pub fn lever_name(lever: Lever) -> &'static str {
-    match lever {
-        Lever::Route => "route",
-        Lever::Alias => "alias",
-        Lever::Flag => "flag",
-        Lever::Degrade => "degrade",
-        Lever::None => "none",
-    }
-}
-
 fn verdict_name(v: Verdict) -> &'static str {
     match v {
         Verdict::Trip => "trip",
@@ -828,71 +549,4 @@ fn verdict_name(v: Verdict) -> &'static str {
         Verdict::NotSignificant => "not_significant",
         Verdict::Warn => "warn",
     }
-}
-
-pub fn snapshot_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("snapshots")
-}
-
-/// Writes a snapshot durably as `state_dir/snapshots/<id>.json`; returns its id.
-fn write_snapshot(
-    state_dir: &Path,
-    event: &str,
-    rule: &str,
-    at_ms: u64,
-    snapshot: &serde_json::Value,
-) -> std::io::Result<String> {
-    use std::io::Write;
-    let dir = snapshot_dir(state_dir);
-    std::fs::create_dir_all(&dir)?;
-    let safe_rule: String = rule
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(40)
-        .collect();
-    let id = format!("{at_ms}-{event}-{safe_rule}");
-    let mut doc = snapshot.clone();
-    doc["id"] = id.as_str().into();
-    let tmp = dir.join(format!("{id}.json.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(&doc).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(format!("{id}.json")))?;
-    Ok(id)
-}
-
-/// Snapshot ids, newest first (`GET /snapshots`).
-pub fn list_snapshots(state_dir: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(snapshot_dir(state_dir)) else {
-        return Vec::new();
-    };
-    let mut ids: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".json"))
-                .map(String::from)
-        })
-        .collect();
-    ids.sort_by(|a, b| b.cmp(a));
-    ids
-}
-
-/// One snapshot's JSON text (`GET /snapshots/<id>`); ids are checked so no path escapes the folder.
-pub fn read_snapshot(state_dir: &Path, id: &str) -> Option<String> {
-    if id.is_empty()
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return None;
-    }
-    std::fs::read_to_string(snapshot_dir(state_dir).join(format!("{id}.json"))).ok()
 }

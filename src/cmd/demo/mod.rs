@@ -312,7 +312,7 @@ async fn demo_in(dir: &Path, options: &Options) -> Result<Outcome, DemoError> {
         }
         let snap = Snapshot::take(&counts);
         let status = crate::admin::status::app(&running.app);
-        let state = running.app.runtime_state();
+        let state = running.engine.control().runtime_state();
         if state.guard.state != guard {
             match (&trip, state.guard.state, &state.guard.last_trip) {
                 (None, GuardState::Tripped, Some(t)) => {
@@ -361,7 +361,7 @@ async fn demo_in(dir: &Path, options: &Options) -> Result<Outcome, DemoError> {
         first_bad_ms: canary.first_bad_ms.load(Ordering::Relaxed),
         at_trip: at_trip.as_ref(),
         end: &Snapshot::take(&counts),
-        guard: running.app.runtime_state().guard.state,
+        guard: running.engine.control().runtime_state().guard.state,
         state_dir: &dir,
         admin: &admin,
         interrupted,

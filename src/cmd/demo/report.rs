@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::{load, Outcome};
-use crate::rollback::engine::snapshot_dir;
+use crate::rollback::snapshot::snapshot_dir;
 use crate::rollback::state::{GuardState, Trip};
 
 /// The load generator's counts at one moment.
