@@ -5,8 +5,8 @@
 //! fingerprint gets 409 with a diff, and a request arriving while the first is still in flight waits for
 //! it (single-flight) and then replays.
 //!
-//! Where it sits: `proxy::forward` reads the body, hashes it and asks [`Fence::admit`] for a
-//! [`Decision`]. A [`Lead`] goes on to the upstream; once the response head is back it becomes a
+//! Where it sits: the request path's fence step ([`step::admit`]) reads the body, hashes it and asks
+//! [`Fence::admit`] for a [`FenceOutcome`]. A [`Lead`] goes on to the upstream; once the response head is back it becomes a
 //! [`Recording`] that copies the body as it streams to the client and stores the receipt when the body
 //! ends. Dropping a `Lead` before that (upstream unreachable or timed out, client gone before the head,
 //! the write frozen, over budget, breaker open) releases the key: nothing ran, so a waiter takes the lead.
@@ -29,7 +29,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use prometheus::IntCounter;
-use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -37,6 +36,14 @@ use tokio::sync::watch;
 use crate::capture::Capture;
 use crate::config::{ReceiptStore, Writes};
 use crate::telemetry::metrics::Metrics;
+
+mod embedded;
+mod redis;
+pub mod step;
+
+pub use embedded::Embedded;
+pub use redis::RedisStore;
+pub use step::FenceAnswer;
 
 /// Values of the `decision` label of `driftguard_idempotency_total`.
 pub const DECISIONS: [&str; 4] = ["new", "replay", "conflict", "wait"];
@@ -60,7 +67,7 @@ pub const PURGE_EVERY: Duration = Duration::from_secs(60);
 
 /// Response headers never stored in a receipt: they belong to one exchange, not to its result.
 const PER_EXCHANGE: [HeaderName; 4] = [
-    crate::serve::handle::X_REQUEST_ID,
+    super::X_REQUEST_ID,
     http::header::CONTENT_LENGTH,
     http::header::TRANSFER_ENCODING,
     http::header::DATE,
@@ -94,7 +101,7 @@ pub enum FenceError {
     #[error("receipt store {path}: {detail}")]
     Embedded { path: String, detail: String },
     #[error("receipt store redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[from] ::redis::RedisError),
     #[error("receipt store redis: no answer within {0:?}")]
     RedisTimeout(Duration),
     #[error("receipt store: {0}")]
@@ -214,10 +221,10 @@ impl Receipt {
 
 use crate::clock::now_ms;
 
-// === Decision ===
+// === FenceOutcome ===
 
 /// What to do with a keyed write.
-pub enum Decision {
+pub enum FenceOutcome {
     /// Execute it upstream; the receipt is recorded from the response.
     Lead(Lead),
     /// Answer with the receipt; the upstream is not called.
@@ -300,7 +307,7 @@ impl Fence {
         request: Fingerprint,
         deadline: tokio::time::Instant,
         lease: Duration,
-    ) -> Decision {
+    ) -> FenceOutcome {
         let mut waited = false;
         loop {
             let (flight, ours) = {
@@ -321,7 +328,7 @@ impl Fence {
             if !ours {
                 if flight.request != request {
                     self.count("conflict");
-                    return Decision::Conflict(flight.request.diff(&request));
+                    return FenceOutcome::Conflict(flight.request.diff(&request));
                 }
                 if !waited {
                     waited = true;
@@ -334,7 +341,7 @@ impl Fence {
                 )
                 .await;
                 match outcome {
-                    Err(_) => return Decision::StillInFlight,
+                    Err(_) => return FenceOutcome::StillInFlight,
                     Ok(Ok(state)) => {
                         if let FlightState::Done(receipt) = state.clone() {
                             return self.replay(receipt, &request);
@@ -371,7 +378,7 @@ impl Fence {
                             );
                             tokio::spawn(renew);
                         }
-                        return Decision::Lead(lead);
+                        return FenceOutcome::Lead(lead);
                     }
                     Ok(Claim::Pending) => {
                         if !waited {
@@ -379,27 +386,27 @@ impl Fence {
                             self.count("wait");
                         }
                         if tokio::time::Instant::now() + REDIS_POLL > deadline {
-                            return Decision::StillInFlight;
+                            return FenceOutcome::StillInFlight;
                         }
                         tokio::time::sleep(REDIS_POLL).await;
                     }
                     Err(e) => {
                         self.store_errors.inc();
                         tracing::error!(error = %e, "idempotency receipt store unavailable; refusing the keyed write");
-                        return Decision::Unavailable(e);
+                        return FenceOutcome::Unavailable(e);
                     }
                 }
             }
         }
     }
 
-    fn replay(&self, receipt: Arc<Receipt>, request: &Fingerprint) -> Decision {
+    fn replay(&self, receipt: Arc<Receipt>, request: &Fingerprint) -> FenceOutcome {
         if receipt.request == *request {
             self.count("replay");
-            Decision::Replay(receipt)
+            FenceOutcome::Replay(receipt)
         } else {
             self.count("conflict");
-            Decision::Conflict(receipt.request.diff(request))
+            FenceOutcome::Conflict(receipt.request.diff(request))
         }
     }
 
@@ -602,284 +609,6 @@ impl Drop for Recording {
                 ttl: self.ttl,
             };
             recording.finish(false);
-        }
-    }
-}
-
-// === impl Embedded ===
-
-const RECEIPTS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("receipts");
-
-/// Receipts in a redb file; every commit is durable before the waiters hear of it.
-pub struct Embedded {
-    db: redb::Database,
-    path: String,
-}
-
-impl Embedded {
-    pub fn open(path: &Path) -> Result<Embedded, FenceError> {
-        let shown = path.display().to_string();
-        let fail = |detail: String| FenceError::Embedded {
-            path: shown.clone(),
-            detail,
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-        }
-        let db = redb::Database::create(path).map_err(|e| fail(e.to_string()))?;
-        let store = Embedded {
-            db,
-            path: shown.clone(),
-        };
-        // Create the table up front so a read never meets a missing table.
-        store.write(|table| {
-            let _ = table;
-            Ok(())
-        })?;
-        Ok(store)
-    }
-
-    fn fail(&self, e: impl std::fmt::Display) -> FenceError {
-        FenceError::Embedded {
-            path: self.path.clone(),
-            detail: e.to_string(),
-        }
-    }
-
-    fn write<T>(
-        &self,
-        f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<T, FenceError>,
-    ) -> Result<T, FenceError> {
-        let tx = self.db.begin_write().map_err(|e| self.fail(e))?;
-        let out = {
-            let mut table = tx.open_table(RECEIPTS).map_err(|e| self.fail(e))?;
-            f(&mut table)?
-        };
-        tx.commit().map_err(|e| self.fail(e))?;
-        Ok(out)
-    }
-
-    /// The live receipt of `key`; an expired one is as none (the purge deletes it later).
-    pub fn get(&self, key: &str, now_ms: u64) -> Result<Option<Receipt>, FenceError> {
-        let tx = self.db.begin_read().map_err(|e| self.fail(e))?;
-        let table = tx.open_table(RECEIPTS).map_err(|e| self.fail(e))?;
-        let Some(value) = table.get(key).map_err(|e| self.fail(e))? else {
-            return Ok(None);
-        };
-        let bytes = value.value();
-        if Receipt::expires_of(bytes).is_none_or(|at| at <= now_ms) {
-            return Ok(None);
-        }
-        match Receipt::decode(bytes) {
-            Some(r) => Ok(Some(r)),
-            None => {
-                tracing::error!(
-                    key,
-                    "unreadable idempotency receipt; treating the key as new"
-                );
-                Ok(None)
-            }
-        }
-    }
-
-    /// Stores a receipt durably. Returns whether the key already had a live receipt (a duplicate effect).
-    pub fn put(&self, key: &str, bytes: &[u8], now_ms: u64) -> Result<bool, FenceError> {
-        self.write(|table| {
-            let live = table
-                .get(key)
-                .map_err(|e| self.fail(e))?
-                .and_then(|v| Receipt::expires_of(v.value()))
-                .is_some_and(|at| at > now_ms);
-            table.insert(key, bytes).map_err(|e| self.fail(e))?;
-            Ok(live)
-        })
-    }
-
-    /// Deletes the receipts expired by `now_ms`.
-    pub fn purge(&self, now_ms: u64) -> Result<usize, FenceError> {
-        self.write(|table| {
-            let removed = table
-                .extract_if(|_, v| Receipt::expires_of(v).is_none_or(|at| at <= now_ms))
-                .map_err(|e| self.fail(e))?
-                .count();
-            Ok(removed)
-        })
-    }
-}
-
-// === impl RedisStore ===
-
-/// Receipts in Redis under `driftguard:receipt:<key>` (PX = ttl), plus `driftguard:pending:<key>` while
-/// a replica executes the key (PX = lease, renewed every half lease while it runs, so a replica that
-/// dies frees the key within a lease).
-#[derive(Clone)]
-pub struct RedisStore {
-    client: redis::Client,
-    conn: Arc<tokio::sync::OnceCell<redis::aio::ConnectionManager>>,
-}
-
-const RECEIPT_PREFIX: &str = "driftguard:receipt:";
-const PENDING_PREFIX: &str = "driftguard:pending:";
-/// Bound of one Redis round trip (and of connecting).
-const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The receipt if there is one, else the pending marker if free: `{1, receipt}`, `{2, ""}` (lead) or
-/// `{3, ""}` (pending elsewhere).
-const CLAIM: &str = r#"
-local r = redis.call('GET', KEYS[1])
-if r then return {1, r} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end
-return {3, ''}
-"#;
-
-/// Stores the receipt and clears this holder's pending marker; returns 1 if a receipt was already there.
-const PUT: &str = r#"
-local dup = redis.call('EXISTS', KEYS[1])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
-return dup
-"#;
-
-/// Extends this holder's pending marker.
-const RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"#;
-
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
-
-impl RedisStore {
-    pub fn new(url: &str) -> Result<RedisStore, FenceError> {
-        Ok(RedisStore {
-            client: redis::Client::open(url)?,
-            conn: Arc::new(tokio::sync::OnceCell::new()),
-        })
-    }
-
-    async fn conn(&self) -> Result<redis::aio::ConnectionManager, FenceError> {
-        let conn = self
-            .conn
-            .get_or_try_init(|| async {
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(REDIS_TIMEOUT))
-                    .set_response_timeout(Some(REDIS_TIMEOUT))
-                    .set_number_of_retries(1);
-                tokio::time::timeout(
-                    REDIS_TIMEOUT,
-                    redis::aio::ConnectionManager::new_with_config(self.client.clone(), config),
-                )
-                .await
-                .map_err(|_| FenceError::RedisTimeout(REDIS_TIMEOUT))?
-                .map_err(FenceError::from)
-            })
-            .await?;
-        Ok(conn.clone())
-    }
-
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        script: &str,
-        keys: &[Vec<u8>],
-        args: &[Vec<u8>],
-    ) -> Result<T, FenceError> {
-        let mut conn = self.conn().await?;
-        let script = redis::Script::new(script);
-        let mut invocation = script.prepare_invoke();
-        for k in keys {
-            invocation.key(k.as_slice());
-        }
-        for a in args {
-            invocation.arg(a.as_slice());
-        }
-        tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
-            .await
-            .map_err(|_| FenceError::RedisTimeout(REDIS_TIMEOUT))?
-            .map_err(FenceError::from)
-    }
-
-    fn keys(key: &str) -> Vec<Vec<u8>> {
-        vec![
-            format!("{RECEIPT_PREFIX}{key}").into_bytes(),
-            format!("{PENDING_PREFIX}{key}").into_bytes(),
-        ]
-    }
-
-    async fn claim(&self, key: &str, token: &str, lease: Duration) -> Result<Claim, FenceError> {
-        let (kind, bytes): (i64, Vec<u8>) = self
-            .run(
-                CLAIM,
-                &Self::keys(key),
-                &[
-                    token.as_bytes().to_vec(),
-                    lease.as_millis().max(1).to_string().into_bytes(),
-                ],
-            )
-            .await?;
-        Ok(match kind {
-            // Redis expires receipts itself (PX), so replicas' clocks need not agree on `expires_ms`.
-            1 => match Receipt::decode(&bytes) {
-                Some(r) => Claim::Receipt(r),
-                None => return Err(FenceError::Unreadable(format!("{RECEIPT_PREFIX}{key}"))),
-            },
-            2 => Claim::Lead,
-            _ => Claim::Pending,
-        })
-    }
-
-    async fn put(&self, key: &str, token: &str, receipt: &Receipt) -> Result<bool, FenceError> {
-        let ttl = receipt.expires_ms.saturating_sub(now_ms()).max(1);
-        let dup: i64 = self
-            .run(
-                PUT,
-                &Self::keys(key),
-                &[
-                    receipt.encode(),
-                    ttl.to_string().into_bytes(),
-                    token.as_bytes().to_vec(),
-                ],
-            )
-            .await?;
-        Ok(dup == 1)
-    }
-
-    /// Keeps the pending marker alive while this process executes the key (a response may stream for
-    /// longer than the lease), until the flight ends.
-    async fn renew(
-        self,
-        key: String,
-        token: String,
-        lease: Duration,
-        mut flight: watch::Receiver<FlightState>,
-    ) {
-        let keys = Self::keys(&key);
-        let every = (lease / 2).max(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = flight.wait_for(|s| !matches!(s, FlightState::Running)) => return,
-            }
-            let args = [
-                token.as_bytes().to_vec(),
-                lease.as_millis().max(1).to_string().into_bytes(),
-            ];
-            let renewed: Result<i64, FenceError> = self.run(RENEW, &keys[1..], &args).await;
-            if !matches!(renewed, Ok(1)) {
-                tracing::warn!(key, "cannot renew the pending marker; another replica may execute the key once its lease runs out");
-                return;
-            }
-        }
-    }
-
-    async fn release(&self, key: &str, token: &str) {
-        let keys = Self::keys(key);
-        let result: Result<i64, FenceError> = self
-            .run(RELEASE, &keys[1..], &[token.as_bytes().to_vec()])
-            .await;
-        if let Err(e) = result {
-            tracing::warn!(key, error = %e, "cannot clear the pending marker; other replicas wait for its lease");
         }
     }
 }

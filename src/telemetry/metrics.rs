@@ -28,80 +28,6 @@ pub const QUANTILES: [(f64, &str); 3] = [(0.5, "0.5"), (0.95, "0.95"), (0.99, "0
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// Why the proxy answered a request itself; the `kind` label of `driftguard_proxy_errors_total` and the
-/// `error` field of the JSON error body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyError {
-    /// Upstream refused or reset the connection, or failed before a response: 502.
-    UpstreamUnreachable,
-    /// Upstream did not connect or answer in time: 504.
-    UpstreamTimeout,
-    /// Strict pins: the client's pins differ: 409.
-    PinMismatch,
-    /// No arm has a weight above 0: 503.
-    NoUpstream,
-    /// The client went away while its request was in flight (its upload broke off): 499, not counted
-    /// against the arm's upstream.
-    ClientClosed,
-    /// A write while writes are frozen: 503.
-    WritesFrozen,
-    /// The arm's circuit breaker is open: 503 with `x-driftguard-breaker: open`.
-    BreakerOpen,
-    /// Refused by the token budget: 429.
-    OverBudget,
-    /// A write without an idempotency key while `writes.require_key` is set: 400.
-    IdempotencyKeyRequired,
-    /// An idempotency key that is empty, not visible ASCII, or too long: 400.
-    IdempotencyKeyInvalid,
-    /// A fenced write whose body is above `writes.max_body_bytes`: 413.
-    BodyTooLarge,
-    /// The key's receipt (or its execution in flight) is for another request, or the first request
-    /// with the key is still in flight when this one's wait runs out: 409.
-    IdempotencyConflict,
-    /// The receipt store cannot be reached: a fenced write is refused rather than run unfenced: 503.
-    ReceiptStoreUnavailable,
-    /// The budget's Redis fails and `budget.on_backend_error = "closed"`: 503.
-    BudgetUnavailable,
-}
-
-impl ProxyError {
-    pub const ALL: [ProxyError; 14] = [
-        ProxyError::ClientClosed,
-        ProxyError::WritesFrozen,
-        ProxyError::BreakerOpen,
-        ProxyError::OverBudget,
-        ProxyError::BudgetUnavailable,
-        ProxyError::UpstreamUnreachable,
-        ProxyError::UpstreamTimeout,
-        ProxyError::PinMismatch,
-        ProxyError::NoUpstream,
-        ProxyError::IdempotencyKeyRequired,
-        ProxyError::IdempotencyKeyInvalid,
-        ProxyError::BodyTooLarge,
-        ProxyError::IdempotencyConflict,
-        ProxyError::ReceiptStoreUnavailable,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProxyError::UpstreamUnreachable => "upstream_unreachable",
-            ProxyError::UpstreamTimeout => "upstream_timeout",
-            ProxyError::PinMismatch => "pin_mismatch",
-            ProxyError::NoUpstream => "no_upstream",
-            ProxyError::ClientClosed => "client_closed",
-            ProxyError::WritesFrozen => "writes_frozen",
-            ProxyError::BreakerOpen => "breaker_open",
-            ProxyError::OverBudget => "budget",
-            ProxyError::IdempotencyKeyRequired => "idempotency_key_required",
-            ProxyError::IdempotencyKeyInvalid => "idempotency_key_invalid",
-            ProxyError::BodyTooLarge => "body_too_large",
-            ProxyError::IdempotencyConflict => "idempotency_conflict",
-            ProxyError::ReceiptStoreUnavailable => "receipt_store_unavailable",
-            ProxyError::BudgetUnavailable => "budget_unavailable",
-        }
-    }
-}
-
 /// Process-wide metrics and the per-arm stats, keyed by arm name so they survive reloads.
 pub struct Metrics {
     registry: Registry,
@@ -290,9 +216,6 @@ impl Metrics {
             origin: Instant::now(),
             arms: Mutex::new(HashMap::new()),
         };
-        for kind in ProxyError::ALL {
-            m.proxy_errors.with_label_values(&[kind.as_str()]);
-        }
         for outcome in ["ok", "refused"] {
             m.reloads.with_label_values(&[outcome]);
         }
@@ -342,8 +265,17 @@ impl Metrics {
             .clone()
     }
 
-    pub fn proxy_error(&self, kind: ProxyError) {
-        self.proxy_errors.with_label_values(&[kind.as_str()]).inc();
+    /// Counts a response the proxy made itself; `kind` is the label (`serve::error::ProxyError`).
+    pub fn proxy_error(&self, kind: &'static str) {
+        self.proxy_errors.with_label_values(&[kind]).inc();
+    }
+
+    /// Creates the `driftguard_proxy_errors_total` series of every kind at 0, so they exist before the
+    /// first error; the request path passes its list of kinds.
+    pub fn register_proxy_errors(&self, kinds: &[&'static str]) {
+        for kind in kinds {
+            self.proxy_errors.with_label_values(&[kind]);
+        }
     }
 
     /// Clears the next window slot of every arm ahead of time; run every second or so.
@@ -626,8 +558,8 @@ impl ArmStats {
             .record(at, Hist::Latency, latency.as_micros() as u64);
     }
 
-    pub fn upstream_error(&self, at: Instant, kind: ProxyError) {
-        let counter = if kind == ProxyError::UpstreamTimeout {
+    pub fn upstream_error(&self, at: Instant, timeout: bool) {
+        let counter = if timeout {
             Counter::Timeouts
         } else {
             Counter::UpstreamErrors
