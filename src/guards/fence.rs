@@ -27,10 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, StatusCode};
 use prometheus::IntCounter;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::capture::Capture;
@@ -38,10 +36,12 @@ use crate::config::{ReceiptStore, Writes};
 use crate::telemetry::metrics::Metrics;
 
 mod embedded;
+mod receipt;
 mod redis;
 pub mod step;
 
 pub use embedded::Embedded;
+pub use receipt::{BodyHash, Fingerprint, Receipt};
 pub use redis::RedisStore;
 pub use step::FenceAnswer;
 
@@ -108,115 +108,6 @@ pub enum FenceError {
     Task(String),
     #[error("receipt store: unreadable receipt at {0}")]
     Unreadable(String),
-}
-
-/// What a keyed write is: its method, path (with query) and body hash. Same key, same fingerprint →
-/// replay; same key, another fingerprint → conflict.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Fingerprint {
-    pub method: String,
-    pub path: String,
-    /// Hex sha256 of the request body.
-    pub body_sha256: String,
-}
-
-impl Fingerprint {
-    /// The fields that differ, as `{"field": {"stored": .., "received": ..}}`; hashes shortened to 12
-    /// hex digits.
-    pub fn diff(&self, received: &Fingerprint) -> serde_json::Map<String, serde_json::Value> {
-        let mut diff = serde_json::Map::new();
-        let mut field = |name: &str, stored: &str, got: &str| {
-            if stored != got {
-                diff.insert(
-                    name.into(),
-                    serde_json::json!({"stored": stored, "received": got}),
-                );
-            }
-        };
-        field("method", &self.method, &received.method);
-        field("path", &self.path, &received.path);
-        let short = |h: &str| h.get(..12).unwrap_or(h).to_string();
-        field(
-            "body_sha256",
-            &short(&self.body_sha256),
-            &short(&received.body_sha256),
-        );
-        diff
-    }
-}
-
-/// Incremental sha256 of a request body.
-#[derive(Default)]
-pub struct BodyHash(Sha256);
-
-impl BodyHash {
-    pub fn update(&mut self, data: &[u8]) {
-        self.0.update(data);
-    }
-
-    pub fn finish(self) -> String {
-        hex::encode(self.0.finalize())
-    }
-}
-
-/// A stored result of a keyed write.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Receipt {
-    pub request: Fingerprint,
-    pub status: u16,
-    /// Response headers as the first client got them, minus the per-exchange ones.
-    pub headers: Vec<(String, String)>,
-    /// The body was longer than `writes.receipt_body_max`, or broke off: only status and headers replay.
-    pub body_omitted: bool,
-    /// Milliseconds since the Unix epoch.
-    pub created_ms: u64,
-    pub expires_ms: u64,
-    #[serde(skip)]
-    pub body: Bytes,
-}
-
-impl Receipt {
-    /// `[expires_ms: u64 BE][meta length: u32 BE][meta JSON][body]`: the expiry first so a purge need
-    /// not parse, the body raw so it costs no encoding.
-    pub fn encode(&self) -> Vec<u8> {
-        let meta = serde_json::to_vec(self).unwrap_or_default();
-        let mut out = Vec::with_capacity(12 + meta.len() + self.body.len());
-        out.extend_from_slice(&self.expires_ms.to_be_bytes());
-        out.extend_from_slice(&(meta.len() as u32).to_be_bytes());
-        out.extend_from_slice(&meta);
-        out.extend_from_slice(&self.body);
-        out
-    }
-
-    pub fn decode(bytes: &[u8]) -> Option<Receipt> {
-        let len = u32::from_be_bytes(bytes.get(8..12)?.try_into().ok()?) as usize;
-        let meta = bytes.get(12..12 + len)?;
-        let mut receipt: Receipt = serde_json::from_slice(meta).ok()?;
-        receipt.body = Bytes::copy_from_slice(bytes.get(12 + len..)?);
-        Some(receipt)
-    }
-
-    fn expires_of(bytes: &[u8]) -> Option<u64> {
-        Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
-    }
-
-    pub fn status(&self) -> StatusCode {
-        StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK)
-    }
-
-    /// The stored headers, back as a header map.
-    pub fn header_map(&self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.headers.len() + 3);
-        for (name, value) in &self.headers {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::try_from(name.as_str()),
-                HeaderValue::try_from(value.as_str()),
-            ) {
-                map.append(n, v);
-            }
-        }
-        map
-    }
 }
 
 use crate::clock::now_ms;
@@ -310,91 +201,107 @@ impl Fence {
     ) -> FenceOutcome {
         let mut waited = false;
         loop {
-            let (flight, ours) = {
-                let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-                match flights.get(key) {
-                    Some(flight) => (flight.clone(), false),
-                    None => {
-                        let (state, _) = watch::channel(FlightState::Running);
-                        let flight = Arc::new(Flight {
-                            request: request.clone(),
-                            state,
-                        });
-                        flights.insert(key.to_string(), flight.clone());
-                        (flight, true)
-                    }
-                }
-            };
-            if !ours {
-                if flight.request != request {
-                    self.count("conflict");
-                    return FenceOutcome::Conflict(flight.request.diff(&request));
-                }
-                if !waited {
-                    waited = true;
-                    self.count("wait");
-                }
-                let mut rx = flight.state.subscribe();
-                let outcome = tokio::time::timeout_at(
-                    deadline,
-                    rx.wait_for(|s| !matches!(s, FlightState::Running)),
-                )
-                .await;
-                match outcome {
-                    Err(_) => return FenceOutcome::StillInFlight,
-                    Ok(Ok(state)) => {
-                        if let FlightState::Done(receipt) = state.clone() {
-                            return self.replay(receipt, &request);
-                        }
-                    }
-                    // The lead went away without a word: as released.
-                    Ok(Err(_)) => {}
-                }
-                continue;
+            let (flight, ours) = self.join(key, &request);
+            if ours {
+                return self
+                    .execute(key, &flight, request, deadline, lease, waited)
+                    .await;
             }
-
-            // This request holds the key in this process; the store says whether it already ran.
-            let mut lead = Lead {
-                fence: self.clone(),
-                key: key.to_string(),
-                token: format!("{:032x}", fastrand::u128(..)),
-                settled: false,
-            };
-            loop {
-                match self.claim(&lead, lease).await {
-                    Ok(Claim::Receipt(receipt)) => {
-                        let receipt = Arc::new(receipt);
-                        lead.settle(FlightState::Done(receipt.clone()));
+            if flight.request != request {
+                self.count("conflict");
+                return FenceOutcome::Conflict(flight.request.diff(&request));
+            }
+            if !waited {
+                waited = true;
+                self.count("wait");
+            }
+            let mut rx = flight.state.subscribe();
+            let outcome = tokio::time::timeout_at(
+                deadline,
+                rx.wait_for(|s| !matches!(s, FlightState::Running)),
+            )
+            .await;
+            match outcome {
+                Err(_) => return FenceOutcome::StillInFlight,
+                Ok(Ok(state)) => {
+                    if let FlightState::Done(receipt) = state.clone() {
                         return self.replay(receipt, &request);
                     }
-                    Ok(Claim::Lead) => {
-                        self.count("new");
-                        if let Store::Redis(redis) = &self.store {
-                            let renew = redis.clone().renew(
-                                lead.key.clone(),
-                                lead.token.clone(),
-                                lease,
-                                flight.state.subscribe(),
-                            );
-                            tokio::spawn(renew);
-                        }
-                        return FenceOutcome::Lead(lead);
+                }
+                // The lead went away without a word: as released.
+                Ok(Err(_)) => {}
+            }
+        }
+    }
+
+    /// The key's flight in this process, and whether this request just started it (holds the key).
+    fn join(&self, key: &str, request: &Fingerprint) -> (Arc<Flight>, bool) {
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        match flights.get(key) {
+            Some(flight) => (flight.clone(), false),
+            None => {
+                let (state, _) = watch::channel(FlightState::Running);
+                let flight = Arc::new(Flight {
+                    request: request.clone(),
+                    state,
+                });
+                flights.insert(key.to_string(), flight.clone());
+                (flight, true)
+            }
+        }
+    }
+
+    /// This request holds the key in this process; the store says whether it already ran (a replay), or
+    /// runs elsewhere (Redis: poll until `deadline`), or is this request's to lead.
+    async fn execute(
+        self: &Arc<Self>,
+        key: &str,
+        flight: &Flight,
+        request: Fingerprint,
+        deadline: tokio::time::Instant,
+        lease: Duration,
+        mut waited: bool,
+    ) -> FenceOutcome {
+        let mut lead = Lead {
+            fence: self.clone(),
+            key: key.to_string(),
+            token: format!("{:032x}", fastrand::u128(..)),
+            settled: false,
+        };
+        loop {
+            match self.claim(&lead, lease).await {
+                Ok(Claim::Receipt(receipt)) => {
+                    let receipt = Arc::new(receipt);
+                    lead.settle(FlightState::Done(receipt.clone()));
+                    return self.replay(receipt, &request);
+                }
+                Ok(Claim::Lead) => {
+                    self.count("new");
+                    if let Store::Redis(redis) = &self.store {
+                        let renew = redis.clone().renew(
+                            lead.key.clone(),
+                            lead.token.clone(),
+                            lease,
+                            flight.state.subscribe(),
+                        );
+                        tokio::spawn(renew);
                     }
-                    Ok(Claim::Pending) => {
-                        if !waited {
-                            waited = true;
-                            self.count("wait");
-                        }
-                        if tokio::time::Instant::now() + REDIS_POLL > deadline {
-                            return FenceOutcome::StillInFlight;
-                        }
-                        tokio::time::sleep(REDIS_POLL).await;
+                    return FenceOutcome::Lead(lead);
+                }
+                Ok(Claim::Pending) => {
+                    if !waited {
+                        waited = true;
+                        self.count("wait");
                     }
-                    Err(e) => {
-                        self.store_errors.inc();
-                        tracing::error!(error = %e, "idempotency receipt store unavailable; refusing the keyed write");
-                        return FenceOutcome::Unavailable(e);
+                    if tokio::time::Instant::now() + REDIS_POLL > deadline {
+                        return FenceOutcome::StillInFlight;
                     }
+                    tokio::time::sleep(REDIS_POLL).await;
+                }
+                Err(e) => {
+                    self.store_errors.inc();
+                    tracing::error!(error = %e, "idempotency receipt store unavailable; refusing the keyed write");
+                    return FenceOutcome::Unavailable(e);
                 }
             }
         }

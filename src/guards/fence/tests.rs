@@ -1,4 +1,5 @@
 use super::*;
+use http::HeaderValue;
 
 fn fingerprint(body: &str) -> Fingerprint {
     let mut hash = BodyHash::default();
