@@ -1,15 +1,8 @@
-//! Tee: copies of the request and response bodies, capped at `signals.max_body_bytes`, taken while the
-//! bodies stream through (SPEC §1). The copy holds reference-counted slices of the frames that pass — no
-//! byte is copied until evaluation — and stops at the cap; the stream itself is never touched.
-
-use std::collections::VecDeque;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
+//! Capture: a capped copy of a body, taken while it streams through (SPEC §1) — the tee's request and
+//! response copies, a receipt's body, the usage tap. It holds reference-counted slices of the frames that
+//! pass — no byte is copied until it is read — and stops at the cap; the stream itself is never touched.
 
 use bytes::{Bytes, BytesMut};
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 /// Up to `cap` bytes of a body.
 #[derive(Debug, Default)]
@@ -95,105 +88,6 @@ impl Capture {
             buf.extend_from_slice(p);
         }
         buf.freeze()
-    }
-}
-
-/// Where a request body's copy lands once the body has been read, for the response side to pick up.
-pub type RequestSlot = Arc<Mutex<Option<Capture>>>;
-
-/// The client's request body on its way upstream, copied into a [`RequestSlot`] when sampled.
-pub struct RequestBody {
-    inner: Incoming,
-    tee: Option<(Capture, RequestSlot)>,
-    /// Frames read ahead of the stream (the budget's peek), sent first.
-    prefix: VecDeque<Frame<Bytes>>,
-}
-
-impl RequestBody {
-    pub fn plain(inner: Incoming) -> Self {
-        RequestBody {
-            inner,
-            tee: None,
-            prefix: VecDeque::new(),
-        }
-    }
-
-    /// A body whose copy (up to `cap`) is stored in `slot` when it ends or is dropped.
-    pub fn teed(inner: Incoming, cap: usize, slot: RequestSlot) -> Self {
-        RequestBody {
-            inner,
-            tee: Some((Capture::new(cap), slot)),
-            prefix: VecDeque::new(),
-        }
-    }
-
-    /// Sends `prefix` — frames already read from `inner` — before the rest of the stream.
-    pub fn with_prefix(mut self, prefix: VecDeque<Frame<Bytes>>) -> Self {
-        self.prefix = prefix;
-        self
-    }
-
-    fn store(&mut self, complete: bool) {
-        if let Some((mut capture, slot)) = self.tee.take() {
-            capture.incomplete |= !complete;
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(capture);
-        }
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        if let Some(frame) = this.prefix.pop_front() {
-            if let (Some((capture, _)), Some(data)) = (this.tee.as_mut(), frame.data_ref()) {
-                capture.push(data);
-            }
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        match &frame {
-            Some(Ok(f)) => {
-                if let (Some((capture, _)), Some(data)) = (this.tee.as_mut(), f.data_ref()) {
-                    capture.push(data);
-                }
-            }
-            Some(Err(_)) => this.store(false),
-            None => this.store(true),
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.prefix.is_empty() && self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let extra: u64 = self
-            .prefix
-            .iter()
-            .filter_map(|f| f.data_ref())
-            .map(|d| d.len() as u64)
-            .sum();
-        let inner = self.inner.size_hint();
-        let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower() + extra);
-        if let Some(upper) = inner.upper() {
-            hint.set_upper(upper + extra);
-        }
-        hint
-    }
-}
-
-impl Drop for RequestBody {
-    fn drop(&mut self) {
-        let complete = self.inner.is_end_stream();
-        self.store(complete);
     }
 }
 

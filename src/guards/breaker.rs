@@ -20,6 +20,10 @@ use arc_swap::ArcSwap;
 use crate::config;
 use crate::windows::Period;
 
+mod pick;
+
+pub use pick::{pick, BreakerOpen, HasBreaker, Picked};
+
 /// Buckets in the ring: the window slides in steps of `window / BUCKETS`, and an outcome counts for
 /// between 90 % and 100 % of `window` — never longer.
 const BUCKETS: usize = 10;
@@ -154,7 +158,7 @@ pub struct Counts {
 /// The answer to [`Breaker::admit`].
 #[derive(Debug)]
 #[must_use]
-pub enum Admission {
+pub enum BreakerAdmission {
     /// Send the request, then [`Ticket::complete`] with its outcome.
     Allowed(Ticket),
     /// Fail fast (503); the client may retry after `retry_after`.
@@ -211,12 +215,12 @@ impl Breaker {
 
     /// Whether a request may go to the arm now. Open, it fails fast; once `open_for` has passed, the
     /// first requests become probes.
-    pub fn admit(&self, now: Instant) -> Admission {
+    pub fn admit(&self, now: Instant) -> BreakerAdmission {
         let phase = self.inner.phase();
         match phase.state {
-            State::Closed => Admission::Allowed(self.inner.ticket(phase, false)),
+            State::Closed => BreakerAdmission::Allowed(self.inner.ticket(phase, false)),
             State::Open => match self.inner.open_remaining(now) {
-                Some(retry_after) => Admission::Rejected { retry_after },
+                Some(retry_after) => BreakerAdmission::Rejected { retry_after },
                 None => self.admit_probe(now),
             },
             State::HalfOpen => self.admit_probe(now),
@@ -242,22 +246,22 @@ impl Breaker {
             .counts(self.inner.since_origin(now))
     }
 
-    fn admit_probe(&self, now: Instant) -> Admission {
+    fn admit_probe(&self, now: Instant) -> BreakerAdmission {
         let inner = &self.inner;
         let mut probes = inner.lock();
         let phase = inner.half_open_if_due(&mut probes, now);
         match phase.state {
             // Another request closed it since the lock-free look.
-            State::Closed => Admission::Allowed(inner.ticket(phase, false)),
-            State::Open => Admission::Rejected {
+            State::Closed => BreakerAdmission::Allowed(inner.ticket(phase, false)),
+            State::Open => BreakerAdmission::Rejected {
                 retry_after: inner.open_remaining(now).unwrap_or_default(),
             },
             State::HalfOpen => {
                 if probes.in_flight < inner.live.load().settings.probes() {
                     probes.in_flight += 1;
-                    Admission::Allowed(inner.ticket(phase, true))
+                    BreakerAdmission::Allowed(inner.ticket(phase, true))
                 } else {
-                    Admission::Rejected {
+                    BreakerAdmission::Rejected {
                         retry_after: HALF_OPEN_RETRY_AFTER,
                     }
                 }

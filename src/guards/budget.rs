@@ -118,9 +118,17 @@ impl Params {
     }
 }
 
+/// What the request path reads of `[budget]` to price a request: how many body bytes to read ahead, and
+/// the completion tokens to reserve when the request names none. Held by the routing table's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct BudgetPeek {
+    pub peek_bytes: usize,
+    pub default_completion_tokens: u64,
+}
+
 /// Outcome of [`LocalBudget::admit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
+pub enum BudgetAdmission {
     /// The tokens are reserved; reconcile them with the reported usage when the response completes.
     Admitted(Reservation),
     /// Not enough budget now; after `retry_after` the same request would fit (if nothing else is admitted
@@ -186,10 +194,10 @@ impl LocalBudget {
     /// Reserves `tokens` at `now` if the budget allows it (GCRA, see the module doc). Refusals change
     /// nothing. `OverBudget.retry_after` is exact to the nanosecond: at `now + retry_after` the same request
     /// fits if nothing else was admitted meanwhile.
-    pub fn admit(&self, tokens: u64, now: Instant) -> Admission {
+    pub fn admit(&self, tokens: u64, now: Instant) -> BudgetAdmission {
         let p = **self.params.load();
         if tokens > p.settings.burst {
-            return Admission::TooLarge {
+            return BudgetAdmission::TooLarge {
                 tokens,
                 burst: p.settings.burst,
             };
@@ -202,7 +210,7 @@ impl LocalBudget {
             // How far ahead of `now` the TAT would run; the request fits iff that is within the tolerance.
             let ahead = new_tat - now_ns;
             if ahead > p.tolerance_ns {
-                return Admission::OverBudget {
+                return BudgetAdmission::OverBudget {
                     retry_after: Duration::from_nanos(ahead - p.tolerance_ns),
                 };
             }
@@ -210,7 +218,7 @@ impl LocalBudget {
                 .tat
                 .compare_exchange_weak(tat, new_tat, Relaxed, Relaxed)
             {
-                Ok(_) => return Admission::Admitted(Reservation { tokens }),
+                Ok(_) => return BudgetAdmission::Admitted(Reservation { tokens }),
                 Err(current) => tat = current,
             }
         }
@@ -285,7 +293,7 @@ impl Budget {
 
     /// Reserves `tokens` (see [`LocalBudget::admit`]; the Redis backend uses the server's clock instead
     /// of `now`). Only the Redis backend can fail, with what `budget.on_backend_error` says to do.
-    pub async fn admit(&self, tokens: u64, now: Instant) -> Result<Admission, BackendDown> {
+    pub async fn admit(&self, tokens: u64, now: Instant) -> Result<BudgetAdmission, BackendDown> {
         match self {
             Budget::Local(b) => Ok(b.admit(tokens, now)),
             Budget::Redis(b) => b.admit(tokens).await,

@@ -5,8 +5,8 @@
 //! fingerprint gets 409 with a diff, and a request arriving while the first is still in flight waits for
 //! it (single-flight) and then replays.
 //!
-//! Where it sits: `proxy::forward` reads the body, hashes it and asks [`Fence::admit`] for a
-//! [`Decision`]. A [`Lead`] goes on to the upstream; once the response head is back it becomes a
+//! Where it sits: the request path's fence step ([`step::admit`]) reads the body, hashes it and asks
+//! [`Fence::admit`] for a [`FenceOutcome`]. A [`Lead`] goes on to the upstream; once the response head is back it becomes a
 //! [`Recording`] that copies the body as it streams to the client and stores the receipt when the body
 //! ends. Dropping a `Lead` before that (upstream unreachable or timed out, client gone before the head,
 //! the write frozen, over budget, breaker open) releases the key: nothing ran, so a waiter takes the lead.
@@ -27,16 +27,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, StatusCode};
 use prometheus::IntCounter;
-use redb::ReadableTable;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::capture::Capture;
 use crate::config::{ReceiptStore, Writes};
 use crate::telemetry::metrics::Metrics;
+
+mod embedded;
+mod receipt;
+mod redis;
+pub mod step;
+
+pub use embedded::Embedded;
+pub use receipt::{BodyHash, Fingerprint, Receipt};
+pub use redis::RedisStore;
+pub use step::FenceAnswer;
 
 /// Values of the `decision` label of `driftguard_idempotency_total`.
 pub const DECISIONS: [&str; 4] = ["new", "replay", "conflict", "wait"];
@@ -60,7 +67,7 @@ pub const PURGE_EVERY: Duration = Duration::from_secs(60);
 
 /// Response headers never stored in a receipt: they belong to one exchange, not to its result.
 const PER_EXCHANGE: [HeaderName; 4] = [
-    crate::serve::handle::X_REQUEST_ID,
+    super::X_REQUEST_ID,
     http::header::CONTENT_LENGTH,
     http::header::TRANSFER_ENCODING,
     http::header::DATE,
@@ -94,7 +101,7 @@ pub enum FenceError {
     #[error("receipt store {path}: {detail}")]
     Embedded { path: String, detail: String },
     #[error("receipt store redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[from] ::redis::RedisError),
     #[error("receipt store redis: no answer within {0:?}")]
     RedisTimeout(Duration),
     #[error("receipt store: {0}")]
@@ -103,121 +110,12 @@ pub enum FenceError {
     Unreadable(String),
 }
 
-/// What a keyed write is: its method, path (with query) and body hash. Same key, same fingerprint →
-/// replay; same key, another fingerprint → conflict.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Fingerprint {
-    pub method: String,
-    pub path: String,
-    /// Hex sha256 of the request body.
-    pub body_sha256: String,
-}
-
-impl Fingerprint {
-    /// The fields that differ, as `{"field": {"stored": .., "received": ..}}`; hashes shortened to 12
-    /// hex digits.
-    pub fn diff(&self, received: &Fingerprint) -> serde_json::Map<String, serde_json::Value> {
-        let mut diff = serde_json::Map::new();
-        let mut field = |name: &str, stored: &str, got: &str| {
-            if stored != got {
-                diff.insert(
-                    name.into(),
-                    serde_json::json!({"stored": stored, "received": got}),
-                );
-            }
-        };
-        field("method", &self.method, &received.method);
-        field("path", &self.path, &received.path);
-        let short = |h: &str| h.get(..12).unwrap_or(h).to_string();
-        field(
-            "body_sha256",
-            &short(&self.body_sha256),
-            &short(&received.body_sha256),
-        );
-        diff
-    }
-}
-
-/// Incremental sha256 of a request body.
-#[derive(Default)]
-pub struct BodyHash(Sha256);
-
-impl BodyHash {
-    pub fn update(&mut self, data: &[u8]) {
-        self.0.update(data);
-    }
-
-    pub fn finish(self) -> String {
-        hex::encode(self.0.finalize())
-    }
-}
-
-/// A stored result of a keyed write.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Receipt {
-    pub request: Fingerprint,
-    pub status: u16,
-    /// Response headers as the first client got them, minus the per-exchange ones.
-    pub headers: Vec<(String, String)>,
-    /// The body was longer than `writes.receipt_body_max`, or broke off: only status and headers replay.
-    pub body_omitted: bool,
-    /// Milliseconds since the Unix epoch.
-    pub created_ms: u64,
-    pub expires_ms: u64,
-    #[serde(skip)]
-    pub body: Bytes,
-}
-
-impl Receipt {
-    /// `[expires_ms: u64 BE][meta length: u32 BE][meta JSON][body]`: the expiry first so a purge need
-    /// not parse, the body raw so it costs no encoding.
-    pub fn encode(&self) -> Vec<u8> {
-        let meta = serde_json::to_vec(self).unwrap_or_default();
-        let mut out = Vec::with_capacity(12 + meta.len() + self.body.len());
-        out.extend_from_slice(&self.expires_ms.to_be_bytes());
-        out.extend_from_slice(&(meta.len() as u32).to_be_bytes());
-        out.extend_from_slice(&meta);
-        out.extend_from_slice(&self.body);
-        out
-    }
-
-    pub fn decode(bytes: &[u8]) -> Option<Receipt> {
-        let len = u32::from_be_bytes(bytes.get(8..12)?.try_into().ok()?) as usize;
-        let meta = bytes.get(12..12 + len)?;
-        let mut receipt: Receipt = serde_json::from_slice(meta).ok()?;
-        receipt.body = Bytes::copy_from_slice(bytes.get(12 + len..)?);
-        Some(receipt)
-    }
-
-    fn expires_of(bytes: &[u8]) -> Option<u64> {
-        Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
-    }
-
-    pub fn status(&self) -> StatusCode {
-        StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK)
-    }
-
-    /// The stored headers, back as a header map.
-    pub fn header_map(&self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.headers.len() + 3);
-        for (name, value) in &self.headers {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::try_from(name.as_str()),
-                HeaderValue::try_from(value.as_str()),
-            ) {
-                map.append(n, v);
-            }
-        }
-        map
-    }
-}
-
 use crate::clock::now_ms;
 
-// === Decision ===
+// === FenceOutcome ===
 
 /// What to do with a keyed write.
-pub enum Decision {
+pub enum FenceOutcome {
     /// Execute it upstream; the receipt is recorded from the response.
     Lead(Lead),
     /// Answer with the receipt; the upstream is not called.
@@ -300,106 +198,122 @@ impl Fence {
         request: Fingerprint,
         deadline: tokio::time::Instant,
         lease: Duration,
-    ) -> Decision {
+    ) -> FenceOutcome {
         let mut waited = false;
         loop {
-            let (flight, ours) = {
-                let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-                match flights.get(key) {
-                    Some(flight) => (flight.clone(), false),
-                    None => {
-                        let (state, _) = watch::channel(FlightState::Running);
-                        let flight = Arc::new(Flight {
-                            request: request.clone(),
-                            state,
-                        });
-                        flights.insert(key.to_string(), flight.clone());
-                        (flight, true)
-                    }
-                }
-            };
-            if !ours {
-                if flight.request != request {
-                    self.count("conflict");
-                    return Decision::Conflict(flight.request.diff(&request));
-                }
-                if !waited {
-                    waited = true;
-                    self.count("wait");
-                }
-                let mut rx = flight.state.subscribe();
-                let outcome = tokio::time::timeout_at(
-                    deadline,
-                    rx.wait_for(|s| !matches!(s, FlightState::Running)),
-                )
-                .await;
-                match outcome {
-                    Err(_) => return Decision::StillInFlight,
-                    Ok(Ok(state)) => {
-                        if let FlightState::Done(receipt) = state.clone() {
-                            return self.replay(receipt, &request);
-                        }
-                    }
-                    // The lead went away without a word: as released.
-                    Ok(Err(_)) => {}
-                }
-                continue;
+            let (flight, ours) = self.join(key, &request);
+            if ours {
+                return self
+                    .execute(key, &flight, request, deadline, lease, waited)
+                    .await;
             }
-
-            // This request holds the key in this process; the store says whether it already ran.
-            let mut lead = Lead {
-                fence: self.clone(),
-                key: key.to_string(),
-                token: format!("{:032x}", fastrand::u128(..)),
-                settled: false,
-            };
-            loop {
-                match self.claim(&lead, lease).await {
-                    Ok(Claim::Receipt(receipt)) => {
-                        let receipt = Arc::new(receipt);
-                        lead.settle(FlightState::Done(receipt.clone()));
+            if flight.request != request {
+                self.count("conflict");
+                return FenceOutcome::Conflict(flight.request.diff(&request));
+            }
+            if !waited {
+                waited = true;
+                self.count("wait");
+            }
+            let mut rx = flight.state.subscribe();
+            let outcome = tokio::time::timeout_at(
+                deadline,
+                rx.wait_for(|s| !matches!(s, FlightState::Running)),
+            )
+            .await;
+            match outcome {
+                Err(_) => return FenceOutcome::StillInFlight,
+                Ok(Ok(state)) => {
+                    if let FlightState::Done(receipt) = state.clone() {
                         return self.replay(receipt, &request);
                     }
-                    Ok(Claim::Lead) => {
-                        self.count("new");
-                        if let Store::Redis(redis) = &self.store {
-                            let renew = redis.clone().renew(
-                                lead.key.clone(),
-                                lead.token.clone(),
-                                lease,
-                                flight.state.subscribe(),
-                            );
-                            tokio::spawn(renew);
-                        }
-                        return Decision::Lead(lead);
+                }
+                // The lead went away without a word: as released.
+                Ok(Err(_)) => {}
+            }
+        }
+    }
+
+    /// The key's flight in this process, and whether this request just started it (holds the key).
+    fn join(&self, key: &str, request: &Fingerprint) -> (Arc<Flight>, bool) {
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        match flights.get(key) {
+            Some(flight) => (flight.clone(), false),
+            None => {
+                let (state, _) = watch::channel(FlightState::Running);
+                let flight = Arc::new(Flight {
+                    request: request.clone(),
+                    state,
+                });
+                flights.insert(key.to_string(), flight.clone());
+                (flight, true)
+            }
+        }
+    }
+
+    /// This request holds the key in this process; the store says whether it already ran (a replay), or
+    /// runs elsewhere (Redis: poll until `deadline`), or is this request's to lead.
+    async fn execute(
+        self: &Arc<Self>,
+        key: &str,
+        flight: &Flight,
+        request: Fingerprint,
+        deadline: tokio::time::Instant,
+        lease: Duration,
+        mut waited: bool,
+    ) -> FenceOutcome {
+        let mut lead = Lead {
+            fence: self.clone(),
+            key: key.to_string(),
+            token: format!("{:032x}", fastrand::u128(..)),
+            settled: false,
+        };
+        loop {
+            match self.claim(&lead, lease).await {
+                Ok(Claim::Receipt(receipt)) => {
+                    let receipt = Arc::new(receipt);
+                    lead.settle(FlightState::Done(receipt.clone()));
+                    return self.replay(receipt, &request);
+                }
+                Ok(Claim::Lead) => {
+                    self.count("new");
+                    if let Store::Redis(redis) = &self.store {
+                        let renew = redis.clone().renew(
+                            lead.key.clone(),
+                            lead.token.clone(),
+                            lease,
+                            flight.state.subscribe(),
+                        );
+                        tokio::spawn(renew);
                     }
-                    Ok(Claim::Pending) => {
-                        if !waited {
-                            waited = true;
-                            self.count("wait");
-                        }
-                        if tokio::time::Instant::now() + REDIS_POLL > deadline {
-                            return Decision::StillInFlight;
-                        }
-                        tokio::time::sleep(REDIS_POLL).await;
+                    return FenceOutcome::Lead(lead);
+                }
+                Ok(Claim::Pending) => {
+                    if !waited {
+                        waited = true;
+                        self.count("wait");
                     }
-                    Err(e) => {
-                        self.store_errors.inc();
-                        tracing::error!(error = %e, "idempotency receipt store unavailable; refusing the keyed write");
-                        return Decision::Unavailable(e);
+                    if tokio::time::Instant::now() + REDIS_POLL > deadline {
+                        return FenceOutcome::StillInFlight;
                     }
+                    tokio::time::sleep(REDIS_POLL).await;
+                }
+                Err(e) => {
+                    self.store_errors.inc();
+                    tracing::error!(error = %e, "idempotency receipt store unavailable; refusing the keyed write");
+                    return FenceOutcome::Unavailable(e);
                 }
             }
         }
     }
 
-    fn replay(&self, receipt: Arc<Receipt>, request: &Fingerprint) -> Decision {
+    fn replay(&self, receipt: Arc<Receipt>, request: &Fingerprint) -> FenceOutcome {
         if receipt.request == *request {
             self.count("replay");
-            Decision::Replay(receipt)
+            FenceOutcome::Replay(receipt)
         } else {
             self.count("conflict");
-            Decision::Conflict(receipt.request.diff(request))
+            FenceOutcome::Conflict(receipt.request.diff(request))
         }
     }
 
@@ -602,284 +516,6 @@ impl Drop for Recording {
                 ttl: self.ttl,
             };
             recording.finish(false);
-        }
-    }
-}
-
-// === impl Embedded ===
-
-const RECEIPTS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("receipts");
-
-/// Receipts in a redb file; every commit is durable before the waiters hear of it.
-pub struct Embedded {
-    db: redb::Database,
-    path: String,
-}
-
-impl Embedded {
-    pub fn open(path: &Path) -> Result<Embedded, FenceError> {
-        let shown = path.display().to_string();
-        let fail = |detail: String| FenceError::Embedded {
-            path: shown.clone(),
-            detail,
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-        }
-        let db = redb::Database::create(path).map_err(|e| fail(e.to_string()))?;
-        let store = Embedded {
-            db,
-            path: shown.clone(),
-        };
-        // Create the table up front so a read never meets a missing table.
-        store.write(|table| {
-            let _ = table;
-            Ok(())
-        })?;
-        Ok(store)
-    }
-
-    fn fail(&self, e: impl std::fmt::Display) -> FenceError {
-        FenceError::Embedded {
-            path: self.path.clone(),
-            detail: e.to_string(),
-        }
-    }
-
-    fn write<T>(
-        &self,
-        f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<T, FenceError>,
-    ) -> Result<T, FenceError> {
-        let tx = self.db.begin_write().map_err(|e| self.fail(e))?;
-        let out = {
-            let mut table = tx.open_table(RECEIPTS).map_err(|e| self.fail(e))?;
-            f(&mut table)?
-        };
-        tx.commit().map_err(|e| self.fail(e))?;
-        Ok(out)
-    }
-
-    /// The live receipt of `key`; an expired one is as none (the purge deletes it later).
-    pub fn get(&self, key: &str, now_ms: u64) -> Result<Option<Receipt>, FenceError> {
-        let tx = self.db.begin_read().map_err(|e| self.fail(e))?;
-        let table = tx.open_table(RECEIPTS).map_err(|e| self.fail(e))?;
-        let Some(value) = table.get(key).map_err(|e| self.fail(e))? else {
-            return Ok(None);
-        };
-        let bytes = value.value();
-        if Receipt::expires_of(bytes).is_none_or(|at| at <= now_ms) {
-            return Ok(None);
-        }
-        match Receipt::decode(bytes) {
-            Some(r) => Ok(Some(r)),
-            None => {
-                tracing::error!(
-                    key,
-                    "unreadable idempotency receipt; treating the key as new"
-                );
-                Ok(None)
-            }
-        }
-    }
-
-    /// Stores a receipt durably. Returns whether the key already had a live receipt (a duplicate effect).
-    pub fn put(&self, key: &str, bytes: &[u8], now_ms: u64) -> Result<bool, FenceError> {
-        self.write(|table| {
-            let live = table
-                .get(key)
-                .map_err(|e| self.fail(e))?
-                .and_then(|v| Receipt::expires_of(v.value()))
-                .is_some_and(|at| at > now_ms);
-            table.insert(key, bytes).map_err(|e| self.fail(e))?;
-            Ok(live)
-        })
-    }
-
-    /// Deletes the receipts expired by `now_ms`.
-    pub fn purge(&self, now_ms: u64) -> Result<usize, FenceError> {
-        self.write(|table| {
-            let removed = table
-                .extract_if(|_, v| Receipt::expires_of(v).is_none_or(|at| at <= now_ms))
-                .map_err(|e| self.fail(e))?
-                .count();
-            Ok(removed)
-        })
-    }
-}
-
-// === impl RedisStore ===
-
-/// Receipts in Redis under `driftguard:receipt:<key>` (PX = ttl), plus `driftguard:pending:<key>` while
-/// a replica executes the key (PX = lease, renewed every half lease while it runs, so a replica that
-/// dies frees the key within a lease).
-#[derive(Clone)]
-pub struct RedisStore {
-    client: redis::Client,
-    conn: Arc<tokio::sync::OnceCell<redis::aio::ConnectionManager>>,
-}
-
-const RECEIPT_PREFIX: &str = "driftguard:receipt:";
-const PENDING_PREFIX: &str = "driftguard:pending:";
-/// Bound of one Redis round trip (and of connecting).
-const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The receipt if there is one, else the pending marker if free: `{1, receipt}`, `{2, ""}` (lead) or
-/// `{3, ""}` (pending elsewhere).
-const CLAIM: &str = r#"
-local r = redis.call('GET', KEYS[1])
-if r then return {1, r} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end
-return {3, ''}
-"#;
-
-/// Stores the receipt and clears this holder's pending marker; returns 1 if a receipt was already there.
-const PUT: &str = r#"
-local dup = redis.call('EXISTS', KEYS[1])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
-return dup
-"#;
-
-/// Extends this holder's pending marker.
-const RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"#;
-
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
-
-impl RedisStore {
-    pub fn new(url: &str) -> Result<RedisStore, FenceError> {
-        Ok(RedisStore {
-            client: redis::Client::open(url)?,
-            conn: Arc::new(tokio::sync::OnceCell::new()),
-        })
-    }
-
-    async fn conn(&self) -> Result<redis::aio::ConnectionManager, FenceError> {
-        let conn = self
-            .conn
-            .get_or_try_init(|| async {
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(REDIS_TIMEOUT))
-                    .set_response_timeout(Some(REDIS_TIMEOUT))
-                    .set_number_of_retries(1);
-                tokio::time::timeout(
-                    REDIS_TIMEOUT,
-                    redis::aio::ConnectionManager::new_with_config(self.client.clone(), config),
-                )
-                .await
-                .map_err(|_| FenceError::RedisTimeout(REDIS_TIMEOUT))?
-                .map_err(FenceError::from)
-            })
-            .await?;
-        Ok(conn.clone())
-    }
-
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        script: &str,
-        keys: &[Vec<u8>],
-        args: &[Vec<u8>],
-    ) -> Result<T, FenceError> {
-        let mut conn = self.conn().await?;
-        let script = redis::Script::new(script);
-        let mut invocation = script.prepare_invoke();
-        for k in keys {
-            invocation.key(k.as_slice());
-        }
-        for a in args {
-            invocation.arg(a.as_slice());
-        }
-        tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
-            .await
-            .map_err(|_| FenceError::RedisTimeout(REDIS_TIMEOUT))?
-            .map_err(FenceError::from)
-    }
-
-    fn keys(key: &str) -> Vec<Vec<u8>> {
-        vec![
-            format!("{RECEIPT_PREFIX}{key}").into_bytes(),
-            format!("{PENDING_PREFIX}{key}").into_bytes(),
-        ]
-    }
-
-    async fn claim(&self, key: &str, token: &str, lease: Duration) -> Result<Claim, FenceError> {
-        let (kind, bytes): (i64, Vec<u8>) = self
-            .run(
-                CLAIM,
-                &Self::keys(key),
-                &[
-                    token.as_bytes().to_vec(),
-                    lease.as_millis().max(1).to_string().into_bytes(),
-                ],
-            )
-            .await?;
-        Ok(match kind {
-            // Redis expires receipts itself (PX), so replicas' clocks need not agree on `expires_ms`.
-            1 => match Receipt::decode(&bytes) {
-                Some(r) => Claim::Receipt(r),
-                None => return Err(FenceError::Unreadable(format!("{RECEIPT_PREFIX}{key}"))),
-            },
-            2 => Claim::Lead,
-            _ => Claim::Pending,
-        })
-    }
-
-    async fn put(&self, key: &str, token: &str, receipt: &Receipt) -> Result<bool, FenceError> {
-        let ttl = receipt.expires_ms.saturating_sub(now_ms()).max(1);
-        let dup: i64 = self
-            .run(
-                PUT,
-                &Self::keys(key),
-                &[
-                    receipt.encode(),
-                    ttl.to_string().into_bytes(),
-                    token.as_bytes().to_vec(),
-                ],
-            )
-            .await?;
-        Ok(dup == 1)
-    }
-
-    /// Keeps the pending marker alive while this process executes the key (a response may stream for
-    /// longer than the lease), until the flight ends.
-    async fn renew(
-        self,
-        key: String,
-        token: String,
-        lease: Duration,
-        mut flight: watch::Receiver<FlightState>,
-    ) {
-        let keys = Self::keys(&key);
-        let every = (lease / 2).max(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = flight.wait_for(|s| !matches!(s, FlightState::Running)) => return,
-            }
-            let args = [
-                token.as_bytes().to_vec(),
-                lease.as_millis().max(1).to_string().into_bytes(),
-            ];
-            let renewed: Result<i64, FenceError> = self.run(RENEW, &keys[1..], &args).await;
-            if !matches!(renewed, Ok(1)) {
-                tracing::warn!(key, "cannot renew the pending marker; another replica may execute the key once its lease runs out");
-                return;
-            }
-        }
-    }
-
-    async fn release(&self, key: &str, token: &str) {
-        let keys = Self::keys(key);
-        let result: Result<i64, FenceError> = self
-            .run(RELEASE, &keys[1..], &[token.as_bytes().to_vec()])
-            .await;
-        if let Err(e) = result {
-            tracing::warn!(key, error = %e, "cannot clear the pending marker; other replicas wait for its lease");
         }
     }
 }

@@ -1,9 +1,29 @@
 //! Write freeze (SPEC §5): requests matching `writes.routes` ("METHOD /path-prefix") are writes; while
-//! writes are frozen they get 503 with `Retry-After`, and reads go on.
+//! writes are frozen they get 503 with `Retry-After`, and reads go on. `serve::handle` runs [`admit`];
+//! the fence step also asks [`WriteRoutes::is_write`].
 
 use http::Method;
 
 use crate::config::parse_write_route;
+
+/// A write refused because writes are frozen (SPEC §5: 503 `writes_frozen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WritesFrozen;
+
+/// The freeze step: while `frozen`, a write is refused; reads (and everything while not frozen) pass.
+#[inline]
+pub fn admit(
+    frozen: bool,
+    routes: &WriteRoutes,
+    method: &Method,
+    path: &str,
+) -> Result<(), WritesFrozen> {
+    if frozen && routes.is_write(method, path) {
+        Err(WritesFrozen)
+    } else {
+        Ok(())
+    }
+}
 
 /// The write routes of the config, parsed once.
 #[derive(Debug, Clone, Default)]

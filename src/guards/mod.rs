@@ -1,4 +1,6 @@
-//! Guards (SPEC §5): protect the service while it is unhealthy.
+//! Guards (SPEC §5): protect the service while it is unhealthy. Each guard's step on the request path is a
+//! function that returns a typed decision; `serve::handle` runs them in order and turns their refusals
+//! into responses, so nothing here knows about the proxy's bodies or JSON errors.
 
 pub mod breaker;
 pub mod budget;
@@ -10,6 +12,11 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use breaker::{Breaker, BreakerSettings};
+use http::HeaderName;
+
+/// The request id header: `serve` reads and stamps it, and the fence never stores it in a receipt (it
+/// belongs to one exchange).
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// One breaker per arm name, kept across reloads (a reload changes its settings, not its state).
 #[derive(Default)]

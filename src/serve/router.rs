@@ -14,7 +14,8 @@ use http::{HeaderName, HeaderValue};
 
 use crate::config::{parse_upstream, Config};
 use crate::eval::rate::EvalRate;
-use crate::guards::breaker::{Breaker, BreakerSettings};
+use crate::guards::breaker::{Breaker, BreakerSettings, HasBreaker};
+use crate::guards::budget::BudgetPeek;
 use crate::guards::fence::FenceSettings;
 use crate::guards::freeze::WriteRoutes;
 use crate::guards::Breakers;
@@ -42,6 +43,13 @@ pub struct Arm {
     pub stats: Arc<ArmStats>,
 }
 
+impl HasBreaker for Arm {
+    #[inline]
+    fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+}
+
 /// Per-request settings from the config, swapped together with the arms.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -65,12 +73,6 @@ pub struct Settings {
     pub budget: Option<BudgetPeek>,
     /// `signals.max_evals_per_sec` above 0: the bucket each sampled request takes a token from.
     pub eval_rate: Option<Arc<EvalRate>>,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct BudgetPeek {
-    pub peek_bytes: usize,
-    pub default_completion_tokens: u64,
 }
 
 /// The levers operators and the rollback engine pull at run time. They live in the table so a change is

@@ -16,8 +16,8 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::capture::RequestBody;
 use crate::config::Upstream as UpstreamConfig;
+use crate::serve::body::RequestBody;
 
 /// Why an exchange with the upstream failed before a response head arrived.
 #[derive(Debug, thiserror::Error)]

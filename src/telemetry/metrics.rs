@@ -22,80 +22,6 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// Why the proxy answered a request itself; the `kind` label of `driftguard_proxy_errors_total` and the
-/// `error` field of the JSON error body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyError {
-    /// Upstream refused or reset the connection, or failed before a response: 502.
-    UpstreamUnreachable,
-    /// Upstream did not connect or answer in time: 504.
-    UpstreamTimeout,
-    /// Strict pins: the client's pins differ: 409.
-    PinMismatch,
-    /// No arm has a weight above 0: 503.
-    NoUpstream,
-    /// The client went away while its request was in flight (its upload broke off): 499, not counted
-    /// against the arm's upstream.
-    ClientClosed,
-    /// A write while writes are frozen: 503.
-    WritesFrozen,
-    /// The arm's circuit breaker is open: 503 with `x-driftguard-breaker: open`.
-    BreakerOpen,
-    /// Refused by the token budget: 429.
-    OverBudget,
-    /// A write without an idempotency key while `writes.require_key` is set: 400.
-    IdempotencyKeyRequired,
-    /// An idempotency key that is empty, not visible ASCII, or too long: 400.
-    IdempotencyKeyInvalid,
-    /// A fenced write whose body is above `writes.max_body_bytes`: 413.
-    BodyTooLarge,
-    /// The key's receipt (or its execution in flight) is for another request, or the first request
-    /// with the key is still in flight when this one's wait runs out: 409.
-    IdempotencyConflict,
-    /// The receipt store cannot be reached: a fenced write is refused rather than run unfenced: 503.
-    ReceiptStoreUnavailable,
-    /// The budget's Redis fails and `budget.on_backend_error = "closed"`: 503.
-    BudgetUnavailable,
-}
-
-impl ProxyError {
-    pub const ALL: [ProxyError; 14] = [
-        ProxyError::ClientClosed,
-        ProxyError::WritesFrozen,
-        ProxyError::BreakerOpen,
-        ProxyError::OverBudget,
-        ProxyError::BudgetUnavailable,
-        ProxyError::UpstreamUnreachable,
-        ProxyError::UpstreamTimeout,
-        ProxyError::PinMismatch,
-        ProxyError::NoUpstream,
-        ProxyError::IdempotencyKeyRequired,
-        ProxyError::IdempotencyKeyInvalid,
-        ProxyError::BodyTooLarge,
-        ProxyError::IdempotencyConflict,
-        ProxyError::ReceiptStoreUnavailable,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProxyError::UpstreamUnreachable => "upstream_unreachable",
-            ProxyError::UpstreamTimeout => "upstream_timeout",
-            ProxyError::PinMismatch => "pin_mismatch",
-            ProxyError::NoUpstream => "no_upstream",
-            ProxyError::ClientClosed => "client_closed",
-            ProxyError::WritesFrozen => "writes_frozen",
-            ProxyError::BreakerOpen => "breaker_open",
-            ProxyError::OverBudget => "budget",
-            ProxyError::IdempotencyKeyRequired => "idempotency_key_required",
-            ProxyError::IdempotencyKeyInvalid => "idempotency_key_invalid",
-            ProxyError::BodyTooLarge => "body_too_large",
-            ProxyError::IdempotencyConflict => "idempotency_conflict",
-            ProxyError::ReceiptStoreUnavailable => "receipt_store_unavailable",
-            ProxyError::BudgetUnavailable => "budget_unavailable",
-        }
-    }
-}
-
 /// Label values registered up front so their series read 0 before the first event; the caller (app)
 /// names them, since they belong to modules telemetry does not use.
 #[derive(Debug, Clone, Copy, Default)]
@@ -423,9 +349,6 @@ impl Metrics {
             budget_backend_errors,
             registry: r,
         };
-        for kind in ProxyError::ALL {
-            m.proxy_errors.with_label_values(&[kind.as_str()]);
-        }
         for outcome in ["ok", "refused"] {
             m.reloads.with_label_values(&[outcome]);
         }
@@ -448,8 +371,16 @@ impl Metrics {
         m
     }
 
-    pub fn proxy_error(&self, kind: ProxyError) {
-        self.proxy_errors.with_label_values(&[kind.as_str()]).inc();
+    pub fn proxy_error(&self, kind: &'static str) {
+        self.proxy_errors.with_label_values(&[kind]).inc();
+    }
+
+    /// Creates the `driftguard_proxy_errors_total` series of every kind at 0, so they exist before the
+    /// first error; the request path passes its list of kinds.
+    pub fn register_proxy_errors(&self, kinds: &[&'static str]) {
+        for kind in kinds {
+            self.proxy_errors.with_label_values(&[kind]);
+        }
     }
 
     /// Lifetime (count, sum in seconds) of an arm's request durations.

@@ -18,11 +18,11 @@ fn settings() -> BreakerSettings {
 /// One request through a closed breaker.
 fn call(b: &Breaker, now: Instant, duration: Duration, failed: bool) {
     match b.admit(now) {
-        Admission::Allowed(ticket) => {
+        BreakerAdmission::Allowed(ticket) => {
             assert!(!ticket.is_probe());
             ticket.complete(now, duration, failed);
         }
-        Admission::Rejected { .. } => panic!("rejected while {:?}", b.state(now)),
+        BreakerAdmission::Rejected { .. } => panic!("rejected while {:?}", b.state(now)),
     }
 }
 
@@ -32,17 +32,19 @@ fn calls(b: &Breaker, now: Instant, n: usize, duration: Duration, failed: bool) 
     }
 }
 
-fn allowed(admission: Admission) -> Ticket {
+fn allowed(admission: BreakerAdmission) -> Ticket {
     match admission {
-        Admission::Allowed(ticket) => ticket,
-        Admission::Rejected { retry_after } => panic!("rejected, retry after {retry_after:?}"),
+        BreakerAdmission::Allowed(ticket) => ticket,
+        BreakerAdmission::Rejected { retry_after } => {
+            panic!("rejected, retry after {retry_after:?}")
+        }
     }
 }
 
-fn retry_after(admission: Admission) -> Duration {
+fn retry_after(admission: BreakerAdmission) -> Duration {
     match admission {
-        Admission::Allowed(ticket) => panic!("allowed {ticket:?}"),
-        Admission::Rejected { retry_after } => retry_after,
+        BreakerAdmission::Allowed(ticket) => panic!("allowed {ticket:?}"),
+        BreakerAdmission::Rejected { retry_after } => retry_after,
     }
 }
 
@@ -241,7 +243,7 @@ fn outcomes_from_an_earlier_phase_are_ignored() {
     stale_probe.complete(now, FAST, true);
     assert_eq!(b.state(now), State::HalfOpen);
     let probes: Vec<Ticket> = (0..3).map(|_| allowed(b.admit(now))).collect();
-    assert!(matches!(b.admit(now), Admission::Rejected { .. }));
+    assert!(matches!(b.admit(now), BreakerAdmission::Rejected { .. }));
     drop(probes);
 }
 
@@ -275,10 +277,10 @@ fn a_dropped_ticket_frees_its_probe_slot() {
     let b = Breaker::new(settings(), t0);
     let now = after_open(opened(&b, t0));
     let mut probes: Vec<Ticket> = (0..3).map(|_| allowed(b.admit(now))).collect();
-    assert!(matches!(b.admit(now), Admission::Rejected { .. }));
+    assert!(matches!(b.admit(now), BreakerAdmission::Rejected { .. }));
     drop(probes.pop());
     probes.push(allowed(b.admit(now)));
-    assert!(matches!(b.admit(now), Admission::Rejected { .. }));
+    assert!(matches!(b.admit(now), BreakerAdmission::Rejected { .. }));
     // The dropped probe counted as neither: three good ones are still needed.
     let last = probes.pop().unwrap();
     for probe in probes {

@@ -1,10 +1,11 @@
 //! The token budget on the request path: read a bounded prefix of the request body to estimate what it
 //! will cost, reserve that in the [`Budget`](super::budget::Budget), and settle the reservation against
-//! the usage the upstream reports once the response is complete.
+//! the usage the upstream reports once the response is complete. `serve::handle` runs [`admit`] and
+//! turns a [`BudgetRefusal`] into its 429 or 503.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
@@ -13,9 +14,93 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use super::{completion_tokens, estimate_prompt_tokens, Budget};
+use super::{
+    completion_tokens, estimate_prompt_tokens, BackendDown, Budget, BudgetAdmission, BudgetPeek,
+};
 use crate::capture::Capture;
-use crate::serve::router::BudgetPeek;
+
+/// Why the budget step refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetRefusal {
+    /// The request body broke off while its prefix was read (499 `client_closed`).
+    BodyBroke,
+    /// The budget's Redis fails and `budget.on_backend_error = "closed"` (503 `budget_unavailable`).
+    Unavailable,
+    /// Not enough budget now; the same request fits again after `retry_after` (429 `budget`).
+    OverBudget { tokens: u64, retry_after: Duration },
+    /// The request needs more than `burst` tokens and can never be admitted (429 `budget`).
+    TooLarge { tokens: u64, burst: u64 },
+}
+
+impl BudgetRefusal {
+    /// The `reason` label of `driftguard_rate_limited_total`, for the refusals the budget itself made.
+    pub fn rate_limited_reason(&self) -> Option<&'static str> {
+        match self {
+            BudgetRefusal::BodyBroke => None,
+            BudgetRefusal::Unavailable => Some("backend_down"),
+            BudgetRefusal::OverBudget { .. } => Some("over_budget"),
+            BudgetRefusal::TooLarge { .. } => Some("too_large"),
+        }
+    }
+
+    /// The message of the JSON error.
+    pub fn message(&self) -> String {
+        match self {
+            BudgetRefusal::BodyBroke => "the request body broke off".to_string(),
+            BudgetRefusal::Unavailable => "the token budget cannot be checked (its Redis is unreachable or slow) and budget.on_backend_error = \"closed\"".to_string(),
+            BudgetRefusal::OverBudget { tokens, retry_after } => format!(
+                "the token budget is spent; {tokens} tokens fit again in {retry_after:?}"
+            ),
+            BudgetRefusal::TooLarge { tokens, burst } => format!(
+                "this request needs about {tokens} tokens, more than budget.burst ({burst}): it can never be admitted"
+            ),
+        }
+    }
+
+    /// Over budget: the `Retry-After` seconds (rounded up, at least 1).
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            BudgetRefusal::OverBudget { retry_after, .. } => {
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                Some(secs.max(1))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The budget step: reads a bounded prefix of the body into `prefix` (waiting `timeout` at most) to
+/// price the request, then reserves that. `Ok(None)`: through unpriced (the backend is down and
+/// `on_backend_error = "open"`). A slow upload is priced by what it declares; the frames read so far
+/// are kept in `prefix` either way.
+pub async fn admit(
+    budget: Arc<Budget>,
+    peek_at: BudgetPeek,
+    timeout: Duration,
+    body: &mut Incoming,
+    headers: &HeaderMap,
+    prefix: &mut VecDeque<Frame<Bytes>>,
+) -> Result<Option<Reserved>, BudgetRefusal> {
+    let read = tokio::time::timeout(timeout, peek(body, peek_at.peek_bytes, prefix)).await;
+    let complete = match read {
+        Ok(Ok(complete)) => complete,
+        Ok(Err(_)) => return Err(BudgetRefusal::BodyBroke),
+        Err(_) => false,
+    };
+    let tokens = estimate(prefix, complete, headers, peek_at);
+    match budget.admit(tokens, Instant::now()).await {
+        Ok(BudgetAdmission::Admitted(r)) => Ok(Some(Reserved::new(budget, r.tokens))),
+        Err(BackendDown::Admit) => Ok(None),
+        Err(BackendDown::Refuse) => Err(BudgetRefusal::Unavailable),
+        Ok(BudgetAdmission::OverBudget { retry_after }) => Err(BudgetRefusal::OverBudget {
+            tokens,
+            retry_after,
+        }),
+        Ok(BudgetAdmission::TooLarge { tokens, burst }) => {
+            Err(BudgetRefusal::TooLarge { tokens, burst })
+        }
+    }
+}
 
 /// Reads frames into `into` until `limit` bytes or the end of the body. Returns whether the body ended.
 /// The frames read stay in `into` even when the caller gives up waiting, so nothing is lost.
@@ -330,7 +415,9 @@ mod tests {
             unreachable!()
         };
         match local.admit(10, start) {
-            super::super::Admission::Admitted(r) => drop(Reserved::new(budget.clone(), r.tokens)),
+            super::super::BudgetAdmission::Admitted(r) => {
+                drop(Reserved::new(budget.clone(), r.tokens))
+            }
             _ => panic!("admitted"),
         }
         assert_eq!(budget.available(Instant::now()), before);

@@ -22,7 +22,7 @@ use prometheus::IntCounter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
-use super::{Admission, BackendDown, BudgetSettings, Params, Reservation};
+use super::{BackendDown, BudgetAdmission, BudgetSettings, Params, Reservation};
 use crate::config::{self, OnBackendError};
 
 /// How long Redis is left alone after a failed call before one request tries it again.
@@ -148,10 +148,10 @@ impl RedisBudget {
 
     /// Reserves `tokens` in Redis. While Redis fails or is being left alone after a failure, returns
     /// what `budget.on_backend_error` says to do.
-    pub async fn admit(&self, tokens: u64) -> Result<Admission, BackendDown> {
+    pub async fn admit(&self, tokens: u64) -> Result<BudgetAdmission, BackendDown> {
         let p = **self.inner.params.load();
         if tokens > p.settings.burst {
-            return Ok(Admission::TooLarge {
+            return Ok(BudgetAdmission::TooLarge {
                 tokens,
                 burst: p.settings.burst,
             });
@@ -160,8 +160,8 @@ impl RedisBudget {
             cost_ns: p.cost(tokens),
         };
         match self.inner.run(op, &p, self.inner.timeout).await {
-            Some(reply) if reply.admitted => Ok(Admission::Admitted(Reservation { tokens })),
-            Some(reply) => Ok(Admission::OverBudget {
+            Some(reply) if reply.admitted => Ok(BudgetAdmission::Admitted(Reservation { tokens })),
+            Some(reply) => Ok(BudgetAdmission::OverBudget {
                 retry_after: reply.retry_after,
             }),
             None => Err(match self.inner.on_error {

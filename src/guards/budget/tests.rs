@@ -17,13 +17,13 @@ fn per_second(burst: u64) -> (LocalBudget, Instant) {
     (LocalBudget::new(settings(60, burst), t0), t0)
 }
 
-fn admitted(a: Admission) -> bool {
-    matches!(a, Admission::Admitted(_))
+fn admitted(a: BudgetAdmission) -> bool {
+    matches!(a, BudgetAdmission::Admitted(_))
 }
 
-fn retry_after(a: Admission) -> Duration {
+fn retry_after(a: BudgetAdmission) -> Duration {
     match a {
-        Admission::OverBudget { retry_after } => retry_after,
+        BudgetAdmission::OverBudget { retry_after } => retry_after,
         other => panic!("expected OverBudget, got {other:?}"),
     }
 }
@@ -39,7 +39,7 @@ fn fresh_budget_admits_burst_at_once_then_refuses_for_one_token_time() {
     let (b, t0) = per_second(10);
     assert_eq!(
         b.admit(10, t0),
-        Admission::Admitted(Reservation { tokens: 10 })
+        BudgetAdmission::Admitted(Reservation { tokens: 10 })
     );
     assert_eq!(retry_after(b.admit(1, t0)), SEC);
     assert_eq!(retry_after(b.admit(3, t0)), 3 * SEC);
@@ -82,12 +82,12 @@ fn saturate(b: &LocalBudget, t0: Instant, span: Duration, step: Duration, sizes:
         loop {
             let n = sizes[i % sizes.len()];
             match b.admit(n, t0 + t) {
-                Admission::Admitted(r) => {
+                BudgetAdmission::Admitted(r) => {
                     total += r.tokens;
                     i += 1;
                 }
-                Admission::OverBudget { .. } => break,
-                Admission::TooLarge { .. } => panic!("size {n} above burst"),
+                BudgetAdmission::OverBudget { .. } => break,
+                BudgetAdmission::TooLarge { .. } => panic!("size {n} above burst"),
             }
         }
         t += step;
@@ -124,7 +124,7 @@ fn a_simulated_minute_stays_within_rate_plus_burst() {
 #[test]
 fn refund_lets_a_later_request_in_sooner() {
     let (b, t0) = per_second(10);
-    let Admission::Admitted(r) = b.admit(10, t0) else {
+    let BudgetAdmission::Admitted(r) = b.admit(10, t0) else {
         panic!("fresh budget refused");
     };
     assert_eq!(retry_after(b.admit(5, t0)), 5 * SEC);
@@ -181,14 +181,14 @@ fn requests_above_burst_are_too_large() {
     let (b, t0) = per_second(10);
     assert_eq!(
         b.admit(11, t0),
-        Admission::TooLarge {
+        BudgetAdmission::TooLarge {
             tokens: 11,
             burst: 10
         }
     );
     assert_eq!(
         b.admit(u64::MAX, t0),
-        Admission::TooLarge {
+        BudgetAdmission::TooLarge {
             tokens: u64::MAX,
             burst: 10
         }
@@ -302,7 +302,7 @@ fn concurrent_admissions_and_refunds_balance() {
         for _ in 0..4 {
             s.spawn(|| {
                 for _ in 0..1_000 {
-                    if let Admission::Admitted(r) = b.admit(3, t0) {
+                    if let BudgetAdmission::Admitted(r) = b.admit(3, t0) {
                         admissions.fetch_add(1, Relaxed);
                         b.reconcile(r.tokens, 1, t0);
                     }
@@ -321,7 +321,7 @@ fn zero_rate_or_burst_does_not_panic() {
     let b = LocalBudget::new(settings(0, 0), t0);
     assert_eq!(
         b.admit(1, t0),
-        Admission::TooLarge {
+        BudgetAdmission::TooLarge {
             tokens: 1,
             burst: 0
         }

@@ -1,4 +1,5 @@
 use super::*;
+use http::HeaderValue;
 
 fn fingerprint(body: &str) -> Fingerprint {
     let mut hash = BodyHash::default();
@@ -92,13 +93,13 @@ async fn one_lead_then_waiters_replay_and_other_bodies_conflict() {
     let fence = fence(&dir);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let lease = Duration::from_secs(10);
-    let Decision::Lead(lead) = fence.admit("k", fingerprint("a"), deadline, lease).await else {
+    let FenceOutcome::Lead(lead) = fence.admit("k", fingerprint("a"), deadline, lease).await else {
         panic!("first request leads");
     };
     // While it runs: another body conflicts at once, the same body waits.
     assert!(matches!(
         fence.admit("k", fingerprint("b"), deadline, lease).await,
-        Decision::Conflict(_)
+        FenceOutcome::Conflict(_)
     ));
     let waiter = {
         let fence = fence.clone();
@@ -111,7 +112,7 @@ async fn one_lead_then_waiters_replay_and_other_bodies_conflict() {
     let mut recording = lead.record(fingerprint("a"), StatusCode::CREATED, &headers, &settings());
     recording.push(&Bytes::from_static(b"done"));
     recording.finish(true);
-    let Decision::Replay(receipt) = waiter.await.unwrap() else {
+    let FenceOutcome::Replay(receipt) = waiter.await.unwrap() else {
         panic!("the waiter replays");
     };
     assert_eq!(receipt.status, 201);
@@ -120,7 +121,7 @@ async fn one_lead_then_waiters_replay_and_other_bodies_conflict() {
     // Later arrivals replay from the store.
     assert!(matches!(
         fence.admit("k", fingerprint("a"), deadline, lease).await,
-        Decision::Replay(_)
+        FenceOutcome::Replay(_)
     ));
     assert_eq!(fence.decisions[0].get(), 1, "new");
     assert_eq!(fence.decisions[1].get(), 2, "replay");
@@ -137,11 +138,11 @@ async fn a_dropped_lead_frees_the_key_and_a_broken_body_keeps_no_body() {
     let fence = fence(&dir);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let lease = Duration::from_secs(10);
-    let Decision::Lead(lead) = fence.admit("k", fingerprint("a"), deadline, lease).await else {
+    let FenceOutcome::Lead(lead) = fence.admit("k", fingerprint("a"), deadline, lease).await else {
         panic!("leads");
     };
     drop(lead);
-    let Decision::Lead(lead) = fence.admit("k", fingerprint("a"), deadline, lease).await else {
+    let FenceOutcome::Lead(lead) = fence.admit("k", fingerprint("a"), deadline, lease).await else {
         panic!("a released key leads again");
     };
     let mut recording = lead.record(
@@ -164,7 +165,7 @@ async fn a_waiter_gives_up_at_its_deadline() {
     let dir = temp_dir("deadline");
     let fence = fence(&dir);
     let far = tokio::time::Instant::now() + Duration::from_secs(10);
-    let Decision::Lead(_lead) = fence
+    let FenceOutcome::Lead(_lead) = fence
         .admit(
             "k",
             fingerprint("a"),
@@ -180,7 +181,7 @@ async fn a_waiter_gives_up_at_its_deadline() {
         fence
             .admit("k", fingerprint("a"), soon, Duration::from_secs(1))
             .await,
-        Decision::StillInFlight
+        FenceOutcome::StillInFlight
     ));
     drop(fence);
     let _ = std::fs::remove_dir_all(dir);
@@ -192,8 +193,8 @@ async fn eventually_replay(fence: &Arc<Fence>, deadline: tokio::time::Instant) -
             .admit("k", fingerprint("a"), deadline, Duration::from_secs(1))
             .await
         {
-            Decision::Replay(r) => return r,
-            Decision::Lead(_) => {
+            FenceOutcome::Replay(r) => return r,
+            FenceOutcome::Lead(_) => {
                 assert!(tokio::time::Instant::now() < deadline, "no receipt");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

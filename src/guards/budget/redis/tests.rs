@@ -90,13 +90,13 @@ async fn a_fresh_budget_admits_exactly_burst_then_tells_when() {
     for i in 0..10 {
         assert_eq!(
             budget.admit(1).await,
-            Ok(Admission::Admitted(Reservation { tokens: 1 })),
+            Ok(BudgetAdmission::Admitted(Reservation { tokens: 1 })),
             "token {i}"
         );
     }
     assert_eq!(budget.available(), 0);
     match budget.admit(3).await {
-        Ok(Admission::OverBudget { retry_after }) => assert!(
+        Ok(BudgetAdmission::OverBudget { retry_after }) => assert!(
             retry_after > Duration::from_millis(2500) && retry_after <= Duration::from_secs(3),
             "3 tokens at 1/s: {retry_after:?}"
         ),
@@ -104,7 +104,7 @@ async fn a_fresh_budget_admits_exactly_burst_then_tells_when() {
     }
     assert_eq!(
         budget.admit(11).await,
-        Ok(Admission::TooLarge {
+        Ok(BudgetAdmission::TooLarge {
             tokens: 11,
             burst: 10
         })
@@ -124,7 +124,7 @@ async fn a_fresh_budget_admits_exactly_burst_then_tells_when() {
     });
     assert!(matches!(
         budget.admit(1).await,
-        Ok(Admission::OverBudget { .. })
+        Ok(BudgetAdmission::OverBudget { .. })
     ));
     // The key's expiry follows the TAT (about 5 s ahead at 1 token/s, plus 1 s).
     match server.cmd(&["PTTL", "test:budget"]).await {
@@ -156,7 +156,7 @@ async fn an_old_epoch_is_rebased_without_losing_the_tat() {
         RedisBudget::new(&server.config(60, 10, OnBackendError::Closed), counter()).unwrap();
     assert_eq!(
         budget.admit(0).await,
-        Ok(Admission::Admitted(Reservation { tokens: 0 }))
+        Ok(BudgetAdmission::Admitted(Reservation { tokens: 0 }))
     );
     let available = budget.available();
     assert!((4..=5).contains(&available), "available {available}");

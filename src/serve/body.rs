@@ -1,0 +1,470 @@
+//! The bodies of the request path: [`ProxyBody`], what the client receives (an upstream stream being
+//! observed, or a response the proxy made itself), with the per-exchange record ([`Observed`]: timing,
+//! the tee for evaluation, the budget's spend, the fence's recording) and the access-log line; and
+//! [`RequestBody`], the client's body on its way upstream, copied when sampled. `serve::handle` builds
+//! them; `serve::upstream` sends a `RequestBody`.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http::{Method, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use crate::capture::Capture;
+use crate::eval::{Pipeline, Sample};
+use crate::guards::budget::admission::{Reserved, UsageTap};
+use crate::guards::fence::Recording;
+use crate::serve::router::Arm;
+use crate::serve::upstream::Lease;
+use crate::telemetry::log::ACCESS;
+use crate::telemetry::otel::RequestSpan;
+
+/// What the access log needs to know about the request.
+#[derive(Clone)]
+pub struct RequestInfo {
+    pub request_id: HeaderValue,
+    method: Method,
+    /// The request target as received (shares the parsed bytes; the log prints its path).
+    uri: Uri,
+    version: Version,
+    pub authority: Option<HeaderValue>,
+    /// The request's OpenTelemetry span, when tracing is on; ended with the access-log line.
+    pub trace: Option<Arc<RequestSpan>>,
+}
+
+impl RequestInfo {
+    pub fn new(
+        parts: &http::request::Parts,
+        request_id: HeaderValue,
+        trace: Option<Arc<RequestSpan>>,
+    ) -> Self {
+        RequestInfo {
+            trace,
+            request_id,
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            authority: parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        }
+    }
+
+    pub fn request_id_str(&self) -> &str {
+        self.request_id.to_str().unwrap_or("")
+    }
+}
+
+/// The copies of a sampled exchange, handed to the evaluation pipeline when the response completes.
+pub struct Tee {
+    pub request: RequestSlot,
+    pub response: Capture,
+    pub sse: bool,
+    pub session: Option<String>,
+    pub pipeline: Arc<Pipeline>,
+}
+
+/// The budget reservation of a request and the response copy its usage is read from.
+pub struct Spend {
+    pub reserved: Reserved,
+    pub response: UsageTap,
+    pub sse: bool,
+}
+
+/// Timing and identity of a response in flight, reported once when its body ends or is dropped.
+pub struct Observed {
+    pub tee: Option<Tee>,
+    /// A fenced write's response, copied for its idempotency receipt.
+    pub fence: Option<Recording>,
+    /// The budget reservation of this request and the response copy its usage is read from.
+    pub spend: Option<Spend>,
+    pub arm: Arc<Arm>,
+    pub info: RequestInfo,
+    pub status: u16,
+    pub start: Instant,
+    pub first_byte: bool,
+    pub bytes: u64,
+    pub access_log: bool,
+}
+
+impl Observed {
+    fn finish(&mut self, complete: bool) {
+        let now = Instant::now();
+        if !self.first_byte {
+            self.arm.stats.first_byte(now, now - self.start);
+        }
+        self.arm.stats.completed(now, now - self.start);
+        if let (false, Some(trace)) = (self.access_log, &self.info.trace) {
+            trace.end(
+                Some((&self.arm.name, self.arm.pins.map())),
+                self.status,
+                now - self.start,
+                complete,
+            );
+        }
+        if self.access_log {
+            access_log(
+                &self.info,
+                Some(&self.arm),
+                self.status,
+                now - self.start,
+                self.bytes,
+                complete,
+            );
+        }
+        if let Some(recording) = self.fence.take() {
+            recording.finish(complete);
+        }
+        if let Some(spend) = self.spend.take() {
+            if complete {
+                spend
+                    .reserved
+                    .settle(self.status, spend.response, spend.sse);
+            } else {
+                spend.reserved.keep();
+            }
+        }
+        if let Some(tee) = self.tee.take() {
+            if complete {
+                let request = tee.request.lock().unwrap_or_else(|p| p.into_inner()).take();
+                tee.pipeline.submit(Sample {
+                    arm: self.arm.stats.clone(),
+                    request_id: self.info.request_id_str().to_string(),
+                    session: tee.session,
+                    request,
+                    response: tee.response,
+                    sse: tee.sse,
+                    at: now,
+                    trace: self.info.trace.as_ref().map(|t| t.follow_up()),
+                });
+            } else {
+                tee.pipeline.skip_incomplete();
+            }
+        }
+    }
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_09 => "HTTP/0.9",
+        _ => "HTTP/3",
+    }
+}
+
+/// One access-log line. `arm` is `None` when no arm could take the request.
+pub fn access_log(
+    info: &RequestInfo,
+    arm: Option<&Arm>,
+    status: u16,
+    latency: Duration,
+    bytes: u64,
+    complete: bool,
+) {
+    if let Some(trace) = &info.trace {
+        trace.end(
+            arm.map(|a| (a.name.as_str(), a.pins.map())),
+            status,
+            latency,
+            complete,
+        );
+    }
+    tracing::info!(
+        target: ACCESS,
+        request_id = info.request_id_str(),
+        arm = arm.map(|a| a.name.as_str()).unwrap_or(""),
+        pins_json = arm.map(|a| a.pins.json()).unwrap_or("{}"),
+        method = info.method.as_str(),
+        path = info.uri.path(),
+        version = version_str(info.version),
+        status,
+        latency_ms = latency.as_micros() as f64 / 1e3,
+        bytes,
+        complete,
+    );
+}
+
+/// The body the proxy sends to clients: an upstream stream being observed, or a response it made itself.
+pub struct ProxyBody(Kind);
+
+impl ProxyBody {
+    /// A response the proxy made itself (an error, a replay).
+    #[inline]
+    pub fn full(bytes: Bytes) -> Self {
+        ProxyBody(Kind::Full(Full::new(bytes)))
+    }
+
+    /// An upstream response on its way to the client, observed until it ends; `lease` goes back to the
+    /// pool once the body is read to its end.
+    #[inline]
+    pub fn upstream(inner: Incoming, observed: Observed, lease: Lease) -> Self {
+        ProxyBody(Kind::Upstream {
+            inner,
+            observed: Some(observed),
+            lease: Some(lease),
+            committing: None,
+        })
+    }
+}
+
+// Boxing `Observed` would cost an allocation per proxied response; the enum is moved once.
+#[allow(clippy::large_enum_variant)]
+enum Kind {
+    Upstream {
+        inner: Incoming,
+        observed: Option<Observed>,
+        lease: Option<Lease>,
+        /// A fenced write's receipt being stored: the end of the body waits for it, so a client that
+        /// saw the whole response can count on its replay.
+        committing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    },
+    Full(Full<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().0 {
+            Kind::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            Kind::Upstream {
+                inner,
+                observed,
+                lease,
+                committing,
+            } => {
+                if let Some(commit) = committing.as_mut() {
+                    ready!(commit.as_mut().poll(cx));
+                    *committing = None;
+                    return Poll::Ready(None);
+                }
+                let frame = ready!(Pin::new(inner).poll_frame(cx));
+                if frame.is_none() {
+                    if let Some(lease) = lease.take() {
+                        lease.release();
+                    }
+                }
+                if let Some(obs) = observed.as_mut() {
+                    match &frame {
+                        Some(Ok(f)) => {
+                            if let Some(data) = f.data_ref() {
+                                if !obs.first_byte && !data.is_empty() {
+                                    obs.first_byte = true;
+                                    let now = Instant::now();
+                                    obs.arm.stats.first_byte(now, now - obs.start);
+                                }
+                                obs.bytes += data.len() as u64;
+                                if let Some(tee) = obs.tee.as_mut() {
+                                    tee.response.push(data);
+                                }
+                                if let Some(spend) = obs.spend.as_mut() {
+                                    spend.response.push(data);
+                                }
+                                if let Some(recording) = obs.fence.as_mut() {
+                                    recording.push(data);
+                                }
+                            }
+                        }
+                        Some(Err(_)) => {
+                            if let Some(mut obs) = observed.take() {
+                                // The upstream broke off mid-body: its failure, though the head said 2xx.
+                                obs.arm.stats.upstream_error(Instant::now(), false);
+                                obs.finish(false);
+                            }
+                        }
+                        None => {
+                            if let Some(mut obs) = observed.take() {
+                                if let Some(recording) = obs.fence.take() {
+                                    *committing = Some(Box::pin(recording.commit(true)));
+                                }
+                                obs.finish(true);
+                            }
+                        }
+                    }
+                }
+                if let Some(commit) = committing.as_mut() {
+                    ready!(commit.as_mut().poll(cx));
+                    *committing = None;
+                }
+                Poll::Ready(frame)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Kind::Full(full) => full.is_end_stream(),
+            Kind::Upstream {
+                inner,
+                observed,
+                committing,
+                ..
+            } => {
+                inner.is_end_stream()
+                    && committing.is_none()
+                    && observed.as_ref().is_none_or(|o| o.fence.is_none())
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Full(full) => full.size_hint(),
+            Kind::Upstream {
+                inner,
+                observed,
+                committing,
+                ..
+            } => {
+                if committing.is_some() || observed.as_ref().is_some_and(|o| o.fence.is_some()) {
+                    SizeHint::default()
+                } else {
+                    inner.size_hint()
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Kind::Upstream {
+            observed,
+            inner,
+            lease,
+            committing,
+        } = &mut self.0
+        {
+            // The client left while the receipt was being stored: the store goes on without it.
+            if let (Some(commit), Ok(rt)) =
+                (committing.take(), tokio::runtime::Handle::try_current())
+            {
+                rt.spawn(commit);
+            }
+            // An empty body is never polled; anything else dropped early means the client went away.
+            let complete = inner.is_end_stream();
+            if let (true, Some(lease)) = (complete, lease.take()) {
+                lease.release();
+            }
+            if let Some(mut obs) = observed.take() {
+                obs.finish(complete);
+            }
+        }
+    }
+}
+
+/// Where a request body's copy lands once the body has been read, for the response side to pick up.
+pub type RequestSlot = Arc<Mutex<Option<Capture>>>;
+
+/// The client's request body on its way upstream, copied into a [`RequestSlot`] when sampled.
+pub struct RequestBody {
+    inner: Incoming,
+    tee: Option<(Capture, RequestSlot)>,
+    /// Frames read ahead of the stream (the budget's peek), sent first.
+    prefix: VecDeque<Frame<Bytes>>,
+}
+
+impl RequestBody {
+    pub fn plain(inner: Incoming) -> Self {
+        RequestBody {
+            inner,
+            tee: None,
+            prefix: VecDeque::new(),
+        }
+    }
+
+    /// A body whose copy (up to `cap`) is stored in `slot` when it ends or is dropped.
+    pub fn teed(inner: Incoming, cap: usize, slot: RequestSlot) -> Self {
+        RequestBody {
+            inner,
+            tee: Some((Capture::new(cap), slot)),
+            prefix: VecDeque::new(),
+        }
+    }
+
+    /// Sends `prefix` — frames already read from `inner` — before the rest of the stream.
+    pub fn with_prefix(mut self, prefix: VecDeque<Frame<Bytes>>) -> Self {
+        self.prefix = prefix;
+        self
+    }
+
+    fn store(&mut self, complete: bool) {
+        if let Some((mut capture, slot)) = self.tee.take() {
+            capture.incomplete |= !complete;
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(capture);
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some(frame) = this.prefix.pop_front() {
+            if let (Some((capture, _)), Some(data)) = (this.tee.as_mut(), frame.data_ref()) {
+                capture.push(data);
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let (Some((capture, _)), Some(data)) = (this.tee.as_mut(), f.data_ref()) {
+                    capture.push(data);
+                }
+            }
+            Some(Err(_)) => this.store(false),
+            None => this.store(true),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let extra: u64 = self
+            .prefix
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + extra);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + extra);
+        }
+        hint
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        let complete = self.inner.is_end_stream();
+        self.store(complete);
+    }
+}
