@@ -9,6 +9,7 @@
 pub mod embed;
 pub mod extract;
 pub mod measure;
+pub mod usage;
 
 use std::sync::Arc;
 
