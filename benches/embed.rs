@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput};
-use driftguard::signals::embed::Embedder;
 use driftguard::signals::embed::local::Local;
+use driftguard::signals::embed::Embedder;
 use driftguard::signals::measure::{coverage, delta_s_probes};
 
 const QUESTION: &str = "How do I roll back the canary when the index alias points at the wrong \

@@ -55,7 +55,11 @@ impl Usage {
     /// Total tokens: `total_tokens`, else prompt + completion. `None` when a count is malformed: the
     /// budget then keeps the reservation rather than charge a guess.
     pub fn total(&self) -> Option<u64> {
-        let counts = [self.prompt_tokens, self.completion_tokens, self.total_tokens];
+        let counts = [
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.total_tokens,
+        ];
         if counts.contains(&Count::Other) {
             return None;
         }
@@ -299,7 +303,10 @@ mod tests {
         // Extraction takes each count that is one.
         let doc = serde_json::json!({"usage": {"prompt_tokens": 3, "completion_tokens": 1.5}});
         let usage = Usage::of(&doc).unwrap();
-        assert_eq!((usage.prompt_tokens(), usage.completion_tokens()), (Some(3), None));
+        assert_eq!(
+            (usage.prompt_tokens(), usage.completion_tokens()),
+            (Some(3), None)
+        );
         assert_eq!(usage.total(), None);
         assert_eq!(Usage::of(&serde_json::json!({"usage": 7})), None);
         assert_eq!(Usage::of(&serde_json::json!({"usage": [1, 2]})), None);
