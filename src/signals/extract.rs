@@ -1,7 +1,7 @@
 //! Extraction (SPEC §3): the question, the retrieved chunks, the answer, the anchor, the token usage and the
 //! tool calls of one exchange, read from the teed copies of the request and response bodies.
 //!
-//! A signals worker hands the capped copies of both bodies to an [`Extractor`] and gets back plain text for
+//! An evaluation worker (`eval`) hands the capped copies of both bodies to an [`Extractor`] and gets back plain text for
 //! the embedder and the measures, or a [`Skip`] that labels why the sample cannot be evaluated. A streamed
 //! (SSE) response goes through an [`SseParser`], which the proxy can feed chunk by chunk while the stream
 //! passes through; it keeps only the unfinished line and event plus what it has extracted so far.
