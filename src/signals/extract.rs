@@ -1,10 +1,11 @@
 //! Extraction (SPEC §3): the question, the retrieved chunks, the answer, the anchor, the token usage and the
 //! tool calls of one exchange, read from the teed copies of the request and response bodies.
 //!
-//! An evaluation worker (`eval`) hands the capped copies of both bodies to an [`Extractor`] and gets back plain text for
-//! the embedder and the measures, or a [`Skip`] that labels why the sample cannot be evaluated. A streamed
-//! (SSE) response goes through an [`SseParser`], which the proxy can feed chunk by chunk while the stream
-//! passes through; it keeps only the unfinished line and event plus what it has extracted so far.
+//! An evaluation worker (`eval`) hands the capped copies of both bodies to an [`Extractor`] and gets back
+//! plain text for the embedder and the measures, or a [`Skip`] that labels why the sample cannot be
+//! evaluated. A streamed (SSE) response goes through an [`SseParser`], which the proxy can feed chunk by
+//! chunk while the stream passes through; it keeps only the unfinished line and event plus what it has
+//! extracted so far.
 //!
 //! Rules chosen where SPEC §3 is silent:
 //! - A configured pointer replaces the defaults of its piece; it never falls back to them, so a wrong
