@@ -146,13 +146,12 @@ struct UsageDoc {
 /// space (a bare `data` line has an empty value). `None` for any other line.
 #[inline]
 pub fn sse_data(line: &[u8]) -> Option<&[u8]> {
-    match memchr::memchr(b':', line) {
-        Some(colon) if &line[..colon] == b"data" => {
-            let value = &line[colon + 1..];
-            Some(value.strip_prefix(b" ").unwrap_or(value))
-        }
+    // The field name is what precedes the first ':': `data` exactly, so only the prefix is looked at.
+    let rest = line.strip_prefix(b"data")?;
+    match rest.split_first() {
+        None => Some(rest),
+        Some((b':', value)) => Some(value.strip_prefix(b" ").unwrap_or(value)),
         Some(_) => None,
-        None => (line == b"data").then_some(&b""[..]),
     }
 }
 

@@ -1,3 +1,6 @@
+//! Unit tests of extraction: pointers, the default and configured pieces, skip reasons, and SSE streams
+//! split at every offset.
+
 use std::ops::ControlFlow;
 
 use serde_json::json;

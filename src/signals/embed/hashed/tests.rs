@@ -1,3 +1,6 @@
+//! Unit tests of the `hashed` embedder: its features, its fixed hash, and the word splitter it shares
+//! with coverage; plus the vector operations of `embed`.
+
 use super::*;
 use crate::signals::embed::*;
 
