@@ -1,14 +1,16 @@
-//! Signals: the quality of each answer — ΔS, coverage, λ, tool loops (SPEC §3) — computed off the
-//! request path from the teed bodies.
+//! Signals: the pure measures of each answer — ΔS, coverage, λ, tool loops (SPEC §3) — that the
+//! evaluation workers (`eval`) compute off the request path from the teed bodies.
 //!
-//! [`extract`] finds the question, chunks and answer in the bodies, [`embed`] turns text into vectors
-//! (`hashed` built in, [`openai`] for a remote endpoint, `local` for a model run in process, both
-//! behind the shared [`cache`]), [`measure`] holds the SPEC definitions, and
-//! [`pipeline`] runs it all on worker threads behind a bounded queue.
+//! [`extract`] finds the question, chunks and answer in the bodies, [`usage`] reads the token usage
+//! (for extraction and for the budget in `guards`), [`embed`] turns text into vectors (`hashed` built in,
+//! `openai` for a remote endpoint, `local` for a model run in process), [`measure`] holds the SPEC
+//! definitions, and [`priority`] is the CPU priority all signal work runs at.
 
 pub mod embed;
 pub mod extract;
 pub mod measure;
+pub mod priority;
+pub mod usage;
 
 use std::sync::Arc;
 

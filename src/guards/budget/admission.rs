@@ -12,12 +12,10 @@ use http::HeaderMap;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use serde::Deserialize;
 
 use super::{
     completion_tokens, estimate_prompt_tokens, BackendDown, Budget, BudgetAdmission, BudgetPeek,
 };
-use crate::capture::Capture;
 
 /// Why the budget step refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,183 +198,12 @@ impl Drop for Reserved {
     }
 }
 
-/// Bytes kept from the end of a response however long it is: `usage` comes last.
-const TAIL: usize = 16 * 1024;
-
-/// What of a response the usage is read from: the whole body while it fits `cap`, and always its last
-/// [`TAIL`] bytes, so a long stream's final usage event is never cut off.
-pub struct UsageTap {
-    head: Capture,
-    tail: VecDeque<Bytes>,
-    tail_len: usize,
-}
-
-impl UsageTap {
-    pub fn new(cap: usize) -> Self {
-        UsageTap {
-            head: Capture::new(cap),
-            tail: VecDeque::new(),
-            tail_len: 0,
-        }
-    }
-
-    #[inline]
-    pub fn push(&mut self, data: &Bytes) {
-        self.head.push(data);
-        self.tail.push_back(data.clone());
-        self.tail_len += data.len();
-        while self
-            .tail
-            .front()
-            .is_some_and(|f| self.tail_len - f.len() >= TAIL)
-        {
-            if let Some(f) = self.tail.pop_front() {
-                self.tail_len -= f.len();
-            }
-        }
-    }
-
-    /// Total tokens the response reported.
-    pub fn usage(self, sse: bool) -> Option<u64> {
-        if !self.head.truncated {
-            return reported_usage(&self.head.into_bytes(), sse);
-        }
-        let mut tail = BytesMut::with_capacity(self.tail_len);
-        for part in &self.tail {
-            tail.extend_from_slice(part);
-        }
-        if sse {
-            reported_usage(&tail, true)
-        } else {
-            usage_in_tail(&tail)
-        }
-    }
-}
-
-/// The last `"usage": {...}` object in a (fragment of) JSON: found by a reverse substring search, so
-/// only the end of a body is looked at, and only that object is parsed.
-fn usage_in_tail(tail: &[u8]) -> Option<u64> {
-    let key = memchr::memmem::rfind(tail, b"\"usage\"")?;
-    let after = tail[key + 7..].trim_ascii_start().strip_prefix(b":")?;
-    let open = tail.len() - after.trim_ascii_start().strip_prefix(b"{")?.len() - 1;
-    let mut depth = 0usize;
-    for (i, b) in tail[open..].iter().enumerate() {
-        match b {
-            b'{' => depth += 1,
-            b'}' => {
-                depth -= 1;
-                if depth == 0 {
-                    let usage: Usage = serde_json::from_slice(&tail[open..=open + i]).ok()?;
-                    return usage.total();
-                }
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
-#[derive(Deserialize)]
-struct UsageDoc {
-    usage: Option<Usage>,
-}
-
-#[derive(Deserialize)]
-struct Usage {
-    prompt_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
-    total_tokens: Option<u64>,
-}
-
-impl Usage {
-    fn total(&self) -> Option<u64> {
-        self.total_tokens
-            .or(match (self.prompt_tokens, self.completion_tokens) {
-                (None, None) => None,
-                (p, c) => Some(p.unwrap_or(0).saturating_add(c.unwrap_or(0))),
-            })
-    }
-}
-
-/// Total tokens in the response's `usage` (OpenAI format); for SSE the last event that carries one.
-///
-/// A JSON body is read from its end: the last `"usage"` key's object (OpenAI puts it last), which spares
-/// parsing the whole answer on every response; only when that fails is the whole body parsed.
-pub fn reported_usage(body: &[u8], sse: bool) -> Option<u64> {
-    if !sse {
-        return usage_in_tail(body).or_else(|| {
-            serde_json::from_slice::<UsageDoc>(body)
-                .ok()?
-                .usage?
-                .total()
-        });
-    }
-    let finder = memchr::memmem::Finder::new(b"\"usage\"");
-    body.split(|b| *b == b'\n')
-        .rev()
-        .filter_map(|line| line.strip_prefix(b"data:"))
-        .filter(|data| finder.find(data).is_some())
-        .find_map(|data| {
-            serde_json::from_slice::<UsageDoc>(data.trim_ascii())
-                .ok()?
-                .usage?
-                .total()
-        })
-}
+/// The response's usage is read by the one usage parser of signals (its tail fast path included).
+pub use crate::signals::usage::UsageTap;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn usage_from_json_and_sse() {
-        let json = br#"{"answer":"x","usage":{"prompt_tokens":10,"completion_tokens":5}}"#;
-        assert_eq!(reported_usage(json, false), Some(15));
-        assert_eq!(
-            reported_usage(br#"{"usage":{"total_tokens":42}}"#, false),
-            Some(42)
-        );
-        assert_eq!(reported_usage(br#"{"answer":"x"}"#, false), None);
-        // Read from the end: the key, not an earlier string value; whitespace and later keys allowed.
-        assert_eq!(
-            reported_usage(
-                br#"{"topic":"usage","usage" : {"total_tokens":5},"model":"m"}"#,
-                false
-            ),
-            Some(5)
-        );
-        assert_eq!(
-            reported_usage(br#"{"usage": null, "answer": "the "usage" policy"}"#, false),
-            None
-        );
-        let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\n\ndata: [DONE]\n\n";
-        assert_eq!(reported_usage(sse, true), Some(10));
-        assert_eq!(reported_usage(b"data: {\"choices\":[]}\n\n", true), None);
-    }
-
-    #[test]
-    fn usage_of_a_body_longer_than_the_cap() {
-        let filler = Bytes::from(vec![b'x'; 10_000]);
-        let mut json = UsageTap::new(4096);
-        json.push(&Bytes::from_static(b"{\"answer\":\""));
-        for _ in 0..10 {
-            json.push(&filler);
-        }
-        json.push(&Bytes::from_static(
-            b"\",\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":900}}",
-        ));
-        assert_eq!(json.usage(false), Some(907));
-        let mut sse = UsageTap::new(4096);
-        for _ in 0..10 {
-            sse.push(&Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"}}]}\n\n"));
-            sse.push(&filler);
-            sse.push(&Bytes::from_static(b"\n\n"));
-        }
-        sse.push(&Bytes::from_static(
-            b"data: {\"choices\":[],\"usage\":{\"total_tokens\":15}}\n\ndata: [DONE]\n\n",
-        ));
-        assert_eq!(sse.usage(true), Some(15));
-    }
 
     #[test]
     fn estimate_reads_max_tokens() {

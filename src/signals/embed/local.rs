@@ -68,7 +68,7 @@ impl Local {
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .thread_name(|_| "driftguard-embed".into())
-            .start_handler(|_| crate::eval::lower_priority())
+            .start_handler(|_| crate::signals::priority::lower_priority())
             .build_global();
         if !dir.is_dir() {
             return Err(load_error(dir, "not a model folder (no such directory)"));

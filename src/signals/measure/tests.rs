@@ -1,3 +1,5 @@
+//! Unit tests of the SPEC §3 measures: ΔS probes, coverage, λ and tool loops.
+
 use std::collections::HashSet;
 use std::f64::consts::FRAC_1_SQRT_2;
 

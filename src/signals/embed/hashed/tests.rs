@@ -1,4 +1,8 @@
+//! Unit tests of the `hashed` embedder: its features, its fixed hash, and the word splitter it shares
+//! with coverage; plus the vector operations of `embed`.
+
 use super::*;
+use crate::signals::embed::*;
 
 /// A 3-gram packed as the embedder packs it.
 fn pack(gram: &str) -> u64 {
@@ -10,7 +14,7 @@ fn pack(gram: &str) -> u64 {
 fn vector_from_features(text: &str) -> Vec<f32> {
     let mut words = Words::default();
     words.split(text);
-    let n = words.spans.len();
+    let n = words.len();
     let mut tf: Vec<(u64, u32)> = Vec::new();
     for (i, feature) in features(text).iter().enumerate() {
         let hash = if i < n {

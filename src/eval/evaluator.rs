@@ -1,0 +1,84 @@
+//! What a worker (and `cmd eval`, on a gold set) runs per exchange: the extractor and the embedder the
+//! config asks for, swapped as a whole on reload, and the scoring of extracted pieces into ΔS and coverage.
+
+use std::sync::Arc;
+
+use crate::config::{EmbedderKind, LocalEmbedder, Signals as SignalsConfig};
+use crate::signals::embed::Embedder;
+use crate::signals::extract::{Extracted, Extractor};
+use crate::signals::measure;
+use crate::signals::EvalError;
+
+/// What the workers need, swapped as a whole on reload.
+pub struct Evaluator {
+    pub extractor: Extractor,
+    pub embedder: Arc<dyn Embedder>,
+    /// The `local` model's settings, so a reload that keeps them keeps the loaded model.
+    local: Option<LocalEmbedder>,
+}
+
+impl Evaluator {
+    pub fn from_config(config: &SignalsConfig) -> Result<Evaluator, EvalError> {
+        Evaluator::reusing(config, None)
+    }
+
+    /// Like [`Evaluator::from_config`], but keeps `previous`'s local model when its settings did not
+    /// change: loading one reads and checks ~100 MB.
+    pub(super) fn reusing(
+        config: &SignalsConfig,
+        previous: Option<&Evaluator>,
+    ) -> Result<Evaluator, EvalError> {
+        let local = (config.embedder == EmbedderKind::Local).then(|| config.local.clone());
+        let embedder = match previous {
+            Some(p) if local.is_some() && p.local == local => p.embedder.clone(),
+            _ => crate::signals::embedder(config)?,
+        };
+        Ok(Evaluator {
+            extractor: Extractor::new(
+                &config.question,
+                &config.retrieved,
+                &config.answer,
+                &config.anchor,
+            )?,
+            embedder,
+            local,
+        })
+    }
+}
+
+/// Signals of one exchange, before they are attributed to an arm.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub delta_s_qr: f64,
+    pub delta_s_ra: f64,
+    pub delta_s: f64,
+    pub coverage: Option<f64>,
+}
+
+impl Evaluator {
+    /// Embeds and measures extracted pieces. The anchor defaults to the answer.
+    pub fn score(&self, e: &Extracted) -> Result<Scored, EvalError> {
+        let question = e.question.as_deref().unwrap_or_default();
+        let answer = e.answer.as_deref().unwrap_or_default();
+        let anchor = e.anchor.as_deref().unwrap_or(answer);
+        let mut texts: Vec<&str> = Vec::with_capacity(e.chunks.len() + 2);
+        texts.push(question);
+        texts.extend(e.chunks.iter().map(String::as_str));
+        texts.push(anchor);
+        let vectors = self.embedder.embed_batch(&texts)?;
+        let (q, rest) = vectors
+            .split_first()
+            .ok_or(EvalError::Setup("the embedder returned no vectors".into()))?;
+        let (a, chunks) = rest.split_last().ok_or(EvalError::Setup(
+            "the embedder returned too few vectors".into(),
+        ))?;
+        let ds = measure::delta_s_probes(q, chunks, a);
+        let chunk_texts: Vec<&str> = e.chunks.iter().map(String::as_str).collect();
+        Ok(Scored {
+            delta_s_qr: ds.qr,
+            delta_s_ra: ds.ra,
+            delta_s: ds.max,
+            coverage: measure::coverage(answer, &chunk_texts),
+        })
+    }
+}
