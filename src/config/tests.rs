@@ -1,3 +1,5 @@
+//! Unit tests of the config parser: defaults, every validation error with its key path.
+
 use std::time::Duration;
 
 use super::*;

@@ -1,3 +1,6 @@
+//! Unit tests of the rules: each rule's breach and noise guard, and the healthy-window simulation.
+
+use super::summary::{bucket_quantile, moments};
 use super::*;
 
 /// Draws arm windows from given distributions, as the windows would hold them.

@@ -1,3 +1,5 @@
+//! Unit tests of the windows: HDR layout error against hdrhistogram, slot rotation, the arm write API.
+
 use super::*;
 
 #[test]

@@ -1,3 +1,5 @@
+//! Unit tests of the breaker: state transitions, rates, half-open probes, settings changes.
+
 use super::*;
 
 const SEC: Duration = Duration::from_secs(1);

@@ -1,5 +1,5 @@
 //! The token budget on the request path: read a bounded prefix of the request body to estimate what it
-//! will cost, reserve that in the [`Budget`](super::budget::Budget), and settle the reservation against
+//! will cost, reserve that in the [`Budget`](super::Budget), and settle the reservation against
 //! the usage the upstream reports once the response is complete. `serve::handle` runs [`admit`] and
 //! turns a [`BudgetRefusal`] into its 429 or 503.
 

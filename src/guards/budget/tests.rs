@@ -1,3 +1,5 @@
+//! Unit tests of the local GCRA budget: admission, refunds, bursts, settings changes.
+
 use super::*;
 
 use serde_json::json;

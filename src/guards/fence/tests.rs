@@ -1,3 +1,5 @@
+//! Unit tests of the fence: receipts, fingerprints, the embedded store.
+
 use super::*;
 use http::HeaderValue;
 
