@@ -95,7 +95,7 @@ fn bench(c: &mut Criterion) {
     let (probes, covered, state) = evaluate(&Hashed, QUESTION, &CHUNKS, ANSWER);
     eprintln!(
         "sample evaluation: {probes:?}, coverage {covered:?}, λ {}",
-        state.as_str()
+        driftguard::windows::LAMBDA_STATES[state.index()]
     );
 
     let mut group = c.benchmark_group("evaluate");

@@ -862,7 +862,7 @@ async fn lambda_follows_the_session_series() {
         o_max - g_max > 0.04,
         "fixture: off-topic ΔS {o_max} well above grounded {g_max}"
     );
-    let first = measure::lambda(g_qr, g_ra).as_str();
+    let first = driftguard::windows::LAMBDA_STATES[measure::lambda(g_qr, g_ra).index()];
 
     let mut states: BTreeMap<String, f64> = BTreeMap::new();
     let mut expect = |id: &str, want: &str, line: &Value| {

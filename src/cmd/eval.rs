@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, Signals as SignalsConfig};
 use crate::eval::Evaluator;
 use crate::net;
-use crate::signals::measure::{self, Lambda};
+use crate::signals::measure;
 use crate::signals::EvalError;
+use crate::windows::LAMBDA_STATES;
 
 /// Largest response body read per item.
 const MAX_RESPONSE: usize = 16 << 20;
@@ -304,7 +305,8 @@ fn score_item(
             result.delta_s_qr = Some(s.delta_s_qr);
             result.delta_s_ra = Some(s.delta_s_ra);
             result.coverage = s.coverage;
-            result.lambda = Some(measure::lambda(s.delta_s_qr, s.delta_s_ra).as_str());
+            result.lambda =
+                Some(LAMBDA_STATES[measure::lambda(s.delta_s_qr, s.delta_s_ra).index()]);
         }
         Err(e) => result.error = Some(format!("embedder: {e}")),
     }
@@ -317,7 +319,7 @@ fn totals(items: &[ItemResult]) -> Totals {
     let coverage: Vec<f64> = items.iter().filter_map(|i| i.coverage).collect();
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     let mut lambda: std::collections::BTreeMap<&'static str, usize> =
-        Lambda::ALL.iter().map(|l| (l.as_str(), 0)).collect();
+        LAMBDA_STATES.iter().map(|&name| (name, 0)).collect();
     for state in items.iter().filter_map(|i| i.lambda) {
         *lambda.entry(state).or_default() += 1;
     }

@@ -16,7 +16,7 @@ use opentelemetry_sdk::trace::Span;
 use prometheus::IntCounterVec;
 
 use super::{Evaluator, Sample, Sessions};
-use crate::signals::measure::{self, Lambda, ToolCall};
+use crate::signals::measure::{self, ToolCall};
 use crate::signals::priority::lower_priority;
 use crate::telemetry::log::ACCESS;
 use crate::windows::{Evaluation, LAMBDA_STATES};
@@ -147,7 +147,7 @@ impl Worker {
             delta_s_ra: scored.delta_s_ra,
             delta_s: scored.delta_s,
             coverage: scored.coverage,
-            lambda: Lambda::ALL.iter().position(|l| *l == lambda).unwrap_or(0),
+            lambda: lambda.index(),
         };
         sample.arm.evaluated(sample.at, &evaluation);
         tracing::info!(

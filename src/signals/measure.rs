@@ -91,13 +91,13 @@ pub fn band(ds: f64) -> Band {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Lambda {
     /// ΔS fell by 0.02 or more.
-    Convergent,
+    Convergent = 0,
     /// ΔS moved by less than 0.02 either way.
-    Recursive,
+    Recursive = 1,
     /// ΔS rose by 0.02 to 0.04.
-    Divergent,
+    Divergent = 2,
     /// ΔS rose by more than 0.04.
-    Chaotic,
+    Chaotic = 3,
 }
 
 impl Lambda {
@@ -108,14 +108,10 @@ impl Lambda {
         Lambda::Chaotic,
     ];
 
-    /// The `state` label of `driftguard_lambda_total`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Lambda::Convergent => "convergent",
-            Lambda::Recursive => "recursive",
-            Lambda::Divergent => "divergent",
-            Lambda::Chaotic => "chaotic",
-        }
+    /// The state's position in [`Lambda::ALL`]: the index an evaluation records; the windows keep the
+    /// one list of the states' names in this order (`windows::LAMBDA_STATES`).
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 

@@ -158,8 +158,8 @@ fn lambda_on_every_two_decimal_step() {
 fn flips_are_divergent_and_chaotic() {
     let flips: Vec<bool> = Lambda::ALL.iter().map(|&l| is_flip(l)).collect();
     assert_eq!(flips, [false, false, true, true]);
-    let names: Vec<&str> = Lambda::ALL.iter().map(|l| l.as_str()).collect();
-    assert_eq!(names, ["convergent", "recursive", "divergent", "chaotic"]);
+    let indices: Vec<usize> = Lambda::ALL.iter().map(|l| l.index()).collect();
+    assert_eq!(indices, [0, 1, 2, 3]);
 }
 
 // === Coverage ===
