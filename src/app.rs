@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -22,6 +22,7 @@ use crate::rollback::engine::Engine;
 use crate::rollback::state::GuardState;
 use crate::rules::Rule;
 use crate::serve::context::Context;
+use crate::serve::error::ProxyError;
 use crate::serve::pins;
 use crate::serve::router::{RouterError, RoutingTable};
 use crate::serve::upstream::Pools;
@@ -99,6 +100,8 @@ pub struct App {
     started: Instant,
     started_ms: u64,
     draining: AtomicBool,
+    /// Serialises reloads, see [`App::reload`].
+    reloading: Mutex<()>,
 }
 
 /// Keys whose new value a reload cannot apply (listeners, runtime, pools, evaluation threads).
@@ -159,6 +162,7 @@ impl App {
             guard_states: &GuardState::ALL.map(GuardState::as_str),
             rules: &Rule::ALL.map(Rule::name),
             fence_decisions: &crate::guards::fence::DECISIONS,
+            proxy_errors: &ProxyError::ALL.map(ProxyError::as_str),
         }));
         let budget = match &loaded.config.budget {
             Some(b) => Some(Arc::new(Budget::from_config(
@@ -209,6 +213,7 @@ impl App {
             started: Instant::now(),
             started_ms,
             draining: AtomicBool::new(false),
+            reloading: Mutex::new(()),
         })
     }
 
@@ -287,6 +292,9 @@ impl App {
     /// Re-reads the config file and swaps in the new config and routing table, or changes nothing.
     pub fn reload(&self) -> Result<String, ReloadError> {
         let path = self.config_path.as_deref().ok_or(ReloadError::NoPath)?;
+        // One reload at a time (SIGHUP and POST /reload may overlap): the token and the hash stored after
+        // the control's commit must be the committed file's.
+        let _one = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let result = self.try_reload(path);
         let outcome = if result.is_ok() { "ok" } else { "refused" };
         self.metrics.reloads.with_label_values(&[outcome]).inc();

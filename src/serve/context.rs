@@ -11,7 +11,6 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use crate::eval::Pipeline;
 use crate::guards::budget::Budget;
 use crate::guards::fence::Fence;
-use crate::serve::error::ProxyError;
 use crate::serve::router::RoutingTable;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::otel::Otel;
@@ -44,8 +43,6 @@ impl Context {
         tracer: Option<Arc<Otel>>,
         metrics: Arc<Metrics>,
     ) -> Context {
-        // Every kind's series exists from the start, before its first error.
-        metrics.register_proxy_errors(&ProxyError::ALL.map(ProxyError::as_str));
         Context {
             table,
             budget,

@@ -32,6 +32,8 @@ pub struct Labels<'a> {
     pub rules: &'a [&'a str],
     /// `driftguard_idempotency_total{decision}`.
     pub fence_decisions: &'a [&'a str],
+    /// `driftguard_proxy_errors_total{kind}`.
+    pub proxy_errors: &'a [&'a str],
 }
 
 /// Process-wide metrics, and the per-arm stats (keyed by arm name so they survive reloads).
@@ -365,6 +367,9 @@ impl Metrics {
         for rule in labels.rules {
             m.trips.with_label_values(&[rule]);
         }
+        for kind in labels.proxy_errors {
+            m.proxy_errors.with_label_values(&[kind]);
+        }
         for decision in labels.fence_decisions {
             m.idempotency.with_label_values(&[decision]);
         }
@@ -373,14 +378,6 @@ impl Metrics {
 
     pub fn proxy_error(&self, kind: &'static str) {
         self.proxy_errors.with_label_values(&[kind]).inc();
-    }
-
-    /// Creates the `driftguard_proxy_errors_total` series of every kind at 0, so they exist before the
-    /// first error; the request path passes its list of kinds.
-    pub fn register_proxy_errors(&self, kinds: &[&'static str]) {
-        for kind in kinds {
-            self.proxy_errors.with_label_values(&[kind]);
-        }
     }
 
     /// Lifetime (count, sum in seconds) of an arm's request durations.
