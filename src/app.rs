@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::eval::Pipeline;
+use crate::fleet::{Fleet, FleetError};
 use crate::guards::budget::{Budget, RedisBudgetError};
 use crate::guards::fence::{Fence, FenceError};
 use crate::guards::Breakers;
@@ -140,6 +141,8 @@ pub enum StartError {
     Fence(#[from] FenceError),
     #[error(transparent)]
     Budget(#[from] RedisBudgetError),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,12 +196,19 @@ impl App {
         });
         let config_hash = Arc::new(ArcSwap::from_pointee(loaded.hash));
         let started_ms = crate::clock::now_ms();
+        let fleet = match &config.fleet {
+            Some(f) => Some(Arc::new(Fleet::new(f, &metrics)?)),
+            None => None,
+        };
         let engine = Engine::new(
             control.clone(),
             metrics.clone(),
             config_hash.clone(),
             started_ms,
+            fleet,
         );
+        // A replica that starts after a fleet trip serves its first request rolled back.
+        engine.join_fleet(FLEET_JOIN);
         Ok(App {
             fence,
             pipeline,
@@ -334,6 +344,9 @@ impl App {
         Ok(loaded.hash)
     }
 }
+
+/// How long a starting replica tries to read the fleet state before it serves on its own state.
+const FLEET_JOIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long the windows may go without a rotation tick.
 pub const ROTATE_EVERY: Duration = Duration::from_secs(1);

@@ -31,6 +31,7 @@ pub mod cmd;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod fleet;
 pub mod guards;
 pub mod net;
 pub mod rollback;

@@ -412,6 +412,22 @@ impl Window {
         let reach = now.checked_sub(span).map_or(0, |from| self.epoch_at(from));
         let n = (newest - reach.min(newest) + 1).clamp(1, SLOTS as u64 - 1);
         let oldest = newest.saturating_sub(n - 1);
+        self.merge(oldest, newest, n)
+    }
+
+    /// The slot period `at` falls in.
+    pub fn epoch(&self, at: Instant) -> u64 {
+        self.epoch_at(at)
+    }
+
+    /// What one slot period holds (empty when the ring no longer or not yet holds it): the fleet
+    /// pushes a slot's growth since its last interval.
+    pub fn slot(&self, epoch: u64) -> WindowStats {
+        self.merge(epoch, epoch, 1)
+    }
+
+    /// Merges the slots of periods `oldest..=newest`, `n` slots long.
+    fn merge(&self, oldest: u64, newest: u64, n: u64) -> WindowStats {
         let mut stats = WindowStats {
             span: Duration::from_millis(n * SLOT.as_millis() as u64),
             hists: std::array::from_fn(|i| Snapshot::for_hist(&self.slots[0].hists[i])),

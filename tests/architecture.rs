@@ -29,7 +29,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("guards",    &["config", "signals", "telemetry", "windows", "shutdown", "clock", "error", "capture"]),
     ("eval",      &["signals", "windows", "telemetry", "config", "shutdown", "clock", "error", "capture"]),
     ("serve",     &["guards", "eval", "signals", "windows", "telemetry", "config", "shutdown", "clock", "error", "capture"]),
-    ("rollback",  &["rules", "windows", "serve", "guards", "telemetry", "net", "config", "shutdown", "clock", "error", "capture"]),
+    ("rollback",  &["fleet", "rules", "windows", "serve", "guards", "telemetry", "net", "config", "shutdown", "clock", "error", "capture"]),
     ("fleet",     &["rules", "windows", "config", "telemetry", "net", "shutdown", "clock", "error", "capture"]),
     ("app",       &["rollback", "fleet", "serve", "guards", "eval", "signals", "windows", "rules", "telemetry",
                     "net", "config", "shutdown", "clock", "error", "capture"]),

@@ -25,6 +25,9 @@ pub fn document(app: &App) -> Value {
     let guard = guard(app.engine());
     let mut status = self::app(app);
     status["guard"] = guard;
+    if let Some(fleet) = app.engine().fleet() {
+        status["fleet"] = fleet.status();
+    }
     status
 }
 

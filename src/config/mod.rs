@@ -11,6 +11,7 @@ mod breaker;
 mod budget;
 mod cache;
 mod dur;
+mod fleet;
 mod listen;
 mod log;
 mod recovery;
@@ -34,6 +35,7 @@ pub use breaker::Breaker;
 pub use budget::{Budget, BudgetBackend, OnBackendError};
 pub use cache::Cache;
 pub use dur::Dur;
+pub use fleet::{Fleet, FleetOnError};
 pub use listen::Listen;
 pub use log::Log;
 pub use recovery::Recovery;
@@ -127,6 +129,8 @@ pub struct Config {
     pub recovery: Recovery,
     /// `[log]`: access log and log filter.
     pub log: Log,
+    /// Replicas sharing windows and verdicts; off unless the `[fleet]` table is present.
+    pub fleet: Option<Fleet>,
 }
 
 impl Default for Config {
@@ -150,6 +154,7 @@ impl Default for Config {
             rollback: Rollback::default(),
             recovery: Recovery::default(),
             log: Log::default(),
+            fleet: None,
         }
     }
 }
@@ -229,6 +234,9 @@ impl Config {
         self.signals.validate(&mut errors);
         if let Some(budget) = &self.budget {
             budget.validate(&mut errors);
+        }
+        if let Some(fleet) = &self.fleet {
+            fleet.validate(&mut errors);
         }
         let target = &self.breaker.degrade_target;
         if !target.is_empty() && !self.arms.iter().any(|a| &a.name == target) {

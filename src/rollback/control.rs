@@ -255,12 +255,26 @@ impl Control {
         &self,
         change: impl FnOnce(&mut RuntimeState, &Config, &RoutingTable) -> T,
     ) -> Result<(T, RuntimeState), RouterError> {
+        self.update_state_if(change, |_| Ok::<(), std::convert::Infallible>(()))?
+            .map_err(|never| match never {})
+    }
+
+    /// [`Control::update_state`], committed only when `gate` accepts the new state (a fleet takes the
+    /// transition); a refusal changes nothing and is returned as the inner error.
+    pub fn update_state_if<T, G>(
+        &self,
+        change: impl FnOnce(&mut RuntimeState, &Config, &RoutingTable) -> T,
+        gate: impl FnOnce(&RuntimeState) -> Result<(), G>,
+    ) -> Result<Result<(T, RuntimeState), G>, RouterError> {
         let mut state = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let config = self.config.load_full();
         let mut next = state.clone();
         let out = change(&mut next, &config, &self.table.load());
         let table = build(&self.parts, &config, &next)?;
         let table = apply(&mut next, table, &config)?;
+        if let Err(refused) = gate(&next) {
+            return Ok(Err(refused));
+        }
         self.table.store(Arc::new(table));
         if let (Some(budget), Some(settings)) = (self.budget(), budget_settings(&next, &config)) {
             budget.set_settings(settings);
@@ -270,7 +284,7 @@ impl Control {
             *state = next;
             self.persist(&state);
         }
-        Ok((out, state.clone()))
+        Ok(Ok((out, state.clone())))
     }
 
     /// Saves the runtime state; a failure is logged (the change holds until restart).

@@ -11,6 +11,7 @@
 //! pinned baseline in `engine/baseline.rs`, snapshots and hook events in `engine/events.rs`.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,10 +19,11 @@ use arc_swap::ArcSwap;
 
 use crate::clock::now_ms;
 use crate::config::{self, HookEvent, RollbackStep};
+use crate::fleet::Fleet;
 use crate::rollback::control::Control;
 use crate::rollback::hooks::{HookContext, HookOutcome};
 use crate::rollback::plan::{self, lever_name};
-use crate::rollback::snapshot::write_snapshot;
+use crate::rollback::snapshot::{snapshot_dir, write_snapshot};
 use crate::rollback::state::{GuardState, RuntimeState, Trip};
 use crate::rules::{self, Finding, RuleSet, Summary, Target, Verdict};
 use crate::serve::router::{RouterError, RoutingTable};
@@ -30,6 +32,7 @@ use baseline::baseline_of;
 
 mod baseline;
 mod events;
+mod fleet;
 
 /// Rule name of a trip requested through `POST /trip`.
 pub const MANUAL: &str = "manual";
@@ -49,6 +52,12 @@ pub struct Engine {
     reported: Mutex<HashSet<(String, &'static str, &'static str)>>,
     /// The exit targets as last judged, for `/status`.
     progress: Mutex<Vec<Target>>,
+    /// The fleet this replica judges and flips with (`[fleet]`); `None`: alone.
+    fleet: Option<Arc<Fleet>>,
+    /// The fleet state's generation this replica applies.
+    generation: AtomicU64,
+    /// Whether the last fleet sync answered (a change of it is logged once).
+    fleet_ok: AtomicBool,
 }
 
 /// Why a trip was asked for.
@@ -78,6 +87,7 @@ impl Engine {
         metrics: Arc<Metrics>,
         config_hash: Arc<ArcSwap<String>>,
         started_ms: u64,
+        fleet: Option<Arc<Fleet>>,
     ) -> Arc<Engine> {
         let duplicates = metrics.duplicate_effects.get();
         // The configured hooks' series exist from the start, so dashboards show 0 rather than nothing.
@@ -96,6 +106,9 @@ impl Engine {
             last_duplicates: Mutex::new(duplicates),
             reported: Mutex::new(HashSet::new()),
             progress: Mutex::new(Vec::new()),
+            fleet,
+            generation: AtomicU64::new(0),
+            fleet_ok: AtomicBool::new(true),
         })
     }
 
@@ -138,16 +151,18 @@ impl Engine {
     /// One evaluation: the rules while healthy, the exit targets while tripped or recovering. Returns the
     /// hook events to fire.
     pub fn tick(&self) -> Vec<HookContext> {
+        let now = Instant::now();
+        let Some(summaries) = self.windows(&self.control.config(), &self.control.table(), now)
+        else {
+            return Vec::new();
+        };
+        // Read after the fleet sync: it may have adopted a newer fleet state.
         let config = self.control.config();
         let table = self.control.table();
         let state = self.control.runtime_state();
-        let now = Instant::now();
-        let span = config.rules.window.0;
-        let summaries: Vec<Summary> = table
-            .arms()
-            .iter()
-            .map(|arm| Summary::from_window(&arm.stats.window.stats(now, span)))
-            .collect();
+        if summaries.len() != table.arms().len() {
+            return Vec::new(); // a reload changed the arms in between; the next interval judges
+        }
         let duplicates = {
             let total = self.metrics.duplicate_effects.get();
             let mut last = self
@@ -406,7 +421,7 @@ impl Engine {
             }
         }
         // 2–5 in one swap: freeze, lever, cache namespace, throttle.
-        let (action, _) = self.control.update_state(|s, config, table| {
+        let committed = self.transition(|s, config, table| {
             let action = plan::apply_steps(steps, lever, s, config, table, &arm);
             let mut recorded = trip.clone();
             recorded.action = action.clone();
@@ -416,6 +431,14 @@ impl Engine {
             s.guard.last_trip = Some(recorded);
             action
         })?;
+        let Some((action, _)) = committed else {
+            // The fleet took another replica's transition: that replica writes the snapshot and fires.
+            if let Some(id) = &trip.snapshot {
+                let path = snapshot_dir(&config.state_dir).join(format!("{id}.json"));
+                let _ = std::fs::remove_file(path);
+            }
+            return Ok(Vec::new());
+        };
         trip.action = action;
         let metrics = &self.metrics;
         metrics.trips.with_label_values(&[trip.rule.as_str()]).inc();
@@ -453,7 +476,7 @@ impl Engine {
     /// `recovered` hook events.
     pub fn recover(&self, why: &str) -> Vec<HookContext> {
         let config = self.control.config();
-        let result = self.control.update_state(|s, _, _| {
+        let result = self.transition(|s, _, _| {
             let was = s.guard.state;
             s.frozen = false;
             s.throttled = false;
@@ -463,7 +486,8 @@ impl Engine {
             was
         });
         let (was, state) = match result {
-            Ok(r) => r,
+            Ok(Some(r)) => r,
+            Ok(None) => return Vec::new(),
             Err(e) => {
                 tracing::error!(error = %e, "cannot recover");
                 return Vec::new();
@@ -492,13 +516,14 @@ impl Engine {
 
     fn escalate(&self, targets: &[Target]) -> Vec<HookContext> {
         let config = self.control.config();
-        let result = self.control.update_state(|s, _, _| {
+        let result = self.transition(|s, _, _| {
             s.guard.state = GuardState::Escalated;
             s.guard.since_ms = now_ms();
             s.guard.green_since_ms = None;
         });
         let state = match result {
-            Ok((_, state)) => state,
+            Ok(Some((_, state))) => state,
+            Ok(None) => return Vec::new(),
             Err(e) => {
                 tracing::error!(error = %e, "cannot escalate");
                 return Vec::new();
@@ -518,6 +543,18 @@ impl Engine {
         let trip = state.guard.last_trip.clone().unwrap_or_default();
         let snapshot = self.snapshot("escalated", &trip, &state);
         self.event(HookEvent::Escalated, &trip, snapshot, &config)
+    }
+
+    fn clear_progress(&self) {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// This replica's fleet link, when it runs in one.
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.as_ref()
     }
 
     /// The exit targets as last judged (for `/status`).

@@ -36,6 +36,14 @@ pub struct Labels<'a> {
     pub proxy_errors: &'a [&'a str],
 }
 
+/// The fleet's series; see [`Metrics::fleet`].
+#[derive(Clone)]
+pub struct FleetMetrics {
+    pub replicas: IntGauge,
+    pub generation: IntGauge,
+    pub errors: IntCounterVec,
+}
+
 /// Process-wide metrics, and the per-arm stats (keyed by arm name so they survive reloads).
 pub struct Metrics {
     registry: Registry,
@@ -374,6 +382,46 @@ impl Metrics {
             m.idempotency.with_label_values(&[decision]);
         }
         m
+    }
+
+    /// The fleet's series (`driftguard_fleet_replicas`, `_generation`, `_errors_total{op}`), registered
+    /// once by app when a `[fleet]` is configured, so a single-pod driftguard shows none of them.
+    pub fn fleet(&self, ops: &[&str]) -> FleetMetrics {
+        let replicas = IntGauge::new(
+            "fleet_replicas",
+            "Replicas of this fleet scope with a heartbeat in the last rule window.",
+        )
+        .expect("static metric definition is valid");
+        let generation = IntGauge::new(
+            "fleet_generation",
+            "Generation of the fleet state this replica applies (one per fleet-wide transition).",
+        )
+        .expect("static metric definition is valid");
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "fleet_errors_total",
+                "Failed fleet calls to Redis, by operation.",
+            ),
+            &["op"],
+        )
+        .expect("static metric definition is valid");
+        for c in [
+            Box::new(replicas.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(generation.clone()),
+            Box::new(errors.clone()),
+        ] {
+            if let Err(e) = self.registry.register(c) {
+                tracing::warn!(error = %e, "fleet metrics already registered");
+            }
+        }
+        for op in ops {
+            errors.with_label_values(&[op]);
+        }
+        FleetMetrics {
+            replicas,
+            generation,
+            errors,
+        }
     }
 
     pub fn proxy_error(&self, kind: &'static str) {

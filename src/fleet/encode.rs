@@ -1,0 +1,165 @@
+//! A window [`Summary`] as the sparse, additive fields the fleet adds up in Redis, and back. Counters are
+//! plain fields; each histogram bucket is one field named by its scaled value (`d:` ΔS, `c:` coverage,
+//! `l:` latency µs). Only what the rules read travels.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use crate::rules::Summary;
+
+/// The nonzero fields of `s`.
+pub fn fields(s: &Summary) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (name, n) in [
+        ("req", s.requests),
+        ("e5", s.errors_5xx),
+        ("rl", s.rate_limited),
+        ("pm", s.pin_mismatches),
+        ("tl", s.tool_loops),
+        ("ev", s.evaluated),
+        ("lf", s.lambda_flips),
+    ] {
+        if n > 0 {
+            out.insert(name.to_string(), n);
+        }
+    }
+    for (prefix, buckets) in [("d", &s.delta_s), ("c", &s.coverage), ("l", &s.latency)] {
+        for (value, n) in buckets.iter().filter(|(_, n)| *n > 0) {
+            out.insert(format!("{prefix}:{value}"), *n);
+        }
+    }
+    out
+}
+
+/// What `now` holds beyond `before` (a slot only grows; a field that shrank, after a ring wrap, counts
+/// as new).
+pub fn minus(now: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    now.iter()
+        .filter_map(|(f, n)| {
+            let grown = match before.get(f) {
+                Some(b) if b <= n => n - b,
+                _ => *n,
+            };
+            (grown > 0).then(|| (f.clone(), grown))
+        })
+        .collect()
+}
+
+/// Adds `more` into `into`.
+pub fn add(into: &mut BTreeMap<String, u64>, more: &BTreeMap<String, u64>) {
+    for (f, n) in more {
+        *into.entry(f.clone()).or_default() += n;
+    }
+}
+
+/// The merged window read back, `[arm|field, sum, ...]`, as one Summary per arm over `window`.
+pub fn summaries(flat: &[String], window: Duration) -> HashMap<String, Summary> {
+    let mut out: HashMap<String, Summary> = HashMap::new();
+    for pair in flat.chunks_exact(2) {
+        let (Some((arm, field)), Ok(n)) = (pair[0].split_once('|'), pair[1].parse::<u64>()) else {
+            continue;
+        };
+        let s = out.entry(arm.to_string()).or_insert_with(|| Summary {
+            span_seconds: window.as_secs(),
+            ..Summary::default()
+        });
+        match field {
+            "req" => s.requests += n,
+            "e5" => s.errors_5xx += n,
+            "rl" => s.rate_limited += n,
+            "pm" => s.pin_mismatches += n,
+            "tl" => s.tool_loops += n,
+            "ev" => s.evaluated += n,
+            "lf" => s.lambda_flips += n,
+            _ => {
+                let Some((prefix, value)) = field.split_once(':') else {
+                    continue;
+                };
+                let Ok(value) = value.parse::<u64>() else {
+                    continue;
+                };
+                match prefix {
+                    "d" => s.delta_s.push((value, n)),
+                    "c" => s.coverage.push((value, n)),
+                    "l" => s.latency.push((value, n)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    for s in out.values_mut() {
+        for buckets in [&mut s.delta_s, &mut s.coverage, &mut s.latency] {
+            buckets.sort_unstable();
+        }
+        s.latency_p50_us = quantile(&s.latency, 0.5);
+        s.latency_p95_us = quantile(&s.latency, 0.95);
+        s.latency_p99_us = quantile(&s.latency, 0.99);
+    }
+    out
+}
+
+/// Quantile `q` of (value, count) buckets: the value at rank ceil(q·n), as the windows compute it.
+fn quantile(buckets: &[(u64, u64)], q: f64) -> Option<u64> {
+    let total: u64 = buckets.iter().map(|(_, n)| n).sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+    let mut seen = 0;
+    buckets.iter().find_map(|(v, n)| {
+        seen += n;
+        (seen >= rank).then_some(*v)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(requests: u64, errors: u64, ds: &[(u64, u64)], lat: &[(u64, u64)]) -> Summary {
+        Summary {
+            requests,
+            errors_5xx: errors,
+            evaluated: ds.iter().map(|(_, n)| n).sum(),
+            delta_s: ds.to_vec(),
+            latency: lat.to_vec(),
+            ..Summary::default()
+        }
+    }
+
+    #[test]
+    fn three_replicas_merge_to_the_sum_of_their_windows() {
+        let parts = [
+            summary(10, 1, &[(1000, 3), (9000, 1)], &[(500, 10)]),
+            summary(20, 0, &[(1000, 2)], &[(500, 18), (90_000, 2)]),
+            summary(5, 5, &[(9000, 4)], &[(700, 5)]),
+        ];
+        let mut merged = BTreeMap::new();
+        for p in &parts {
+            add(&mut merged, &fields(p));
+        }
+        let flat: Vec<String> = merged
+            .iter()
+            .flat_map(|(f, n)| [format!("canary|{f}"), n.to_string()])
+            .collect();
+        let s = &summaries(&flat, Duration::from_secs(60))["canary"];
+        assert_eq!((s.requests, s.errors_5xx, s.evaluated), (35, 6, 10));
+        assert_eq!(s.delta_s, vec![(1000, 5), (9000, 5)]);
+        assert_eq!(s.latency, vec![(500, 28), (700, 5), (90_000, 2)]);
+        assert_eq!(s.latency_p50_us, Some(500));
+        assert_eq!(s.latency_p99_us, Some(90_000));
+        assert_eq!(s.span_seconds, 60);
+    }
+
+    #[test]
+    fn only_growth_is_pushed() {
+        let before = fields(&summary(10, 1, &[(1000, 3)], &[]));
+        let now = fields(&summary(12, 1, &[(1000, 3), (2000, 1)], &[]));
+        let grown = minus(&now, &before);
+        assert_eq!(grown.get("req"), Some(&2));
+        assert_eq!(grown.get("e5"), None);
+        assert_eq!(grown.get("d:2000"), Some(&1));
+        assert_eq!(grown.get("d:1000"), None);
+        assert_eq!(grown.get("ev"), Some(&1));
+    }
+}
