@@ -117,6 +117,110 @@ fn healthy_arms_from_one_distribution_rarely_trip() {
     );
 }
 
+/// The fleet's merged window: every replica's counts and buckets added (as `fleet` adds them in Redis).
+fn merged(parts: &[Summary]) -> Summary {
+    let mut out = Summary {
+        span_seconds: 60,
+        ..Summary::default()
+    };
+    let (mut ds, mut cov) = (BTreeMap::new(), BTreeMap::new());
+    for p in parts {
+        out.requests += p.requests;
+        out.errors_5xx += p.errors_5xx;
+        out.evaluated += p.evaluated;
+        out.lambda_flips += p.lambda_flips;
+        for (v, n) in &p.delta_s {
+            *ds.entry(*v).or_insert(0u64) += n;
+        }
+        for (v, n) in &p.coverage {
+            *cov.entry(*v).or_insert(0u64) += n;
+        }
+        out.latency_p50_us = out.latency_p50_us.max(p.latency_p50_us);
+        out.latency_p95_us = out.latency_p95_us.max(p.latency_p95_us);
+        out.latency_p99_us = out.latency_p99_us.max(p.latency_p99_us);
+    }
+    out.delta_s = ds.into_iter().collect();
+    out.coverage = cov.into_iter().collect();
+    out
+}
+
+#[test]
+fn merged_fleet_windows_of_healthy_arms_rarely_trip() {
+    let set = rule_set();
+    let mut draw = Draw::new(23);
+    let (mut tripped, mut judged) = (0, 0);
+    const WINDOWS: usize = 3_000;
+    for _ in 0..WINDOWS {
+        // 3–20 replicas, each with too few samples to be judged alone.
+        let replicas = draw.rng.usize(3..=20);
+        let canary: Vec<Summary> = (0..replicas)
+            .map(|_| {
+                let n = draw.rng.u64(5..=45);
+                draw.window(n, HEALTHY)
+            })
+            .collect();
+        let base: Vec<Summary> = (0..replicas)
+            .map(|_| {
+                let n = draw.rng.u64(20..=200);
+                draw.window(n, HEALTHY)
+            })
+            .collect();
+        let (canary, base) = (merged(&canary), merged(&base));
+        judged += usize::from(canary.requests >= set.min_samples);
+        let t = trips(&evaluate(&set, &canary, Some(&base), 0));
+        if !t.is_empty() {
+            eprintln!(
+                "false trip: {t:?} (canary n {}, base n {})",
+                canary.requests, base.requests
+            );
+            tripped += 1;
+        }
+    }
+    eprintln!("merged healthy: {tripped} of {WINDOWS} fleet windows tripped ({judged} judged)");
+    assert!(
+        judged > WINDOWS / 2,
+        "the merged windows must reach min_samples"
+    );
+    assert!(
+        tripped <= 3,
+        "{tripped} false trips in {WINDOWS} merged windows"
+    );
+}
+
+#[test]
+fn a_bad_canary_spread_over_replicas_trips_on_the_merged_window() {
+    let set = rule_set();
+    let mut draw = Draw::new(29);
+    let bad = Profile {
+        flip_share: 0.30,
+        coverage: (0.5, 0.2),
+        ..HEALTHY
+    };
+    let mut tripped = 0;
+    const WINDOWS: usize = 500;
+    for _ in 0..WINDOWS {
+        // Three replicas of 40 canary samples each: none reaches min_samples (50) alone.
+        let canary: Vec<Summary> = (0..3).map(|_| draw.window(40, bad)).collect();
+        assert!(canary.iter().all(|c| trips(&evaluate(
+            &set,
+            c,
+            Some(&draw.window(150, HEALTHY)),
+            0
+        ))
+        .is_empty()));
+        let base: Vec<Summary> = (0..3).map(|_| draw.window(150, HEALTHY)).collect();
+        if !trips(&evaluate(&set, &merged(&canary), Some(&merged(&base)), 0)).is_empty() {
+            tripped += 1;
+        }
+    }
+    let rate = tripped as f64 / WINDOWS as f64;
+    eprintln!(
+        "bad canary over 3 replicas: the merged window tripped {:.1} %",
+        rate * 100.0
+    );
+    assert!(rate >= 0.9, "detected only {:.1} %", rate * 100.0);
+}
+
 #[test]
 fn a_partly_ungrounded_canary_trips() {
     let set = rule_set();
