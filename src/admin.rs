@@ -3,6 +3,7 @@
 //! loopback peers may mutate. The routes and the auth rule live here; the documents in [`status`] and
 //! [`metrics`]. Served by `cmd::run` on the admin listener.
 
+pub mod alerts;
 pub mod metrics;
 pub mod status;
 
@@ -108,6 +109,12 @@ fn mutate(app: &App, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
     let engine = app.engine();
     match path {
         "/trip" | "/recover" | "/baseline" => return guard(engine, path, body),
+        "/alerts" => {
+            return match alerts::handle(engine, body) {
+                Ok(done) => json(StatusCode::OK, done),
+                Err(e) => error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
+            }
+        }
         _ => {}
     }
     if path == "/reload" {

@@ -13,6 +13,8 @@
 mod encode;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,9 @@ use crate::windows::{Window, SLOT};
 
 /// The `op` label values of `driftguard_fleet_errors_total`.
 pub const OPS: [&str; 3] = ["sync", "propose", "read"];
+
+/// How often the message listener looks at its stop flag.
+const LISTEN_POLL: Duration = Duration::from_millis(250);
 
 const SYNC: &str = include_str!("fleet/sync.lua");
 const PROPOSE: &str = include_str!("fleet/propose.lua");
@@ -240,6 +245,32 @@ impl Fleet {
                 state: current,
             }
         })
+    }
+
+    /// Blocks on the fleet's transition messages, calling `on_event` for each, until `stop` is set; a
+    /// broken subscription is opened again a second later (the engine's interval reads the state
+    /// meanwhile). Runs on a thread of its own: a message is applied well within one interval.
+    pub fn listen(&self, stop: &AtomicBool, mut on_event: impl FnMut()) {
+        let channel = format!("{}:events", self.prefix);
+        while !stop.load(SeqCst) {
+            let result = (|| -> redis::RedisResult<()> {
+                let mut conn = self.client.get_connection_with_timeout(self.timeout)?;
+                let mut pubsub = conn.as_pubsub();
+                pubsub.subscribe(&channel)?;
+                pubsub.set_read_timeout(Some(LISTEN_POLL))?;
+                while !stop.load(SeqCst) {
+                    match pubsub.get_message() {
+                        Ok(_) => on_event(),
+                        Err(e) if e.is_timeout() => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            })();
+            if result.is_err() {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
     }
 
     /// Records that this replica now applies `generation`.

@@ -58,6 +58,8 @@ pub struct Engine {
     generation: AtomicU64,
     /// Whether the last fleet sync answered (a change of it is logged once).
     fleet_ok: AtomicBool,
+    /// Serialises adopting a fleet state (the interval and the message listener both may).
+    adopting: Mutex<()>,
 }
 
 /// Why a trip was asked for.
@@ -109,6 +111,7 @@ impl Engine {
             fleet,
             generation: AtomicU64::new(0),
             fleet_ok: AtomicBool::new(true),
+            adopting: Mutex::new(()),
         })
     }
 
@@ -120,6 +123,8 @@ impl Engine {
     /// Evaluates every `rules.eval_interval` until `stop` resolves.
     pub async fn run(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
+        let stop_listener = Arc::new(AtomicBool::new(false));
+        self.follow_fleet(stop_listener.clone());
         let state = self.control.runtime_state();
         if state.guard.state != GuardState::Healthy {
             tracing::warn!(
@@ -131,7 +136,10 @@ impl Engine {
         loop {
             let interval = self.control.config().rules.eval_interval.0;
             tokio::select! {
-                _ = &mut stop => return,
+                _ = &mut stop => {
+                    stop_listener.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
                 _ = tokio::time::sleep(interval) => {}
             }
             let engine = self.clone();

@@ -3,7 +3,9 @@
 //! and adopts the fleet's state when another replica moved first. Alone, every call here is the plain
 //! local path.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Engine;
@@ -137,12 +139,36 @@ impl Engine {
         }
     }
 
+    /// Starts the thread that applies another replica's transition as soon as it is published (the
+    /// interval's sync catches a missed message); it ends once `stop` is set.
+    pub(super) fn follow_fleet(self: &Arc<Self>, stop: Arc<AtomicBool>) {
+        let Some(fleet) = self.fleet.clone() else {
+            return;
+        };
+        let engine = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("driftguard-fleet".into())
+            .spawn(move || {
+                fleet.listen(&stop, || match fleet.read() {
+                    Ok((generation, Some(state))) => engine.adopt(generation, &state),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "fleet: cannot read the state after a message")
+                    }
+                })
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "fleet: cannot start the message listener; the interval's sync applies transitions");
+        }
+    }
+
     /// Applies the fleet's state of `generation` when it is newer than what this replica applies: the
     /// same weights, freeze, flags, pins put back, cache epoch and throttle, in one table swap.
     pub fn adopt(&self, generation: u64, state: &str) {
         let Some(fleet) = &self.fleet else {
             return;
         };
+        let _one = self.adopting.lock().unwrap_or_else(|p| p.into_inner());
         if generation <= self.generation.load(SeqCst) {
             return;
         }
