@@ -63,7 +63,12 @@ impl Engine {
     ) -> serde_json::Value {
         let hash = self.config_hash.load();
         let (config, table) = (self.control.config(), self.control.table());
-        snapshot_json(event, trip, state, &config, &table, hash.as_str())
+        let mut snapshot = snapshot_json(event, trip, state, &config, &table, hash.as_str());
+        if let Some(fleet) = &self.fleet {
+            // The fleet's view the transition was judged on: replicas alive, merged window counts.
+            snapshot["fleet"] = fleet.status();
+        }
+        snapshot
     }
 
     /// Fires the hooks of an event on their own tasks; never waits for them.
