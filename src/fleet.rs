@@ -77,6 +77,8 @@ pub struct Fleet {
     timeout: Duration,
     /// `key:scope`: the prefix of every key of this replica's scope.
     prefix: String,
+    /// `fleet.key`: the fleet's root, under which every scope lives.
+    key: String,
     replica: String,
     scope: String,
     on_error: FleetOnError,
@@ -96,7 +98,12 @@ struct View {
     ok: bool,
     at_ms: u64,
     arms: Vec<(String, u64, u64)>,
+    /// Every scope of the fleet: (name, generation, guard state).
+    scopes: Vec<(String, u64, String)>,
 }
+
+/// The sync script's reply: replicas, generation, state, merged window, scopes.
+type SyncReply = (u64, u64, String, Vec<String>, Vec<String>);
 
 impl Fleet {
     pub fn new(config: &config::Fleet, metrics: &Metrics) -> Result<Fleet, FleetError> {
@@ -111,6 +118,7 @@ impl Fleet {
             conn: Mutex::new(None),
             timeout: config.redis_timeout.0,
             prefix: format!("{}:{scope}", config.key),
+            key: config.key.clone(),
             replica: config.replica_name(),
             scope: config.scope.clone(),
             on_error: config.on_backend_error,
@@ -124,6 +132,15 @@ impl Fleet {
 
     pub fn replica(&self) -> &str {
         &self.replica
+    }
+
+    /// The scope's name in keys ("_" for the whole fleet).
+    fn scope_name(&self) -> &str {
+        if self.scope.is_empty() {
+            "_"
+        } else {
+            &self.scope
+        }
     }
 
     pub fn on_error(&self) -> FleetOnError {
@@ -178,13 +195,15 @@ impl Fleet {
             .arg(slot_ms)
             .arg(slots)
             .arg((slots + 1) * slot_ms)
-            .arg(window.as_millis() as u64);
+            .arg(window.as_millis() as u64)
+            .arg(&self.key)
+            .arg(self.scope_name());
         for (f, n) in &fields {
             invocation.arg(f).arg(*n);
         }
-        let reply: Result<(u64, u64, String, Vec<String>), FleetError> =
+        let reply: Result<SyncReply, FleetError> =
             self.call("sync", |conn| invocation.invoke(conn));
-        let (replicas, generation, state, merged) = match reply {
+        let (replicas, generation, state, merged, scopes) = match reply {
             Ok(r) => r,
             Err(e) => {
                 self.view.lock().unwrap_or_else(|p| p.into_inner()).ok = false;
@@ -203,6 +222,17 @@ impl Fleet {
             arms: arms
                 .iter()
                 .map(|(name, s)| (name.clone(), s.requests, s.evaluated))
+                .collect(),
+            scopes: scopes
+                .chunks_exact(2)
+                .map(|pair| {
+                    let (generation, guard) = pair[1].split_once(' ').unwrap_or(("0", "healthy"));
+                    (
+                        pair[0].clone(),
+                        generation.parse().unwrap_or(0),
+                        guard.to_string(),
+                    )
+                })
                 .collect(),
         };
         Ok(Synced {
@@ -293,6 +323,10 @@ impl Fleet {
             "on_backend_error": match self.on_error { FleetOnError::Local => "local", FleetOnError::Hold => "hold" },
             "arms": view.arms.iter().map(|(name, requests, evaluated)| serde_json::json!({
                 "name": name, "requests": requests, "evaluated": evaluated,
+            })).collect::<Vec<_>>(),
+            "scopes": view.scopes.iter().map(|(name, generation, guard)| serde_json::json!({
+                "scope": if name == "_" { "" } else { name.as_str() },
+                "generation": generation, "state": guard,
             })).collect::<Vec<_>>(),
         })
     }

@@ -69,6 +69,12 @@ impl Fleet {
                 errors.push(err(name, "no spaces, colons or control characters"));
             }
         }
+        if self.scope == "_" {
+            errors.push(err(
+                "fleet.scope",
+                "\"_\" is reserved (it names the unscoped fleet)",
+            ));
+        }
         if self.redis_timeout.0.is_zero() {
             errors.push(err("fleet.redis_timeout", "must be above 0"));
         }

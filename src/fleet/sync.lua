@@ -1,5 +1,6 @@
 -- One interval of one replica (driftguard fleet). ARGV: prefix, replica, now_ms, slot_ms, slots in the
--- rule window, slot key TTL ms, heartbeat window ms, then (field, increment) pairs for the current slot.
+-- rule window, slot key TTL ms, heartbeat window ms, fleet key, this scope's name, then (field,
+-- increment) pairs for the current slot.
 -- Adds the increments, beats the heartbeat, and returns {replicas alive, state generation, state JSON,
 -- {field, sum over the window's slots, ...}}: the merge happens here, so the reply's size does not grow
 -- with the number of replicas.
@@ -9,8 +10,8 @@ local slot_ms = tonumber(ARGV[4])
 local slots = tonumber(ARGV[5])
 local cur = math.floor(now / slot_ms)
 local key = p .. ':w:' .. cur
-if #ARGV >= 9 then
-  for i = 8, #ARGV - 1, 2 do
+if #ARGV >= 11 then
+  for i = 10, #ARGV - 1, 2 do
     redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
   end
   redis.call('PEXPIRE', key, ARGV[6])
@@ -36,5 +37,21 @@ for _, f in ipairs(order) do
   out[#out + 1] = f
   out[#out + 1] = string.format('%d', sums[f])
 end
+-- Every scope's generation and guard state, for /status (a handful of scopes: region by region).
+local scopes_key = ARGV[8] .. ':scopes'
+redis.call('SADD', scopes_key, ARGV[9])
+local scopes = {}
+for _, s in ipairs(redis.call('SMEMBERS', scopes_key)) do
+  local sst = redis.call('HMGET', ARGV[8] .. ':' .. s .. ':state', 'gen', 'state')
+  local guard = 'healthy'
+  if sst[2] then
+    local ok, doc = pcall(cjson.decode, sst[2])
+    if ok and type(doc) == 'table' and type(doc.guard) == 'table' and doc.guard.state then
+      guard = doc.guard.state
+    end
+  end
+  scopes[#scopes + 1] = s
+  scopes[#scopes + 1] = (sst[1] or '0') .. ' ' .. guard
+end
 local st = redis.call('HMGET', p .. ':state', 'gen', 'state')
-return {redis.call('ZCARD', beats), tonumber(st[1] or '0'), st[2] or '', out}
+return {redis.call('ZCARD', beats), tonumber(st[1] or '0'), st[2] or '', out, scopes}
