@@ -225,6 +225,19 @@ fn guard(engine: &Engine, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
     };
     match path {
         "/trip" => {
+            if let Some(scope) = field("scope") {
+                let here = engine.fleet().map(|f| f.scope());
+                if here != Some(scope.as_str()) {
+                    return error(
+                        StatusCode::CONFLICT,
+                        "wrong_scope",
+                        &match here {
+                            Some(here) => format!("this replica judges fleet scope {here:?}, not {scope:?}: send the trip to a replica of scope {scope:?}"),
+                            None => format!("this replica has no [fleet]; it cannot trip scope {scope:?}"),
+                        },
+                    );
+                }
+            }
             let request = TripRequest {
                 rule: MANUAL.into(),
                 arm: field("arm"),

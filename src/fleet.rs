@@ -134,6 +134,11 @@ impl Fleet {
         &self.replica
     }
 
+    /// This replica's scope ("" for the whole fleet).
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
     /// The scope's name in keys ("_" for the whole fleet).
     fn scope_name(&self) -> &str {
         if self.scope.is_empty() {

@@ -71,6 +71,10 @@ enum Command {
         /// The arm to roll back [default: the first serving non-baseline arm].
         #[arg(long)]
         arm: Option<String>,
+        /// With `[fleet]`: the scope (e.g. a region) to roll back; the trip is refused unless the
+        /// `--admin` replica judges that scope, so one scope is rolled back at a time.
+        #[arg(long)]
+        scope: Option<String>,
     },
     /// Declare recovery: unfreeze writes, lift the throttle, state healthy (traffic stays rolled back).
     Recover {
@@ -192,9 +196,12 @@ fn main() -> ExitCode {
             state_dir: args.state_dir,
         }),
         Command::Status { admin, json } => operate::status(&admin.admin(), json),
-        Command::Trip { admin, reason, arm } => {
-            operate::trip(&admin.admin(), &reason, arm.as_deref())
-        }
+        Command::Trip {
+            admin,
+            reason,
+            arm,
+            scope,
+        } => operate::trip(&admin.admin(), &reason, arm.as_deref(), scope.as_deref()),
         Command::Recover { admin } => operate::recover(&admin.admin()),
         Command::Inject {
             file,

@@ -43,8 +43,8 @@ pub fn status(admin: &Admin, json: bool) -> ExitCode {
 }
 
 /// `driftguard trip --reason R [--arm A]`.
-pub fn trip(admin: &Admin, reason: &str, arm: Option<&str>) -> ExitCode {
-    let body = serde_json::json!({"reason": reason, "arm": arm});
+pub fn trip(admin: &Admin, reason: &str, arm: Option<&str>, scope: Option<&str>) -> ExitCode {
+    let body = serde_json::json!({"reason": reason, "arm": arm, "scope": scope});
     print_call(admin, Method::POST, "/trip", Some(body), guard_text)
 }
 
