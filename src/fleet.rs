@@ -262,6 +262,20 @@ impl Fleet {
         Ok((generation.unwrap_or(0), state.filter(|s| !s.is_empty())))
     }
 
+    /// The replicas of this scope with a heartbeat in the last rule window, by name (for snapshots;
+    /// the interval's sync only counts them, so its reply does not grow with the fleet).
+    pub fn replicas_alive(&self, window: Duration) -> Result<Vec<String>, FleetError> {
+        let key = format!("{}:replicas", self.prefix);
+        let since = now_ms().saturating_sub(window.as_millis() as u64);
+        self.call("read", |conn| {
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(&key)
+                .arg(since)
+                .arg("+inf")
+                .query(conn)
+        })
+    }
+
     /// Proposes `state` as the fleet's next state, if the fleet is still at `expected`.
     pub fn propose(&self, expected: u64, state: &str) -> Result<Proposal, FleetError> {
         let (won, generation, current): (u64, u64, String) = self.call("propose", |conn| {

@@ -405,19 +405,36 @@ fn deliveries(receiver: &Scripted, event: &str) -> usize {
 // Tests
 // ================================================================================================
 
-/// The headline of issue 12: the canary answers 500 to one request in three, the traffic is spread over
-/// three replicas so that none of them sees `min_samples` canary requests, but the fleet does. The fleet
-/// trips once: every replica routes the canary to 0 with the same new cache namespace within a few
-/// seconds of each other, the webhook is called ONCE, and all agree on the fleet generation.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fleet_trips_once_when_no_single_replica_has_enough() {
-    const MIN_SAMPLES: u64 = 50;
-    /// Per replica; at canary weight 50 each sees ~30 canary requests (P(≥ 50) ≈ 1e-7), the fleet ~90.
+/// `min_samples` of the spread-canary scenario.
+const MIN_SAMPLES: u64 = 50;
+
+/// The spread-canary scenario, its traffic sent: a canary answering 500 to one request in three, three
+/// replicas r1 r2 r3 on one fleet key with a webhook hook, and 60 requests per replica — at canary
+/// weight 50 each replica sees ~30 canary requests (P(≥ 50) ≈ 1e-7), the fleet ~90.
+struct SpreadCanary {
+    _redis: RedisServer,
+    baseline: Scripted,
+    _canary: Scripted,
+    receiver: Scripted,
+    replicas: [Proxy; 3],
+    /// The baseline's cache namespace before the traffic.
+    ns_before: String,
+    canary_per_replica: Vec<u64>,
+    traffic_done: Instant,
+}
+
+impl SpreadCanary {
+    fn replicas(&self) -> [&Proxy; 3] {
+        let [r1, r2, r3] = &self.replicas;
+        [r1, r2, r3]
+    }
+}
+
+/// Starts the scenario and sends its traffic; checks that no replica alone saw `min_samples` canary
+/// requests and the fleet did. `None` without a redis-server.
+async fn spread_a_bad_canary(test: &str) -> Option<SpreadCanary> {
     const PER_REPLICA: usize = 60;
-    let _serial = SERIAL.lock().await;
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start()?;
     let baseline = rag_arm("baseline", None);
     let canary = rag_arm("canary", Some(3));
     let receiver = Scripted::start("webhook", |_, _| Canned::json(&json!({"ok": true})));
@@ -425,16 +442,18 @@ async fn fleet_trips_once_when_no_single_replica_has_enough() {
         baseline: baseline.url(),
         canary: canary.url(),
         redis_url: redis.url(),
-        key: fleet_key("trips-once"),
+        key: fleet_key(test),
         window: "60s",
         min_samples: MIN_SAMPLES,
         canary_weight: 50,
         hook: Some(receiver.url()),
     };
-    let r1 = setup.start("r1", "");
-    let r2 = setup.start("r2", "");
-    let r3 = setup.start("r3", "");
-    let replicas = [&r1, &r2, &r3];
+    let r = [
+        setup.start("r1", ""),
+        setup.start("r2", ""),
+        setup.start("r3", ""),
+    ];
+    let replicas = [&r[0], &r[1], &r[2]];
     let client = client();
 
     let before = wait_all(
@@ -465,13 +484,17 @@ async fn fleet_trips_once_when_no_single_replica_has_enough() {
         })
         .collect();
     let canary_total: u64 = canary_per_replica.iter().sum();
-    let canary_500s = sent
-        .iter()
-        .filter(|s| s.arm.as_deref() == Some("canary") && s.status == 500)
-        .count();
+    let canary_5xx: Vec<usize> = (0..3)
+        .map(|r| {
+            sent.iter()
+                .filter(|s| s.replica == r && s.arm.as_deref() == Some("canary") && s.status >= 500)
+                .count()
+        })
+        .collect();
     eprintln!(
-        "canary requests per replica {canary_per_replica:?} (fleet {canary_total}, of which \
-         {canary_500s} answered 500); min_samples {MIN_SAMPLES}"
+        "canary requests per replica {canary_per_replica:?} (fleet {canary_total}, answered 5xx per \
+         replica: {canary_5xx:?}; the canary upstream got {}); min_samples {MIN_SAMPLES}",
+        canary.request_count()
     );
     assert!(
         sent.iter().all(|s| s.arm.is_some()),
@@ -486,6 +509,38 @@ async fn fleet_trips_once_when_no_single_replica_has_enough() {
         canary_total >= MIN_SAMPLES,
         "the fleet saw only {canary_total} canary requests, fewer than min_samples {MIN_SAMPLES}"
     );
+    Some(SpreadCanary {
+        _redis: redis,
+        baseline,
+        _canary: canary,
+        receiver,
+        replicas: r,
+        ns_before,
+        canary_per_replica,
+        traffic_done,
+    })
+}
+
+/// The headline of issue 12: the canary answers 500 to one request in three, the traffic is spread over
+/// three replicas so that none of them sees `min_samples` canary requests, but the fleet does. The fleet
+/// trips once: every replica routes the canary to 0 with the same new cache namespace within a few
+/// seconds of each other, the webhook is called ONCE, and all agree on the fleet generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_trips_once_when_no_single_replica_has_enough() {
+    let _serial = SERIAL.lock().await;
+    let Some(scenario) = spread_a_bad_canary("trips-once").await else {
+        return;
+    };
+    let SpreadCanary {
+        baseline,
+        receiver,
+        ns_before,
+        traffic_done,
+        ..
+    } = &scenario;
+    let (ns_before, traffic_done) = (ns_before.clone(), *traffic_done);
+    let replicas = scenario.replicas();
+    let client = client();
 
     // Every replica rolls back; record when each was first seen so. "recovering" counts: with the
     // canary at 0 the exit targets hold at once, so the watch starts within an interval of the trip.
@@ -514,7 +569,7 @@ async fn fleet_trips_once_when_no_single_replica_has_enough() {
 
     // Hooks ran once: one delivery arrives, and no other within 3 s of the last replica's trip.
     eventually(WAIT, "the webhook delivery", || async {
-        (deliveries(&receiver, "tripped") >= 1).then_some(())
+        (deliveries(receiver, "tripped") >= 1).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3).saturating_sub(last_tripped.elapsed())).await;
@@ -522,7 +577,7 @@ async fn fleet_trips_once_when_no_single_replica_has_enough() {
     let after = statuses(&client, &replicas).await;
     let report = describe(&after);
     eprintln!("after the trip:\n{report}");
-    let tripped_deliveries = deliveries(&receiver, "tripped");
+    let tripped_deliveries = deliveries(receiver, "tripped");
     assert_eq!(
         tripped_deliveries,
         1,
@@ -581,19 +636,6 @@ async fn fleet_trips_once_when_no_single_replica_has_enough() {
             );
         }
     }
-    // The winner judged the fleet's window: the snapshot it posted shows at least min_samples canary
-    // requests, more than any one replica had.
-    eprintln!("the webhook's snapshot: {posted}");
-    let canary_window = posted["arms"]
-        .as_array()
-        .and_then(|arms| arms.iter().find(|a| a["name"] == "canary"))
-        .map(|a| &a["window"]["requests"]);
-    let judged = canary_window.and_then(Value::as_u64);
-    assert!(
-        judged.is_some_and(|n| n >= MIN_SAMPLES && n > *canary_per_replica.iter().max().unwrap()),
-        "the snapshot's canary window has {canary_window:?} requests (min_samples {MIN_SAMPLES}, \
-         per replica {canary_per_replica:?})"
-    );
     // The replicas flipped together: when each applied the trip, from its own log (the winner's "guard
     // tripped" line, the others' "fleet: state adopted"), within 3 s (measured, printed).
     // guard.since_ms is printed too, but it moves again when the recovery watch starts.
@@ -678,6 +720,61 @@ async fn fleet_trips_once_when_no_single_replica_has_enough() {
     }
 }
 
+/// The winner's snapshot (on disk, and posted to the webhook) records what the fleet judged: the merged
+/// fleet window — at least `min_samples` canary requests, more than any one replica had — and the
+/// replicas (issue 12: "writes the snapshot (with the fleet window and the list of replicas)").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_winners_snapshot_shows_the_fleet_window_and_replicas() {
+    let _serial = SERIAL.lock().await;
+    let Some(scenario) = spread_a_bad_canary("snapshot").await else {
+        return;
+    };
+    let call = eventually(WAIT, "the webhook delivery", || async {
+        scenario.receiver.exchanges().into_iter().next()
+    })
+    .await;
+    let posted = call.json();
+    eprintln!("the posted snapshot: {posted}");
+    assert_eq!(posted["rule"], "error_rate", "{posted}");
+    // Shape-agnostic: any object naming the canary with a request count, wherever the fleet window sits.
+    fn canary_counts(v: &Value, out: &mut Vec<u64>) {
+        match v {
+            Value::Object(map) => {
+                if map.get("name").and_then(Value::as_str) == Some("canary") {
+                    out.extend(map.get("requests").and_then(Value::as_u64));
+                    out.extend(
+                        map.get("window")
+                            .and_then(|w| w.get("requests"))
+                            .and_then(Value::as_u64),
+                    );
+                }
+                map.values().for_each(|v| canary_counts(v, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| canary_counts(v, out)),
+            _ => {}
+        }
+    }
+    let mut counts = Vec::new();
+    canary_counts(&posted, &mut counts);
+    let most = *scenario.canary_per_replica.iter().max().unwrap();
+    assert!(
+        counts.iter().any(|&n| n >= MIN_SAMPLES && n > most),
+        "no canary window of the fleet in the snapshot: canary request counts found {counts:?}; \
+         min_samples {MIN_SAMPLES}, per replica {:?}",
+        scenario.canary_per_replica
+    );
+    let text = posted.to_string();
+    let named: Vec<&str> = ["r1", "r2", "r3"]
+        .into_iter()
+        .filter(|r| text.contains(&format!("\"{r}\"")))
+        .collect();
+    assert_eq!(
+        named,
+        ["r1", "r2", "r3"],
+        "the snapshot does not list the replicas"
+    );
+}
+
 /// A replica that starts after a (manual, fleet-wide) trip reads the fleet state before it serves: its
 /// very first request goes to the baseline with the fleet's cache namespace, although the config it
 /// starts from gives the canary 90 % of the traffic.
@@ -748,7 +845,7 @@ async fn a_replica_started_after_the_trip_serves_rolled_back() {
         );
     }
     let s = status(&client, &r4).await;
-    assert!(rolled_back(&s), "{}", describe(&[s.clone()]));
+    assert!(rolled_back(&s), "{}", describe(std::slice::from_ref(&s)));
     assert_eq!(weight(&s, "canary"), 0);
     assert_eq!(cache_ns(&s, "baseline"), fleet_ns);
     assert_eq!(s["fleet"]["replica"], "r4");
@@ -1072,13 +1169,46 @@ async fn scopes_flip_separately() {
     // ...and scope "b" stays as it was, for several rule intervals after.
     while tripped_at.elapsed() < Duration::from_secs(4) {
         let s = status(&client, &r2).await;
-        assert_eq!(guard_state(&s), "healthy", "\n{}", describe(&[s.clone()]));
-        assert_eq!(weight(&s, "canary"), 50, "\n{}", describe(&[s.clone()]));
+        assert_eq!(
+            guard_state(&s),
+            "healthy",
+            "\n{}",
+            describe(std::slice::from_ref(&s))
+        );
+        assert_eq!(
+            weight(&s, "canary"),
+            50,
+            "\n{}",
+            describe(std::slice::from_ref(&s))
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let s = status(&client, &r2).await;
     assert_eq!(generation(&s), 0, "{}", s["fleet"]);
     assert_eq!(cache_ns(&s, "baseline"), ns_b);
+    // Every replica's /status shows each scope's state (issue 12: "/status shows each scope's state").
+    let scope_state = |s: &Value, scope: &str| -> Option<String> {
+        s["fleet"]["scopes"]
+            .as_array()?
+            .iter()
+            .find(|e| e["scope"] == scope)
+            .and_then(|e| e["state"].as_str().map(String::from))
+    };
+    for proxy in [&r1, &r2, &r3] {
+        wait_all(
+            &client,
+            &[proxy],
+            Duration::from_secs(5),
+            "fleet.scopes: a rolled back, b healthy",
+            |s| {
+                matches!(
+                    scope_state(s, "a").as_deref(),
+                    Some("tripped" | "recovering")
+                ) && scope_state(s, "b").as_deref() == Some("healthy")
+            },
+        )
+        .await;
+    }
     let url = format!("http://{}", r2.proxy);
     let mut arms = std::collections::BTreeSet::new();
     for i in 0..40 {
@@ -1091,4 +1221,146 @@ async fn scopes_flip_separately() {
         ["baseline", "canary"],
         "scope b stopped serving both arms"
     );
+}
+
+/// The replica that won the trip is killed with SIGKILL right after it: the others still roll back
+/// (the plan is the fleet's state in Redis, not a message only the winner could send), and a recovery
+/// asked on two replicas at once happens once, fleet-wide (one `recovered` webhook).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_winner_killed_after_its_trip_leaves_one_fleet_state() {
+    let _serial = SERIAL.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let baseline = rag_arm("baseline", None);
+    let canary = rag_arm("canary", None);
+    let receiver = Scripted::start("webhook", |_, _| Canned::json(&json!({"ok": true})));
+    let setup = Setup {
+        baseline: baseline.url(),
+        canary: canary.url(),
+        redis_url: redis.url(),
+        key: fleet_key("winner-killed"),
+        window: "60s",
+        min_samples: 50,
+        canary_weight: 50,
+        hook: Some(receiver.url()),
+    };
+    let r1 = setup.start("r1", "");
+    let r2 = setup.start("r2", "");
+    let r3 = setup.start("r3", "");
+    let client = client();
+    wait_all(&client, &[&r1, &r2, &r3], WAIT, "backend ok", |s| {
+        s["fleet"]["backend"] == "ok"
+    })
+    .await;
+
+    let reply = post_trip(&client, &r1, "winner then killed").await;
+    assert_eq!(reply.status, StatusCode::OK, "POST /trip: {}", reply.text());
+    r1.signal(libc::SIGKILL);
+    drop(r1);
+    let tripped = wait_all(
+        &client,
+        &[&r2, &r3],
+        Duration::from_secs(5),
+        "r2 and r3 rolled back after the winner died",
+        rolled_back,
+    )
+    .await;
+    assert_eq!(generation(&tripped[0]), 1, "{}", tripped[0]["fleet"]);
+    assert_eq!(cache_ns(&tripped[0], "baseline"), cache_ns(&tripped[1], "baseline"));
+
+    // Both ask to recover at once: one compare-and-set wins, the other adopts it.
+    let (url2, url3) = (r2.admin_url("/recover"), r3.admin_url("/recover"));
+    let (a, b) = tokio::join!(
+        admin_post(&client, &url2, "", Some(TOKEN)),
+        admin_post(&client, &url3, "", Some(TOKEN)),
+    );
+    assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK));
+    let healthy = wait_all(&client, &[&r2, &r3], Duration::from_secs(5), "recovered", |s| {
+        s["guard"]["state"] == "healthy"
+    })
+    .await;
+    assert_eq!(generation(&healthy[0]), 2, "{}", healthy[0]["fleet"]);
+    assert_eq!(generation(&healthy[1]), 2, "{}", healthy[1]["fleet"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(deliveries(&receiver, "tripped"), 1, "tripped webhooks");
+    assert_eq!(deliveries(&receiver, "recovered"), 1, "recovered webhooks");
+}
+
+/// Alertmanager's webhook (payload version 4, as its documentation shows it) trips every replica through
+/// one of them; the same notification again changes nothing; a wrong token gets 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alertmanager_notification_trips_the_fleet_once() {
+    let _serial = SERIAL.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let baseline = rag_arm("baseline", None);
+    let canary = rag_arm("canary", None);
+    let receiver = Scripted::start("webhook", |_, _| Canned::json(&json!({"ok": true})));
+    let setup = Setup {
+        baseline: baseline.url(),
+        canary: canary.url(),
+        redis_url: redis.url(),
+        key: fleet_key("alertmanager"),
+        window: "60s",
+        min_samples: 50,
+        canary_weight: 50,
+        hook: Some(receiver.url()),
+    };
+    let r1 = setup.start("r1", "");
+    let r2 = setup.start("r2", "");
+    let client = client();
+    wait_all(&client, &[&r1, &r2], WAIT, "backend ok", |s| {
+        s["fleet"]["backend"] == "ok"
+    })
+    .await;
+    let payload = json!({
+        "version": "4",
+        "groupKey": "{}:{alertname=\"DriftguardDeltaSDrift\"}",
+        "truncatedAlerts": 0,
+        "status": "firing",
+        "receiver": "driftguard-trip",
+        "groupLabels": {"alertname": "DriftguardDeltaSDrift"},
+        "commonLabels": {"alertname": "DriftguardDeltaSDrift", "driftguard_action": "trip"},
+        "commonAnnotations": {"summary": "p95 ΔS drifts above the baseline"},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": [{
+            "status": "firing",
+            "labels": {"alertname": "DriftguardDeltaSDrift", "arm": "canary",
+                       "driftguard_action": "trip", "severity": "warning"},
+            "annotations": {"summary": "p95 ΔS drifts above the baseline"},
+            "startsAt": "2026-12-03T12:00:00.000Z",
+            "endsAt": "0001-01-01T00:00:00Z",
+            "generatorURL": "http://prometheus:9090/graph?g0.expr=x",
+            "fingerprint": "6f9d2c3b1a0e4d5f"
+        }]
+    })
+    .to_string();
+    let wrong = admin_post(&client, &r1.admin_url("/alerts"), &payload, Some("nope")).await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED, "{}", wrong.text());
+
+    let first = admin_post(&client, &r1.admin_url("/alerts"), &payload, Some(TOKEN)).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    assert_eq!(first.json()["alerts"][0]["outcome"], "tripped", "{}", first.text());
+    let tripped = wait_all(
+        &client,
+        &[&r1, &r2],
+        Duration::from_secs(5),
+        "both replicas tripped by the alert",
+        rolled_back,
+    )
+    .await;
+    for s in &tripped {
+        assert_eq!(s["guard"]["last_trip"]["rule"], "DriftguardDeltaSDrift");
+        assert_eq!(s["guard"]["last_trip"]["arm"], "canary");
+        assert_eq!(weight(s, "canary"), 0);
+    }
+    let again = admin_post(&client, &r2.admin_url("/alerts"), &payload, Some(TOKEN)).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.text());
+    assert_ne!(again.json()["alerts"][0]["outcome"], "tripped", "{}", again.text());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(deliveries(&receiver, "tripped"), 1, "tripped webhooks");
+    let after = statuses(&client, &[&r1, &r2]).await;
+    assert!(after.iter().all(|s| generation(s) == 1), "{}", describe(&after));
 }

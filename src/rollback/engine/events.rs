@@ -67,6 +67,10 @@ impl Engine {
         if let Some(fleet) = &self.fleet {
             // The fleet's view the transition was judged on: replicas alive, merged window counts.
             snapshot["fleet"] = fleet.status();
+            match fleet.replicas_alive(config.rules.window.0) {
+                Ok(names) => snapshot["fleet"]["replica_names"] = names.into(),
+                Err(e) => tracing::warn!(error = %e, "fleet: cannot list the replicas for the snapshot"),
+            }
         }
         snapshot
     }
