@@ -126,6 +126,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         writes.redis_url,
     );
     keys.into_iter()
+        .chain([("fleet", old.fleet != new.fleet)])
         .filter(|(_, changed)| *changed)
         .map(|(key, _)| key)
         .collect()

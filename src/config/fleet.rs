@@ -17,7 +17,7 @@ pub enum FleetOnError {
     Hold,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fleet {
     /// The Redis server the replicas share, e.g. "redis://127.0.0.1:6379".
