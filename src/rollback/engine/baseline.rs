@@ -72,8 +72,15 @@ impl Engine {
             summary,
         };
         let copy = pinned.clone();
-        self.control
-            .update_state(move |s, _, _| s.guard.baseline = Some(copy))?;
+        // In a fleet the pinned baseline is the fleet's: one transition like a trip.
+        if self
+            .transition(move |s, _, _| s.guard.baseline = Some(copy))?
+            .is_none()
+        {
+            return Err(EngineError::Baseline(
+                "the fleet's state changed meanwhile (another replica's transition); try again".into(),
+            ));
+        }
         tracing::info!(
             arm = pinned.arm.as_str(),
             requests = pinned.summary.requests,
