@@ -1224,8 +1224,9 @@ async fn scopes_flip_separately() {
 }
 
 /// The replica that won the trip is killed with SIGKILL right after it: the others still roll back
-/// (the plan is the fleet's state in Redis, not a message only the winner could send), and a recovery
-/// asked on two replicas at once happens once, fleet-wide (one `recovered` webhook).
+/// (the plan is the fleet's state in Redis, not a message only the winner could send) and do not fire
+/// the trip's hooks again, and a recovery asked on two replicas at once happens once, fleet-wide (one
+/// `recovered` webhook).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_winner_killed_after_its_trip_leaves_one_fleet_state() {
     let _serial = SERIAL.lock().await;
@@ -1283,7 +1284,9 @@ async fn the_winner_killed_after_its_trip_leaves_one_fleet_state() {
     assert_eq!(generation(&healthy[0]), 2, "{}", healthy[0]["fleet"]);
     assert_eq!(generation(&healthy[1]), 2, "{}", healthy[1]["fleet"]);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(deliveries(&receiver, "tripped"), 1, "tripped webhooks");
+    // The winner's own `tripped` hook may or may not have left before SIGKILL (hooks are not durable);
+    // the survivors must never send it again.
+    assert!(deliveries(&receiver, "tripped") <= 1, "tripped webhooks");
     assert_eq!(deliveries(&receiver, "recovered"), 1, "recovered webhooks");
 }
 
