@@ -11,6 +11,9 @@
 //!    total_net_output_bytes) and `INFO commandstats` (calls, usec) — with the INFO exchanges' exact bytes
 //!    subtracted, and divided by replicas × intervals. "Commands sent" are the commands the replicas put
 //!    on the wire; "run in Redis" adds those the sync script runs inside Redis (commandstats counts both).
+//!    Also shown: Redis CPU per sync (EVALSHA's commandstats usec, the script's own commands included),
+//!    the client-side sync time, and how many fields the merged window read back has. Checked on the
+//!    way: the last sync's merged window holds every request recorded, and every replica's heartbeat.
 //!    Targets: ≤ 3 commands sent per replica per interval; bytes per replica per interval do not grow
 //!    with the number of replicas (N = 50 within 10 % of N = 3). Any sync error makes the run INVALID.
 //! 2. **Trip → every replica flipped.** Three real driftguard processes (the release binary cargo builds
@@ -93,7 +96,10 @@ fn main() {
 /// Both parts; false when the run is INVALID.
 fn run() -> Result<bool, String> {
     let redis = RedisServer::start().ok_or("redis-server is not installed")?;
-    println!("redis-server on 127.0.0.1:{} (persistence off)\n", redis.port);
+    println!(
+        "redis-server on 127.0.0.1:{} (persistence off)\n",
+        redis.port
+    );
     let cost_valid = redis_cost(&redis)?;
     println!();
     let flip_valid = flips(&redis)?;
@@ -117,6 +123,7 @@ struct Cost {
     sent: f64,
     sent_by_command: BTreeMap<String, f64>,
     in_redis: f64,
+    script_by_command: BTreeMap<String, f64>,
     bytes_to_redis: f64,
     bytes_from_redis: f64,
     /// Redis CPU per script call (EVALSHA's usec, the script's own commands included).
@@ -146,7 +153,7 @@ fn redis_cost(redis: &RedisServer) -> Result<bool, String> {
         costs.push(measure(redis, &mut info, n)?);
     }
     println!(
-        "{:>8} | {:>13} | {:>13} | {:>14} | {:>16} | {:>14} | {:>15} | {:>13}",
+        "{:>8} | {:>13} | {:>13} | {:>14} | {:>16} | {:>13} | {:>15} | {:>13}",
         "replicas",
         "commands sent",
         "run in Redis",
@@ -158,7 +165,7 @@ fn redis_cost(redis: &RedisServer) -> Result<bool, String> {
     );
     for c in &costs {
         println!(
-            "{:>8} | {:>13.2} | {:>13.1} | {:>14.0} | {:>16.0} | {:>14.0} | {:>15} | {:>13}",
+            "{:>8} | {:>13.2} | {:>13.1} | {:>14.0} | {:>16.0} | {:>13.0} | {:>15} | {:>13}",
             c.replicas,
             c.sent,
             c.in_redis,
@@ -176,6 +183,16 @@ fn redis_cost(redis: &RedisServer) -> Result<bool, String> {
             .map(|(name, per)| format!("{name} {per:.2}"))
             .collect();
         println!("  N={}: commands sent: {}", c.replicas, parts.join(", "));
+        let parts: Vec<String> = c
+            .script_by_command
+            .iter()
+            .map(|(name, per)| format!("{name} {per:.2}"))
+            .collect();
+        println!(
+            "  N={}: run by the script: {}",
+            c.replicas,
+            parts.join(", ")
+        );
     }
     let worst_sent = costs.iter().map(|c| c.sent).fold(0.0, f64::max);
     println!(
@@ -190,7 +207,11 @@ fn redis_cost(redis: &RedisServer) -> Result<bool, String> {
     let (few, many) = (&costs[0], &costs[costs.len() - 1]);
     for (what, a, b) in [
         ("bytes to Redis", few.bytes_to_redis, many.bytes_to_redis),
-        ("bytes from Redis", few.bytes_from_redis, many.bytes_from_redis),
+        (
+            "bytes from Redis",
+            few.bytes_from_redis,
+            many.bytes_from_redis,
+        ),
     ] {
         let growth = b / a - 1.0;
         println!(
@@ -203,6 +224,15 @@ fn redis_cost(redis: &RedisServer) -> Result<bool, String> {
             pass(growth <= GROWTH_TOLERANCE)
         );
     }
+    println!(
+        "  bytes from Redis per merged-window field: {} (the reply carries the merged window: its size \
+         follows the union of histogram buckets the fleet's samples fill)",
+        costs
+            .iter()
+            .map(|c| format!("N={} {:.1}", c.replicas, c.bytes_from_redis / c.merged_fields.max(1) as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let errors: u64 = costs.iter().map(|c| c.errors).sum();
     if errors > 0 {
         println!("INVALID: {errors} sync calls returned an error");
@@ -267,7 +297,7 @@ fn measure(redis: &RedisServer, info: &mut InfoConn, n: usize) -> Result<Cost, S
         let (a, b) = (after.calls(name), before.calls(name));
         (a.0 - b.0, a.1 - b.1)
     };
-    let mut sent_by_command = BTreeMap::new();
+    let (mut sent_by_command, mut script_by_command) = (BTreeMap::new(), BTreeMap::new());
     let (mut sent, mut in_redis) = (0u64, 0u64);
     for name in after.calls.keys().filter(|k| *k != "info") {
         let (calls, _) = delta(name);
@@ -275,7 +305,9 @@ fn measure(redis: &RedisServer, info: &mut InfoConn, n: usize) -> Result<Cost, S
             continue;
         }
         in_redis += calls;
-        if !SCRIPT_COMMANDS.contains(&name.as_str()) {
+        if SCRIPT_COMMANDS.contains(&name.as_str()) {
+            script_by_command.insert(name.clone(), calls as f64 / per);
+        } else {
             sent += calls;
             sent_by_command.insert(name.clone(), calls as f64 / per);
         }
@@ -313,6 +345,7 @@ fn measure(redis: &RedisServer, info: &mut InfoConn, n: usize) -> Result<Cost, S
         sent: sent as f64 / per,
         sent_by_command,
         in_redis: in_redis as f64 / per,
+        script_by_command,
         bytes_to_redis: bytes_to_redis as f64 / per,
         bytes_from_redis: bytes_from_redis as f64 / per,
         redis_usec_per_sync: evalsha_usec as f64 / evalsha_calls.max(1) as f64,
@@ -325,7 +358,10 @@ fn measure(redis: &RedisServer, info: &mut InfoConn, n: usize) -> Result<Cost, S
 
 fn sync(r: &Replica) -> Result<driftguard::fleet::Synced, driftguard::fleet::FleetError> {
     r.fleet.sync(
-        &[("baseline", &r.baseline.window), ("canary", &r.canary.window)],
+        &[
+            ("baseline", &r.baseline.window),
+            ("canary", &r.canary.window),
+        ],
         Instant::now(),
         WINDOW,
     )
@@ -408,7 +444,8 @@ impl InfoConn {
     const REQUEST: &'static [u8] = b"*3\r\n$4\r\nINFO\r\n$5\r\nstats\r\n$12\r\ncommandstats\r\n";
 
     fn open(port: u16) -> Result<InfoConn, String> {
-        let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("INFO connection: {e}"))?;
+        let stream =
+            TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("INFO connection: {e}"))?;
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(|e| e.to_string())?;
@@ -532,6 +569,20 @@ fn flips(redis: &RedisServer) -> Result<bool, String> {
             if r.same_cache_epoch { "same" } else { "DIFFER" }
         );
     }
+    let lagging = rounds
+        .iter()
+        .filter(|r| {
+            r.generations
+                .iter()
+                .any(|g| *g != r.generations[r.tripped_on])
+        })
+        .count();
+    if lagging > 0 {
+        println!(
+            "  note: in {lagging} round(s) a replica's /status already showed the flipped state with a \
+             fleet.generation other than the winner's"
+        );
+    }
     if let Some(failure) = &failure {
         println!("INVALID: round {}: {failure}", rounds.len() + 1);
     }
@@ -539,7 +590,10 @@ fn flips(redis: &RedisServer) -> Result<bool, String> {
         return Ok(false);
     }
     let mut response: Vec<f64> = rounds.iter().map(|r| r.after_response_ms).collect();
-    let mut transition: Vec<f64> = rounds.iter().map(|r| r.after_transition_ms as f64).collect();
+    let mut transition: Vec<f64> = rounds
+        .iter()
+        .map(|r| r.after_transition_ms as f64)
+        .collect();
     let mut spread: Vec<f64> = rounds.iter().map(|r| r.since_spread_ms as f64).collect();
     let (rm, rx) = median_max(&mut response);
     let (tm, tx) = median_max(&mut transition);
@@ -611,7 +665,11 @@ async fn one_round(client: &HttpClient, proxies: &[Proxy], who: usize) -> Result
     .await;
     let responded = Instant::now();
     if reply.status != http::StatusCode::OK || reply.json()["state"] != "tripped" {
-        return Err(format!("POST /trip on r{who}: {} {}", reply.status, reply.text()));
+        return Err(format!(
+            "POST /trip on r{who}: {} {}",
+            reply.status,
+            reply.text()
+        ));
     }
     let mut seen: Vec<Option<(Instant, u64, Value)>> = vec![None; proxies.len()];
     while seen.iter().any(Option::is_none) {
@@ -643,7 +701,10 @@ async fn one_round(client: &HttpClient, proxies: &[Proxy], who: usize) -> Result
         .iter()
         .map(|(_, _, s)| s["guard"]["since_ms"].as_u64().unwrap_or(0))
         .collect();
-    let epochs: Vec<&Value> = seen.iter().map(|(_, _, s)| &s["guard"]["cache_epoch"]).collect();
+    let epochs: Vec<&Value> = seen
+        .iter()
+        .map(|(_, _, s)| &s["guard"]["cache_epoch"])
+        .collect();
     let round = Round {
         tripped_on: who,
         after_response_ms: last.saturating_duration_since(responded).as_secs_f64() * 1e3,
