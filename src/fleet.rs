@@ -67,8 +67,17 @@ pub enum Proposal {
     Lost { generation: u64, state: String },
 }
 
-/// An arm's slot period last pushed and what that slot held then.
-type Pushed = (u64, BTreeMap<String, u64>);
+/// See [`Fleet::sync`]: growth is assigned to fleet slots as absolute totals, so a push Redis applied
+/// but did not acknowledge (a timeout) is sent again without being counted twice.
+#[derive(Default)]
+struct Pushed {
+    /// Per arm: the local slot period last read and what that slot held then.
+    local: HashMap<String, (u64, BTreeMap<String, u64>)>,
+    /// Per fleet slot: this replica's absolute totals, `arm|field` → count.
+    assigned: BTreeMap<u64, BTreeMap<String, u64>>,
+    /// Per fleet slot: the fields changed since Redis last acknowledged a push.
+    dirty: BTreeMap<u64, std::collections::BTreeSet<String>>,
+}
 
 /// This replica's link to its fleet.
 pub struct Fleet {
@@ -84,8 +93,10 @@ pub struct Fleet {
     on_error: FleetOnError,
     sync_script: redis::Script,
     propose_script: redis::Script,
-    /// Per arm: the slot period last pushed and what that slot held then.
-    pushed: Mutex<HashMap<String, Pushed>>,
+    /// What this replica has counted into the fleet: per arm the local slot period last read and what
+    /// that slot held then, and per fleet slot the absolute totals assigned to it with the fields not
+    /// yet acknowledged by Redis.
+    pushed: Mutex<Pushed>,
     view: Mutex<View>,
     metrics: FleetMetrics,
 }
@@ -124,7 +135,7 @@ impl Fleet {
             on_error: config.on_backend_error,
             sync_script: redis::Script::new(SYNC),
             propose_script: redis::Script::new(PROPOSE),
-            pushed: Mutex::new(HashMap::new()),
+            pushed: Mutex::new(Pushed::default()),
             view: Mutex::new(View::default()),
             metrics: metrics.fleet(&OPS),
         })
@@ -153,8 +164,10 @@ impl Fleet {
     }
 
     /// Pushes what `arms` recorded since the last sync, beats the heartbeat, and reads the merged fleet
-    /// window over `window` and the fleet state. On an error nothing counts as pushed: the next sync
-    /// sends it.
+    /// window over `window` and the fleet state. What a replica pushes is its absolute total per fleet
+    /// slot and field, and the script adds only the difference to what it holds of this replica: a push
+    /// that Redis applied after the client gave up (a timeout) is sent again on the next sync, and
+    /// counted once.
     pub fn sync(
         &self,
         arms: &[(&str, &Window)],
@@ -162,12 +175,13 @@ impl Fleet {
         window: Duration,
     ) -> Result<Synced, FleetError> {
         let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = HashMap::with_capacity(arms.len());
-        let mut fields: Vec<(String, u64)> = Vec::new();
+        let slot_ms = SLOT.as_millis() as u64;
+        let wall = now_ms();
+        let fleet_slot = wall / slot_ms;
         for (name, w) in arms {
             let epoch = w.epoch(now);
             let current = encode::fields(&Summary::from_window(&w.slot(epoch)));
-            let grown = match pushed.get(*name) {
+            let grown = match pushed.local.get(*name) {
                 Some((at, before)) if *at == epoch => encode::minus(&current, before),
                 Some((at, before)) if *at < epoch => {
                     let mut grown =
@@ -187,24 +201,46 @@ impl Fleet {
                 }
                 _ => current.clone(),
             };
-            fields.extend(grown.into_iter().map(|(f, n)| (format!("{name}|{f}"), n)));
-            next.insert(name.to_string(), (epoch, current));
+            pushed.local.insert(name.to_string(), (epoch, current));
+            let Pushed {
+                assigned, dirty, ..
+            } = &mut *pushed;
+            let totals = assigned.entry(fleet_slot).or_default();
+            let changed = dirty.entry(fleet_slot).or_default();
+            for (f, n) in grown {
+                let field = format!("{name}|{f}");
+                *totals.entry(field.clone()).or_default() += n;
+                changed.insert(field);
+            }
         }
+        // Fleet slots older than the window are gone from Redis too.
+        let keep_from = fleet_slot.saturating_sub(window.as_secs().div_ceil(SLOT.as_secs()) + 1);
+        pushed.assigned.retain(|slot, _| *slot >= keep_from);
+        pushed
+            .dirty
+            .retain(|slot, fields| *slot >= keep_from && !fields.is_empty());
         let slots = window.as_secs().div_ceil(SLOT.as_secs()) + 1;
-        let slot_ms = SLOT.as_millis() as u64;
         let mut invocation = self.sync_script.prepare_invoke();
         invocation
             .arg(&self.prefix)
             .arg(&self.replica)
-            .arg(now_ms())
+            .arg(wall)
             .arg(slot_ms)
             .arg(slots)
             .arg((slots + 1) * slot_ms)
             .arg(window.as_millis() as u64)
             .arg(&self.key)
             .arg(self.scope_name());
-        for (f, n) in &fields {
-            invocation.arg(f).arg(*n);
+        for (slot, fields) in &pushed.dirty {
+            for field in fields {
+                let total = pushed
+                    .assigned
+                    .get(slot)
+                    .and_then(|totals| totals.get(field))
+                    .copied()
+                    .unwrap_or(0);
+                invocation.arg(*slot).arg(field).arg(total);
+            }
         }
         let reply: Result<SyncReply, FleetError> =
             self.call("sync", |conn| invocation.invoke(conn));
@@ -215,7 +251,7 @@ impl Fleet {
                 return Err(e);
             }
         };
-        *pushed = next;
+        pushed.dirty.clear();
         let arms = encode::summaries(&merged, window);
         self.metrics.replicas.set(replicas as i64);
         let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());

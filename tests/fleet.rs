@@ -326,10 +326,11 @@ fn describe(statuses: &[Value]) -> String {
         .iter()
         .map(|s| {
             format!(
-                "  {}: guard {} since {} weights baseline={} canary={} baseline cache_ns {} fleet {}",
+                "  {}: guard {} since {} last trip {} weights baseline={} canary={} baseline cache_ns {} fleet {}",
                 s["fleet"]["replica"],
                 guard_state(s),
                 s["guard"]["since_ms"],
+                s["guard"]["last_trip"],
                 arm(s, "baseline")["weight"],
                 arm(s, "canary")["weight"],
                 arm(s, "baseline")["cache_ns"],
@@ -1268,7 +1269,10 @@ async fn the_winner_killed_after_its_trip_leaves_one_fleet_state() {
     )
     .await;
     assert_eq!(generation(&tripped[0]), 1, "{}", tripped[0]["fleet"]);
-    assert_eq!(cache_ns(&tripped[0], "baseline"), cache_ns(&tripped[1], "baseline"));
+    assert_eq!(
+        cache_ns(&tripped[0], "baseline"),
+        cache_ns(&tripped[1], "baseline")
+    );
 
     // Both ask to recover at once: one compare-and-set wins, the other adopts it.
     let (url2, url3) = (r2.admin_url("/recover"), r3.admin_url("/recover"));
@@ -1277,9 +1281,13 @@ async fn the_winner_killed_after_its_trip_leaves_one_fleet_state() {
         admin_post(&client, &url3, "", Some(TOKEN)),
     );
     assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK));
-    let healthy = wait_all(&client, &[&r2, &r3], Duration::from_secs(5), "recovered", |s| {
-        s["guard"]["state"] == "healthy"
-    })
+    let healthy = wait_all(
+        &client,
+        &[&r2, &r3],
+        Duration::from_secs(5),
+        "recovered",
+        |s| s["guard"]["state"] == "healthy",
+    )
     .await;
     assert_eq!(generation(&healthy[0]), 2, "{}", healthy[0]["fleet"]);
     assert_eq!(generation(&healthy[1]), 2, "{}", healthy[1]["fleet"]);
@@ -1345,7 +1353,12 @@ async fn an_alertmanager_notification_trips_the_fleet_once() {
 
     let first = admin_post(&client, &r1.admin_url("/alerts"), &payload, Some(TOKEN)).await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.text());
-    assert_eq!(first.json()["alerts"][0]["outcome"], "tripped", "{}", first.text());
+    assert_eq!(
+        first.json()["alerts"][0]["outcome"],
+        "tripped",
+        "{}",
+        first.text()
+    );
     let tripped = wait_all(
         &client,
         &[&r1, &r2],
@@ -1361,9 +1374,78 @@ async fn an_alertmanager_notification_trips_the_fleet_once() {
     }
     let again = admin_post(&client, &r2.admin_url("/alerts"), &payload, Some(TOKEN)).await;
     assert_eq!(again.status, StatusCode::OK, "{}", again.text());
-    assert_ne!(again.json()["alerts"][0]["outcome"], "tripped", "{}", again.text());
+    assert_ne!(
+        again.json()["alerts"][0]["outcome"],
+        "tripped",
+        "{}",
+        again.text()
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(deliveries(&receiver, "tripped"), 1, "tripped webhooks");
     let after = statuses(&client, &[&r1, &r2]).await;
-    assert!(after.iter().all(|s| generation(s) == 1), "{}", describe(&after));
+    assert!(
+        after.iter().all(|s| generation(s) == 1),
+        "{}",
+        describe(&after)
+    );
+}
+
+/// A push Redis applies after the replica gave up waiting (Redis frozen past `redis_timeout`, then
+/// thawed) is sent again on the next sync and counted once: the merged window holds exactly what was
+/// recorded. (Counted twice, a healthy canary's inflated counts make the significance tests trip.)
+#[test]
+fn a_push_applied_after_a_timeout_is_not_counted_twice() {
+    use driftguard::fleet::Fleet;
+    use driftguard::windows::{Counter, Window};
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let redis_pid: i32 = redis
+        .cli(&["INFO", "server"])
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.trim().strip_prefix("process_id:").map(str::to_string))
+        })
+        .and_then(|pid| pid.trim().parse().ok())
+        .expect("redis-server's process_id");
+    let config: driftguard::config::Fleet = toml::from_str(&format!(
+        "redis_url = \"{}\"\nkey = \"{}\"\nreplica = \"r1\"\nredis_timeout = \"100ms\"",
+        redis.url(),
+        fleet_key("timeout-once")
+    ))
+    .unwrap();
+    let fleet = Fleet::new(&config, &driftguard::telemetry::metrics::Metrics::new()).unwrap();
+    let window = Window::new(Instant::now());
+    let span = Duration::from_secs(60);
+    let record = |n: u64| window.count(Instant::now(), Counter::Class2xx, n);
+
+    record(10);
+    assert_eq!(
+        fleet
+            .sync(&[("canary", &window)], Instant::now(), span)
+            .unwrap()
+            .arms["canary"]
+            .requests,
+        10
+    );
+    record(5);
+    // SAFETY: kill(2) on the redis-server this test started; no memory is shared.
+    assert_eq!(unsafe { libc::kill(redis_pid, libc::SIGSTOP) }, 0);
+    let timed_out = fleet.sync(&[("canary", &window)], Instant::now(), span);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(unsafe { libc::kill(redis_pid, libc::SIGCONT) }, 0);
+    assert!(
+        timed_out.is_err(),
+        "the sync against a frozen Redis must time out"
+    );
+    // The frozen push has now run in Redis; the next sync sends the same totals again.
+    std::thread::sleep(Duration::from_millis(200));
+    record(1);
+    let merged = loop {
+        match fleet.sync(&[("canary", &window)], Instant::now(), span) {
+            Ok(synced) => break synced,
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert_eq!(merged.arms["canary"].requests, 16, "recorded 16 requests");
 }

@@ -1,7 +1,8 @@
 -- One interval of one replica (driftguard fleet). ARGV: prefix, replica, now_ms, slot_ms, slots in the
--- rule window, slot key TTL ms, heartbeat window ms, fleet key, this scope's name, then (field,
--- increment) pairs for the current slot.
--- Adds the increments, beats the heartbeat, and returns {replicas alive, state generation, state JSON,
+-- rule window, slot key TTL ms, heartbeat window ms, fleet key, this scope's name, then (slot, field,
+-- this replica's absolute total) triples. Each total is kept per replica and slot, and only its growth
+-- is added to the slot's merged hash: a push sent again after a timeout is not counted twice.
+-- Beats the heartbeat, and returns {replicas alive, state generation, state JSON,
 -- {field, sum over the window's slots, ...}}: the merge happens here, so the reply's size does not grow
 -- with the number of replicas.
 local p = ARGV[1]
@@ -9,12 +10,20 @@ local now = tonumber(ARGV[3])
 local slot_ms = tonumber(ARGV[4])
 local slots = tonumber(ARGV[5])
 local cur = math.floor(now / slot_ms)
-local key = p .. ':w:' .. cur
-if #ARGV >= 11 then
-  for i = 10, #ARGV - 1, 2 do
-    redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
+local touched = {}
+for i = 10, #ARGV - 2, 3 do
+  local slot, field, total = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local mine = p .. ':r:' .. ARGV[2] .. ':' .. slot
+  local before = tonumber(redis.call('HGET', mine, field) or '0')
+  if total > before then
+    redis.call('HINCRBY', p .. ':w:' .. slot, field, total - before)
+    redis.call('HSET', mine, field, total)
   end
-  redis.call('PEXPIRE', key, ARGV[6])
+  touched[slot] = true
+end
+for slot, _ in pairs(touched) do
+  redis.call('PEXPIRE', p .. ':w:' .. slot, ARGV[6])
+  redis.call('PEXPIRE', p .. ':r:' .. ARGV[2] .. ':' .. slot, ARGV[6])
 end
 local beats = p .. ':replicas'
 redis.call('ZADD', beats, now, ARGV[2])

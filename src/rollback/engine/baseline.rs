@@ -78,7 +78,8 @@ impl Engine {
             .is_none()
         {
             return Err(EngineError::Baseline(
-                "the fleet's state changed meanwhile (another replica's transition); try again".into(),
+                "the fleet's state changed meanwhile (another replica's transition); try again"
+                    .into(),
             ));
         }
         tracing::info!(

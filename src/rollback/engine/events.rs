@@ -69,7 +69,9 @@ impl Engine {
             snapshot["fleet"] = fleet.status();
             match fleet.replicas_alive(config.rules.window.0) {
                 Ok(names) => snapshot["fleet"]["replica_names"] = names.into(),
-                Err(e) => tracing::warn!(error = %e, "fleet: cannot list the replicas for the snapshot"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "fleet: cannot list the replicas for the snapshot")
+                }
             }
         }
         snapshot

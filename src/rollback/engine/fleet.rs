@@ -179,13 +179,14 @@ impl Engine {
                 return;
             }
         };
+        // The generation first: a transition proposed meanwhile (from this state on) expects it.
+        let previous = self.generation.swap(generation, SeqCst);
         match self.control.update_state(|s, _, _| {
             let was = s.guard.state;
             *s = fleet_state;
             was
         }) {
             Ok((was, now)) => {
-                self.generation.store(generation, SeqCst);
                 fleet.applied(generation);
                 if was != now.guard.state {
                     self.metrics
@@ -203,6 +204,7 @@ impl Engine {
                 );
             }
             Err(e) => {
+                self.generation.store(previous, SeqCst);
                 tracing::error!(generation, error = %e, "fleet: cannot apply the fleet state")
             }
         }
