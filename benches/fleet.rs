@@ -54,7 +54,9 @@ const WINDOW: Duration = Duration::from_secs(60);
 const RATE: u64 = 20;
 const CANARY_SHARE: f64 = 0.2;
 /// Commands the sync script runs inside Redis (src/fleet/sync.lua): counted apart from those sent.
-const SCRIPT_COMMANDS: [&str; 9] = [
+const SCRIPT_COMMANDS: [&str; 11] = [
+    "hget",
+    "hset",
     "hincrby",
     "pexpire",
     "zadd",
