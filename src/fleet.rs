@@ -89,6 +89,8 @@ pub struct Fleet {
     /// `fleet.key`: the fleet's root, under which every scope lives.
     key: String,
     replica: String,
+    /// Random per process: a restarted replica (same name) counts its totals afresh.
+    incarnation: u64,
     scope: String,
     on_error: FleetOnError,
     sync_script: redis::Script,
@@ -131,6 +133,7 @@ impl Fleet {
             prefix: format!("{}:{scope}", config.key),
             key: config.key.clone(),
             replica: config.replica_name(),
+            incarnation: fastrand::u64(..),
             scope: config.scope.clone(),
             on_error: config.on_backend_error,
             sync_script: redis::Script::new(SYNC),
@@ -230,7 +233,8 @@ impl Fleet {
             .arg((slots + 1) * slot_ms)
             .arg(window.as_millis() as u64)
             .arg(&self.key)
-            .arg(self.scope_name());
+            .arg(self.scope_name())
+            .arg(self.incarnation);
         for (slot, fields) in &pushed.dirty {
             for field in fields {
                 let total = pushed

@@ -1449,3 +1449,42 @@ fn a_push_applied_after_a_timeout_is_not_counted_twice() {
     };
     assert_eq!(merged.arms["canary"].requests, 16, "recorded 16 requests");
 }
+
+/// A replica restarted under the same name (a container restart keeps POD_NAME) counts from 0 again:
+/// what it records after the restart is added to the fleet's window, not hidden behind the totals its
+/// previous process pushed.
+#[test]
+fn a_restarted_replica_of_the_same_name_is_counted() {
+    use driftguard::fleet::Fleet;
+    use driftguard::windows::{Counter, Window};
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let config: driftguard::config::Fleet = toml::from_str(&format!(
+        "redis_url = \"{}\"\nkey = \"{}\"\nreplica = \"r1\"",
+        redis.url(),
+        fleet_key("restarted")
+    ))
+    .unwrap();
+    let metrics = driftguard::telemetry::metrics::Metrics::new();
+    let span = Duration::from_secs(60);
+    let before = Fleet::new(&config, &metrics).unwrap();
+    let window = Window::new(Instant::now());
+    window.count(Instant::now(), Counter::Class2xx, 10);
+    let synced = before
+        .sync(&[("canary", &window)], Instant::now(), span)
+        .unwrap();
+    assert_eq!(synced.arms["canary"].requests, 10);
+    drop(before);
+
+    let after = Fleet::new(&config, &driftguard::telemetry::metrics::Metrics::new()).unwrap();
+    let window = Window::new(Instant::now());
+    window.count(Instant::now(), Counter::Class2xx, 5);
+    let synced = after
+        .sync(&[("canary", &window)], Instant::now(), span)
+        .unwrap();
+    assert_eq!(
+        synced.arms["canary"].requests, 15,
+        "10 before the restart, 5 after"
+    );
+}

@@ -1,5 +1,6 @@
 -- One interval of one replica (driftguard fleet). ARGV: prefix, replica, now_ms, slot_ms, slots in the
--- rule window, slot key TTL ms, heartbeat window ms, fleet key, this scope's name, then (slot, field,
+-- rule window, slot key TTL ms, heartbeat window ms, fleet key, this scope's name, this process's
+-- incarnation (a restarted replica keeps its name but starts its totals from 0), then (slot, field,
 -- this replica's absolute total) triples. Each total is kept per replica and slot, and only its growth
 -- is added to the slot's merged hash: a push sent again after a timeout is not counted twice.
 -- Beats the heartbeat, and returns {replicas alive, state generation, state JSON,
@@ -11,9 +12,10 @@ local slot_ms = tonumber(ARGV[4])
 local slots = tonumber(ARGV[5])
 local cur = math.floor(now / slot_ms)
 local touched = {}
-for i = 10, #ARGV - 2, 3 do
+local me = p .. ':r:' .. ARGV[2] .. '#' .. ARGV[10] .. ':'
+for i = 11, #ARGV - 2, 3 do
   local slot, field, total = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local mine = p .. ':r:' .. ARGV[2] .. ':' .. slot
+  local mine = me .. slot
   local before = tonumber(redis.call('HGET', mine, field) or '0')
   if total > before then
     redis.call('HINCRBY', p .. ':w:' .. slot, field, total - before)
@@ -23,7 +25,7 @@ for i = 10, #ARGV - 2, 3 do
 end
 for slot, _ in pairs(touched) do
   redis.call('PEXPIRE', p .. ':w:' .. slot, ARGV[6])
-  redis.call('PEXPIRE', p .. ':r:' .. ARGV[2] .. ':' .. slot, ARGV[6])
+  redis.call('PEXPIRE', me .. slot, ARGV[6])
 end
 local beats = p .. ':replicas'
 redis.call('ZADD', beats, now, ARGV[2])
