@@ -53,6 +53,18 @@ fn rag_arm(name: &str, fail_every: Option<u64>) -> Scripted {
 }
 
 /// A fleet key of its own per test, so two tests (or two runs) never share a fleet.
+/// The process id of a redis-server the test started (for SIGSTOP / SIGCONT).
+fn redis_pid(redis: &RedisServer) -> libc::pid_t {
+    redis
+        .cli(&["INFO", "server"])
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.trim().strip_prefix("process_id:").map(str::to_string))
+        })
+        .and_then(|pid| pid.trim().parse().ok())
+        .expect("redis-server's process_id")
+}
+
 fn fleet_key(test: &str) -> String {
     format!(
         "driftguard:fleet:test-{test}-{}",
@@ -75,6 +87,21 @@ struct Setup {
 }
 
 impl Setup {
+    /// A fleet of `test`'s own key over `redis`: rule window 60 s, `min_samples` 50 (as
+    /// [`MIN_SAMPLES`]), canary weight 50, no hook.
+    fn new(baseline: &Scripted, canary: &Scripted, redis: &RedisServer, test: &str) -> Setup {
+        Setup {
+            baseline: baseline.url(),
+            canary: canary.url(),
+            redis_url: redis.url(),
+            key: fleet_key(test),
+            window: "60s",
+            min_samples: MIN_SAMPLES,
+            canary_weight: 50,
+            hook: None,
+        }
+    }
+
     /// Two arms (baseline marked), rules every second, a recovery slow enough never to happen during a
     /// test, the p99 ratio rule out of reach (on a loaded host the two test upstreams' tails differ for
     /// reasons of their own), and the `[fleet]` table naming `replica` and `scope`.
@@ -440,14 +467,8 @@ async fn spread_a_bad_canary(test: &str) -> Option<SpreadCanary> {
     let canary = rag_arm("canary", Some(3));
     let receiver = Scripted::start("webhook", |_, _| Canned::json(&json!({"ok": true})));
     let setup = Setup {
-        baseline: baseline.url(),
-        canary: canary.url(),
-        redis_url: redis.url(),
-        key: fleet_key(test),
-        window: "60s",
-        min_samples: MIN_SAMPLES,
-        canary_weight: 50,
         hook: Some(receiver.url()),
+        ..Setup::new(&baseline, &canary, &redis, test)
     };
     let r = [
         setup.start("r1", ""),
@@ -788,14 +809,8 @@ async fn a_replica_started_after_the_trip_serves_rolled_back() {
     let baseline = rag_arm("baseline", None);
     let canary = rag_arm("canary", None);
     let setup = Setup {
-        baseline: baseline.url(),
-        canary: canary.url(),
-        redis_url: redis.url(),
-        key: fleet_key("late-replica"),
-        window: "60s",
-        min_samples: 50,
         canary_weight: 90,
-        hook: None,
+        ..Setup::new(&baseline, &canary, &redis, "late-replica")
     };
     let r1 = setup.start("r1", "");
     let r2 = setup.start("r2", "");
@@ -865,14 +880,9 @@ async fn a_healthy_canary_on_three_replicas_does_not_trip() {
     let baseline = rag_arm("baseline", None);
     let canary = rag_arm("canary", None);
     let setup = Setup {
-        baseline: baseline.url(),
-        canary: canary.url(),
-        redis_url: redis.url(),
-        key: fleet_key("healthy"),
         window: "10s",
         min_samples: 30,
-        canary_weight: 50,
-        hook: None,
+        ..Setup::new(&baseline, &canary, &redis, "healthy")
     };
     let r1 = setup.start("r1", "");
     let r2 = setup.start("r2", "");
@@ -956,14 +966,9 @@ async fn redis_down_keeps_traffic_flowing() {
     let baseline = rag_arm("baseline", None);
     let canary = rag_arm("canary", None);
     let setup = Setup {
-        baseline: baseline.url(),
-        canary: canary.url(),
-        redis_url: redis.url(),
-        key: fleet_key("redis-down"),
         window: "10s",
         min_samples: 30,
-        canary_weight: 50,
-        hook: None,
+        ..Setup::new(&baseline, &canary, &redis, "redis-down")
     };
     let r1 = setup.start("r1", "");
     let r2 = setup.start("r2", "");
@@ -1049,25 +1054,13 @@ async fn a_frozen_redis_does_not_delay_requests() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let redis_pid: libc::pid_t = redis
-        .cli(&["INFO", "server"])
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.trim().strip_prefix("process_id:").map(str::to_string))
-        })
-        .and_then(|pid| pid.trim().parse().ok())
-        .expect("redis-server's process_id");
+    let redis_pid = redis_pid(&redis);
     let baseline = rag_arm("baseline", None);
     let canary = rag_arm("canary", None);
     let setup = Setup {
-        baseline: baseline.url(),
-        canary: canary.url(),
-        redis_url: redis.url(),
-        key: fleet_key("redis-frozen"),
         window: "10s",
         min_samples: 30,
-        canary_weight: 50,
-        hook: None,
+        ..Setup::new(&baseline, &canary, &redis, "redis-frozen")
     };
     let r1 = setup.start("r1", "");
     let client = client();
@@ -1133,16 +1126,7 @@ async fn scopes_flip_separately() {
     };
     let baseline = rag_arm("baseline", None);
     let canary = rag_arm("canary", None);
-    let setup = Setup {
-        baseline: baseline.url(),
-        canary: canary.url(),
-        redis_url: redis.url(),
-        key: fleet_key("scopes"),
-        window: "60s",
-        min_samples: 50,
-        canary_weight: 50,
-        hook: None,
-    };
+    let setup = Setup::new(&baseline, &canary, &redis, "scopes");
     let r1 = setup.start("r1", "a");
     let r2 = setup.start("r2", "b");
     let r3 = setup.start("r3", "a");
@@ -1238,14 +1222,8 @@ async fn the_winner_killed_after_its_trip_leaves_one_fleet_state() {
     let canary = rag_arm("canary", None);
     let receiver = Scripted::start("webhook", |_, _| Canned::json(&json!({"ok": true})));
     let setup = Setup {
-        baseline: baseline.url(),
-        canary: canary.url(),
-        redis_url: redis.url(),
-        key: fleet_key("winner-killed"),
-        window: "60s",
-        min_samples: 50,
-        canary_weight: 50,
         hook: Some(receiver.url()),
+        ..Setup::new(&baseline, &canary, &redis, "winner-killed")
     };
     let r1 = setup.start("r1", "");
     let r2 = setup.start("r2", "");
@@ -1310,14 +1288,8 @@ async fn an_alertmanager_notification_trips_the_fleet_once() {
     let canary = rag_arm("canary", None);
     let receiver = Scripted::start("webhook", |_, _| Canned::json(&json!({"ok": true})));
     let setup = Setup {
-        baseline: baseline.url(),
-        canary: canary.url(),
-        redis_url: redis.url(),
-        key: fleet_key("alertmanager"),
-        window: "60s",
-        min_samples: 50,
-        canary_weight: 50,
         hook: Some(receiver.url()),
+        ..Setup::new(&baseline, &canary, &redis, "alertmanager")
     };
     let r1 = setup.start("r1", "");
     let r2 = setup.start("r2", "");
@@ -1400,14 +1372,7 @@ fn a_push_applied_after_a_timeout_is_not_counted_twice() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let redis_pid: i32 = redis
-        .cli(&["INFO", "server"])
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.trim().strip_prefix("process_id:").map(str::to_string))
-        })
-        .and_then(|pid| pid.trim().parse().ok())
-        .expect("redis-server's process_id");
+    let redis_pid = redis_pid(&redis);
     let config: driftguard::config::Fleet = toml::from_str(&format!(
         "redis_url = \"{}\"\nkey = \"{}\"\nreplica = \"r1\"\nredis_timeout = \"100ms\"",
         redis.url(),
