@@ -183,6 +183,21 @@ fn index_of(value: u64) -> usize {
     (bucket as u64 * SUB_HALF + sub) as usize
 }
 
+/// Significant bits the fleet keeps of a histogram value when it merges replicas' windows: 32 buckets
+/// per octave, each at most 1/32 of its values wide (a quantile read from the merged window is within
+/// 1.6 % of the one the full layout gives).
+pub const FLEET_SIG_BITS: u32 = 6;
+
+/// The midpoint of the bucket holding `value` in a coarser layout of the same shape, one that keeps
+/// `sig_bits` significant bits (2^(sig_bits-1) sub-buckets per octave, width ≤ 1/2^(sig_bits-1) of its
+/// values; values below 2^sig_bits stay exact). Coarsening a midpoint of this layout lands in the same
+/// coarse bucket as every value of its fine bucket, so counts coarsened anywhere add up alike.
+pub fn coarse_midpoint(value: u64, sig_bits: u32) -> u64 {
+    let shift = (64 - value.leading_zeros()).saturating_sub(sig_bits);
+    let low = (value >> shift) << shift;
+    low + ((1u64 << shift) - 1) / 2
+}
+
 /// Lowest value and width of the bucket at an index.
 fn bucket_range(index: usize) -> (u64, u64) {
     let index = index as u64;

@@ -1,11 +1,14 @@
 //! A window [`Summary`] as the sparse, additive fields the fleet adds up in Redis, and back. Counters are
 //! plain fields; each histogram bucket is one field named by its scaled value (`d:` ΔS, `c:` coverage,
-//! `l:` latency µs). Only what the rules read travels.
+//! `l:` latency µs). Only what the rules read travels, and histograms travel coarser than the windows
+//! keep them ([`FLEET_SIG_BITS`]): the merged reply's size follows the number of coarse buckets the
+//! values span, which a few thousand samples fill, so it stops growing with the fleet's traffic.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use crate::rules::Summary;
+use crate::windows::{coarse_midpoint, FLEET_SIG_BITS, SIGNAL_SCALE};
 
 /// The nonzero fields of `s`.
 pub fn fields(s: &Summary) -> BTreeMap<String, u64> {
@@ -23,9 +26,14 @@ pub fn fields(s: &Summary) -> BTreeMap<String, u64> {
             out.insert(name.to_string(), n);
         }
     }
-    for (prefix, buckets) in [("d", &s.delta_s), ("c", &s.coverage), ("l", &s.latency)] {
+    for (prefix, buckets, max) in [
+        ("d", &s.delta_s, SIGNAL_SCALE as u64),
+        ("c", &s.coverage, SIGNAL_SCALE as u64),
+        ("l", &s.latency, u64::MAX),
+    ] {
         for (value, n) in buckets.iter().filter(|(_, n)| *n > 0) {
-            out.insert(format!("{prefix}:{value}"), *n);
+            let value = coarse_midpoint(*value, FLEET_SIG_BITS).min(max);
+            *out.entry(format!("{prefix}:{value}")).or_default() += *n;
         }
     }
     out
@@ -143,12 +151,34 @@ mod tests {
             .flat_map(|(f, n)| [format!("canary|{f}"), n.to_string()])
             .collect();
         let s = &summaries(&flat, Duration::from_secs(60))["canary"];
+        let c = |v| coarse_midpoint(v, FLEET_SIG_BITS);
         assert_eq!((s.requests, s.errors_5xx, s.evaluated), (35, 6, 10));
-        assert_eq!(s.delta_s, vec![(1000, 5), (9000, 5)]);
-        assert_eq!(s.latency, vec![(500, 28), (700, 5), (90_000, 2)]);
-        assert_eq!(s.latency_p50_us, Some(500));
-        assert_eq!(s.latency_p99_us, Some(90_000));
+        assert_eq!(s.delta_s, vec![(c(1000), 5), (c(9000), 5)]);
+        assert_eq!(s.latency, vec![(c(500), 28), (c(700), 5), (c(90_000), 2)]);
+        assert_eq!(s.latency_p50_us, Some(c(500)));
+        assert_eq!(s.latency_p99_us, Some(c(90_000)));
+        for v in [1000, 9000, 500, 700, 90_000] {
+            assert!(c(v).abs_diff(v) as f64 <= v as f64 / 32.0, "{v} → {}", c(v));
+        }
         assert_eq!(s.span_seconds, 60);
+    }
+
+    #[test]
+    fn fine_buckets_fold_into_one_coarse_field_and_signals_stay_in_range() {
+        // 5000..5100 spans several of the windows' buckets and at most two coarse ones.
+        let fine: Vec<(u64, u64)> = (5000..5100).step_by(10).map(|v| (v, 1)).collect();
+        let f = fields(&summary(10, 0, &fine, &[]));
+        let ds: Vec<_> = f.keys().filter(|k| k.starts_with("d:")).collect();
+        assert!(ds.len() <= 2, "{ds:?}");
+        assert_eq!(
+            f.iter()
+                .filter(|(k, _)| k.starts_with("d:"))
+                .map(|(_, n)| n)
+                .sum::<u64>(),
+            10
+        );
+        let top = fields(&summary(1, 0, &[(10_000, 1)], &[]));
+        assert_eq!(top.get("d:10000"), Some(&1), "{top:?}");
     }
 
     #[test]
@@ -156,10 +186,11 @@ mod tests {
         let before = fields(&summary(10, 1, &[(1000, 3)], &[]));
         let now = fields(&summary(12, 1, &[(1000, 3), (2000, 1)], &[]));
         let grown = minus(&now, &before);
+        let d = |v| format!("d:{}", coarse_midpoint(v, FLEET_SIG_BITS));
         assert_eq!(grown.get("req"), Some(&2));
         assert_eq!(grown.get("e5"), None);
-        assert_eq!(grown.get("d:2000"), Some(&1));
-        assert_eq!(grown.get("d:1000"), None);
+        assert_eq!(grown.get(&d(2000)), Some(&1));
+        assert_eq!(grown.get(&d(1000)), None);
         assert_eq!(grown.get("ev"), Some(&1));
     }
 }

@@ -117,8 +117,11 @@ fn healthy_arms_from_one_distribution_rarely_trip() {
     );
 }
 
-/// The fleet's merged window: every replica's counts and buckets added (as `fleet` adds them in Redis).
+/// The fleet's merged window: every replica's counts and buckets added, buckets coarsened to the fleet's
+/// layout (as `fleet` adds them in Redis).
 fn merged(parts: &[Summary]) -> Summary {
+    use crate::windows::{coarse_midpoint, FLEET_SIG_BITS};
+    let coarse = |v: u64| coarse_midpoint(v, FLEET_SIG_BITS).min(10_000);
     let mut out = Summary {
         span_seconds: 60,
         ..Summary::default()
@@ -130,10 +133,10 @@ fn merged(parts: &[Summary]) -> Summary {
         out.evaluated += p.evaluated;
         out.lambda_flips += p.lambda_flips;
         for (v, n) in &p.delta_s {
-            *ds.entry(*v).or_insert(0u64) += n;
+            *ds.entry(coarse(*v)).or_insert(0u64) += n;
         }
         for (v, n) in &p.coverage {
-            *cov.entry(*v).or_insert(0u64) += n;
+            *cov.entry(coarse(*v)).or_insert(0u64) += n;
         }
         out.latency_p50_us = out.latency_p50_us.max(p.latency_p50_us);
         out.latency_p95_us = out.latency_p95_us.max(p.latency_p95_us);

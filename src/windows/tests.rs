@@ -249,3 +249,22 @@ fn arms_keep_an_arm_by_name() {
     assert!(!std::sync::Arc::ptr_eq(&a, &arms.arm("b")));
     arms.rotate();
 }
+
+#[test]
+fn a_coarse_bucket_holds_every_value_of_the_fine_buckets_it_takes() {
+    // Every value of a fine bucket coarsens to the same midpoint as the fine bucket's midpoint, so
+    // replicas that coarsen their own buckets add up to what coarsening the merged buckets gives.
+    for index in 0..index_of(1 << 40) {
+        let (low, width) = bucket_range(index);
+        let mid = low + (width - 1) / 2;
+        let want = coarse_midpoint(mid, 6);
+        for v in [low, mid, low + width - 1] {
+            assert_eq!(coarse_midpoint(v, 6), want, "index {index}: {v}");
+        }
+        assert!(
+            want.abs_diff(mid) as f64 <= (mid as f64 / 32.0).max(1.0),
+            "{mid} → {want}"
+        );
+    }
+    assert_eq!(coarse_midpoint(17, 6), 17);
+}
