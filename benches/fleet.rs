@@ -45,7 +45,9 @@ use driftguard::windows::{ArmStats, Evaluation, NoMirror};
 use serde_json::Value;
 
 // Part 1: the simulated fleet.
-const REPLICA_COUNTS: [usize; 2] = [3, 50];
+/// (replicas, fleet requests per second): 3 and 50 replicas at the same rate each, then 50 at the
+/// 3-replica fleet's rate (what the replica count alone does to the bytes).
+const RUNS: [(usize, u64); 3] = [(3, 3 * RATE), (50, 50 * RATE), (50, 3 * RATE)];
 const INTERVALS: u32 = 20;
 const INTERVAL: Duration = Duration::from_secs(1);
 /// The rule window (`rules.window` default).
@@ -122,6 +124,8 @@ struct Replica {
 /// What one N-replica run measured, per replica per interval.
 struct Cost {
     replicas: usize,
+    /// Requests per second over the whole fleet.
+    fleet_rate: u64,
     sent: f64,
     sent_by_command: BTreeMap<String, f64>,
     in_redis: f64,
@@ -141,8 +145,8 @@ fn redis_cost(redis: &RedisServer) -> Result<bool, String> {
     let mut info = InfoConn::open(redis.port)?;
     let (in_residual, out_residual) = info.check_accounting()?;
     println!(
-        "== Redis cost per replica per interval ({INTERVALS} intervals of {}s, {RATE} req/s per replica, \
-         {}s rule window) ==",
+        "== Redis cost per replica per interval ({INTERVALS} intervals of {}s, {RATE} req/s per replica or \
+         the fleet rate given, {}s rule window) ==",
         INTERVAL.as_secs(),
         WINDOW.as_secs()
     );
@@ -151,12 +155,13 @@ fn redis_cost(redis: &RedisServer) -> Result<bool, String> {
          {out_residual} B out"
     );
     let mut costs = Vec::new();
-    for n in REPLICA_COUNTS {
-        costs.push(measure(redis, &mut info, n)?);
+    for (n, fleet_rate) in RUNS {
+        costs.push(measure(redis, &mut info, n, fleet_rate)?);
     }
     println!(
-        "{:>8} | {:>13} | {:>13} | {:>14} | {:>16} | {:>13} | {:>15} | {:>13}",
+        "{:>8} | {:>10} | {:>13} | {:>13} | {:>14} | {:>16} | {:>13} | {:>15} | {:>13}",
         "replicas",
+        "fleet rps",
         "commands sent",
         "run in Redis",
         "bytes to Redis",
@@ -167,8 +172,9 @@ fn redis_cost(redis: &RedisServer) -> Result<bool, String> {
     );
     for c in &costs {
         println!(
-            "{:>8} | {:>13.2} | {:>13.1} | {:>14.0} | {:>16.0} | {:>13.0} | {:>15} | {:>13}",
+            "{:>8} | {:>10} | {:>13.2} | {:>13.1} | {:>14.0} | {:>16.0} | {:>13.0} | {:>15} | {:>13}",
             c.replicas,
+            c.fleet_rate,
             c.sent,
             c.in_redis,
             c.bytes_to_redis,
@@ -184,15 +190,21 @@ fn redis_cost(redis: &RedisServer) -> Result<bool, String> {
             .iter()
             .map(|(name, per)| format!("{name} {per:.2}"))
             .collect();
-        println!("  N={}: commands sent: {}", c.replicas, parts.join(", "));
+        println!(
+            "  N={} @ {} req/s: commands sent: {}",
+            c.replicas,
+            c.fleet_rate,
+            parts.join(", ")
+        );
         let parts: Vec<String> = c
             .script_by_command
             .iter()
             .map(|(name, per)| format!("{name} {per:.2}"))
             .collect();
         println!(
-            "  N={}: run by the script: {}",
+            "  N={} @ {} req/s: run by the script: {}",
             c.replicas,
+            c.fleet_rate,
             parts.join(", ")
         );
     }
@@ -206,46 +218,74 @@ fn redis_cost(redis: &RedisServer) -> Result<bool, String> {
             .join(", "),
         pass(worst_sent <= MAX_COMMANDS_SENT)
     );
-    let (few, many) = (&costs[0], &costs[costs.len() - 1]);
+    // Growth with the replica count alone: 3 → 50 replicas at the same rate each (what each replica
+    // sends), and at the same fleet traffic (what each replica reads back: the merged window).
+    let (few, many, many_same_traffic) = (&costs[0], &costs[1], &costs[2]);
+    let mut ok = worst_sent <= MAX_COMMANDS_SENT;
     for (what, a, b) in [
-        ("bytes to Redis", few.bytes_to_redis, many.bytes_to_redis),
-        (
-            "bytes from Redis",
-            few.bytes_from_redis,
-            many.bytes_from_redis,
-        ),
+        ("bytes to Redis", few, many),
+        ("bytes from Redis", few, many_same_traffic),
     ] {
-        let growth = b / a - 1.0;
+        let bytes = |c: &Cost| {
+            if what == "bytes to Redis" {
+                c.bytes_to_redis
+            } else {
+                c.bytes_from_redis
+            }
+        };
+        let growth = bytes(b) / bytes(a) - 1.0;
+        ok &= growth <= GROWTH_TOLERANCE;
         println!(
-            "target {what} per replica per interval do not grow with replicas: N={} {a:.0} → N={} {b:.0} \
-             ({:+.1} %, tolerance {:.0} %) → {}",
-            few.replicas,
-            many.replicas,
+            "target {what} per replica per interval do not grow with replicas: N={} @ {} req/s {:.0} → \
+             N={} @ {} req/s {:.0} ({:+.1} %, tolerance {:.0} %) → {}",
+            a.replicas,
+            a.fleet_rate,
+            bytes(a),
+            b.replicas,
+            b.fleet_rate,
+            bytes(b),
             growth * 100.0,
             GROWTH_TOLERANCE * 100.0,
             pass(growth <= GROWTH_TOLERANCE)
         );
     }
     println!(
-        "  bytes from Redis per merged-window field: {} (the reply carries the merged window: its size \
-         follows the union of histogram buckets the fleet's samples fill)",
-        costs
-            .iter()
-            .map(|c| format!("N={} {:.1}", c.replicas, c.bytes_from_redis / c.merged_fields.max(1) as f64))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "  with the fleet's traffic (N={} @ {} req/s → N={} @ {} req/s, {:.1}× the samples) the merged \
+         window fills more of its coarse buckets: bytes from Redis {:.0} → {:.0} ({:+.1} %), merged fields \
+         {} → {}, {:.1} bytes per field; the layout bounds it (no target)",
+        few.replicas,
+        few.fleet_rate,
+        many.replicas,
+        many.fleet_rate,
+        many.fleet_rate as f64 / few.fleet_rate as f64,
+        few.bytes_from_redis,
+        many.bytes_from_redis,
+        (many.bytes_from_redis / few.bytes_from_redis - 1.0) * 100.0,
+        few.merged_fields,
+        many.merged_fields,
+        many.bytes_from_redis / many.merged_fields.max(1) as f64
     );
     let errors: u64 = costs.iter().map(|c| c.errors).sum();
     if errors > 0 {
-        println!("INVALID: {errors} sync calls returned an error");
+        println!("INVALID: {errors} sync calls returned an error or a merged window lost counts");
     }
-    Ok(errors == 0)
+    Ok(errors == 0 && ok)
 }
 
-fn measure(redis: &RedisServer, info: &mut InfoConn, n: usize) -> Result<Cost, String> {
+fn measure(
+    redis: &RedisServer,
+    info: &mut InfoConn,
+    n: usize,
+    fleet_rate: u64,
+) -> Result<Cost, String> {
     let origin = Instant::now();
     let mut rng = fastrand::Rng::with_seed(n as u64);
-    let key = format!("driftguard:bench:fleet:n{n}");
+    let key = format!("driftguard:bench:fleet:n{n}r{fleet_rate}");
+    // Replica i's share of `total` fleet requests (the shares add up to `total` exactly).
+    let share = |total: u64, i: usize| {
+        let (i, n) = (i as u64, n as u64);
+        total * (i + 1) / n - total * i / n
+    };
     let replicas: Vec<Replica> = (0..n)
         .map(|i| {
             let settings = config::Fleet {
@@ -266,8 +306,13 @@ fn measure(redis: &RedisServer, info: &mut InfoConn, n: usize) -> Result<Cost, S
     let mut sync_ms = Vec::new();
     let mut last = None;
     // Warm-up (not measured): connect, load the script, and a full rule window of traffic in Redis.
-    for r in &replicas {
-        recorded += traffic(r, &mut rng, Instant::now(), RATE * WINDOW.as_secs());
+    for (i, r) in replicas.iter().enumerate() {
+        recorded += traffic(
+            r,
+            &mut rng,
+            Instant::now(),
+            share(fleet_rate * WINDOW.as_secs(), i),
+        );
         if let Err(e) = sync(r) {
             errors += 1;
             println!("  N={n} warm-up sync of {} failed: {e}", r.fleet.replica());
@@ -278,8 +323,13 @@ fn measure(redis: &RedisServer, info: &mut InfoConn, n: usize) -> Result<Cost, S
     for i in 1..=INTERVALS {
         let tick = start + INTERVAL * i;
         std::thread::sleep(tick.saturating_duration_since(Instant::now()));
-        for r in &replicas {
-            recorded += traffic(r, &mut rng, Instant::now(), RATE * INTERVAL.as_secs());
+        for (i, r) in replicas.iter().enumerate() {
+            recorded += traffic(
+                r,
+                &mut rng,
+                Instant::now(),
+                share(fleet_rate * INTERVAL.as_secs(), i),
+            );
         }
         for r in &replicas {
             let t = Instant::now();
@@ -337,13 +387,17 @@ fn measure(redis: &RedisServer, info: &mut InfoConn, n: usize) -> Result<Cost, S
         })
         .sum();
     println!(
-        "  N={n}: merged window holds {merged_requests} requests (recorded: {recorded}) {}, replicas alive {} {}",
+        "  N={n} @ {fleet_rate} req/s: merged window holds {merged_requests} requests (recorded: {recorded}) {}, replicas alive {} {}",
         if merged_requests == recorded { "ok" } else { "MISMATCH" },
         last.replicas,
         if last.replicas == n as u64 { "ok" } else { "MISMATCH" },
     );
+    if merged_requests != recorded || last.replicas != n as u64 {
+        errors += 1;
+    }
     Ok(Cost {
         replicas: n,
+        fleet_rate,
         sent: sent as f64 / per,
         sent_by_command,
         in_redis: in_redis as f64 / per,

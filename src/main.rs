@@ -143,6 +143,14 @@ struct DemoArgs {
     /// [default: a new folder under the temp dir].
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Run N driftguard replicas as one fleet sharing a Redis (the load spreads over them; replica i
+    /// listens on the given ports plus i): the fleet trips once and every replica flips together.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=20))]
+    replicas: u16,
+    /// The fleet's Redis for --replicas [default: a redis-server of the demo's own, from PATH, on a
+    /// free port].
+    #[arg(long, requires = "replicas")]
+    redis_url: Option<String>,
 }
 
 /// Where the admin listener of the running driftguard is; the token comes from DRIFTGUARD_ADMIN_TOKEN.
@@ -194,6 +202,8 @@ fn main() -> ExitCode {
             duration: args.duration,
             keep: args.keep,
             state_dir: args.state_dir,
+            replicas: usize::from(args.replicas),
+            redis_url: args.redis_url,
         }),
         Command::Status { admin, json } => operate::status(&admin.admin(), json),
         Command::Trip {

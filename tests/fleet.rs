@@ -1453,3 +1453,84 @@ fn a_restarted_replica_of_the_same_name_is_counted() {
         "10 before the restart, 5 after"
     );
 }
+
+// ================================================================================================
+// The demo of a fleet
+// ================================================================================================
+
+/// `driftguard demo --replicas 3`: three replicas in one process on one Redis; the report says one
+/// replica won the trip (the only trip snapshot), all three flipped within a second of the first, and
+/// all serve one cache epoch.
+#[test]
+fn the_fleet_demo_trips_once_and_every_replica_flips() {
+    let _serial = SERIAL.blocking_lock();
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = unique("fleet-demo");
+    let (url, state_dir) = (redis.url(), dir.display().to_string());
+    let args = [
+        "demo",
+        "--replicas",
+        "3",
+        "--redis-url",
+        &url,
+        "--proxy-port",
+        "0",
+        "--admin-port",
+        "0",
+        "--rps=90",
+        "--degrade-after",
+        "3s",
+        "--duration",
+        "40s",
+        "--state-dir",
+        &state_dir,
+    ];
+    let out = run_cli(&args, &std::env::temp_dir(), Duration::from_secs(120));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |label: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(label))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {label:?} line:\n{stdout}"))
+    };
+    assert!(line("fleet:").starts_with("3 replicas share"), "{stdout}");
+    let winner = line("trip won by:");
+    assert!(
+        winner.starts_with("replica-") && winner.contains("the only replica"),
+        "{stdout}"
+    );
+    // Exactly one replica folder holds a trip snapshot.
+    let trip_snapshots: usize = (1..=3)
+        .map(|i| {
+            std::fs::read_dir(dir.join(format!("replica-{i}/snapshots")))
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| e.file_name().to_string_lossy().contains("-tripped-"))
+                        .count()
+                })
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(trip_snapshots, 1, "{stdout}");
+    let flipped = line("flipped:");
+    let within: u64 = flipped
+        .strip_prefix("3 of 3 within ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("not every replica flipped: {flipped}\n{stdout}"));
+    assert!(within <= 1000, "flip skew {within} ms\n{stdout}");
+    assert!(
+        line("cache epoch:").contains("on every replica"),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -45,8 +45,8 @@ pub struct Load {
 }
 
 impl Load {
-    /// Starts sending to `proxy` (`http://host:port`).
-    pub fn start(proxy: String, rps: u32, concurrency: usize) -> Load {
+    /// Starts sending to `proxies` (`http://host:port`), round-robin.
+    pub fn start(proxies: Vec<String>, rps: u32, concurrency: usize) -> Load {
         let counts = Arc::new(Counts::default());
         let stop = Arc::new(AtomicBool::new(false));
         let client = net::Client::builder(REQUEST_TIMEOUT)
@@ -65,7 +65,7 @@ impl Load {
                     continue;
                 };
                 n += 1;
-                let req = request(&proxy, n);
+                let req = request(&proxies[n as usize % proxies.len().max(1)], n);
                 let (client, c) = (client.clone(), c.clone());
                 c.sent.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
