@@ -51,6 +51,8 @@ end
 -- Every scope's generation and guard state, for /status (a handful of scopes: region by region).
 local scopes_key = ARGV[8] .. ':scopes'
 redis.call('SADD', scopes_key, ARGV[9])
+-- The list of scopes goes with the last replica's heartbeat (the scopes' states stay).
+redis.call('PEXPIRE', scopes_key, ARGV[7])
 local scopes = {}
 for _, s in ipairs(redis.call('SMEMBERS', scopes_key)) do
   local sst = redis.call('HMGET', ARGV[8] .. ':' .. s .. ':state', 'gen', 'state')
