@@ -79,23 +79,23 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
     .is_ok()
 }
 
-/// A raw upstream answering every request with a 200 head announcing 1000 bytes and sending 10, then
-/// either closing (`stall: false`) or holding the connection open.
+/// A raw upstream answering a request with a 200 head announcing 1000 bytes and sending 10, then
+/// either closing the connection (`stall: false`) or holding it open.
 fn truncating(name: &str, stall: bool) -> RawUpstream {
     RawUpstream::start(name, move |mut stream| async move {
         let mut buf = Vec::new();
-        while read_head(&mut stream, &mut buf).await.is_some() {
-            let head =
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n";
-            if stream.write_all(head.as_bytes()).await.is_err()
-                || stream.write_all(b"{\"answer\":").await.is_err()
-            {
-                return;
-            }
-            if stall {
-                tokio::time::sleep(Duration::from_secs(60)).await;
-            }
+        if read_head(&mut stream, &mut buf).await.is_none() {
             return;
+        }
+        let head =
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n";
+        if stream.write_all(head.as_bytes()).await.is_err()
+            || stream.write_all(b"{\"answer\":").await.is_err()
+        {
+            return;
+        }
+        if stall {
+            tokio::time::sleep(Duration::from_secs(60)).await;
         }
     })
 }
