@@ -302,15 +302,23 @@ fn decide(token: Option<&str>, peer: SocketAddr, authorization: Option<&str>) ->
             Some(_) => Decision::Unauthorized("wrong bearer token"),
             None => Decision::Unauthorized("this endpoint needs Authorization: Bearer <token>"),
         },
-        None if peer.ip().is_loopback() => Decision::Allow,
+        // A listener on `[::]` sees IPv4 peers as `::ffff:a.b.c.d`: canonical, 127.0.0.1 is loopback.
+        None if peer.ip().to_canonical().is_loopback() => Decision::Allow,
         None => Decision::Forbidden(
             "no admin token is configured (DRIFTGUARD_ADMIN_TOKEN or admin.token_file), so only loopback peers may call this",
         ),
     }
 }
 
+/// Compares the SHA-256 digests of both in constant time: fixed-size inputs, so neither the token's
+/// length nor the position of the first difference shows in the timing.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
@@ -371,8 +379,18 @@ mod tests {
         let remote = peer("10.1.2.3:4000");
         let local = peer("127.0.0.1:4000");
         let local6 = peer("[::1]:4000");
+        let mapped = peer("[::ffff:127.0.0.1]:4000");
+        let mapped_remote = peer("[::ffff:10.1.2.3]:4000");
         assert_eq!(decide(None, local, None), Decision::Allow);
         assert_eq!(decide(None, local6, None), Decision::Allow);
+        assert_eq!(decide(None, mapped, None), Decision::Allow);
+        assert!(matches!(
+            decide(None, mapped_remote, None),
+            Decision::Forbidden(_)
+        ));
+        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
+        assert!(!constant_time_eq(b"s3cret", b"s3cret-longer"));
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
         assert!(matches!(decide(None, remote, None), Decision::Forbidden(_)));
         assert!(matches!(
             decide(None, remote, Some("Bearer x")),

@@ -8,4 +8,5 @@ pub mod headers;
 pub mod listener;
 pub mod pins;
 pub mod router;
+pub mod upload;
 pub mod upstream;

@@ -99,6 +99,9 @@ pub enum Counter {
     UpstreamErrors,
     /// Upstream did not answer in time (504 by the proxy).
     Timeouts,
+    /// Responses the upstream broke off, or left silent past `upstream.body_idle_timeout`, after their
+    /// head: counted with their status class as sent, and as errors by [`WindowStats::error_rate`].
+    BrokenOff,
     /// Upstream-echoed pins that differ from the stamped ones.
     PinMismatches,
     /// Responses whose signals were computed.
@@ -508,13 +511,18 @@ impl WindowStats {
         self.counters[..=Counter::Class5xx as usize].iter().sum()
     }
 
-    /// 5xx share of the responses, 0 when there were none.
+    /// Failed responses: 5xx, and responses broken off after their head.
+    pub fn errors(&self) -> u64 {
+        self.counter(Counter::Class5xx) + self.counter(Counter::BrokenOff)
+    }
+
+    /// Share of the responses that failed ([`WindowStats::errors`]), 0 when there were none.
     pub fn error_rate(&self) -> f64 {
         let n = self.requests();
         if n == 0 {
             0.0
         } else {
-            self.counter(Counter::Class5xx) as f64 / n as f64
+            (self.errors() as f64 / n as f64).min(1.0)
         }
     }
 }

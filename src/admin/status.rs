@@ -139,6 +139,7 @@ pub fn window(stats: &WindowStats) -> Value {
         "rate_limited": stats.counter(Counter::RateLimited),
         "upstream_errors": stats.counter(Counter::UpstreamErrors),
         "timeouts": stats.counter(Counter::Timeouts),
+        "broken_off": stats.counter(Counter::BrokenOff),
         "pin_mismatches": stats.counter(Counter::PinMismatches),
         "latency_ms": quantiles(Hist::Latency),
         "ttfb_ms": quantiles(Hist::Ttfb),

@@ -107,11 +107,24 @@ pub async fn start(loaded: Loaded, config_path: Option<PathBuf>) -> Result<Runni
 
     let drain = config.listen.drain_timeout.0;
     let cx = app.context();
+    let refused = app.metrics.connections_refused.clone();
+    let proxy_limits = listener::Limits {
+        max_connections: listener::fitting_cap(config.listen.max_connections),
+        idle_timeout: config.listen.idle_timeout.0,
+        on_refused: Arc::new(move || refused.inc()),
+    };
+    // The admin listener has its own small budget, so a full proxy listener never shuts out a probe.
+    let admin_limits = listener::Limits {
+        max_connections: ADMIN_MAX_CONNECTIONS,
+        idle_timeout: config.listen.idle_timeout.0,
+        on_refused: Arc::new(|| {}),
+    };
     let proxy = tokio::spawn(listener::serve(
         "proxy",
         proxy_listener,
         shutdown.clone(),
         drain,
+        proxy_limits,
         move |addr| {
             let (cx, peer) = (cx.clone(), proxy::Peer::new(addr));
             move |req| proxy::handle(cx.clone(), peer.clone(), req)
@@ -123,6 +136,7 @@ pub async fn start(loaded: Loaded, config_path: Option<PathBuf>) -> Result<Runni
         admin_listener,
         shutdown,
         drain,
+        admin_limits,
         move |peer| {
             let app = admin_app.clone();
             move |req| admin::handle(app.clone(), peer, req)
@@ -154,6 +168,9 @@ impl Running {
         tracing::info!(drained, evaluated, "stopped");
     }
 }
+
+/// Connections the admin listener holds at once: probes, scrapes and the CLI need few.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// How long a shutdown waits for queued evaluations after the listeners have drained.
 const EVAL_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);

@@ -19,6 +19,9 @@ pub struct Upstream {
     pub pool_max_idle: usize,
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout: Dur,
+    /// How long a response body may go without a byte from the upstream once its head arrived: past it
+    /// the response is cut off and counted as an upstream timeout of the arm.
+    pub body_idle_timeout: Dur,
 }
 
 impl Default for Upstream {
@@ -30,6 +33,8 @@ impl Default for Upstream {
             // Below the 5 s keep-alive of uvicorn and Node, so a pooled connection is dropped here
             // before the upstream closes it under a request in flight.
             pool_idle_timeout: secs(4),
+            // Above the gaps a model leaves between streamed tokens or SSE keep-alives.
+            body_idle_timeout: secs(60),
         }
     }
 }
@@ -41,6 +46,13 @@ impl Upstream {
         }
         if self.request_timeout.0.is_zero() {
             errors.push(err("upstream.request_timeout", "must be above 0"));
+        }
+        let body_idle = self.body_idle_timeout.0;
+        if body_idle.is_zero() || body_idle > std::time::Duration::from_secs(86_400) {
+            errors.push(err(
+                "upstream.body_idle_timeout",
+                "must be above 0 and at most 24h",
+            ));
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::windows::{Counter, Hist, WindowStats, SIGNAL_SCALE};
 pub struct Summary {
     pub span_seconds: u64,
     pub requests: u64,
+    /// Failed responses: 5xx, and responses the upstream broke off after their head.
     pub errors_5xx: u64,
     pub rate_limited: u64,
     pub pin_mismatches: u64,
@@ -36,7 +37,7 @@ impl Summary {
         Summary {
             span_seconds: w.span.as_secs(),
             requests: w.requests(),
-            errors_5xx: w.counter(Counter::Class5xx),
+            errors_5xx: w.errors(),
             rate_limited: w.counter(Counter::RateLimited),
             pin_mismatches: w.counter(Counter::PinMismatches),
             tool_loops: w.counter(Counter::ToolLoops),

@@ -1,13 +1,14 @@
 //! The bodies of the request path: [`ProxyBody`], what the client receives (an upstream stream being
 //! observed, or a response the proxy made itself), with the per-exchange record ([`Observed`]: timing,
-//! the tee for evaluation, the budget's spend, the fence's recording) and the access-log line; and
-//! [`RequestBody`], the client's body on its way upstream, copied when sampled. `serve::handle` builds
-//! them; `serve::upstream` sends a `RequestBody`.
+//! the tee for evaluation, the budget's spend, the fence's recording, the breaker's outcome) and the
+//! access-log line. A body that breaks off or goes silent for `upstream.body_idle_timeout` after its
+//! head is the arm's failure, for the breaker and the `error_rate` rule alike, though its head said
+//! 2xx. `serve::handle` builds them; the client's body on its way upstream is [`RequestBody`]
+//! (`serve::upload`).
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{ready, Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
@@ -20,12 +21,15 @@ use hyper::body::Incoming;
 
 use crate::capture::Capture;
 use crate::eval::{Pipeline, Sample};
+use crate::guards::breaker::Ticket;
 use crate::guards::budget::admission::{Reserved, UsageTap};
 use crate::guards::fence::Recording;
 use crate::serve::router::Arm;
 use crate::serve::upstream::Lease;
 use crate::telemetry::log::ACCESS;
 use crate::telemetry::otel::RequestSpan;
+
+pub use crate::serve::upload::{RequestBody, RequestSlot};
 
 /// What the access log needs to know about the request.
 #[derive(Clone)]
@@ -94,11 +98,36 @@ pub struct Observed {
     pub first_byte: bool,
     pub bytes: u64,
     pub access_log: bool,
+    /// The breaker's ticket of a response whose head was no failure, with the upstream's time to that
+    /// head: the body decides the outcome.
+    pub ticket: Option<(Ticket, Duration)>,
+}
+
+/// How a response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Read to its end and sent.
+    Complete,
+    /// The client went away first: no outcome for the arm.
+    Left,
+    /// The upstream broke it off, or went silent past `upstream.body_idle_timeout` (`timeout`).
+    Broke { timeout: bool },
 }
 
 impl Observed {
-    fn finish(&mut self, complete: bool) {
+    fn finish(&mut self, end: End) {
+        let complete = end == End::Complete;
         let now = Instant::now();
+        if let End::Broke { timeout } = end {
+            self.arm.stats.upstream_error(now, timeout);
+            self.arm.stats.broken_off(now);
+        }
+        match (self.ticket.take(), end) {
+            (Some((ticket, duration)), End::Complete) => ticket.complete(now, duration, false),
+            (Some((ticket, duration)), End::Broke { .. }) => ticket.complete(now, duration, true),
+            // Dropped uncompleted: neither success nor failure.
+            (_, End::Left) | (None, _) => {}
+        }
         if !self.first_byte {
             self.arm.stats.first_byte(now, now - self.start);
         }
@@ -195,6 +224,15 @@ pub fn access_log(
     );
 }
 
+/// Why a response body failed on its way to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("upstream body: {0}")]
+    Upstream(#[from] hyper::Error),
+    #[error("the upstream sent no body bytes for {0:?} (upstream.body_idle_timeout)")]
+    Idle(Duration),
+}
+
 /// The body the proxy sends to clients: an upstream stream being observed, or a response it made itself.
 pub struct ProxyBody(Kind);
 
@@ -208,12 +246,16 @@ impl ProxyBody {
     /// An upstream response on its way to the client, observed until it ends; `lease` goes back to the
     /// pool once the body is read to its end.
     #[inline]
-    pub fn upstream(inner: Incoming, observed: Observed, lease: Lease) -> Self {
+    pub fn upstream(inner: Incoming, observed: Observed, lease: Lease, idle: Duration) -> Self {
         ProxyBody(Kind::Upstream {
             inner,
             observed: Some(observed),
             lease: Some(lease),
             committing: None,
+            idle: Silence {
+                limit: idle,
+                timer: None,
+            },
         })
     }
 }
@@ -228,18 +270,46 @@ enum Kind {
         /// A fenced write's receipt being stored: the end of the body waits for it, so a client that
         /// saw the whole response can count on its replay.
         committing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+        idle: Silence,
     },
     Full(Full<Bytes>),
 }
 
+/// The upstream's silence in a response body, timed against `upstream.body_idle_timeout`. The timer is
+/// made the first time the body has nothing to give, so a response that arrives in one go costs none.
+struct Silence {
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Silence {
+    /// A frame arrived: the silence starts over.
+    fn heard(&mut self) {
+        if let Some(timer) = self.timer.as_mut() {
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.limit);
+        }
+    }
+
+    /// The body had nothing to give: whether the silence has lasted too long (else a wake-up is set).
+    fn too_long(&mut self, cx: &mut TaskContext<'_>) -> bool {
+        let limit = self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.get_mut().0 {
             Kind::Full(full) => Pin::new(full)
                 .poll_frame(cx)
@@ -249,13 +319,23 @@ impl Body for ProxyBody {
                 observed,
                 lease,
                 committing,
+                idle,
             } => {
                 if let Some(commit) = committing.as_mut() {
                     ready!(commit.as_mut().poll(cx));
                     *committing = None;
                     return Poll::Ready(None);
                 }
-                let frame = ready!(Pin::new(inner).poll_frame(cx));
+                let frame = match Pin::new(inner).poll_frame(cx) {
+                    Poll::Ready(frame) => {
+                        idle.heard();
+                        frame.map(|f| f.map_err(BodyError::from))
+                    }
+                    Poll::Pending if !idle.too_long(cx) => return Poll::Pending,
+                    // The upstream went silent: cut the response off (its connection is dropped with
+                    // the lease) and fail it like a break.
+                    Poll::Pending => Some(Err(BodyError::Idle(idle.limit))),
+                };
                 if frame.is_none() {
                     if let Some(lease) = lease.take() {
                         lease.release();
@@ -282,11 +362,11 @@ impl Body for ProxyBody {
                                 }
                             }
                         }
-                        Some(Err(_)) => {
+                        Some(Err(e)) => {
                             if let Some(mut obs) = observed.take() {
                                 // The upstream broke off mid-body: its failure, though the head said 2xx.
-                                obs.arm.stats.upstream_error(Instant::now(), false);
-                                obs.finish(false);
+                                let timeout = matches!(e, BodyError::Idle(_));
+                                obs.finish(End::Broke { timeout });
                             }
                         }
                         None => {
@@ -294,7 +374,7 @@ impl Body for ProxyBody {
                                 if let Some(recording) = obs.fence.take() {
                                     *committing = Some(Box::pin(recording.commit(true)));
                                 }
-                                obs.finish(true);
+                                obs.finish(End::Complete);
                             }
                         }
                     }
@@ -350,6 +430,7 @@ impl Drop for ProxyBody {
             inner,
             lease,
             committing,
+            ..
         } = &mut self.0
         {
             // The client left while the receipt was being stored: the store goes on without it.
@@ -364,107 +445,8 @@ impl Drop for ProxyBody {
                 lease.release();
             }
             if let Some(mut obs) = observed.take() {
-                obs.finish(complete);
+                obs.finish(if complete { End::Complete } else { End::Left });
             }
         }
-    }
-}
-
-/// Where a request body's copy lands once the body has been read, for the response side to pick up.
-pub type RequestSlot = Arc<Mutex<Option<Capture>>>;
-
-/// The client's request body on its way upstream, copied into a [`RequestSlot`] when sampled.
-pub struct RequestBody {
-    inner: Incoming,
-    tee: Option<(Capture, RequestSlot)>,
-    /// Frames read ahead of the stream (the budget's peek), sent first.
-    prefix: VecDeque<Frame<Bytes>>,
-}
-
-impl RequestBody {
-    pub fn plain(inner: Incoming) -> Self {
-        RequestBody {
-            inner,
-            tee: None,
-            prefix: VecDeque::new(),
-        }
-    }
-
-    /// A body whose copy (up to `cap`) is stored in `slot` when it ends or is dropped.
-    pub fn teed(inner: Incoming, cap: usize, slot: RequestSlot) -> Self {
-        RequestBody {
-            inner,
-            tee: Some((Capture::new(cap), slot)),
-            prefix: VecDeque::new(),
-        }
-    }
-
-    /// Sends `prefix` — frames already read from `inner` — before the rest of the stream.
-    pub fn with_prefix(mut self, prefix: VecDeque<Frame<Bytes>>) -> Self {
-        self.prefix = prefix;
-        self
-    }
-
-    fn store(&mut self, complete: bool) {
-        if let Some((mut capture, slot)) = self.tee.take() {
-            capture.incomplete |= !complete;
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(capture);
-        }
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        if let Some(frame) = this.prefix.pop_front() {
-            if let (Some((capture, _)), Some(data)) = (this.tee.as_mut(), frame.data_ref()) {
-                capture.push(data);
-            }
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        match &frame {
-            Some(Ok(f)) => {
-                if let (Some((capture, _)), Some(data)) = (this.tee.as_mut(), f.data_ref()) {
-                    capture.push(data);
-                }
-            }
-            Some(Err(_)) => this.store(false),
-            None => this.store(true),
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.prefix.is_empty() && self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let extra: u64 = self
-            .prefix
-            .iter()
-            .filter_map(|f| f.data_ref())
-            .map(|d| d.len() as u64)
-            .sum();
-        let inner = self.inner.size_hint();
-        let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower() + extra);
-        if let Some(upper) = inner.upper() {
-            hint.set_upper(upper + extra);
-        }
-        hint
-    }
-}
-
-impl Drop for RequestBody {
-    fn drop(&mut self) {
-        let complete = self.inner.is_end_stream();
-        self.store(complete);
     }
 }

@@ -52,10 +52,18 @@ pub enum ProxyError {
     ReceiptStoreUnavailable,
     /// The budget's Redis fails and `budget.on_backend_error = "closed"`: 503.
     BudgetUnavailable,
+    /// The client did not send its request body within `listen.body_timeout`: 408, the client's fault,
+    /// not counted against the arm.
+    BodyTimeout,
+    /// The client's request body is malformed (a broken chunked encoding): 400, not counted against
+    /// the arm.
+    BadRequest,
+    /// A request the proxy does not pass on: `CONNECT`, or a transfer coding other than `chunked`: 501.
+    NotImplemented,
 }
 
 impl ProxyError {
-    pub const ALL: [ProxyError; 14] = [
+    pub const ALL: [ProxyError; 17] = [
         ProxyError::ClientClosed,
         ProxyError::WritesFrozen,
         ProxyError::BreakerOpen,
@@ -70,6 +78,9 @@ impl ProxyError {
         ProxyError::BodyTooLarge,
         ProxyError::IdempotencyConflict,
         ProxyError::ReceiptStoreUnavailable,
+        ProxyError::BodyTimeout,
+        ProxyError::BadRequest,
+        ProxyError::NotImplemented,
     ];
 
     /// The `kind` label and the `error` field.
@@ -89,6 +100,9 @@ impl ProxyError {
             ProxyError::IdempotencyConflict => "idempotency_conflict",
             ProxyError::ReceiptStoreUnavailable => "receipt_store_unavailable",
             ProxyError::BudgetUnavailable => "budget_unavailable",
+            ProxyError::BodyTimeout => "body_timeout",
+            ProxyError::BadRequest => "bad_request",
+            ProxyError::NotImplemented => "not_implemented",
         }
     }
 
@@ -110,6 +124,9 @@ impl ProxyError {
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::IdempotencyConflict => StatusCode::CONFLICT,
             ProxyError::ReceiptStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+            ProxyError::NotImplemented => StatusCode::NOT_IMPLEMENTED,
         }
     }
 }
@@ -148,12 +165,15 @@ pub fn error_response(
     }
     let body =
         json!({"error": kind.as_str(), "message": message, "request_id": info.request_id_str()});
-    // Not the arm failing: a frozen write, an unreachable receipt store, a Redis outage of the budget.
+    // Not the arm failing: a frozen write, an unreachable receipt store, a Redis outage of the budget,
+    // a client too slow to upload or sending a broken body.
     let deliberate = matches!(
         kind,
         ProxyError::WritesFrozen
             | ProxyError::ReceiptStoreUnavailable
             | ProxyError::BudgetUnavailable
+            | ProxyError::BodyTimeout
+            | ProxyError::BadRequest
     );
     json_response(
         arm,
@@ -296,7 +316,9 @@ pub fn fence_answered(
         FenceAnswer::KeyRequired => ProxyError::IdempotencyKeyRequired,
         FenceAnswer::KeyInvalid => ProxyError::IdempotencyKeyInvalid,
         FenceAnswer::BodyTooLarge => ProxyError::BodyTooLarge,
-        FenceAnswer::BodyBroke | FenceAnswer::BodyLate => ProxyError::ClientClosed,
+        FenceAnswer::BodyBroke => ProxyError::ClientClosed,
+        // The client was too slow sending the body the fence hashes.
+        FenceAnswer::BodyLate => ProxyError::BodyTimeout,
         FenceAnswer::StillInFlight { .. } => ProxyError::IdempotencyConflict,
         FenceAnswer::Unavailable(_) => ProxyError::ReceiptStoreUnavailable,
     };

@@ -1,6 +1,11 @@
-//! One request through the data path of SPEC §1, as its stages in order: request id and trace, arm pick,
-//! strict pins, the guards (fence, freeze, budget, breaker), the upstream request's head and body, the
-//! send, and the response streamed back with its headers stamped and its timing observed.
+//! One request through the data path of SPEC §1, as its stages in order: request id and trace, the
+//! refusal of what is not passed on (`CONNECT`, transfer codings other than chunked), arm pick, strict
+//! pins, the guards (fence, freeze, budget, breaker), the upstream request's head and body, the send,
+//! and the response streamed back with its headers stamped and its timing observed.
+//!
+//! The client's upload and the upstream's answer are timed apart: the client has `listen.body_timeout`
+//! to send its body (else 408, never the arm's), and the upstream's `request_timeout` starts once the
+//! body is sent.
 //!
 //! Bodies are never buffered (but for a fenced write, whose body is hashed whole): the client's body is
 //! handed to the upstream as it arrives, and the upstream's reaches the client frame by frame through
@@ -8,8 +13,9 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -29,6 +35,7 @@ use crate::serve::error::{self, ProxyError, CLIENT_CLOSED};
 use crate::serve::headers::{self as h, X_DRIFTGUARD_DEGRADE, X_DRIFTGUARD_FLAGS};
 use crate::serve::pins;
 use crate::serve::router::{Arm, RoutingTable};
+use crate::serve::upload::{Upload, UploadEnd};
 use crate::serve::upstream::Lease;
 
 pub use crate::serve::headers::Peer;
@@ -43,6 +50,15 @@ pub async fn handle(
     let table = cx.table();
     let (parts, body) = req.into_parts();
     let request_id = h::request_id(&parts.headers);
+    if let Some(sent) = parts.headers.get(h::X_REQUEST_ID) {
+        if *sent != request_id {
+            tracing::warn!(
+                request_id = request_id.to_str().unwrap_or(""),
+                client_request_id = String::from_utf8_lossy(sent.as_bytes()).as_ref(),
+                "the client's x-request-id is not printable ASCII of 1-200 bytes; replaced"
+            );
+        }
+    }
     // Tracing off: this one check is all it costs.
     let trace = cx.tracer.as_ref().map(|otel| {
         Arc::new(otel.start_request(
@@ -52,6 +68,11 @@ pub async fn handle(
             request_id.to_str().unwrap_or(""),
         ))
     });
+    if let Some(message) = h::not_passed_on(&parts) {
+        let info = RequestInfo::new(&parts, request_id, trace);
+        let kind = ProxyError::NotImplemented;
+        return Ok(error::refuse(&cx.metrics, None, info, kind, message, start));
+    }
     let sticky = table
         .sticky_header()
         .and_then(|name| parts.headers.get(name))
@@ -140,7 +161,7 @@ async fn forward(
     };
     let sent = send(x, arm, parts, body, ticket, &mut carry.reserved).await;
     match sent {
-        Ok((response, lease)) => respond(x, arm, info, response, lease, carry),
+        Ok((response, lease, ticket)) => respond(x, arm, info, response, lease, ticket, carry),
         Err((kind, message)) => {
             error::refuse(&x.cx.metrics, Some(arm), info, kind, &message, x.start)
         }
@@ -316,29 +337,67 @@ fn request_body(
     (body, Some((slot, session)))
 }
 
-/// Sends the request and waits for the response head; the breaker's ticket gets the outcome. A failure
-/// comes back as the error kind and message the client gets.
+/// The breaker's ticket of a response whose head was no failure, and the upstream's time to it.
+type Pending = Option<(Ticket, Duration)>;
+
+/// Sends the request and waits for the response head. While the client is still uploading, only the
+/// client is timed (`listen.body_timeout`); the upstream's `request_timeout` starts once the body is
+/// sent. A failing head (5xx) is the breaker's outcome at once; any other waits in the ticket for the
+/// body's end. A failure comes back as the error kind and message the client gets.
 async fn send(
     x: &Exchange<'_>,
     arm: &Arc<Arm>,
     parts: Parts,
-    body: RequestBody,
+    mut body: RequestBody,
     ticket: Ticket,
     reserved: &mut Option<Reserved>,
-) -> Result<(Response<Incoming>, Lease), (ProxyError, String)> {
-    let timeout = x.table.settings.request_timeout;
-    // One deadline for the whole wait, the budget's peek included; the breaker times the upstream only.
-    let deadline = tokio::time::Instant::from_std(x.start + timeout);
-    let sent_at = Instant::now();
-    let sent = tokio::time::timeout_at(deadline, arm.pool.send(Request::from_parts(parts, body)));
-    match sent.await {
-        Ok(Ok(exchange)) => {
-            let failed = exchange.0.status().is_server_error();
-            ticket.complete(Instant::now(), sent_at.elapsed(), failed);
-            Ok(exchange)
+) -> Result<(Response<Incoming>, Lease, Pending), (ProxyError, String)> {
+    let settings = &x.table.settings;
+    let timeout = settings.request_timeout;
+    let upload = body.watch();
+    let exchange = arm.pool.send(Request::from_parts(parts, body));
+    tokio::pin!(exchange);
+    let mut sent_at = Instant::now();
+    let mut answered = None;
+    if let Some(upload) = &upload {
+        match uploading(x, upload, exchange.as_mut()).await {
+            Uploaded::Answered(result) => answered = Some(result),
+            Uploaded::Sent => sent_at = Instant::now(),
+            Uploaded::Failed(kind, message) => {
+                // The client's doing: the ticket goes uncounted; the upstream saw part of a request.
+                if let Some(r) = reserved.take() {
+                    r.keep();
+                }
+                return Err((kind, message));
+            }
+        }
+    }
+    let result = match answered {
+        Some(result) => Ok(result),
+        None => {
+            let deadline = tokio::time::Instant::from_std(sent_at)
+                .checked_add(timeout)
+                .unwrap_or_else(far_future);
+            tokio::time::timeout_at(deadline, exchange).await
+        }
+    };
+    match result {
+        Ok(Ok((response, lease))) => {
+            let elapsed = sent_at.elapsed();
+            if response.status().is_server_error() {
+                ticket.complete(Instant::now(), elapsed, true);
+                Ok((response, lease, None))
+            } else {
+                Ok((response, lease, Some((ticket, elapsed))))
+            }
         }
         Ok(Err(e)) => {
-            if !e.is_client_abort() {
+            // The client's body failed while the upstream was being sent it: not the upstream's doing.
+            let client = e.is_client_abort().then(|| {
+                let end = upload.as_ref().map_or(UploadEnd::Left, |u| u.end());
+                client_fault(end)
+            });
+            if client.is_none() {
                 ticket.complete(Instant::now(), sent_at.elapsed(), true);
             }
             // The upstream got the request unless it could not even be connected to: it may well have
@@ -346,14 +405,12 @@ async fn send(
             if let (Some(r), false) = (reserved.take(), e.is_connect()) {
                 r.keep();
             }
-            let kind = if e.is_client_abort() {
-                ProxyError::ClientClosed
-            } else if e.is_timeout() {
-                ProxyError::UpstreamTimeout
-            } else {
-                ProxyError::UpstreamUnreachable
-            };
             let message = format!("upstream {}: {}", arm.upstream, crate::error::chain(&e));
+            let kind = match client {
+                Some((kind, _)) => kind,
+                None if e.is_timeout() => ProxyError::UpstreamTimeout,
+                None => ProxyError::UpstreamUnreachable,
+            };
             Err((kind, message))
         }
         Err(_) => {
@@ -362,12 +419,70 @@ async fn send(
                 r.keep();
             }
             let message = format!(
-                "upstream {} sent no response within {:?}",
+                "upstream {} sent no response within {:?} of the request being sent",
                 arm.upstream, timeout
             );
             Err((ProxyError::UpstreamTimeout, message))
         }
     }
+}
+
+/// How the client's upload went while the request was being sent.
+enum Uploaded {
+    /// The upstream answered (or failed) before the body was all sent.
+    Answered(Result<(Response<Incoming>, Lease), crate::serve::upstream::UpstreamError>),
+    /// The body is sent: the upstream's clock starts.
+    Sent,
+    /// The client was too slow, left or sent a broken body.
+    Failed(ProxyError, String),
+}
+
+/// Waits for the client's upload to end (by `listen.body_timeout` from the request's start), or for
+/// the upstream to answer first.
+async fn uploading<F>(x: &Exchange<'_>, upload: &Upload, exchange: Pin<&mut F>) -> Uploaded
+where
+    F: std::future::Future<
+        Output = Result<(Response<Incoming>, Lease), crate::serve::upstream::UpstreamError>,
+    >,
+{
+    let limit = x.table.settings.body_timeout;
+    let deadline = tokio::time::Instant::from_std(x.start)
+        .checked_add(limit)
+        .unwrap_or_else(far_future);
+    tokio::select! {
+        biased;
+        result = exchange => Uploaded::Answered(result),
+        end = upload.ended() => match end {
+            UploadEnd::Sent | UploadEnd::Uploading => Uploaded::Sent,
+            failed => {
+                let (kind, message) = client_fault(failed);
+                Uploaded::Failed(kind, message.to_string())
+            }
+        },
+        _ = tokio::time::sleep_until(deadline) => Uploaded::Failed(
+            ProxyError::BodyTimeout,
+            format!("the request body was not received within {limit:?} (listen.body_timeout)"),
+        ),
+    }
+}
+
+/// The answer to a client whose upload failed: 400 for a malformed body, else 499 (it left).
+fn client_fault(end: UploadEnd) -> (ProxyError, &'static str) {
+    match end {
+        UploadEnd::Malformed => (
+            ProxyError::BadRequest,
+            "the request body is malformed (broken chunked encoding)",
+        ),
+        _ => (
+            ProxyError::ClientClosed,
+            "the client went away while sending the request body",
+        ),
+    }
+}
+
+/// A deadline no configured duration reaches: what an overflowing one means.
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365 * 30)
 }
 
 /// The response head back to the client, stamped, with its body observed until it ends: the tee for
@@ -378,6 +493,7 @@ fn respond(
     info: RequestInfo,
     response: Response<Incoming>,
     lease: Lease,
+    ticket: Pending,
     carry: Carry,
 ) -> Response<ProxyBody> {
     let settings = &x.table.settings;
@@ -435,8 +551,10 @@ fn respond(
         bytes: 0,
         access_log: settings.access_log,
         tee,
+        ticket,
     };
-    Response::from_parts(parts, ProxyBody::upstream(body, observed, lease))
+    let body = ProxyBody::upstream(body, observed, lease, settings.body_idle_timeout);
+    Response::from_parts(parts, body)
 }
 
 /// Logs and counts a request whose client went away before the response head (status 499).

@@ -1,5 +1,6 @@
 //! The headers of the request path: the names driftguard stamps, hop-by-hop stripping, `x-forwarded-*`,
-//! the request id, and the tests `serve::handle` makes on content types. Pure functions on header maps.
+//! the request id, what is refused rather than passed on, and the tests `serve::handle` makes on content
+//! types. Pure functions on header maps.
 
 use std::net::SocketAddr;
 
@@ -78,11 +79,20 @@ impl Peer {
     }
 }
 
-/// Appends the peer to `x-forwarded-for` and sets `x-forwarded-proto` unless a front proxy did.
+/// Appends the peer to `x-forwarded-for` and sets `x-forwarded-proto` unless a front proxy did. Several
+/// `x-forwarded-for` fields are one list (RFC 9110 §5.3): all of them are kept, joined, in order.
 pub fn forwarded_for(headers: &mut HeaderMap, peer: &Peer) {
-    let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => HeaderValue::try_from(format!("{prior}, {}", peer.addr.ip())).ok(),
-        None => Some(peer.ip.clone()),
+    let mut prior = headers.get_all(X_FORWARDED_FOR).iter().peekable();
+    let value = if prior.peek().is_none() {
+        Some(peer.ip.clone())
+    } else {
+        let mut joined: Vec<u8> = Vec::new();
+        for field in prior {
+            joined.extend_from_slice(field.as_bytes());
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(peer.ip.as_bytes());
+        HeaderValue::from_bytes(&joined).ok()
     };
     if let Some(value) = value {
         headers.insert(X_FORWARDED_FOR, value);
@@ -92,12 +102,38 @@ pub fn forwarded_for(headers: &mut HeaderMap, peer: &Peer) {
         .or_insert(HeaderValue::from_static("http"));
 }
 
-/// The client's request id when it sent a usable one, else a new one.
+/// The client's request id when it sent a usable one — 1 to 200 bytes of printable ASCII, so it logs
+/// as sent — else a new one.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     match headers.get(X_REQUEST_ID) {
-        Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
+        Some(v)
+            if !v.is_empty()
+                && v.len() <= 200
+                && v.as_bytes().iter().all(|b| (b' '..=b'~').contains(b)) =>
+        {
+            v.clone()
+        }
         _ => new_request_id(),
     }
+}
+
+/// Why a request is refused rather than passed on (501), if it is: `CONNECT` (a reverse proxy opens
+/// no tunnels), or a transfer coding other than `chunked` (passing `gzip, chunked` on re-framed would
+/// drop the gzip coding and hand the upstream a body it cannot read).
+pub fn not_passed_on(parts: &http::request::Parts) -> Option<&'static str> {
+    if parts.method == Method::CONNECT {
+        return Some(
+            "CONNECT is not supported: driftguard is a reverse proxy and opens no tunnels",
+        );
+    }
+    let other_coding = parts
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"chunked"));
+    other_coding.then_some("transfer codings other than chunked are not supported")
 }
 
 /// 32 random hex digits.
@@ -196,5 +232,19 @@ mod tests {
         forwarded_for(&mut h, &Peer::new("10.0.0.3:5000".parse().unwrap()));
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.2, 10.0.0.3");
         assert_eq!(h[X_FORWARDED_PROTO], "https");
+    }
+
+    #[test]
+    fn request_id_must_be_printable_ascii() {
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-1"));
+        assert_eq!(request_id(&h), "abc-1");
+        h.insert(
+            X_REQUEST_ID,
+            HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+        );
+        let replaced = request_id(&h);
+        assert_ne!(replaced, h[X_REQUEST_ID]);
+        assert_eq!(replaced.len(), 32);
     }
 }

@@ -55,6 +55,10 @@ impl HasBreaker for Arm {
 pub struct Settings {
     pub strict_pins: bool,
     pub request_timeout: Duration,
+    /// Time a client has to send its request body (`listen.body_timeout`); never the arm's.
+    pub body_timeout: Duration,
+    /// Silence allowed in an upstream's response body (`upstream.body_idle_timeout`).
+    pub body_idle_timeout: Duration,
     pub access_log: bool,
     /// Share of responses evaluated (`signals.sample`).
     pub sample: f64,
@@ -219,6 +223,8 @@ impl RoutingTable {
         let settings = Settings {
             strict_pins: config.strict_pins,
             request_timeout: config.upstream.request_timeout.0,
+            body_timeout: config.listen.body_timeout.0,
+            body_idle_timeout: config.upstream.body_idle_timeout.0,
             access_log: config.log.access,
             sample: config.signals.sample,
             max_body_bytes: config.signals.max_body_bytes,

@@ -81,6 +81,8 @@ pub struct Metrics {
     pub receipt_store_errors: IntCounter,
     /// Failed calls of the budget's Redis backend (`driftguard_budget_backend_errors_total`).
     pub budget_backend_errors: IntCounter,
+    /// Client connections closed at accept because the proxy held `listen.max_connections`.
+    pub connections_refused: IntCounter,
     /// Every arm's window and its mirror into the per-arm families; `arms.arm(name)` for the routing
     /// table, `arms.rotate()` for the rotation tick.
     pub arms: Arms,
@@ -175,6 +177,13 @@ impl Metrics {
         )
         .expect("static metric definition is valid");
         r.register(Box::new(budget_backend_errors.clone()))
+            .expect("metric names are unique");
+        let connections_refused = IntCounter::new(
+            "connections_refused_total",
+            "Client connections closed at accept because the proxy listener held listen.max_connections.",
+        )
+        .expect("static metric definition is valid");
+        r.register(Box::new(connections_refused.clone()))
             .expect("metric names are unique");
         let requests = counter_vec(
             &r,
@@ -357,6 +366,7 @@ impl Metrics {
             guard_state,
             duplicate_effects,
             budget_backend_errors,
+            connections_refused,
             registry: r,
         };
         for outcome in ["ok", "refused"] {

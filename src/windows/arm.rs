@@ -120,6 +120,11 @@ impl ArmStats {
         self.window.count(at, counter, 1);
     }
 
+    /// A response was broken off (or left silent too long) by the upstream after its head went out.
+    pub fn broken_off(&self, at: Instant) {
+        self.window.count(at, Counter::BrokenOff, 1);
+    }
+
     /// The signals of one evaluated response.
     pub fn evaluated(&self, at: Instant, e: &Evaluation) {
         let w = &self.window;

@@ -101,6 +101,7 @@ pub fn spawn(arm: Arc<Arm>, listener: TcpListener, shutdown: Shutdown) {
         listener,
         shutdown,
         Duration::from_secs(2),
+        listener::Limits::default(),
         move |_peer: SocketAddr| {
             let arm = arm.clone();
             move |req| handle(arm.clone(), req)

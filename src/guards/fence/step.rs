@@ -95,7 +95,9 @@ pub async fn admit(
         None if settings.require_key => return Err(FenceAnswer::KeyRequired),
         None => return Ok(None),
         Some(v) => match v.to_str() {
-            Ok(k) if !k.is_empty() && k.len() <= MAX_KEY_LEN => k.to_string(),
+            // Visible ASCII only: `to_str` lets spaces and tabs through, and a key that differs from
+            // another by a trailing space would fence a second execution of the same write.
+            Ok(k) if valid_key(k) => k.to_string(),
             _ => return Err(FenceAnswer::KeyInvalid),
         },
     };
@@ -180,4 +182,9 @@ impl Receipt {
         }
         headers
     }
+}
+
+/// An idempotency key is 1 to [`MAX_KEY_LEN`] visible ASCII characters: no space, tab or control.
+fn valid_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= MAX_KEY_LEN && key.bytes().all(|b| b.is_ascii_graphic())
 }
