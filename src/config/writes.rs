@@ -69,12 +69,6 @@ impl Writes {
         {
             errors.push(err("writes.idempotency_header", "not a valid header name"));
         }
-        if w.ttl.0.is_zero() {
-            errors.push(err("writes.ttl", "must be above 0"));
-        }
-        if w.max_body_bytes == 0 {
-            errors.push(err("writes.max_body_bytes", "must be above 0"));
-        }
         if w.store == ReceiptStore::Redis {
             if let Err(e) = redis::Client::open(w.redis_url.as_str()) {
                 errors.push(err(

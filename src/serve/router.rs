@@ -199,7 +199,8 @@ impl RoutingTable {
                 pool: pools.get(&authority),
                 breaker: breakers.get(&a.name, breaker),
                 name: a.name.clone(),
-                upstream: a.upstream.clone(),
+                // Shown in error bodies, logs and /status: never with credentials.
+                upstream: crate::config::redact_userinfo(&a.upstream).into_owned(),
                 authority,
                 baseline: a.baseline,
                 pins: PinSet::new(pin_map),
