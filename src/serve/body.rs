@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use crate::capture::Capture;
 use crate::eval::{Pipeline, Sample};
 use crate::guards::budget::admission::{Reserved, UsageTap};
-use crate::guards::fence::Recording;
+use crate::guards::fence::{FenceError, Recording};
 use crate::serve::router::Arm;
 use crate::serve::upstream::Lease;
 use crate::telemetry::log::ACCESS;
@@ -218,6 +218,9 @@ impl ProxyBody {
     }
 }
 
+/// A fenced write's receipt being stored (`Recording::commit`).
+type Committing = Pin<Box<dyn Future<Output = Result<(), FenceError>> + Send>>;
+
 // Boxing `Observed` would cost an allocation per proxied response; the enum is moved once.
 #[allow(clippy::large_enum_variant)]
 enum Kind {
@@ -226,20 +229,22 @@ enum Kind {
         observed: Option<Observed>,
         lease: Option<Lease>,
         /// A fenced write's receipt being stored: the end of the body waits for it, so a client that
-        /// saw the whole response can count on its replay.
-        committing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+        /// saw the whole response can count on its replay; a receipt that cannot be stored fails the
+        /// body (fail closed: the client never sees a clean end it could not retry safely).
+        committing: Option<Committing>,
     },
     Full(Full<Bytes>),
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    /// The upstream's error, or the fence's when a receipt cannot be stored.
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match &mut self.get_mut().0 {
             Kind::Full(full) => Pin::new(full)
                 .poll_frame(cx)
@@ -251,9 +256,9 @@ impl Body for ProxyBody {
                 committing,
             } => {
                 if let Some(commit) = committing.as_mut() {
-                    ready!(commit.as_mut().poll(cx));
+                    let stored = ready!(commit.as_mut().poll(cx));
                     *committing = None;
-                    return Poll::Ready(None);
+                    return Poll::Ready(stored.err().map(|e| Err(e.into())));
                 }
                 let frame = ready!(Pin::new(inner).poll_frame(cx));
                 if frame.is_none() {
@@ -300,10 +305,13 @@ impl Body for ProxyBody {
                     }
                 }
                 if let Some(commit) = committing.as_mut() {
-                    ready!(commit.as_mut().poll(cx));
+                    let stored = ready!(commit.as_mut().poll(cx));
                     *committing = None;
+                    if let Err(e) = stored {
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
                 }
-                Poll::Ready(frame)
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
         }
     }
@@ -356,7 +364,9 @@ impl Drop for ProxyBody {
             if let (Some(commit), Ok(rt)) =
                 (committing.take(), tokio::runtime::Handle::try_current())
             {
-                rt.spawn(commit);
+                rt.spawn(async move {
+                    let _ = commit.await;
+                });
             }
             // An empty body is never polled; anything else dropped early means the client went away.
             let complete = inner.is_end_stream();
