@@ -173,3 +173,45 @@ async fn a_full_disk_fails_keyed_writes_closed_and_the_store_recovers_when_space
     );
     drop(proxy);
 }
+
+/// `POST /freeze` on a full `state_dir` answered 200 although the frozen state was not saved (a restart
+/// would have silently unfrozen writes). Now it answers 500 `state_not_saved`; the freeze still holds
+/// in the process, and once space is back the next mutation saves and answers 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_mutation_whose_state_cannot_be_saved_answers_an_error() {
+    let Some(disk) = Tmpfs::mount("2m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let up = Upstream::start("main");
+    let proxy = Proxy::start(&format!(
+        "state_dir = {:?}\n{LISTEN}\n[writes]\nroutes = [\"POST /ingest\"]\n{}",
+        disk.0.display().to_string(),
+        arm("main", &up.url(), 1, &[])
+    ));
+    let client = client();
+    let filler = disk.0.join("filler");
+    fill(&filler);
+
+    let reply = admin_post(&client, &proxy.admin_url("/freeze"), "", None).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.json()["error"], "state_not_saved", "{}", reply.text());
+    let write = post_json(&client, &proxy.url("/ingest"), &json!({}), &[]).await;
+    assert_eq!(
+        write.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the freeze holds in memory"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let reply = admin_post(&client, &proxy.admin_url("/freeze"), "", None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let saved = std::fs::read_to_string(disk.0.join("runtime.json")).expect("the state file");
+    assert!(saved.contains("\"frozen\": true"), "{saved}");
+    drop(proxy);
+}
