@@ -224,7 +224,7 @@ impl RoutingTable {
             sample: config.signals.sample,
             max_body_bytes: config.signals.max_body_bytes,
             session_header: HeaderName::try_from(&config.signals.session_header).ok(),
-            writes: WriteRoutes::new(&config.writes.routes),
+            writes: WriteRoutes::new(&config.writes),
             degrade_target: config
                 .arms
                 .iter()
