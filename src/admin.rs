@@ -105,7 +105,27 @@ pub async fn handle(
     Ok(response)
 }
 
+/// A mutating endpoint. A change whose runtime state could not be saved (a full or read-only
+/// `state_dir`) holds in this process but not across a restart: it answers 500 `state_not_saved`, not 200.
 fn mutate(app: &App, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
+    let response = apply(app, path, body);
+    if !response.status().is_success() {
+        return response;
+    }
+    match app.engine().control().unsaved() {
+        None => response,
+        Some(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "state_not_saved",
+            &format!(
+                "the change holds in this process, but the runtime state could not be saved ({e}); \
+                 it will not survive a restart: free space in state_dir, then repeat the call"
+            ),
+        ),
+    }
+}
+
+fn apply(app: &App, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
     let engine = app.engine();
     match path {
         "/trip" | "/recover" | "/baseline" => return guard(engine, path, body),

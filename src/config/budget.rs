@@ -68,12 +68,6 @@ impl Default for Budget {
 
 impl Budget {
     pub(super) fn validate(&self, errors: &mut Vec<ConfigError>) {
-        if self.tokens_per_minute == 0 {
-            errors.push(err("budget.tokens_per_minute", "must be above 0"));
-        }
-        if self.burst == 0 {
-            errors.push(err("budget.burst", "must be above 0"));
-        }
         // Checked whatever the backend, so switching to "redis" later cannot surprise.
         if let Err(e) = redis::Client::open(self.redis_url.as_str()) {
             errors.push(err(
@@ -83,12 +77,6 @@ impl Budget {
         }
         if self.redis_key.is_empty() {
             errors.push(err("budget.redis_key", "must not be empty"));
-        }
-        if self.redis_timeout.0.is_zero() {
-            errors.push(err("budget.redis_timeout", "must be above 0"));
-        }
-        if self.peek_bytes == 0 {
-            errors.push(err("budget.peek_bytes", "must be above 0"));
         }
     }
 }

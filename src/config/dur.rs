@@ -12,11 +12,18 @@ pub struct Dur(pub Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+        let d = humantime::parse_duration(s.trim()).map_err(|e| {
             serde::de::Error::custom(format!(
                 "invalid duration {s:?} ({e}); write it like \"250ms\", \"10s\", \"15m\""
             ))
-        })
+        })?;
+        // Whatever a key's own range, no duration comes near the overflow of `Instant + Duration`.
+        if d > super::MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "duration {s:?} is longer than the 365 days any duration may be"
+            )));
+        }
+        Ok(Dur(d))
     }
 }
 

@@ -75,9 +75,6 @@ impl Fleet {
                 "\"_\" is reserved (it names the unscoped fleet)",
             ));
         }
-        if self.redis_timeout.0.is_zero() {
-            errors.push(err("fleet.redis_timeout", "must be above 0"));
-        }
     }
 
     /// This replica's name: `replica`, else env `POD_NAME`, else the hostname, else "driftguard".

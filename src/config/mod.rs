@@ -14,6 +14,7 @@ mod dur;
 mod fleet;
 mod listen;
 mod log;
+mod ranges;
 mod recovery;
 mod rollback;
 mod routing;
@@ -38,6 +39,7 @@ pub use dur::Dur;
 pub use fleet::{Fleet, FleetOnError};
 pub use listen::Listen;
 pub use log::Log;
+pub use ranges::MAX_DURATION;
 pub use recovery::Recovery;
 pub use rollback::{Hook, HookEvent, HookKind, Lever, Rollback, RollbackStep};
 pub use routing::Routing;
@@ -46,7 +48,7 @@ pub use rules::{
 };
 pub use runtime::Runtime;
 pub use signals::{pointer_problem, EmbedderKind, LocalEmbedder, OpenAiEmbedder, Signals};
-pub use upstream::{parse_upstream, Upstream};
+pub use upstream::{parse_upstream, redact_userinfo, Upstream};
 pub use writes::{parse_write_route, ReceiptStore, Writes};
 
 /// One configuration problem, located by its key path (`arms[1].upstream`, `rules.window`).
@@ -225,11 +227,9 @@ impl Config {
     pub fn validate(&self) -> Vec<ConfigError> {
         let mut errors = Vec::new();
         self.listen.validate(&mut errors);
-        self.runtime.validate(&mut errors);
         arms::check_pins("pins", &self.pins, &mut errors);
         arms::validate_arms(&self.arms, &mut errors);
         self.routing.validate(&mut errors);
-        self.upstream.validate(&mut errors);
         self.cache.validate(&mut errors);
         self.signals.validate(&mut errors);
         if let Some(budget) = &self.budget {
@@ -249,6 +249,7 @@ impl Config {
         self.writes.validate(&mut errors);
         self.rules.validate(&mut errors);
         self.rollback.validate(&mut errors);
+        ranges::check(self, &mut errors);
         errors
     }
 }

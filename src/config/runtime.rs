@@ -2,8 +2,6 @@
 
 use serde::Deserialize;
 
-use super::{err, ConfigError};
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Runtime {
@@ -14,13 +12,5 @@ pub struct Runtime {
 impl Default for Runtime {
     fn default() -> Self {
         Runtime { workers: 1 }
-    }
-}
-
-impl Runtime {
-    pub(super) fn validate(&self, errors: &mut Vec<ConfigError>) {
-        if self.workers == 0 {
-            errors.push(err("runtime.workers", "must be at least 1"));
-        }
     }
 }

@@ -149,12 +149,6 @@ impl Signals {
         if !(0.0..=1.0).contains(&s.sample) {
             errors.push(err("signals.sample", "must be between 0.0 and 1.0"));
         }
-        if s.queue == 0 {
-            errors.push(err("signals.queue", "must be at least 1"));
-        }
-        if s.workers == 0 {
-            errors.push(err("signals.workers", "must be at least 1"));
-        }
         if http::HeaderName::try_from(&s.session_header).is_err() {
             errors.push(err("signals.session_header", "not a valid header name"));
         }
@@ -196,9 +190,6 @@ impl Signals {
                 "signals.local.max_tokens",
                 "must be between 1 and 8192 (and at most the model's max_position_embeddings)",
             ));
-        }
-        if s.max_sessions == 0 {
-            errors.push(err("signals.max_sessions", "must be at least 1"));
         }
     }
 }

@@ -5,7 +5,6 @@
 use serde::Deserialize;
 
 use super::dur::{secs, Dur};
-use super::{err, ConfigError};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -39,46 +38,48 @@ impl Default for Upstream {
     }
 }
 
-impl Upstream {
-    pub(super) fn validate(&self, errors: &mut Vec<ConfigError>) {
-        if self.connect_timeout.0.is_zero() {
-            errors.push(err("upstream.connect_timeout", "must be above 0"));
-        }
-        if self.request_timeout.0.is_zero() {
-            errors.push(err("upstream.request_timeout", "must be above 0"));
-        }
-        let body_idle = self.body_idle_timeout.0;
-        if body_idle.is_zero() || body_idle > std::time::Duration::from_secs(86_400) {
-            errors.push(err(
-                "upstream.body_idle_timeout",
-                "must be above 0 and at most 24h",
-            ));
-        }
-    }
-}
-
 /// Parses an upstream base URL into its authority (`host:port`); only plain `http://` is supported.
+/// Credentials in the URL (`http://user:pass@host`) are refused: the proxy would not send them, and an
+/// URL that holds them ends up in error bodies, logs and `/status`. Errors show the URL redacted.
 pub fn parse_upstream(url: &str) -> Result<http::uri::Authority, String> {
+    let shown = redact_userinfo(url);
     let uri: http::Uri = url
         .parse()
-        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        .map_err(|e| format!("{shown:?} is not a URL: {e}"))?;
     if uri.scheme_str() != Some("http") {
-        return Err(format!("{url:?}: only http:// upstreams are supported"));
+        return Err(format!("{shown:?}: only http:// upstreams are supported"));
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!(
+            "{shown:?}: credentials in an upstream URL (user:password@) are not supported; \
+             remove them (the upstream is reached as it is, without authentication)"
+        ));
     }
     if uri
         .path_and_query()
         .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
     {
-        return Err(format!("{url:?}: give the base URL without a path"));
+        return Err(format!("{shown:?}: give the base URL without a path"));
     }
     let authority = uri
         .authority()
         .cloned()
-        .ok_or_else(|| format!("{url:?} has no host"))?;
+        .ok_or_else(|| format!("{shown:?} has no host"))?;
     if authority.port_u16().is_none() {
         return format!("{}:80", authority.host())
             .parse()
-            .map_err(|e| format!("{url:?}: {e}"));
+            .map_err(|e| format!("{shown:?}: {e}"));
     }
     Ok(authority)
+}
+
+/// `url` with the userinfo of its authority (`user:pass@`) replaced by `***@`, for messages and logs.
+pub fn redact_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => std::borrow::Cow::Owned(format!("{}***{}", &url[..start], &url[start + at..])),
+        None => std::borrow::Cow::Borrowed(url),
+    }
 }

@@ -19,8 +19,15 @@ pub enum ReceiptStore {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Writes {
-    /// "METHOD /path-prefix" entries classifying requests as writes.
+    /// "METHOD /path-prefix" entries classifying requests as writes (the freeze and the fence). A
+    /// prefix matches at a segment boundary, on the path as an upstream may route it: percent-decoded,
+    /// `;` parameters and trailing whitespace, control characters and dots of a segment dropped.
     pub routes: Vec<String>,
+    /// Match `routes` case-sensitively; by default `/INGEST` is `/ingest` (as Express, ASP.NET and IIS
+    /// route).
+    pub case_sensitive: bool,
+    /// A prefix followed by a dot suffix is a write too (`/ingest.json`, as Rails and Spring route).
+    pub match_suffix: bool,
     /// Header carrying the idempotency key of a write; a write with it is fenced (executed once).
     pub idempotency_header: String,
     /// A write without the idempotency header gets 400 instead of passing unfenced.
@@ -42,6 +49,8 @@ impl Default for Writes {
     fn default() -> Self {
         Writes {
             routes: Vec::new(),
+            case_sensitive: false,
+            match_suffix: true,
             idempotency_header: "idempotency-key".into(),
             require_key: false,
             ttl: secs(48 * 3600),
@@ -68,12 +77,6 @@ impl Writes {
             || http::HeaderName::try_from(&w.idempotency_header).is_err()
         {
             errors.push(err("writes.idempotency_header", "not a valid header name"));
-        }
-        if w.ttl.0.is_zero() {
-            errors.push(err("writes.ttl", "must be above 0"));
-        }
-        if w.max_body_bytes == 0 {
-            errors.push(err("writes.max_body_bytes", "must be above 0"));
         }
         if w.store == ReceiptStore::Redis {
             if let Err(e) = redis::Client::open(w.redis_url.as_str()) {

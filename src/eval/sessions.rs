@@ -1,7 +1,6 @@
 //! Per-session memory for λ and tool loops, bounded in count and age: the workers ask it for the λ state
 //! of a response and whether a session keeps making the same tool call.
 
-use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -19,16 +18,19 @@ struct Session {
 
 /// Sessions are keyed by a keyed hash of their id, so a client's long ids cost no memory here.
 pub struct Sessions {
+    /// Grows with the sessions seen, up to `capacity`: a large `signals.max_sessions` costs nothing
+    /// up front (`LruCache::new` would reserve the whole table at start).
     map: Mutex<LruCache<u64, Session>>,
+    capacity: usize,
     ttl: Duration,
     hasher: std::collections::hash_map::RandomState,
 }
 
 impl Sessions {
     pub fn new(capacity: usize, ttl: Duration) -> Self {
-        let capacity = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
         Sessions {
-            map: Mutex::new(LruCache::new(capacity)),
+            map: Mutex::new(LruCache::unbounded()),
+            capacity: capacity.max(1),
             ttl,
             hasher: std::collections::hash_map::RandomState::new(),
         }
@@ -73,6 +75,9 @@ impl Sessions {
         if stale {
             map.pop(&key);
         }
+        if map.len() >= self.capacity && !map.contains(&key) {
+            map.pop_lru();
+        }
         let state = map.get_or_insert_mut(key, || Session {
             last_delta_s: None,
             tools: SessionTools::default(),
@@ -80,5 +85,27 @@ impl Sessions {
         });
         state.seen = now;
         state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_with_use_and_evicts_the_least_recent_past_capacity() {
+        // A capacity of 10^12 reserves nothing at start.
+        let huge = Sessions::new(1_000_000_000_000, Duration::from_secs(60));
+        assert_eq!(huge.map.lock().unwrap().cap().get(), usize::MAX);
+        let s = Sessions::new(2, Duration::from_secs(60));
+        let now = Instant::now();
+        for id in ["a", "b", "a", "c"] {
+            s.tools(Some(id), &[], now);
+        }
+        let map = s.map.lock().unwrap();
+        assert_eq!(map.len(), 2);
+        let key = |id: &str| std::hash::BuildHasher::hash_one(&s.hasher, id);
+        assert!(map.contains(&key("a")) && map.contains(&key("c")));
+        assert!(!map.contains(&key("b")));
     }
 }

@@ -62,6 +62,10 @@ pub const EMBEDDED_FILE: &str = "receipts.redb";
 /// How often a replica polls Redis while another replica holds the pending marker of a key.
 const REDIS_POLL: Duration = Duration::from_millis(25);
 
+/// Receipts kept in memory because the store refused them (see [`Fence::claim`]); past this many the
+/// oldest is forgotten, and a retry of its key may execute again.
+const MAX_UNCOMMITTED: usize = 10_000;
+
 /// How often expired receipts are purged from the embedded store.
 pub const PURGE_EVERY: Duration = Duration::from_secs(60);
 
@@ -134,6 +138,10 @@ pub enum FenceOutcome {
 pub struct Fence {
     store: Store,
     flights: Mutex<HashMap<String, Arc<Flight>>>,
+    /// Receipts of writes that executed but could not be stored: their clients got a broken response
+    /// (fail closed), and a retry must neither execute again nor replay what is not durable — it stores
+    /// the receipt first, then replays it, or gets 503 while the store still fails.
+    uncommitted: Mutex<Uncommitted>,
     decisions: [IntCounter; 4],
     duplicate_effects: IntCounter,
     store_errors: IntCounter,
@@ -177,6 +185,7 @@ impl Fence {
         Ok(Fence {
             store,
             flights: Mutex::new(HashMap::new()),
+            uncommitted: Mutex::new(Uncommitted::default()),
             decisions: DECISIONS.map(|d| metrics.idempotency.with_label_values(&[d])),
             duplicate_effects: metrics.duplicate_effects.clone(),
             store_errors: metrics.receipt_store_errors.clone(),
@@ -318,6 +327,24 @@ impl Fence {
     }
 
     async fn claim(&self, lead: &Lead, lease: Duration) -> Result<Claim, FenceError> {
+        let pending = self
+            .uncommitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&lead.key);
+        if let Some(receipt) = pending {
+            // The key executed, but its receipt never reached the store: store it now, then replay.
+            self.put(&lead.key, &lead.token, &receipt, true).await?;
+            self.uncommitted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&lead.key);
+            tracing::info!(
+                key = lead.key,
+                "a receipt the store had refused is stored now"
+            );
+            return Ok(Claim::Receipt((*receipt).clone()));
+        }
         match &self.store {
             Store::Embedded(db) => {
                 let (db, key) = (db.clone(), lead.key.clone());
@@ -328,8 +355,15 @@ impl Fence {
         }
     }
 
-    /// Stores a receipt, then hands it to the waiters and frees the key.
-    async fn store(&self, key: &str, token: &str, receipt: &Receipt) {
+    /// Stores a receipt; counts a duplicate effect (unless `retry`: the same receipt stored again) and
+    /// a store error.
+    async fn put(
+        &self,
+        key: &str,
+        token: &str,
+        receipt: &Receipt,
+        retry: bool,
+    ) -> Result<(), FenceError> {
         let stored = match &self.store {
             Store::Embedded(db) => {
                 let (db, key, bytes) = (db.clone(), key.to_string(), receipt.encode());
@@ -338,17 +372,20 @@ impl Fence {
             Store::Redis(redis) => redis.put(key, token, receipt).await,
         };
         match stored {
-            Ok(false) => {}
+            Ok(false) => Ok(()),
+            Ok(true) if retry => Ok(()),
             Ok(true) => {
                 self.duplicate_effects.inc();
                 tracing::error!(
                     key,
                     "duplicate effect: a write executed although its key had a live receipt"
                 );
+                Ok(())
             }
             Err(e) => {
                 self.store_errors.inc();
-                tracing::error!(key, error = %e, "cannot store the idempotency receipt; a retry of this key will execute again");
+                tracing::error!(key, error = %e, "cannot store the idempotency receipt; the response fails and the receipt is kept in memory until the store takes it");
+                Err(e)
             }
         }
     }
@@ -462,17 +499,22 @@ impl Recording {
         let commit = self.commit(complete);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(commit);
+                // A failure is counted and logged by the store; the response is already over.
+                rt.spawn(async move {
+                    let _ = commit.await;
+                });
             }
             Err(_) => tracing::error!("no runtime to store an idempotency receipt on"),
         }
     }
 
-    /// [`Recording::finish`] as a future: done once the receipt is stored and the waiters have it.
+    /// [`Recording::finish`] as a future: done once the receipt is stored and the waiters have it. An
+    /// error means the receipt could not be stored: the response must fail (SPEC §5: the end of the
+    /// body waits for the commit), and the receipt stays in memory until a retry of the key stores it.
     pub fn commit(
         mut self,
         complete: bool,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+    ) -> impl std::future::Future<Output = Result<(), FenceError>> + Send + 'static {
         let lead = self.lead.take();
         let omitted = !complete || self.body.truncated;
         let created_ms = now_ms();
@@ -493,13 +535,27 @@ impl Recording {
         });
         async move {
             let Some(mut lead) = lead else {
-                return;
+                return Ok(());
             };
             // Settled: the key is freed below, once the receipt is stored, not on drop.
             lead.settled = true;
-            lead.fence.store(&lead.key, &lead.token, &receipt).await;
-            lead.fence
-                .finish_flight(&lead.key, FlightState::Done(receipt));
+            let fence = lead.fence.clone();
+            match fence.put(&lead.key, &lead.token, &receipt, false).await {
+                Ok(()) => {
+                    fence.finish_flight(&lead.key, FlightState::Done(receipt));
+                    Ok(())
+                }
+                Err(e) => {
+                    fence
+                        .uncommitted
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(&lead.key, receipt);
+                    // Waiters go round again: the next to lead meets the kept receipt in `claim`.
+                    fence.finish_flight(&lead.key, FlightState::Released);
+                    Err(e)
+                }
+            }
         }
     }
 }
@@ -516,6 +572,40 @@ impl Drop for Recording {
                 ttl: self.ttl,
             };
             recording.finish(false);
+        }
+    }
+}
+
+/// Receipts the store refused, in arrival order so the oldest goes first past [`MAX_UNCOMMITTED`].
+#[derive(Default)]
+struct Uncommitted {
+    receipts: HashMap<String, Arc<Receipt>>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Uncommitted {
+    fn get(&self, key: &str) -> Option<Arc<Receipt>> {
+        self.receipts.get(key).cloned()
+    }
+
+    fn insert(&mut self, key: &str, receipt: Arc<Receipt>) {
+        if self.receipts.insert(key.to_string(), receipt).is_none() {
+            self.order.push_back(key.to_string());
+        }
+        while self.receipts.len() > MAX_UNCOMMITTED {
+            match self.order.pop_front() {
+                Some(oldest) => {
+                    self.receipts.remove(&oldest);
+                    tracing::error!(key = oldest, "a receipt the store refused is forgotten (too many kept); a retry of its key will execute again");
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &str) {
+        if self.receipts.remove(key).is_some() {
+            self.order.retain(|k| k != key);
         }
     }
 }

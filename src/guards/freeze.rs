@@ -4,7 +4,7 @@
 
 use http::Method;
 
-use crate::config::parse_write_route;
+use crate::config::{parse_write_route, Writes};
 
 /// A write refused because writes are frozen (SPEC §5: 503 `writes_frozen`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,41 +25,72 @@ pub fn admit(
     }
 }
 
-/// The write routes of the config, parsed once.
+/// The write routes of the config, parsed once, with how they match (`writes.case_sensitive`,
+/// `writes.match_suffix`).
 #[derive(Debug, Clone, Default)]
-pub struct WriteRoutes(Vec<(Method, String)>);
+pub struct WriteRoutes {
+    routes: Vec<(Method, String)>,
+    case_sensitive: bool,
+    match_suffix: bool,
+}
 
 impl WriteRoutes {
-    pub fn new(routes: &[String]) -> Self {
-        WriteRoutes(routes.iter().filter_map(|r| parse_write_route(r)).collect())
+    pub fn new(writes: &Writes) -> Self {
+        let fold = !writes.case_sensitive;
+        WriteRoutes {
+            routes: writes
+                .routes
+                .iter()
+                .filter_map(|r| parse_write_route(r))
+                .map(|(m, prefix)| (m, normalize(&prefix, fold).into_owned()))
+                .collect(),
+            case_sensitive: writes.case_sensitive,
+            match_suffix: writes.match_suffix,
+        }
     }
 
     /// Whether a request is a write: its method matches and its path starts with the prefix at a
     /// segment boundary (`/ingest` covers `/ingest` and `/ingest/x`, not `/ingestion`). The path is
-    /// compared in its normal form, so `/%69ngest`, `/./ingest` or `//ingest` are writes too.
+    /// compared as an upstream may route it (see [`normalize`]): `/%69ngest`, `/./ingest`, `//ingest`,
+    /// `/ingest;jsessionid=1`, `/ingest%20`, `/ingest%00` are writes, and so are `/INGEST` unless
+    /// `case_sensitive`, and `/ingest.json` while `match_suffix`.
     pub fn is_write(&self, method: &Method, path: &str) -> bool {
-        if !self.0.iter().any(|(m, _)| m == method) {
+        if !self.routes.iter().any(|(m, _)| m == method) {
             return false;
         }
-        let path = normalize(path);
+        let path = normalize(path, !self.case_sensitive);
         let path = path.as_ref();
-        self.0.iter().any(|(m, prefix)| {
+        self.routes.iter().any(|(m, prefix)| {
             m == method
                 && path.starts_with(prefix.as_str())
                 && (prefix.ends_with('/')
-                    || matches!(path.as_bytes().get(prefix.len()), None | Some(b'/' | b'?')))
+                    || match path.as_bytes().get(prefix.len()) {
+                        None | Some(b'/') => true,
+                        Some(b'.') => self.match_suffix,
+                        Some(_) => false,
+                    })
         })
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.routes.is_empty()
     }
 }
 
-/// The path as an upstream would route it: percent-decoded, empty and `.` segments dropped, `..`
-/// resolved. Borrowed when there is nothing to do (the common case).
-fn normalize(path: &str) -> std::borrow::Cow<'_, str> {
-    if !path.contains('%') && !path.contains("//") && !path.contains("/.") {
+/// The path as an upstream may route it: the query cut off, percent-decoded, each segment cut at its
+/// first `;` (matrix parameters such as `;jsessionid=1`, which servlet containers strip) and at a NUL,
+/// trailing whitespace, control characters and dots trimmed (servers that trim them, C code that stops
+/// at NUL), empty and `.` segments dropped, `..` resolved, and lowercased when `fold_case`. Borrowed
+/// when there is nothing to do (the common case).
+fn normalize(path: &str, fold_case: bool) -> std::borrow::Cow<'_, str> {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let plain = |b: &u8| {
+        b.is_ascii_lowercase()
+            || b.is_ascii_digit()
+            || matches!(b, b'/' | b'-' | b'_')
+            || (!fold_case && b.is_ascii_uppercase())
+    };
+    if path.starts_with('/') && path.as_bytes().iter().all(plain) && !path.contains("//") {
         return std::borrow::Cow::Borrowed(path);
     }
     let bytes = path.as_bytes();
@@ -85,12 +116,19 @@ fn normalize(path: &str) -> std::borrow::Cow<'_, str> {
     let decoded = String::from_utf8_lossy(&decoded);
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split('/') {
+        let segment = segment.split([';', '\0']).next().unwrap_or("");
+        let segment = segment.trim_end_matches(|c: char| c.is_whitespace() || c.is_control());
         match segment {
             "" | "." => {}
             ".." => {
                 segments.pop();
             }
-            s => segments.push(s),
+            s => {
+                let s = s.trim_end_matches('.');
+                if !s.is_empty() {
+                    segments.push(s);
+                }
+            }
         }
     }
     let trailing = decoded.ends_with('/') && !segments.is_empty();
@@ -102,6 +140,9 @@ fn normalize(path: &str) -> std::borrow::Cow<'_, str> {
     if out.is_empty() || trailing {
         out.push('/');
     }
+    if fold_case {
+        out = out.to_lowercase();
+    }
     std::borrow::Cow::Owned(out)
 }
 
@@ -111,11 +152,7 @@ mod tests {
 
     #[test]
     fn classifies_by_method_and_segment_prefix() {
-        let w = WriteRoutes::new(&[
-            "POST /ingest".into(),
-            "DELETE /docs".into(),
-            "PUT /a/".into(),
-        ]);
+        let w = routes(&["POST /ingest", "DELETE /docs", "PUT /a/"]);
         assert!(w.is_write(&Method::POST, "/ingest"));
         assert!(w.is_write(&Method::POST, "/ingest/batch"));
         assert!(!w.is_write(&Method::POST, "/ingestion"));
@@ -127,7 +164,7 @@ mod tests {
 
     #[test]
     fn other_spellings_of_a_write_path_are_writes() {
-        let w = WriteRoutes::new(&["POST /ingest".into(), "DELETE /docs".into()]);
+        let w = routes(&["POST /ingest", "DELETE /docs"]);
         for path in [
             "/%69ngest",
             "/./ingest",
@@ -140,7 +177,52 @@ mod tests {
         }
         assert!(w.is_write(&Method::DELETE, "/%64ocs/1"));
         assert!(!w.is_write(&Method::POST, "/%69ngestion"));
-        assert_eq!(normalize("/a/b/"), "/a/b/");
-        assert_eq!(normalize("/../.."), "/");
+        assert_eq!(normalize("/a/b/", true), "/a/b/");
+        assert_eq!(normalize("/../..", true), "/");
+    }
+
+    fn routes(routes: &[&str]) -> WriteRoutes {
+        WriteRoutes::new(&Writes {
+            routes: routes.iter().map(|r| r.to_string()).collect(),
+            ..Writes::default()
+        })
+    }
+
+    #[test]
+    fn parameters_case_suffixes_and_trailing_junk_are_writes_by_default() {
+        let w = routes(&["POST /ingest"]);
+        for path in [
+            "/INGEST",
+            "/Ingest/batch",
+            "/ingest;jsessionid=1",
+            "/ingest;a=b/batch",
+            "/ingest.json",
+            "/ingest%20",
+            "/ingest%00",
+            "/ingest%00.html",
+            "/ingest%09",
+            "/ingest.",
+            "/ingest?x=1",
+        ] {
+            assert!(w.is_write(&Method::POST, path), "{path}");
+        }
+        for path in ["/ingestion", "/ingest-v2", "/in%20gest", "/ingest_x"] {
+            assert!(!w.is_write(&Method::POST, path), "{path}");
+        }
+    }
+
+    #[test]
+    fn case_and_suffix_matching_can_be_turned_off() {
+        let w = WriteRoutes::new(&Writes {
+            routes: vec!["POST /Ingest".into()],
+            case_sensitive: true,
+            match_suffix: false,
+            ..Writes::default()
+        });
+        assert!(w.is_write(&Method::POST, "/Ingest"));
+        assert!(w.is_write(&Method::POST, "/Ingest;x=1"));
+        assert!(!w.is_write(&Method::POST, "/ingest"));
+        assert!(!w.is_write(&Method::POST, "/INGEST"));
+        assert!(!w.is_write(&Method::POST, "/Ingest.json"));
     }
 }

@@ -62,6 +62,9 @@ pub struct Control {
     /// undoes a rollback or a freeze.
     write_lock: Mutex<RuntimeState>,
     state_file: StateFile,
+    /// Why the last save failed, while the state in memory differs from the one on disk; cleared by the
+    /// next save that succeeds. Admin mutations answer an error while it is set.
+    unsaved: Mutex<Option<String>>,
 }
 
 impl Control {
@@ -89,6 +92,7 @@ impl Control {
             parts,
             write_lock: Mutex::new(state),
             state_file,
+            unsaved: Mutex::new(None),
         })
     }
 
@@ -287,11 +291,26 @@ impl Control {
         Ok(Ok((out, state.clone())))
     }
 
-    /// Saves the runtime state; a failure is logged (the change holds until restart).
+    /// Saves the runtime state; a failure is logged and kept for [`Control::unsaved`] (the change holds
+    /// in this process, so a freeze during a full disk still freezes, but not across a restart).
     fn persist(&self, state: &RuntimeState) {
-        if let Err(e) = self.state_file.save(state) {
-            tracing::error!(error = %e, "cannot save the runtime state; it will not survive a restart");
+        let result = self.state_file.save(state);
+        let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(()) => *unsaved = None,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot save the runtime state; it will not survive a restart");
+                *unsaved = Some(e.to_string());
+            }
         }
+    }
+
+    /// Why the runtime state in memory is not saved, if it is not (the last save failed).
+    pub fn unsaved(&self) -> Option<String> {
+        self.unsaved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn swap_controls(&self, state: &RuntimeState) {

@@ -23,7 +23,7 @@ use crate::capture::Capture;
 use crate::eval::{Pipeline, Sample};
 use crate::guards::breaker::Ticket;
 use crate::guards::budget::admission::{Reserved, UsageTap};
-use crate::guards::fence::Recording;
+use crate::guards::fence::{FenceError, Recording};
 use crate::serve::router::Arm;
 use crate::serve::upstream::Lease;
 use crate::telemetry::log::ACCESS;
@@ -231,6 +231,8 @@ pub enum BodyError {
     Upstream(#[from] hyper::Error),
     #[error("the upstream sent no body bytes for {0:?} (upstream.body_idle_timeout)")]
     Idle(Duration),
+    #[error("the idempotency receipt could not be stored: {0}")]
+    Receipt(#[from] FenceError),
 }
 
 /// The body the proxy sends to clients: an upstream stream being observed, or a response it made itself.
@@ -260,6 +262,9 @@ impl ProxyBody {
     }
 }
 
+/// A fenced write's receipt being stored (`Recording::commit`).
+type Committing = Pin<Box<dyn Future<Output = Result<(), FenceError>> + Send>>;
+
 // Boxing `Observed` would cost an allocation per proxied response; the enum is moved once.
 #[allow(clippy::large_enum_variant)]
 enum Kind {
@@ -268,8 +273,9 @@ enum Kind {
         observed: Option<Observed>,
         lease: Option<Lease>,
         /// A fenced write's receipt being stored: the end of the body waits for it, so a client that
-        /// saw the whole response can count on its replay.
-        committing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+        /// saw the whole response can count on its replay; a receipt that cannot be stored fails the
+        /// body (fail closed: the client never sees a clean end it could not retry safely).
+        committing: Option<Committing>,
         idle: Silence,
     },
     Full(Full<Bytes>),
@@ -304,6 +310,7 @@ impl Silence {
 
 impl Body for ProxyBody {
     type Data = Bytes;
+    /// The upstream's error or silence, or the fence's when a receipt cannot be stored.
     type Error = BodyError;
 
     fn poll_frame(
@@ -322,9 +329,9 @@ impl Body for ProxyBody {
                 idle,
             } => {
                 if let Some(commit) = committing.as_mut() {
-                    ready!(commit.as_mut().poll(cx));
+                    let stored = ready!(commit.as_mut().poll(cx));
                     *committing = None;
-                    return Poll::Ready(None);
+                    return Poll::Ready(stored.err().map(|e| Err(e.into())));
                 }
                 let frame = match Pin::new(inner).poll_frame(cx) {
                     Poll::Ready(frame) => {
@@ -380,10 +387,13 @@ impl Body for ProxyBody {
                     }
                 }
                 if let Some(commit) = committing.as_mut() {
-                    ready!(commit.as_mut().poll(cx));
+                    let stored = ready!(commit.as_mut().poll(cx));
                     *committing = None;
+                    if let Err(e) = stored {
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
                 }
-                Poll::Ready(frame)
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
         }
     }
@@ -437,7 +447,9 @@ impl Drop for ProxyBody {
             if let (Some(commit), Ok(rt)) =
                 (committing.take(), tokio::runtime::Handle::try_current())
             {
-                rt.spawn(commit);
+                rt.spawn(async move {
+                    let _ = commit.await;
+                });
             }
             // An empty body is never polled; anything else dropped early means the client went away.
             let complete = inner.is_end_stream();

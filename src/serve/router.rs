@@ -203,7 +203,8 @@ impl RoutingTable {
                 pool: pools.get(&authority),
                 breaker: breakers.get(&a.name, breaker),
                 name: a.name.clone(),
-                upstream: a.upstream.clone(),
+                // Shown in error bodies, logs and /status: never with credentials.
+                upstream: crate::config::redact_userinfo(&a.upstream).into_owned(),
                 authority,
                 baseline: a.baseline,
                 pins: PinSet::new(pin_map),
@@ -229,7 +230,7 @@ impl RoutingTable {
             sample: config.signals.sample,
             max_body_bytes: config.signals.max_body_bytes,
             session_header: HeaderName::try_from(&config.signals.session_header).ok(),
-            writes: WriteRoutes::new(&config.writes.routes),
+            writes: WriteRoutes::new(&config.writes),
             degrade_target: config
                 .arms
                 .iter()

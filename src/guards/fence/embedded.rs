@@ -1,7 +1,13 @@
 //! The embedded receipt store: a redb file under `state_dir`, one process owning it. The fence
 //! (`super::Fence`) calls it on a blocking thread; `cmd check` opens it to validate the file.
+//!
+//! After a failed I/O (a full disk, a write error) redb refuses every later transaction with "Previous
+//! I/O error" until the database is closed and opened again; left so, one full-disk moment would turn
+//! the fence off until a restart. So any failed operation closes the database here and the next one
+//! opens it again (redb repairs an interrupted commit on open): once space is back, so is the store.
 
 use std::path::Path;
+use std::sync::{RwLock, RwLockReadGuard};
 
 use redb::ReadableTable;
 
@@ -9,26 +15,36 @@ use super::{FenceError, Receipt};
 
 const RECEIPTS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("receipts");
 
+/// Opens (or creates) the database; called again after a failure.
+type Opener = Box<dyn Fn() -> Result<redb::Database, redb::DatabaseError> + Send + Sync>;
+
 /// Receipts in a redb file; every commit is durable before the waiters hear of it.
 pub struct Embedded {
-    db: redb::Database,
+    /// `None` after a failure: closed, to be opened again by the next operation.
+    db: RwLock<Option<redb::Database>>,
+    open: Opener,
     path: String,
 }
 
 impl Embedded {
     pub fn open(path: &Path) -> Result<Embedded, FenceError> {
         let shown = path.display().to_string();
-        let fail = |detail: String| FenceError::Embedded {
-            path: shown.clone(),
-            detail,
-        };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+            std::fs::create_dir_all(dir).map_err(|e| FenceError::Embedded {
+                path: shown.clone(),
+                detail: e.to_string(),
+            })?;
         }
-        let db = redb::Database::create(path).map_err(|e| fail(e.to_string()))?;
+        let file = path.to_path_buf();
+        Embedded::with_opener(shown, Box::new(move || redb::Database::create(&file)))
+    }
+
+    /// A store whose database `open` makes (a file, or in tests a backend that fails on demand).
+    pub(super) fn with_opener(path: String, open: Opener) -> Result<Embedded, FenceError> {
         let store = Embedded {
-            db,
-            path: shown.clone(),
+            db: RwLock::new(None),
+            open,
+            path,
         };
         // Create the table up front so a read never meets a missing table.
         store.write(|table| {
@@ -45,40 +61,79 @@ impl Embedded {
         }
     }
 
+    /// Runs `f` on the open database (opening it first if a failure closed it); a failure closes it.
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&redb::Database) -> Result<T, FenceError>,
+    ) -> Result<T, FenceError> {
+        let result = {
+            let guard = self.ready()?;
+            match guard.as_ref() {
+                Some(db) => f(db),
+                None => Err(self.fail("the store is being reopened")),
+            }
+        };
+        if result.is_err() {
+            *self.db.write().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        result
+    }
+
+    fn ready(&self) -> Result<RwLockReadGuard<'_, Option<redb::Database>>, FenceError> {
+        {
+            let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+            if guard.is_some() {
+                return Ok(guard);
+            }
+        }
+        {
+            let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+            if guard.is_none() {
+                *guard = Some((self.open)().map_err(|e| self.fail(e))?);
+                tracing::info!(path = %self.path, "idempotency receipt store opened");
+            }
+        }
+        Ok(self.db.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn write<T>(
         &self,
         f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<T, FenceError>,
     ) -> Result<T, FenceError> {
-        let tx = self.db.begin_write().map_err(|e| self.fail(e))?;
-        let out = {
-            let mut table = tx.open_table(RECEIPTS).map_err(|e| self.fail(e))?;
-            f(&mut table)?
-        };
-        tx.commit().map_err(|e| self.fail(e))?;
-        Ok(out)
+        self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| self.fail(e))?;
+            let out = {
+                let mut table = tx.open_table(RECEIPTS).map_err(|e| self.fail(e))?;
+                f(&mut table)?
+            };
+            tx.commit().map_err(|e| self.fail(e))?;
+            Ok(out)
+        })
     }
 
     /// The live receipt of `key`; an expired one is as none (the purge deletes it later).
     pub fn get(&self, key: &str, now_ms: u64) -> Result<Option<Receipt>, FenceError> {
-        let tx = self.db.begin_read().map_err(|e| self.fail(e))?;
-        let table = tx.open_table(RECEIPTS).map_err(|e| self.fail(e))?;
-        let Some(value) = table.get(key).map_err(|e| self.fail(e))? else {
-            return Ok(None);
-        };
-        let bytes = value.value();
-        if Receipt::expires_of(bytes).is_none_or(|at| at <= now_ms) {
-            return Ok(None);
-        }
-        match Receipt::decode(bytes) {
-            Some(r) => Ok(Some(r)),
-            None => {
-                tracing::error!(
-                    key,
-                    "unreadable idempotency receipt; treating the key as new"
-                );
-                Ok(None)
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.fail(e))?;
+            let table = tx.open_table(RECEIPTS).map_err(|e| self.fail(e))?;
+            let Some(value) = table.get(key).map_err(|e| self.fail(e))? else {
+                return Ok(None);
+            };
+            let bytes = value.value();
+            if Receipt::expires_of(bytes).is_none_or(|at| at <= now_ms) {
+                return Ok(None);
             }
-        }
+            match Receipt::decode(bytes) {
+                Some(r) => Ok(Some(r)),
+                None => {
+                    tracing::error!(
+                        key,
+                        "unreadable idempotency receipt; treating the key as new"
+                    );
+                    Ok(None)
+                }
+            }
+        })
     }
 
     /// Stores a receipt durably. Returns whether the key already had a live receipt (a duplicate effect).

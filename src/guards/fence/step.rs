@@ -109,10 +109,14 @@ pub async fn admit(
     if declared.is_some_and(|n| n > settings.max_body_bytes as u64) {
         return Err(FenceAnswer::BodyTooLarge);
     }
-    let deadline = tokio::time::Instant::from_std(start + request_timeout);
+    // `request_timeout` is bounded by config, but a deadline is never worth an overflow panic.
+    let deadline = start.checked_add(request_timeout).map_or_else(
+        || tokio::time::Instant::now() + crate::config::MAX_DURATION,
+        tokio::time::Instant::from_std,
+    );
     let request = read_body(parts, body, prefix, settings.max_body_bytes, deadline).await?;
     // Another replica waits this long for a pending key should this one die while executing it.
-    let lease = request_timeout * 2;
+    let lease = request_timeout.saturating_mul(2);
     match fence.admit(&key, request.clone(), deadline, lease).await {
         FenceOutcome::Lead(lead) => Ok(Some((lead, request))),
         FenceOutcome::Replay(receipt) => Err(FenceAnswer::Replay(receipt)),

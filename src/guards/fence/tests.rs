@@ -204,3 +204,76 @@ async fn eventually_replay(fence: &Arc<Fence>, deadline: tokio::time::Instant) -
         }
     }
 }
+
+/// A redb backend over shared memory whose writes fail while `full` is set: a disk that fills up and
+/// empties again, injected through the store's opener (runs anywhere, no tmpfs needed).
+#[derive(Debug)]
+struct FlakyDisk {
+    inner: Arc<redb::backends::InMemoryBackend>,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FlakyDisk {
+    fn check(&self) -> Result<(), std::io::Error> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(std::io::Error::other("No space left on device"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl redb::StorageBackend for FlakyDisk {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, std::io::Error> {
+        self.inner.read(offset, len)
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.check()?;
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self, eventual: bool) -> Result<(), std::io::Error> {
+        self.check()?;
+        self.inner.sync_data(eventual)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.check()?;
+        self.inner.write(offset, data)
+    }
+}
+
+#[test]
+fn the_embedded_store_reopens_itself_after_a_failed_write() {
+    let memory = Arc::new(redb::backends::InMemoryBackend::new());
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (m, f) = (memory.clone(), full.clone());
+    let store = Embedded::with_opener(
+        "flaky".into(),
+        Box::new(move || {
+            redb::Builder::new().create_with_backend(FlakyDisk {
+                inner: m.clone(),
+                full: f.clone(),
+            })
+        }),
+    )
+    .unwrap();
+    let now = 1_000;
+    store
+        .put("k0", &receipt("a", 10_000).encode(), now)
+        .unwrap();
+
+    full.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(store
+        .put("k1", &receipt("b", 10_000).encode(), now)
+        .is_err());
+
+    // Space is back: no "Previous I/O error" — the store reopened and both reads and writes work.
+    full.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(store.get("k0", now).unwrap().unwrap().body, "a");
+    assert!(!store
+        .put("k1", &receipt("b", 10_000).encode(), now)
+        .unwrap());
+    assert_eq!(store.get("k1", now).unwrap().unwrap().body, "b");
+}
