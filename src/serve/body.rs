@@ -393,7 +393,7 @@ impl Body for ProxyBody {
                         return Poll::Ready(Some(Err(e.into())));
                     }
                 }
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+                Poll::Ready(frame)
             }
         }
     }
