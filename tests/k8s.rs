@@ -164,8 +164,8 @@ fn dockerfile_builds_the_release_binary_and_runs_it_unprivileged() {
     let froms = instructions(&lines, "FROM");
     assert_eq!(
         froms.len(),
-        2,
-        "a build stage and a runtime stage: {froms:?}"
+        3,
+        "a build stage, a model stage and a runtime stage: {froms:?}"
     );
     let build_stage = froms[0]
         .split(" AS ")
@@ -189,7 +189,7 @@ fn dockerfile_builds_the_release_binary_and_runs_it_unprivileged() {
         "builder {image} is older than rust-version {msrv}"
     );
     assert!(
-        !froms[1].contains("rust:"),
+        !froms[2].contains("rust:"),
         "the runtime image is not the toolchain"
     );
 

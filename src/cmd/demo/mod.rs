@@ -361,6 +361,8 @@ async fn demo_in(dir: &Path, options: &Options) -> Result<Outcome, DemoError> {
         first_bad_ms: canary.first_bad_ms.load(Ordering::Relaxed),
         at_trip: at_trip.as_ref(),
         end: &Snapshot::take(&counts),
+        shown: &last,
+        keep: options.keep && !interrupted,
         guard: running.engine.control().runtime_state().guard.state,
         state_dir: &dir,
         admin: &admin,
