@@ -11,6 +11,8 @@ use driftguard::cmd::{check, demo, eval, inject, operate};
 
 /// Config file used when neither `--config` nor `DRIFTGUARD_CONFIG` names one.
 const DEFAULT_CONFIG: &str = "driftguard.toml";
+/// Names the config file when `--config` does not.
+const CONFIG_ENV: &str = "DRIFTGUARD_CONFIG";
 
 #[derive(Parser)]
 #[command(
@@ -19,21 +21,36 @@ const DEFAULT_CONFIG: &str = "driftguard.toml";
     about = "Sidecar reverse proxy that guards a RAG / LLM service"
 )]
 struct Cli {
-    /// Config file (TOML) [default: driftguard.toml].
-    #[arg(long, short, global = true, env = "DRIFTGUARD_CONFIG")]
+    /// Config file of the default verb `run` (env DRIFTGUARD_CONFIG) [default: driftguard.toml].
+    // Not `global`: only `run`, `check` and `eval` read a config, and the other verbs must not accept
+    // one silently. The env var is read by hand for a bare `driftguard`, so that it is not an error
+    // for the verbs that ignore it.
+    #[arg(long, short)]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
+/// `--config` of the verbs that read a config file.
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Config file (TOML) [default: driftguard.toml].
+    #[arg(long, short, env = CONFIG_ENV)]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (the default).
-    Run,
+    Run(ConfigArg),
     /// Validate the config file and print every error with its key path.
-    Check,
+    Check(ConfigArg),
     /// Replay a gold set through a URL and report ΔS, coverage and λ per item and in total.
     Eval {
+        /// The extractor and embedder to score with [default: ./driftguard.toml when present, else
+        /// the built-in defaults].
+        #[command(flatten)]
+        config: ConfigArg,
         /// JSON Lines: {"question": .., "anchor": .., "body": {..}} (body defaults to {"question": ..}).
         #[arg(long)]
         gold: PathBuf,
@@ -80,6 +97,16 @@ enum Command {
     Recover {
         #[command(flatten)]
         admin: AdminArgs,
+    },
+    /// Set one arm's routing weight, e.g. to send a canary traffic again after a trip took it to 0
+    /// (kept over reloads and restarts).
+    Weight {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The arm, as named in the config.
+        arm: String,
+        /// The new weight (0 takes the arm out of the split).
+        weight: u32,
     },
     /// Add the driftguard sidecar to every Deployment and StatefulSet of a Kubernetes YAML stream
     /// (printed to stdout; injecting twice changes nothing).
@@ -181,17 +208,53 @@ fn main() -> ExitCode {
         std::env::set_var("RAYON_NUM_THREADS", "1");
     }
     let cli = Cli::parse();
-    let explicit = cli.config.is_some();
-    let config_path = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Run => match driftguard::cmd::run::run(&config_path) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("driftguard: {e}");
-                ExitCode::FAILURE
+    let command = cli
+        .command
+        .unwrap_or(Command::Run(ConfigArg { config: None }));
+    // `driftguard --config FILE VERB`: the file belongs to the verb, and only some verbs read one.
+    let (verb_config, verb) = match &command {
+        Command::Run(c) | Command::Check(c) | Command::Eval { config: c, .. } => {
+            (Some(c.config.clone()), "")
+        }
+        Command::Status { .. } => (None, "status"),
+        Command::Trip { .. } => (None, "trip"),
+        Command::Recover { .. } => (None, "recover"),
+        Command::Weight { .. } => (None, "weight"),
+        Command::Inject { .. } => (None, "inject"),
+        Command::Demo(_) => (None, "demo"),
+    };
+    let config = match verb_config {
+        Some(own) => own.or(cli.config),
+        None if cli.config.is_some() => {
+            eprintln!(
+                "driftguard: `{verb}` reads no config file; --config is for run, check and eval"
+            );
+            return ExitCode::from(2);
+        }
+        None => None,
+    };
+    let config = config.or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from));
+    let explicit = config.is_some();
+    let config_path = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    match command {
+        Command::Run(_) => {
+            if !explicit && !config_path.exists() {
+                return no_config_here();
             }
-        },
-        Command::Check => check::main(&config_path),
+            match driftguard::cmd::run::run(&config_path) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("driftguard: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Check(_) => {
+            if !explicit && !config_path.exists() {
+                return no_config_here();
+            }
+            check::main(&config_path)
+        }
         Command::Demo(args) => demo::main(&demo::Options {
             proxy_port: args.proxy_port,
             admin_port: args.admin_port,
@@ -213,6 +276,7 @@ fn main() -> ExitCode {
             scope,
         } => operate::trip(&admin.admin(), &reason, arm.as_deref(), scope.as_deref()),
         Command::Recover { admin } => operate::recover(&admin.admin()),
+        Command::Weight { admin, arm, weight } => operate::weight(&admin.admin(), &arm, weight),
         Command::Inject {
             file,
             image,
@@ -233,6 +297,7 @@ fn main() -> ExitCode {
             inject::main(&file, &opts)
         }
         Command::Eval {
+            config: _,
             gold,
             url,
             json,
@@ -253,4 +318,19 @@ fn main() -> ExitCode {
             eval::main(&config_path, explicit, &args)
         }
     }
+}
+
+/// A bare `driftguard` (or `check`) in a folder without `driftguard.toml`: where to go instead of a
+/// file-not-found error. Exit 2: nothing was started.
+fn no_config_here() -> ExitCode {
+    eprintln!(
+        "driftguard: no {DEFAULT_CONFIG} in this folder, and neither --config nor {CONFIG_ENV} names one.
+
+  driftguard demo                  see it work: demo services, load, a bad canary rolled back
+  driftguard run --config FILE     run the proxy with your config (the repository's
+                                   deploy/driftguard.toml is an example with every section)
+  driftguard check --config FILE   validate a config
+  driftguard --help                every verb"
+    );
+    ExitCode::from(2)
 }

@@ -81,14 +81,33 @@ fn the_demo_trips_a_quality_rule_and_reports_it() {
     assert!(lever.starts_with("route"), "{lever}");
     assert!(lever.contains("canary weight 20 → 0"), "{lever}");
     assert!(report_line(&stdout, "observed:").is_some(), "{stdout}");
+    // Without --keep the listeners are gone when the report is read: no URLs, a word on --keep.
+    assert!(report_line(&stdout, "metrics:").is_none(), "{stdout}");
+    assert!(report_line(&stdout, "status:").is_none(), "{stdout}");
     assert!(
-        report_line(&stdout, "metrics:").is_some_and(|u| u.ends_with("/metrics")),
+        report_line(&stdout, "listeners:").is_some_and(|l| l.contains("--keep")),
         "{stdout}"
     );
-    assert!(
-        report_line(&stdout, "status:").is_some_and(|u| u.ends_with("/status")),
-        "{stdout}"
-    );
+
+    // The frozen writes the progress lines showed add up to the report's count.
+    let per_second: u64 = stdout
+        .lines()
+        .filter_map(|l| {
+            l.split_once("  (")?
+                .1
+                .strip_suffix(" writes refused: frozen)")
+        })
+        .map(|n| n.parse::<u64>().unwrap_or_else(|_| panic!("{n}")))
+        .sum();
+    let (total, late) = report_line(&stdout, "writes:").map_or((0, 0), |w| {
+        let total = w.split_whitespace().next().and_then(|n| n.parse().ok());
+        let late = w
+            .split_once('(')
+            .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok());
+        (total.unwrap_or_else(|| panic!("{w}")), late.unwrap_or(0u64))
+    });
+    assert!(total > 0, "no write was refused while frozen\n{stdout}");
+    assert_eq!(per_second + late, total, "{stdout}");
 
     // The snapshot is on disk and names the same rule.
     let snapshot = report_line(&stdout, "snapshot:").unwrap_or_else(|| panic!("{stdout}"));
@@ -181,6 +200,13 @@ async fn keep_leaves_the_admin_api_up_after_the_report() {
             break;
         }
     }
+    // The report named the URLs that stay up.
+    let report = seen.join("\n");
+    assert!(
+        report_line(&report, "status:").is_some_and(|u| u == admin),
+        "{report}"
+    );
+    assert!(report_line(&report, "metrics:").is_some(), "{report}");
     let kept = get(&client, &admin, &[]).await.json();
     assert!(
         kept["guard"]["last_trip"]["rule"].is_string(),

@@ -1,7 +1,7 @@
 //! Deployment artefacts (deploy/Dockerfile, deploy/k8s) and `driftguard inject` (SPEC §7, §8).
 //!
 //! Docker is not available in CI, so the Dockerfile is read, not built: it must build the same binary
-//! target as `cargo build --release` and run it as a non-root user. Manifests and inject output are
+//! target as `cargo build --profile dist` (the fully optimised profile) and run it as a non-root user. Manifests and inject output are
 //! validated offline against the Kubernetes 1.30 schemas with `kubernetes-validate --strict` (PyPI,
 //! installed by .ci/run).
 
@@ -164,8 +164,8 @@ fn dockerfile_builds_the_release_binary_and_runs_it_unprivileged() {
     let froms = instructions(&lines, "FROM");
     assert_eq!(
         froms.len(),
-        2,
-        "a build stage and a runtime stage: {froms:?}"
+        3,
+        "a build stage, a model stage and a runtime stage: {froms:?}"
     );
     let build_stage = froms[0]
         .split(" AS ")
@@ -189,7 +189,7 @@ fn dockerfile_builds_the_release_binary_and_runs_it_unprivileged() {
         "builder {image} is older than rust-version {msrv}"
     );
     assert!(
-        !froms[1].contains("rust:"),
+        !froms[2].contains("rust:"),
         "the runtime image is not the toolchain"
     );
 
@@ -204,9 +204,14 @@ fn dockerfile_builds_the_release_binary_and_runs_it_unprivileged() {
         .position(|w| *w == "build")
         .expect("cargo build");
     let cargo_args = &words[at..];
-    for want in ["--release", "--locked"] {
+    // The fully optimised profile of Cargo.toml, and the lock file's versions.
+    assert!(
+        cargo["profile"]["dist"]["inherits"].as_str() == Some("release"),
+        "Cargo.toml has a dist profile on top of release"
+    );
+    for want in ["--profile dist", "--locked"] {
         assert!(
-            cargo_args.contains(&want),
+            builds[0].contains(want),
             "cargo build without {want}: {builds:?}"
         );
     }
@@ -217,18 +222,18 @@ fn dockerfile_builds_the_release_binary_and_runs_it_unprivileged() {
     assert!(
         !cargo_args
             .iter()
-            .any(|a| a.starts_with("--profile") || a.starts_with("--features")),
-        "the image builds the plain release profile: {builds:?}"
+            .any(|a| a.starts_with("--features") || *a == "--release"),
+        "the image builds the dist profile with the default features: {builds:?}"
     );
 
     let copies = instructions(&lines, "COPY");
     assert!(
         copies.iter().any(|c| {
             c.contains(&format!("--from={build_stage}"))
-                && c.contains("target/release/driftguard")
+                && c.contains("target/dist/driftguard")
                 && c.trim_end().ends_with("/usr/local/bin/driftguard")
         }),
-        "the runtime stage copies target/release/driftguard from {build_stage}: {copies:?}"
+        "the runtime stage copies target/dist/driftguard from {build_stage}: {copies:?}"
     );
     let user = instructions(&lines, "USER");
     let user = user.last().expect("USER").trim();

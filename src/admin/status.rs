@@ -15,7 +15,8 @@ use crate::app::App;
 use crate::clock::now_ms;
 use crate::guards::budget::Budget;
 use crate::rollback::engine::Engine;
-use crate::rollback::state::GuardState;
+use crate::rollback::state::{GuardState, Trip};
+use crate::serve::router::RoutingTable;
 use crate::windows::{Counter, Hist, WindowStats};
 
 /// The whole document: the app's part with the guard's under `guard`.
@@ -96,7 +97,9 @@ pub fn guard(engine: &Engine) -> Value {
     let now = now_ms();
     let watching = matches!(g.state, GuardState::Tripped | GuardState::Recovering);
     let tripped_at = g.last_trip.as_ref().map_or(g.since_ms, |t| t.at_ms);
+    let table = control.table();
     json!({
+        "hint": g.last_trip.as_ref().and_then(|trip| weight_hint(trip, &table)),
         "state": g.state.as_str(),
         "since_ms": g.since_ms,
         "dry_run": config.rules.dry_run,
@@ -116,6 +119,28 @@ pub fn guard(engine: &Engine) -> Value {
                 .saturating_sub(now.saturating_sub(tripped_at)),
         })),
     })
+}
+
+/// While the arm a trip rolled back still has weight 0, how to send it traffic again: nothing does it by
+/// itself (after `recover` too), because a person decides when to retry a canary.
+fn weight_hint(trip: &Trip, table: &RoutingTable) -> Option<String> {
+    let i = table.index_of(&trip.arm)?;
+    if trip.dry_run || table.weights().get(i) != Some(&0) {
+        return None;
+    }
+    // The route lever's action reads "arm canary weight 20 → 0": suggest the weight it had.
+    let before = trip
+        .action
+        .split_once(" weight ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|w| w.parse::<u32>().ok())
+        .filter(|w| *w > 0)
+        .map_or("N".to_string(), |w| w.to_string());
+    Some(format!(
+        "arm {arm} has weight 0 since the trip: its traffic stays on the other arms until you send it \
+         some again with `driftguard weight {arm} {before}` (or POST /arms/{arm}/weight)",
+        arm = trip.arm
+    ))
 }
 
 /// An arm's live window: requests, errors, latency and TTFB in ms, signals.

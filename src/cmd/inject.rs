@@ -84,6 +84,12 @@ pub enum InjectError {
         name: String,
         message: String,
     },
+    #[error(
+        "not YAML: this is a TOML file (a driftguard config?); inject reads Kubernetes manifests \
+         (YAML) and adds the sidecar to them; the config goes into the ConfigMap named by \
+         --config-map"
+    )]
+    Toml,
     #[error("the input holds no Deployment or StatefulSet to inject")]
     NoWorkload,
     #[error("invalid option: {0}")]
@@ -102,7 +108,16 @@ struct Target {
 /// Injects the sidecar into every Deployment and StatefulSet of `input`; returns the whole stream.
 pub fn inject(input: &str, opts: &Options) -> Result<String, InjectError> {
     check_options(opts)?;
-    let mut chunks = parse(input)?;
+    let mut chunks = match parse(input) {
+        Ok(chunks) => chunks,
+        // A driftguard.toml given by mistake would otherwise read as a puzzling YAML error.
+        Err(InjectError::NotYaml { .. } | InjectError::NotObject { .. })
+            if input.parse::<toml::Table>().is_ok_and(|t| !t.is_empty()) =>
+        {
+            return Err(InjectError::Toml);
+        }
+        Err(e) => return Err(e),
+    };
     let mut targets = Vec::new();
     for chunk in &mut chunks {
         let Some(value) = chunk.value.as_mut() else {

@@ -1,4 +1,4 @@
-//! The `status`, `trip` and `recover` verbs: the client side of the admin API, and how its answers are
+//! The `status`, `trip`, `recover` and `weight` verbs: the client side of the admin API, and how its answers are
 //! printed. Called from main.rs; the admin listener itself is `crate::admin`.
 
 use std::process::ExitCode;
@@ -51,6 +51,35 @@ pub fn trip(admin: &Admin, reason: &str, arm: Option<&str>, scope: Option<&str>)
 /// `driftguard recover`.
 pub fn recover(admin: &Admin) -> ExitCode {
     print_call(admin, Method::POST, "/recover", None, guard_text)
+}
+
+/// `driftguard weight ARM N`: `POST /arms/<arm>/weight`, e.g. to send a canary traffic again after a
+/// trip took its weight to 0 (nothing does that by itself: a person decides to retry).
+pub fn weight(admin: &Admin, arm: &str, weight: u32) -> ExitCode {
+    // Arm names are letters, digits, '-' and '_' (config/arms.rs); anything else could not be one and
+    // would not make a URL path.
+    if arm.is_empty()
+        || !arm
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        eprintln!("driftguard: {arm:?} is not an arm name (letters, digits, '-' and '_')");
+        return ExitCode::FAILURE;
+    }
+    let body = serde_json::json!({ "weight": weight });
+    print_call(
+        admin,
+        Method::POST,
+        &format!("/arms/{arm}/weight"),
+        Some(body),
+        |doc| {
+            format!(
+                "arm {} weight {}",
+                doc["arm"].as_str().unwrap_or(arm),
+                doc["weight"]
+            )
+        },
+    )
 }
 
 /// Calls `method path` on the admin listener at `admin` with an optional JSON body and the token from
@@ -135,6 +164,9 @@ fn guard_text(guard: &serde_json::Value) -> String {
         if !s("snapshot").is_empty() {
             out.push_str(&format!("\n  snapshot: {}", s("snapshot")));
         }
+    }
+    if let Some(hint) = guard["hint"].as_str() {
+        out.push_str(&format!("\n{hint}"));
     }
     if let Some(targets) = guard["recovery"]["targets"].as_array() {
         for t in targets {

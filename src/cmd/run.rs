@@ -27,6 +27,13 @@ pub enum RunError {
     },
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(
+        "state_dir {dir} is held by another driftguard{holder}; give each instance its own state_dir \
+         (its runtime state, snapshots and receipts are one process's)"
+    )]
+    StateDirHeld { dir: String, holder: String },
+    #[error("state_dir {dir}: {source}")]
+    StateDir { dir: String, source: std::io::Error },
 }
 
 /// Loads the config at `path` and runs driftguard until SIGTERM/SIGINT.
@@ -67,11 +74,16 @@ pub struct Running {
     trigger: shutdown::Trigger,
     proxy: tokio::task::JoinHandle<bool>,
     admin: tokio::task::JoinHandle<bool>,
+    /// Held while this process serves; dropped when `Running` is.
+    _state_dir_lock: StateDirLock,
 }
 
 /// Binds both listeners and starts serving on the current runtime: the proxy, the admin API, the rule
 /// engine and the background tasks. `config_path` is what `POST /reload` re-reads (none: no reload).
 pub async fn start(loaded: Loaded, config_path: Option<PathBuf>) -> Result<Running, RunError> {
+    // Before anything opens a file in it, so a second instance is told plainly (and not by the
+    // receipt store's own lock, or not at all while both overwrite runtime.json).
+    let state_dir_lock = lock_state_dir(&loaded.config.state_dir)?;
     let app = Arc::new(App::new(loaded, config_path)?);
     let config = app.config();
     let proxy_listener = bind("proxy", &config.listen.proxy).await?;
@@ -150,7 +162,58 @@ pub async fn start(loaded: Loaded, config_path: Option<PathBuf>) -> Result<Runni
         trigger,
         proxy,
         admin,
+        _state_dir_lock: state_dir_lock,
     })
+}
+
+/// The file in `state_dir` whose lock says a driftguard runs on it; it holds that process's pid.
+const LOCK_FILE: &str = "driftguard.lock";
+
+/// An exclusive `flock` on `state_dir/driftguard.lock`, released when the process ends (kill -9
+/// included: the kernel drops it with the file descriptor).
+struct StateDirLock {
+    _file: std::fs::File,
+}
+
+fn lock_state_dir(dir: &Path) -> Result<StateDirLock, RunError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    use std::os::fd::AsRawFd as _;
+    let io = |source| RunError::StateDir {
+        dir: dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(LOCK_FILE))
+        .map_err(io)?;
+    // SAFETY: flock on a descriptor this function owns; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            return Err(io(e));
+        }
+        let mut pid = String::new();
+        let _ = file.read_to_string(&mut pid);
+        let pid = pid.trim();
+        return Err(RunError::StateDirHeld {
+            dir: dir.display().to_string(),
+            holder: match pid.is_empty() {
+                true => String::new(),
+                false => format!(" (pid {pid})"),
+            },
+        });
+    }
+    // The pid is for the message above only; a failure to write it changes nothing.
+    let _ = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()));
+    Ok(StateDirLock { _file: file })
 }
 
 impl Running {

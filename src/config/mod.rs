@@ -257,7 +257,7 @@ impl Config {
 /// serde_path_to_error locates an unknown key at its parent; move the path onto the key itself.
 fn locate_unknown_field(path: String, message: String) -> (String, String) {
     if let Some(rest) = message.strip_prefix("unknown field `") {
-        if let Some((field, _)) = rest.split_once('`') {
+        if let Some((field, expected)) = rest.split_once('`') {
             let full = if path.is_empty() || path == "." {
                 field.to_string()
             } else if path.ends_with(field) {
@@ -265,10 +265,59 @@ fn locate_unknown_field(path: String, message: String) -> (String, String) {
             } else {
                 format!("{path}.{field}")
             };
-            return (full, format!("unknown key {field:?}"));
+            let message = match closest(field, &expected_keys(expected)) {
+                Some(known) => format!("unknown key {field:?} (did you mean {known:?}?)"),
+                None => format!("unknown key {field:?}"),
+            };
+            return (full, message);
         }
     }
     (if path == "." { String::new() } else { path }, message)
+}
+
+/// The keys serde lists after an unknown field: "..., expected one of `a`, `b`" or "expected `a`".
+fn expected_keys(message: &str) -> Vec<&str> {
+    let Some((_, list)) = message.split_once("expected") else {
+        return Vec::new();
+    };
+    list.split('`').skip(1).step_by(2).collect()
+}
+
+/// The known key closest to a mistyped one, when it is close: at most a third of its letters differ
+/// (`sampel` → `sample`, `windw` → `window`), so an unrelated key is not offered as a fix.
+fn closest<'a>(typed: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(typed, k), *k))
+        .filter(|(d, k)| *d > 0 && *d <= (typed.len().max(k.len()) / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance, with a swap of two neighbouring letters counting as one edit (the usual typo).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    // d[i][j]: distance between a[..i] and b[..j].
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 /// Removes the value at a serde_path_to_error path (`a.b[2].c`) so parsing can go on past it.

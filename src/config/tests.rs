@@ -25,7 +25,8 @@ fn spec_example_parses_with_its_values() {
     assert_eq!(c.rules.latency_floor.0, Duration::from_millis(25));
     assert_eq!(c.writes.ttl.0, Duration::from_secs(48 * 3600));
     assert_eq!(c.rollback.levers["pin_mismatch"], Lever::Alias);
-    assert_eq!(c.rollback.hooks[0].command[0], "/usr/local/bin/notify");
+    // The example's hooks are commented out: a trip with it must not log failed hooks.
+    assert!(c.rollback.hooks.is_empty());
     let baseline = c.arms.iter().find(|a| a.baseline).map(|a| a.name.as_str());
     assert_eq!(baseline, Some("baseline"));
 }
@@ -351,4 +352,26 @@ fn rules_window_is_bounded_by_the_ring() {
         "{errors:?}"
     );
     assert!(Config::parse(&format!("{MINIMAL}[rules]\nwindow = \"290s\"\n")).is_ok());
+}
+
+#[test]
+fn a_mistyped_key_gets_the_close_known_one() {
+    let errors =
+        errors_of("[signals]\nsampel = 0.5\n[rules]\nwindw = \"60s\"\n[listen]\nzzz = 1\n");
+    let message = |path: &str| {
+        errors
+            .iter()
+            .find(|e| e.path == path)
+            .map(|e| e.message.clone())
+            .unwrap_or_else(|| panic!("no error at {path}: {errors:?}"))
+    };
+    assert_eq!(
+        message("signals.sampel"),
+        r#"unknown key "sampel" (did you mean "sample"?)"#
+    );
+    assert!(message("rules.windw").contains(r#"did you mean "window"?"#));
+    // Nothing close: no suggestion.
+    assert_eq!(message("listen.zzz"), r#"unknown key "zzz""#);
+    assert_eq!(super::edit_distance("sampel", "sample"), 1);
+    assert_eq!(super::edit_distance("kitten", "sitting"), 3);
 }

@@ -83,7 +83,13 @@ impl Control {
         }
         parts.metrics.guard_state.set(state.guard.state.gauge());
         if state != RuntimeState::default() {
-            tracing::warn!(state = ?state, "restored the runtime state saved before the restart");
+            // As JSON (the file's own form), not a Rust debug dump.
+            let saved = serde_json::to_string(&state).unwrap_or_default();
+            tracing::warn!(
+                guard = state.guard.state.as_str(),
+                state = saved.as_str(),
+                "restored the runtime state saved before the restart"
+            );
         }
         Ok(Control {
             config: Arc::new(ArcSwap::from_pointee(config)),

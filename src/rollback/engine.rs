@@ -546,7 +546,8 @@ impl Engine {
             .filter(|t| !t.ok)
             .map(|t| format!("{}:{}", t.arm, t.name))
             .collect();
-        tracing::error!(failing = ?failing, deadline = ?config.recovery.deadline.0,
+        tracing::error!(failing = failing.join(", ").as_str(),
+            deadline = %humantime::format_duration(config.recovery.deadline.0),
             "guard escalated: the exit targets were not met by recovery.deadline");
         let trip = state.guard.last_trip.clone().unwrap_or_default();
         let snapshot = self.snapshot("escalated", &trip, &state);

@@ -516,6 +516,8 @@ async fn demo_with(
         first_bad_ms: canary.first_bad_ms.load(Ordering::Relaxed),
         at_trip: at_trip.as_ref(),
         end: &Snapshot::take(&counts),
+        shown: &last,
+        keep: options.keep && !interrupted,
         guard: running.engine.control().runtime_state().guard.state,
         state_dir: &snapshot_dir,
         admin: &admin,

@@ -116,6 +116,10 @@ pub(super) struct Report<'a> {
     /// When the progress first showed the trip, and the counts then.
     pub(super) at_trip: Option<&'a (Duration, Snapshot)>,
     pub(super) end: &'a Snapshot,
+    /// The counts of the last progress line: the lines' per-second figures add up to these.
+    pub(super) shown: &'a Snapshot,
+    /// `--keep`: the listeners stay up after the report, so their URLs are worth printing.
+    pub(super) keep: bool,
     pub(super) guard: GuardState,
     pub(super) state_dir: &'a Path,
     pub(super) admin: &'a str,
@@ -195,15 +199,29 @@ impl Report<'_> {
                 if let Some((seen, at)) = self.at_trip {
                     let _ = writeln!(
                         out,
-                        "{:16}baseline {} requests, canary {}, 5xx {}, writes refused while frozen {}",
+                        "{:16}baseline {} requests, canary {}, 5xx {}",
                         format!("from t+{}s on:", seen.as_secs()),
                         self.end.baseline - at.baseline,
                         self.end.canary - at.canary,
                         self.end.errors - at.errors,
-                        self.end.frozen_writes - at.frozen_writes,
                     );
                 }
             }
+        }
+        // Every frozen write came after the trip; the total is what the progress lines added up to,
+        // plus any refused while the load stopped after the last line.
+        if self.end.frozen_writes > 0 {
+            let late = self.end.frozen_writes - self.shown.frozen_writes;
+            let _ = writeln!(
+                out,
+                "{:16}{} refused while frozen{}",
+                "writes:",
+                self.end.frozen_writes,
+                match late {
+                    0 => String::new(),
+                    n => format!(" ({n} after the last progress line)"),
+                }
+            );
         }
         let _ = writeln!(
             out,
@@ -211,8 +229,16 @@ impl Report<'_> {
             "traffic:", self.end.done, self.end.errors, self.end.failed
         );
         let _ = writeln!(out, "{:16}{}", "guard now:", self.guard.as_str());
-        let _ = writeln!(out, "{:16}{}/metrics", "metrics:", self.admin);
-        let _ = writeln!(out, "{:16}{}/status", "status:", self.admin);
+        if self.keep {
+            let _ = writeln!(out, "{:16}{}/metrics", "metrics:", self.admin);
+            let _ = writeln!(out, "{:16}{}/status", "status:", self.admin);
+        } else {
+            let _ = writeln!(
+                out,
+                "{:16}the proxy and admin API stop with the demo; `--keep` keeps them up",
+                "listeners:"
+            );
+        }
         let _ = write!(
             out,
             "{:16}{} (driftguard.toml, driftguard.log)",
