@@ -352,7 +352,9 @@ retries = 2
         .at_ms;
     let delay_ms = trip_at.saturating_sub(canary_50th);
     eprintln!("tripped {delay_ms} ms after the canary's 50th response");
-    assert!(delay_ms < 15_000, "tripped {delay_ms} ms after min_samples");
+    // At ~100 canary requests/s the z-test has its evidence well within a second of min_samples and
+    // the engine judges every 250 ms; 5 s is that plus margin for a loaded CI machine.
+    assert!(delay_ms < 5_000, "tripped {delay_ms} ms after min_samples");
 
     // After the flip every request went to the baseline, and none failed because of the flip.
     let late: Vec<&Outcome> = outcomes
@@ -517,7 +519,10 @@ async fn a_healthy_canary_is_left_alone() {
     let _serial = SERIAL.lock().await;
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", GROUNDED);
-    let proxy = Proxy::start(&config(&baseline.url(), &canary.url(), SLOW_RECOVERY));
+    // Every default rule on, the p99 latency ratio included (an empty `[rules.hard]` keeps the
+    // defaults): two equal arms on a loaded host must not trip any of them.
+    let extra = format!("{SLOW_RECOVERY}[rules.hard]\n");
+    let proxy = Proxy::start(&config(&baseline.url(), &canary.url(), &extra));
     let client = client();
     let load = Load::start(&proxy, 4, Duration::from_millis(2));
     tokio::time::sleep(Duration::from_secs(20)).await;
