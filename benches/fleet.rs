@@ -99,7 +99,10 @@ fn main() {
 
 /// Both parts; false when the run is INVALID.
 fn run() -> Result<bool, String> {
-    let redis = RedisServer::start().ok_or("redis-server is not installed")?;
+    if !common::runs("redis-server", "--version") {
+        return Err("redis-server is not installed (apt-get install redis-server)".into());
+    }
+    let redis = RedisServer::start();
     println!(
         "redis-server on 127.0.0.1:{} (persistence off)\n",
         redis.port

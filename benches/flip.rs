@@ -3,6 +3,12 @@
 //! default 60 s rule window. After a healthy warm-up the canary goes bad; the figure is the trip's time
 //! minus the client's receipt of the canary's first bad answer. Five runs per scenario, median reported.
 //!
+//! A run counts only when the trip names the canary and a rule the scenario is about (quality rules for
+//! off-topic answers, `error_rate` for 5xx); otherwise the scenario FAILs, as it does with no trip or a
+//! median over the target. A run where a request got no response, driftguard answered an error of its
+//! own, or no bad answer reached a client before the trip cannot be timed: the scenario is INVALID and
+//! the bench exits 4 (1 for FAIL), never counting such a run as 0 ms.
+//!
 //! `cargo bench --bench flip` (loopback only; about a minute per scenario).
 
 #[path = "../tests/common/mod.rs"]
@@ -24,6 +30,8 @@ const FAIL_10: u8 = 2;
 const RUNS: usize = 5;
 const RATE: u64 = 200;
 const WARM_UP: Duration = Duration::from_secs(5);
+/// The median flip a scenario must reach.
+const TARGET_MS: u64 = 2000;
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -62,7 +70,48 @@ fn rag_arm(name: &str, mode: Arc<AtomicU8>) -> Scripted {
     })
 }
 
-async fn one_run(bad_mode: u8) -> Option<u64> {
+/// What one run measured.
+enum Run {
+    /// The canary tripped by an expected rule: ms from the client's receipt of the first bad answer.
+    Flip(u64),
+    /// The guard misbehaved: no trip, a trip on healthy traffic, or by the wrong rule or arm.
+    Fail(String),
+    /// The run cannot be measured: requests failed, or no bad answer reached a client before the trip.
+    Invalid(String),
+}
+
+/// One scenario: the canary's bad mode and the rules that may trip it (and nothing else).
+struct Scenario {
+    name: &'static str,
+    mode: u8,
+    rules: &'static [&'static str],
+}
+
+const SCENARIOS: [Scenario; 2] = [
+    Scenario {
+        name: "off-topic canary (quality)",
+        mode: OFF_TOPIC,
+        rules: &["delta_s_p95_drift", "delta_s_p50_drift", "coverage"],
+    },
+    Scenario {
+        name: "canary with 10 % 5xx",
+        mode: FAIL_10,
+        rules: &["error_rate"],
+    },
+];
+
+/// What the load loops saw: the first bad answer's receipt, and requests that went wrong on the way.
+#[derive(Default)]
+struct Seen {
+    first_bad: Option<u64>,
+    sent: u64,
+    /// Requests with no response (reset, refused, cut short): the run is invalid.
+    transport_errors: Vec<String>,
+    /// Responses driftguard made itself (its error JSON carries a request_id): the run is invalid.
+    proxy_made: u64,
+}
+
+async fn one_run(scenario: &Scenario) -> Run {
     let mode = Arc::new(AtomicU8::new(HEALTHY));
     let baseline = rag_arm("baseline", Arc::new(AtomicU8::new(HEALTHY)));
     let canary = rag_arm("canary", mode.clone());
@@ -76,12 +125,12 @@ async fn one_run(bad_mode: u8) -> Option<u64> {
     );
     let proxy = Proxy::start(&config);
     let stop = Arc::new(AtomicBool::new(false));
-    let first_bad = Arc::new(Mutex::new(None::<u64>));
+    let seen = Arc::new(Mutex::new(Seen::default()));
     // Paced load: RATE requests per second from a few workers, each on its own schedule.
     const WORKERS: u64 = 8;
     let mut tasks = Vec::new();
     for w in 0..WORKERS {
-        let (stop, first_bad, url) = (stop.clone(), first_bad.clone(), proxy.url("/v1/ask"));
+        let (stop, seen, url) = (stop.clone(), seen.clone(), proxy.url("/v1/ask"));
         tasks.push(tokio::spawn(async move {
             let client = client();
             let period = Duration::from_micros(1_000_000 * WORKERS / RATE);
@@ -91,42 +140,88 @@ async fn one_run(bad_mode: u8) -> Option<u64> {
                 tick.tick().await;
                 let body = json!({"question": TOPICS[i % TOPICS.len()].question});
                 i += 1;
-                let reply = post_json(&client, &url, &body, &[]).await;
-                if reply.header("x-bad").is_some() {
-                    let mut first = first_bad.lock().unwrap();
-                    first.get_or_insert(unix_ms());
+                let sent = try_post_json(&client, &url, &body, &[]).await;
+                let at = unix_ms();
+                let mut seen = seen.lock().unwrap();
+                seen.sent += 1;
+                match sent {
+                    Ok(reply) => {
+                        if reply.header("x-bad").is_some() {
+                            seen.first_bad.get_or_insert(at);
+                        }
+                        let parsed: Value =
+                            serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
+                        if parsed.get("request_id").is_some() {
+                            seen.proxy_made += 1;
+                        }
+                    }
+                    Err(e) => seen.transport_errors.push(e),
                 }
             }
         }));
     }
     tokio::time::sleep(WARM_UP).await;
-    mode.store(bad_mode, Ordering::Relaxed);
+    let went_bad = unix_ms();
+    mode.store(scenario.mode, Ordering::Relaxed);
     let client = client();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut flip = None;
+    let mut trip = None;
     while std::time::Instant::now() < deadline {
         let s = get(&client, &proxy.admin_url("/status"), &[]).await.json();
         if s["guard"]["state"] != "healthy" {
-            let at = s["guard"]["last_trip"]["at_ms"].as_u64().unwrap_or(0);
-            let first = first_bad.lock().unwrap().unwrap_or(at);
-            let rule = s["guard"]["last_trip"]["rule"]
-                .as_str()
-                .unwrap_or("")
-                .to_string();
-            eprintln!(
-                "  tripped by {rule}: {} ms after the first bad answer",
-                at.saturating_sub(first)
-            );
-            flip = Some(at.saturating_sub(first));
+            trip = Some(s["guard"]["last_trip"].clone());
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
-        let _ = t.await;
+        t.await.expect("a load task panicked");
     }
-    flip
+    let seen = seen.lock().unwrap();
+    if !seen.transport_errors.is_empty() {
+        return Run::Invalid(format!(
+            "{} of {} requests got no response, first: {}",
+            seen.transport_errors.len(),
+            seen.sent,
+            seen.transport_errors[0]
+        ));
+    }
+    if seen.proxy_made > 0 {
+        return Run::Invalid(format!(
+            "{} of {} responses were driftguard's own errors",
+            seen.proxy_made, seen.sent
+        ));
+    }
+    let Some(trip) = trip else {
+        return Run::Fail("no trip within 60 s of the canary going bad".into());
+    };
+    let (rule, arm) = (
+        trip["rule"].as_str().unwrap_or(""),
+        trip["arm"].as_str().unwrap_or(""),
+    );
+    let at = trip["at_ms"].as_u64().unwrap_or(0);
+    eprintln!(
+        "  tripped by {rule} on {arm} {} ms after the canary went bad, first bad answer received {}",
+        at.saturating_sub(went_bad),
+        seen.first_bad
+            .map_or("never".into(), |f| format!("{} ms before", at as i64 - f as i64)),
+    );
+    if at < went_bad {
+        return Run::Fail(format!("tripped by {rule} on healthy traffic"));
+    }
+    if arm != "canary" || !scenario.rules.contains(&rule) {
+        return Run::Fail(format!(
+            "tripped by {rule} on {arm}, expected one of {:?} on canary",
+            scenario.rules
+        ));
+    }
+    match seen.first_bad {
+        Some(first) if first <= at => Run::Flip(at - first),
+        _ => Run::Invalid(format!(
+            "tripped by {rule} before any bad answer reached a client: nothing to time from"
+        )),
+    }
 }
 
 fn main() {
@@ -139,24 +234,47 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    for (name, mode) in [
-        ("off-topic canary (quality)", OFF_TOPIC),
-        ("canary with 10 % 5xx", FAIL_10),
-    ] {
+    let (mut failed, mut invalid) = (false, false);
+    for scenario in &SCENARIOS {
+        let name = scenario.name;
         eprintln!("{name}: {RUNS} runs at {RATE} req/s, baseline 80 / canary 20");
-        let mut flips: Vec<u64> = (0..RUNS)
-            .filter_map(|_| runtime.block_on(one_run(mode)))
-            .collect();
+        let mut flips = Vec::new();
+        let mut problems = Vec::new();
+        for run in 1..=RUNS {
+            match runtime.block_on(one_run(scenario)) {
+                Run::Flip(ms) => flips.push(ms),
+                Run::Fail(why) => problems.push(("FAIL", format!("run {run}: {why}"))),
+                Run::Invalid(why) => problems.push(("INVALID", format!("run {run}: {why}"))),
+            }
+        }
         flips.sort_unstable();
         let median = flips.get(flips.len() / 2).copied();
+        // INVALID when a run could not be measured; FAIL when the guard misbehaved or was slow.
+        let verdict = if problems.iter().any(|(v, _)| *v == "INVALID") {
+            invalid = true;
+            "INVALID"
+        } else if !problems.is_empty() || median.is_none_or(|m| m > TARGET_MS) {
+            failed = true;
+            "FAIL"
+        } else {
+            "PASS"
+        };
         println!(
-            "flip {name}: median {} ms over {} runs (all: {flips:?}); target ≤ 2000 ms: {}",
+            "flip {name}: median {} ms over {} measured of {RUNS} runs (all: {flips:?}); \
+             rules {:?} on canary; target ≤ {TARGET_MS} ms: {verdict}",
             median.map_or("-".into(), |m| m.to_string()),
             flips.len(),
-            match median {
-                Some(m) if m <= 2000 && flips.len() == RUNS => "PASS",
-                _ => "FAIL",
-            }
+            scenario.rules,
         );
+        for (v, why) in &problems {
+            println!("  {v} {why}");
+        }
+    }
+    // The same exit codes as benches/load.sh: 4 for an invalid run, 1 for a failed target.
+    if invalid {
+        std::process::exit(4);
+    }
+    if failed {
+        std::process::exit(1);
     }
 }

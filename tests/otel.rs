@@ -445,9 +445,11 @@ async fn shutdown_flushes_with_a_deadline() {
                 .count();
             assert_eq!((requests, evals), (3, 3), "{got:#?}");
         } else {
+            // The README's claim: the flush waits 3 s at most. Plus 2 s of margin for the drain
+            // and the process exit of a debug build on a loaded machine.
             assert!(
-                took < Duration::from_secs(10),
-                "{what}: the exit took {took:?}"
+                took < Duration::from_secs(5),
+                "{what}: the exit took {took:?}, the flush deadline is 3 s"
             );
             assert!(stuck.request_count() >= 1, "the flush was attempted");
         }

@@ -307,38 +307,29 @@ async fn sse_streamed_answers_are_evaluated_with_their_usage() {
             "the stream reaches the client unchanged"
         );
     }
-    let samples = wait_metric(
+    // Prompt and completion tokens come from the final usage event.
+    let samples = wait_metrics(
         &client,
         &proxy,
-        "driftguard_evaluations_total",
-        &[("arm", "main")],
         WAIT,
-        |v| v >= N as f64,
+        &[
+            ("driftguard_evaluations_total", &[("arm", "main")], N as f64),
+            (
+                "driftguard_tokens_total",
+                &[("arm", "main"), ("kind", "prompt")],
+                (N as u64 * SSE_PROMPT_TOKENS) as f64,
+            ),
+            (
+                "driftguard_tokens_total",
+                &[("arm", "main"), ("kind", "completion")],
+                (N as u64 * SSE_COMPLETION_TOKENS) as f64,
+            ),
+            ("driftguard_coverage_count", &[("arm", "main")], N as f64),
+        ],
     )
     .await;
-    assert_eq!(
-        m(&samples, "driftguard_evaluations_total", &[("arm", "main")]),
-        N as f64
-    );
     let coverage = m(&samples, "driftguard_coverage_mean", &[("arm", "main")]);
     assert!(coverage >= 0.8, "coverage of grounded streams {coverage}");
-    assert_eq!(
-        m(
-            &samples,
-            "driftguard_tokens_total",
-            &[("arm", "main"), ("kind", "prompt")]
-        ),
-        (N as u64 * SSE_PROMPT_TOKENS) as f64,
-        "prompt tokens from the final usage event"
-    );
-    assert_eq!(
-        m(
-            &samples,
-            "driftguard_tokens_total",
-            &[("arm", "main"), ("kind", "completion")]
-        ),
-        (N as u64 * SSE_COMPLETION_TOKENS) as f64
-    );
 
     // The answer is the concatenated deltas, the chunks come from the last event: the numbers match
     // what the same embedder gives the texts the upstream streamed.
@@ -603,35 +594,25 @@ async fn openai_embedder_is_batched_cached_and_its_outage_spares_traffic() {
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
         assert_eq!(reply.json()["answer"], t.grounded);
     }
-    let samples = wait_metric(
+    wait_metrics(
         &client,
         &proxy,
-        "driftguard_eval_errors_total",
-        &[("stage", "embedder")],
         WAIT,
-        |v| v >= errors_before + 5.0,
+        &[
+            (
+                "driftguard_eval_errors_total",
+                &[("stage", "embedder")],
+                errors_before + 5.0,
+            ),
+            ("driftguard_evaluations_total", &[("arm", "main")], 9.0),
+            (
+                "driftguard_requests_total",
+                &[("arm", "main"), ("class", "2xx")],
+                14.0,
+            ),
+        ],
     )
     .await;
-    assert_eq!(
-        m(
-            &samples,
-            "driftguard_eval_errors_total",
-            &[("stage", "embedder")]
-        ),
-        errors_before + 5.0
-    );
-    assert_eq!(
-        m(&samples, "driftguard_evaluations_total", &[("arm", "main")]),
-        9.0
-    );
-    assert_eq!(
-        m(
-            &samples,
-            "driftguard_requests_total",
-            &[("arm", "main"), ("class", "2xx")]
-        ),
-        14.0
-    );
 }
 
 /// ΔS is clamped to [0, 1] (SPEC §3), so its quantiles are too — on `/status` and on `/metrics` alike.
@@ -655,24 +636,26 @@ async fn delta_s_quantiles_stay_within_0_and_1() {
         .await;
         assert_eq!(r.status, StatusCode::OK);
     }
-    let samples = wait_metric(
+    // Every evaluation measured ΔS ra = 1.0 exactly.
+    let samples = wait_metrics(
         &client,
         &proxy,
-        "driftguard_evaluations_total",
-        &[("arm", "main")],
         WAIT,
-        |v| v >= 4.0,
+        &[
+            ("driftguard_evaluations_total", &[("arm", "main")], 4.0),
+            (
+                "driftguard_semantic_drift_count",
+                &[("arm", "main"), ("probe", "ra")],
+                4.0,
+            ),
+            (
+                "driftguard_semantic_drift_sum",
+                &[("arm", "main"), ("probe", "ra")],
+                4.0,
+            ),
+        ],
     )
     .await;
-    // Every evaluation measured ΔS ra = 1.0 exactly.
-    assert_eq!(
-        m(
-            &samples,
-            "driftguard_semantic_drift_sum",
-            &[("arm", "main"), ("probe", "ra")]
-        ),
-        4.0
-    );
     let status = get(&client, &proxy.admin_url("/status"), &[]).await.json();
     let ra = &status["arms"][0]["window"]["signals"]["delta_s_ra"];
     for p in ["p50", "p95"] {
@@ -951,27 +934,25 @@ async fn repeated_tool_calls_count_as_tool_loops() {
         assert_eq!(r.status, StatusCode::OK);
     }
     // A tool-calling turn has no answer: each is skipped for ΔS, yet its usage and calls count.
-    let samples = wait_metric(
+    wait_metrics(
         &client,
         &proxy,
-        "driftguard_eval_skipped_total",
-        &[("reason", "no_answer")],
         WAIT,
-        |v| v >= 4.0,
+        &[
+            (
+                "driftguard_eval_skipped_total",
+                &[("reason", "no_answer")],
+                4.0,
+            ),
+            ("driftguard_tool_loops_total", &[("arm", "main")], 1.0),
+            (
+                "driftguard_tokens_total",
+                &[("arm", "main"), ("kind", "prompt")],
+                (4 * PROMPT_TOKENS) as f64,
+            ),
+        ],
     )
     .await;
-    assert_eq!(
-        m(&samples, "driftguard_tool_loops_total", &[("arm", "main")]),
-        1.0
-    );
-    assert_eq!(
-        m(
-            &samples,
-            "driftguard_tokens_total",
-            &[("arm", "main"), ("kind", "prompt")]
-        ),
-        (4 * PROMPT_TOKENS) as f64
-    );
 
     // The third consecutive response of the session with the same call: a loop.
     let r = post_json(
@@ -982,23 +963,21 @@ async fn repeated_tool_calls_count_as_tool_loops() {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
-    let samples = wait_metric(
+    wait_metrics(
         &client,
         &proxy,
-        "driftguard_eval_skipped_total",
-        &[("reason", "no_answer")],
         WAIT,
-        |v| v >= 5.0,
+        &[
+            (
+                "driftguard_eval_skipped_total",
+                &[("reason", "no_answer")],
+                5.0,
+            ),
+            ("driftguard_tool_loops_total", &[("arm", "main")], 2.0),
+            ("driftguard_evaluations_total", &[("arm", "main")], 0.0),
+        ],
     )
     .await;
-    assert_eq!(
-        m(&samples, "driftguard_tool_loops_total", &[("arm", "main")]),
-        2.0
-    );
-    assert_eq!(
-        m(&samples, "driftguard_evaluations_total", &[("arm", "main")]),
-        0.0
-    );
     let status = get(&client, &proxy.admin_url("/status"), &[]).await.json();
     assert_eq!(
         status["arms"][0]["window"]["signals"]["tool_loops"], 2,

@@ -72,6 +72,7 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     trigger: shutdown::Trigger,
+    admin_trigger: shutdown::Trigger,
     proxy: tokio::task::JoinHandle<bool>,
     admin: tokio::task::JoinHandle<bool>,
     /// Held while this process serves; dropped when `Running` is.
@@ -109,6 +110,9 @@ pub async fn start(loaded: Loaded, config_path: Option<PathBuf>) -> Result<Runni
     );
 
     let (trigger, shutdown) = shutdown::channel();
+    // The admin listener stops only after the proxy drained, so `/readyz` answers 503 "draining" to
+    // the orchestrator's probes meanwhile.
+    let (admin_trigger, admin_shutdown) = shutdown::channel();
     tokio::spawn(rotate_windows(app.clone(), shutdown.clone()));
     let engine = app.engine().clone();
     let mut engine_stop = shutdown.clone();
@@ -146,7 +150,7 @@ pub async fn start(loaded: Loaded, config_path: Option<PathBuf>) -> Result<Runni
     let admin = tokio::spawn(listener::serve(
         "admin",
         admin_listener,
-        shutdown,
+        admin_shutdown,
         drain,
         admin_limits,
         move |peer| {
@@ -160,6 +164,7 @@ pub async fn start(loaded: Loaded, config_path: Option<PathBuf>) -> Result<Runni
         proxy_addr,
         admin_addr,
         trigger,
+        admin_trigger,
         proxy,
         admin,
         _state_dir_lock: state_dir_lock,
@@ -217,12 +222,15 @@ fn lock_state_dir(dir: &Path) -> Result<StateDirLock, RunError> {
 }
 
 impl Running {
-    /// Drains: stops accepting, waits for in-flight requests (up to `listen.drain_timeout`), for
-    /// queued evaluations (up to [`EVAL_FLUSH`]) and for queued trace spans (up to [`OTEL_FLUSH`]).
+    /// Drains: the proxy stops accepting and waits for in-flight requests (up to
+    /// `listen.drain_timeout`) while the admin listener still answers (`/readyz`: 503); then the admin
+    /// listener stops, and it waits for queued evaluations (up to [`EVAL_FLUSH`]) and for queued trace
+    /// spans (up to [`OTEL_FLUSH`]).
     pub async fn stop(self) {
         self.app.start_draining();
         self.trigger.fire();
         let drained = self.proxy.await.unwrap_or(false);
+        self.admin_trigger.fire();
         let _ = self.admin.await;
         let evaluated = self.app.pipeline.flush(EVAL_FLUSH).await;
         if let Some(otel) = &self.app.otel {

@@ -120,6 +120,7 @@ impl Worker {
             tool_loop,
         );
         if let Some(skip) = skip {
+            // After the usage above: the skip counter is this sample's "done", bumped last.
             self.skipped.with_label_values(&[skip.as_str()]).inc();
             tracing::debug!(
                 request_id = sample.request_id.as_str(),

@@ -109,7 +109,8 @@ fn healthy_arms_from_one_distribution_rarely_trip() {
         }
     }
     eprintln!("healthy: {tripped} of {WINDOWS} windows tripped ({breaches} raw breaches)");
-    assert!(tripped <= 5, "{tripped} false trips in {WINDOWS} windows");
+    // The README says 1 in 10 000 (this seeded draw's figure); margin: one more window.
+    assert!(tripped <= 2, "{tripped} false trips in {WINDOWS} windows");
     // The rules are live: healthy windows do cross thresholds now and then, the tests hold them back.
     assert!(
         breaches > 0,
@@ -244,7 +245,8 @@ fn a_partly_ungrounded_canary_trips() {
     }
     let rate = tripped as f64 / WINDOWS as f64;
     eprintln!("ungrounded third: tripped {:.2} % of windows", rate * 100.0);
-    assert!(rate >= 0.95, "detected only {:.1} %", rate * 100.0);
+    // The README says 100 % (this seeded draw's figure); margin: 0.5 points.
+    assert!(rate >= 0.995, "detected only {:.2} %", rate * 100.0);
 }
 
 #[test]
@@ -268,7 +270,8 @@ fn a_canary_with_three_percent_errors_trips() {
     }
     let rate = tripped as f64 / WINDOWS as f64;
     eprintln!("3 % errors: tripped {:.2} % of windows", rate * 100.0);
-    assert!(rate >= 0.95, "detected only {:.1} %", rate * 100.0);
+    // The README says 99.8 % (this seeded draw's figure); margin: 0.5 points.
+    assert!(rate >= 0.993, "detected only {:.2} %", rate * 100.0);
 }
 
 #[test]

@@ -542,7 +542,6 @@ impl Mirror for PromMirror {
     }
 
     fn evaluated(&self, e: &Evaluation) {
-        self.evaluations.inc();
         for (h, value) in self.delta_s.iter().zip(e.probes()) {
             h.observe(value);
         }
@@ -552,6 +551,9 @@ impl Mirror for PromMirror {
         if let Some(c) = self.lambda.get(e.lambda) {
             c.inc();
         }
+        // Last: a reader that sees the evaluation counted sees its signals too (in one scrape only if
+        // it reads this family last — tests wait for every value they assert).
+        self.evaluations.inc();
     }
 
     fn usage(&self, prompt_tokens: Option<u64>, completion_tokens: Option<u64>, tool_loop: bool) {

@@ -85,6 +85,31 @@ where
 }
 
 // ================================================================================================
+// Tools a test needs
+// ================================================================================================
+
+/// Whether `program arg` can be run (found on PATH and executable); its exit status does not matter.
+pub fn runs(program: &str, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// Fails the test when a tool it needs is absent. Such tests carry `#[ignore = "needs TOOL"]`, so a
+/// plain `cargo test` lists them as ignored with the reason instead of passing them unrun; `.ci/run`
+/// installs the tools and runs them with `--include-ignored`, where a missing tool is this failure.
+pub fn require(tool: &str, present: bool, install: &str) {
+    assert!(
+        present,
+        "{tool} is not installed, and this test cannot run without it ({install}; .ci/run installs \
+         it). Plain `cargo test` skips it as ignored; `--include-ignored` needs the tool."
+    );
+}
+
+// ================================================================================================
 // Test upstream
 // ================================================================================================
 
@@ -756,28 +781,38 @@ impl Reply {
     }
 }
 
-/// Sends a request and reads the whole response, all within [`WAIT`].
+/// Sends a request and reads the whole response, all within [`WAIT`]; a transport error fails the test.
 pub async fn exchange(client: &HttpClient, req: Request<ReqBody>) -> Reply {
+    try_exchange(client, req)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Like [`exchange`], but a transport error (refused, reset, a body cut short) or the [`WAIT`] timeout
+/// is returned as `Err` saying what failed. Load loops record it as an outcome and assert on it: a
+/// panic in a spawned task is lost unless someone joins the task and looks.
+pub async fn try_exchange(client: &HttpClient, req: Request<ReqBody>) -> Result<Reply, String> {
     let what = format!("{} {}", req.method(), req.uri());
-    within(WAIT, &what, async {
+    let sent = tokio::time::timeout(WAIT, async {
         let resp = client
             .request(req)
             .await
-            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+            .map_err(|e| format!("{what}: {e:?}"))?;
         let (parts, body) = resp.into_parts();
         let body = body
             .collect()
             .await
-            .unwrap_or_else(|e| panic!("{what}: body: {e}"))
+            .map_err(|e| format!("{what}: body: {e}"))?
             .to_bytes();
-        Reply {
+        Ok(Reply {
             status: parts.status,
             version: parts.version,
             headers: parts.headers,
             body,
-        }
+        })
     })
-    .await
+    .await;
+    sent.unwrap_or_else(|_| Err(format!("{what}: no whole response within {WAIT:?}")))
 }
 
 /// GET `url` with extra headers.
@@ -1179,11 +1214,23 @@ pub async fn post_json(
     body: &Value,
     headers: &[(&str, &str)],
 ) -> Reply {
+    try_post_json(client, url, body, headers)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`post_json`] that returns a transport error instead of failing the test (see [`try_exchange`]).
+pub async fn try_post_json(
+    client: &HttpClient,
+    url: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
     let mut req = Request::post(url).header("content-type", "application/json");
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    exchange(client, req.body(full(body.to_string())).unwrap()).await
+    try_exchange(client, req.body(full(body.to_string())).unwrap()).await
 }
 
 /// Scrapes `/metrics` until the sample `name{labels}` exists and satisfies `pred`, within `limit`;
@@ -1205,6 +1252,46 @@ pub async fn wait_metric(
         }
         if Instant::now() > deadline {
             panic!("{name}{labels:?} did not reach the expected value within {limit:?}; last: {value:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// One expected sample for [`wait_metrics`]: name, labels it must include, exact value.
+pub type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
+/// Scrapes `/metrics` until every sample in `expected` has exactly its value, within `limit`; returns
+/// that scrape's samples. Waiting for one counter and reading the others from the same scrape races:
+/// a scrape reads the metric families one after another, in an order of its own, so it can see the
+/// last counter an evaluation bumps and still miss an earlier one.
+pub async fn wait_metrics(
+    client: &HttpClient,
+    proxy: &Proxy,
+    limit: Duration,
+    expected: &[Expected<'_>],
+) -> Vec<Sample> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (_, samples) = scrape(client, proxy).await;
+        let seen: Vec<Option<f64>> = expected
+            .iter()
+            .map(|(name, labels, _)| metric(&samples, name, labels))
+            .collect();
+        if seen.iter().zip(expected).all(|(v, e)| *v == Some(e.2)) {
+            return samples;
+        }
+        if Instant::now() > deadline {
+            let report: Vec<String> = seen
+                .iter()
+                .zip(expected)
+                .map(|(v, (name, labels, want))| {
+                    format!("{name}{labels:?}: want {want}, last {v:?}")
+                })
+                .collect();
+            panic!(
+                "/metrics did not reach the expected values within {limit:?}:\n{}",
+                report.join("\n")
+            );
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -1433,25 +1520,14 @@ pub async fn read_to_eof<S: tokio::io::AsyncRead + Unpin>(
     all
 }
 
-/// The promtool binary, or `None` (with a skip message) when it is absent outside CI; in CI it must be
-/// there (`apt-get install prometheus`).
-pub fn promtool(test: &str) -> Option<&'static str> {
-    let found = ["/usr/bin/promtool", "promtool"].into_iter().find(|p| {
-        std::process::Command::new(p)
-            .arg("--version")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok()
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "promtool is required in CI (apt-get install prometheus)"
-        );
-        eprintln!("SKIPPED {test}: promtool is not installed");
-    }
-    found
+/// The promtool binary (`apt-get install prometheus`); a test that calls this is
+/// `#[ignore = "needs promtool ..."]`, so without it the test fails with the reason.
+pub fn promtool() -> &'static str {
+    let found = ["/usr/bin/promtool", "promtool"]
+        .into_iter()
+        .find(|p| runs(p, "--version"));
+    require("promtool", found.is_some(), "apt-get install prometheus");
+    found.unwrap_or("promtool")
 }
 
 /// Runs `promtool check metrics` on an exposition. Any finding fails: promtool must print nothing and
@@ -1494,31 +1570,24 @@ pub fn assert_promtool_clean(promtool: &str, text: &str) {
 // ================================================================================================
 
 /// A private redis-server (Debian package `redis-server`, installed by `.ci/run`) on a free loopback
-/// port, with persistence off; killed on drop. `None` when the binary is absent outside CI (the caller
-/// skips with a message); in CI its absence fails the test.
+/// port, with persistence off; killed on drop. A test that starts one is
+/// `#[ignore = "needs redis-server ..."]`: without the binary it fails, saying so.
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
 }
 
 impl RedisServer {
-    pub fn start() -> Option<RedisServer> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "redis-server is missing; .ci/run installs it"
-            );
-            eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
-            return None;
-        }
+    pub fn start() -> RedisServer {
+        require(
+            "redis-server",
+            runs("redis-server", "--version"),
+            "apt-get install redis-server",
+        );
         let port = free_port();
         let mut server = RedisServer { child: None, port };
         server.spawn();
-        Some(server)
+        server
     }
 
     pub fn url(&self) -> String {
