@@ -36,7 +36,7 @@ fn rag_arm(name: &str, fail_every: Option<u64>) -> Scripted {
     let calls = Arc::new(AtomicU64::new(0));
     Scripted::start(name, move |_req, body| {
         let n = calls.fetch_add(1, Ordering::Relaxed) + 1;
-        if fail_every.is_some_and(|k| n % k == 0) {
+        if fail_every.is_some_and(|k| n.is_multiple_of(k)) {
             return Canned::json(&json!({"error": "model backend failed"}))
                 .status(StatusCode::INTERNAL_SERVER_ERROR);
         }

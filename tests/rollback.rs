@@ -48,7 +48,7 @@ impl RagArm {
                 .and_then(|q| TOPICS.iter().find(|t| q.contains(t.question)))
                 .unwrap_or(&TOPICS[0]);
             let mode = m.load(Ordering::Relaxed);
-            if mode == FAIL_10 && n % 10 == 0 {
+            if mode == FAIL_10 && n.is_multiple_of(10) {
                 return Canned::json(&json!({"error": "model backend failed"}))
                     .status(StatusCode::INTERNAL_SERVER_ERROR);
             }

@@ -112,7 +112,7 @@ impl Load {
 /// The `n`th request: a question of the knowledge base, or every [`WRITE_EVERY`]th a feedback write.
 fn request(proxy: &str, n: u64) -> Request<Bytes> {
     let topic = &TOPICS[(n as usize * 7) % TOPICS.len()];
-    let (path, body) = if n % WRITE_EVERY == 0 {
+    let (path, body) = if n.is_multiple_of(WRITE_EVERY) {
         (
             "/v1/feedback",
             serde_json::json!({"question": topic.question, "helpful": true}),

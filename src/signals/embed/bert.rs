@@ -80,7 +80,11 @@ impl Bert {
             "gelu_new" | "gelu_pytorch_tanh" => false,
             other => candle_core::bail!("hidden_act {other:?} is not supported (gelu, gelu_new)"),
         };
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
+        {
             candle_core::bail!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 config.hidden_size,
