@@ -50,7 +50,7 @@ fn rag_arm(name: &str, mode: Arc<AtomicU8>) -> Scripted {
             .and_then(|q| TOPICS.iter().find(|t| q.contains(t.question)))
             .unwrap_or(&TOPICS[0]);
         let m = mode.load(Ordering::Relaxed);
-        let mut canned = if m == FAIL_10 && n % 10 == 0 {
+        let mut canned = if m == FAIL_10 && n.is_multiple_of(10) {
             Canned::json(&json!({"error": "backend failed"}))
                 .status(StatusCode::INTERNAL_SERVER_ERROR)
         } else {
