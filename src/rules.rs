@@ -263,7 +263,11 @@ pub fn evaluate(
     if arm.requests < set.min_samples && duplicate_effects == 0 {
         return findings;
     }
+    let deferred = baseline.is_some_and(|base| probe_moved(set, arm, base));
     for &(rule, threshold) in &set.thresholds {
+        if deferred && matches!(rule, Rule::DeltaSP95Drift | Rule::DeltaSP50Drift) {
+            continue;
+        }
         if let Some(f) = evaluate_rule(set, rule, threshold, arm, baseline, duplicate_effects) {
             findings.push(f);
         }
@@ -377,6 +381,21 @@ fn evaluate_rule(
         baseline: Some(base_value),
         p_value: Some(p),
     })
+}
+
+/// Whether a probe whose own drift rules are on (threshold under 1) is significantly worse on the arm
+/// than on the baseline. The combined view (`delta_s_*`, the max of the probes) then defers to the
+/// probe's rules, so the trip names the probe and pulls its lever: on a small window the max's quantile
+/// can cross its threshold a tick before the probe's own does.
+fn probe_moved(set: &RuleSet, arm: &Summary, base: &Summary) -> bool {
+    let on = |rules: [Rule; 2]| rules.iter().any(|&r| set.threshold(r) < 1.0);
+    let worse = |a: &[(u64, u64)], b: &[(u64, u64)]| {
+        stats::mann_whitney_greater(a.iter().copied(), b.iter().copied()) < set.alpha
+    };
+    (on([Rule::RetrievalDriftP95, Rule::RetrievalDriftP50])
+        && worse(&arm.delta_s_qr, &base.delta_s_qr))
+        || (on([Rule::AnswerDriftP95, Rule::AnswerDriftP50])
+            && worse(&arm.delta_s_ra, &base.delta_s_ra))
 }
 
 /// A ΔS drift rule: quantile (p95 for the `*_p95` rules, else p50) of the arm − the baseline's over

@@ -517,3 +517,37 @@ fn bucket_quantiles_and_moments() {
     assert!((v - 0.32 / 3.0).abs() < 1e-9);
     assert_eq!(bucket_quantile(&[], 0.5), None);
 }
+
+/// The combined view defers to a probe that moved: an answer probe significantly worse (its own p95
+/// drift not yet over its threshold) keeps `delta_s_*` from naming the trip.
+#[test]
+fn the_combined_view_defers_to_a_probe_that_moved() {
+    let set = rule_set();
+    let base = Summary {
+        requests: 100,
+        evaluated: 100,
+        delta_s: vec![(3000, 100)],
+        delta_s_qr: vec![(3000, 100)],
+        delta_s_ra: vec![(2000, 100)],
+        ..Summary::default()
+    };
+    let arm = Summary {
+        delta_s: vec![(3000, 50), (6000, 50)],
+        delta_s_ra: vec![(2000, 50), (3000, 50)],
+        ..base.clone()
+    };
+    let rules = |set: &RuleSet| -> Vec<&str> {
+        evaluate(set, &arm, Some(&base), 0)
+            .iter()
+            .map(|f| f.rule)
+            .collect()
+    };
+    let found = rules(&set);
+    assert!(!found.iter().any(|r| r.starts_with("delta_s")), "{found:?}");
+    // With the answer probe's own rules off, the combined view judges again.
+    let mut config = config::Rules::default();
+    config.hard.insert("answer_drift_p95_over".into(), 1.0);
+    config.hard.insert("answer_drift_p50_over".into(), 1.0);
+    let found = rules(&RuleSet::new(&config));
+    assert!(found.iter().any(|r| r.starts_with("delta_s")), "{found:?}");
+}
