@@ -458,6 +458,7 @@ fn traffic(r: &Replica, rng: &mut fastrand::Rng, at: Instant, requests: u64) -> 
                     delta_s_ra: ra,
                     delta_s: qr.max(ra),
                     coverage: Some(clamp(0.8 + 0.1 * normal(rng))),
+                    retrieval_coverage: Some(clamp(0.8 + 0.1 * normal(rng))),
                     lambda,
                 },
             );

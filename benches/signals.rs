@@ -119,7 +119,11 @@ fn bench(c: &mut Criterion) {
         .gather(&request, false, &response, false, false);
     assert!(skip.is_none(), "the bench's exchange is skipped: {skip:?}");
     assert_eq!(extracted.chunks.len(), CHUNKS.len());
-    let scored = evaluator.score(&extracted).expect("hashed never fails");
+    // The arm's document frequencies for retrieval coverage, as the worker keeps one per arm.
+    let df = std::sync::Mutex::new(driftguard::signals::retrieval::DocFrequency::default());
+    let scored = evaluator
+        .score(&extracted, &df)
+        .expect("hashed never fails");
     eprintln!("sample evaluation: {scored:?}");
 
     // The proxy's side and one evaluation thread, as `app` builds them.
@@ -191,7 +195,9 @@ fn bench(c: &mut Criterion) {
                 false,
                 false,
             );
-            evaluator.score(&extracted).expect("hashed never fails")
+            evaluator
+                .score(&extracted, &df)
+                .expect("hashed never fails")
         })
     });
     group.finish();

@@ -15,8 +15,9 @@ pub mod rate;
 mod sessions;
 mod worker;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -26,6 +27,7 @@ use prometheus::{GaugeVec, IntCounter, IntCounterVec};
 use crate::capture::Capture;
 use crate::config::Signals as SignalsConfig;
 use crate::signals::extract::Skip;
+use crate::signals::retrieval::DocFrequency;
 use crate::signals::EvalError;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::otel::FollowUp;
@@ -53,6 +55,26 @@ impl Sample {
     /// Bytes of body copies this sample holds.
     fn bytes(&self) -> usize {
         self.response.len() + self.request.as_ref().map_or(0, Capture::len)
+    }
+}
+
+/// The document-frequency sketch of each arm's retrieved chunks (retrieval coverage weighs the
+/// question's tokens by it). One per arm name ever evaluated, 32 KiB each; kept across reloads, as the
+/// arms' windows are.
+#[derive(Default)]
+pub(crate) struct Frequencies {
+    arms: Mutex<HashMap<String, Arc<Mutex<DocFrequency>>>>,
+}
+
+impl Frequencies {
+    pub(crate) fn of(&self, arm: &str) -> Arc<Mutex<DocFrequency>> {
+        let mut arms = self.arms.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(df) = arms.get(arm) {
+            return df.clone();
+        }
+        let df = Arc::new(Mutex::new(DocFrequency::new()));
+        arms.insert(arm.to_string(), df.clone());
+        df
     }
 }
 
@@ -86,6 +108,7 @@ impl Pipeline {
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let busy = Arc::new(AtomicUsize::new(0));
         let sessions = Arc::new(Sessions::new(config.max_sessions, config.session_ttl.0));
+        let frequencies = Arc::new(Frequencies::default());
         let mut workers = Vec::with_capacity(config.workers);
         for i in 0..config.workers {
             let wakeup = Arc::new(Wakeup {
@@ -99,6 +122,7 @@ impl Pipeline {
                 wakeup: wakeup.clone(),
                 evaluator: evaluator.clone(),
                 sessions: sessions.clone(),
+                frequencies: frequencies.clone(),
                 skipped: metrics.eval_skipped.clone(),
                 errors: metrics.eval_errors.clone(),
             };

@@ -66,6 +66,9 @@ enum Command {
         /// Exit 1 when the mean coverage is below this.
         #[arg(long)]
         min_coverage: Option<f64>,
+        /// Exit 1 when the p95 of the retrieval probe ΔS(question, retrieved) is above this.
+        #[arg(long)]
+        max_retrieval_drift: Option<f64>,
         /// Per-item timeout, e.g. "30s".
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -303,6 +306,7 @@ fn main() -> ExitCode {
             json,
             max_delta_s,
             min_coverage,
+            max_retrieval_drift,
             timeout,
         } => {
             let args = eval::Args {
@@ -312,6 +316,7 @@ fn main() -> ExitCode {
                 limits: eval::Limits {
                     max_delta_s,
                     min_coverage,
+                    max_retrieval_drift,
                 },
                 timeout,
             };

@@ -17,6 +17,11 @@ use significance as stats;
 /// The hard rules of SPEC §6.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rule {
+    RetrievalDriftP95,
+    RetrievalDriftP50,
+    RetrievalCoverage,
+    AnswerDriftP95,
+    AnswerDriftP50,
     DeltaSP95Drift,
     DeltaSP50Drift,
     Coverage,
@@ -31,12 +36,19 @@ pub enum Rule {
 
 impl Rule {
     /// In the order they are judged: when several trip in one evaluation, the first names the trip
-    /// (and so the lever): the certain count rules first, then errors, quality, cost and latency.
-    pub const ALL: [Rule; 10] = [
+    /// (and so the lever): the certain count rules first, then errors, then quality — each probe's
+    /// rules before the combined view (`delta_s_*`, the max of the probes), so that a wrong retrieval
+    /// is named as one and pulls the retrieval lever — then cost and latency.
+    pub const ALL: [Rule; 15] = [
         Rule::PinMismatch,
         Rule::DuplicateEffects,
         Rule::ToolLoops,
         Rule::ErrorRate,
+        Rule::RetrievalDriftP95,
+        Rule::RetrievalDriftP50,
+        Rule::RetrievalCoverage,
+        Rule::AnswerDriftP95,
+        Rule::AnswerDriftP50,
         Rule::DeltaSP95Drift,
         Rule::DeltaSP50Drift,
         Rule::Coverage,
@@ -48,6 +60,11 @@ impl Rule {
     /// The rule's name: its config key without `_over` / `_under`.
     pub fn name(self) -> &'static str {
         match self {
+            Rule::RetrievalDriftP95 => "retrieval_drift_p95",
+            Rule::RetrievalDriftP50 => "retrieval_drift_p50",
+            Rule::RetrievalCoverage => "retrieval_coverage",
+            Rule::AnswerDriftP95 => "answer_drift_p95",
+            Rule::AnswerDriftP50 => "answer_drift_p50",
             Rule::DeltaSP95Drift => "delta_s_p95_drift",
             Rule::DeltaSP50Drift => "delta_s_p50_drift",
             Rule::Coverage => "coverage",
@@ -64,6 +81,11 @@ impl Rule {
     /// The `[rules.hard]` key.
     pub fn key(self) -> &'static str {
         match self {
+            Rule::RetrievalDriftP95 => "retrieval_drift_p95_over",
+            Rule::RetrievalDriftP50 => "retrieval_drift_p50_over",
+            Rule::RetrievalCoverage => "retrieval_coverage_under",
+            Rule::AnswerDriftP95 => "answer_drift_p95_over",
+            Rule::AnswerDriftP50 => "answer_drift_p50_over",
             Rule::DeltaSP95Drift => "delta_s_p95_drift_over",
             Rule::DeltaSP50Drift => "delta_s_p50_drift_over",
             Rule::Coverage => "coverage_under",
@@ -77,9 +99,12 @@ impl Rule {
         }
     }
 
-    /// The seed runbook's threshold.
+    /// The seed runbook's threshold; the per-probe ones measured on real text (README, "Probes").
     pub fn default_threshold(self) -> f64 {
         match self {
+            Rule::RetrievalDriftP95 | Rule::AnswerDriftP95 => 0.15,
+            Rule::RetrievalDriftP50 | Rule::AnswerDriftP50 => 0.08,
+            Rule::RetrievalCoverage => RETRIEVAL_COVERAGE_UNDER,
             Rule::DeltaSP95Drift => 0.15,
             Rule::DeltaSP50Drift => 0.10,
             Rule::Coverage => 0.60,
@@ -94,25 +119,53 @@ impl Rule {
     /// The seed's decision tree: which lever undoes what this rule detects.
     pub fn default_lever(self) -> Lever {
         match self {
-            Rule::DeltaSP95Drift
+            // Retriever wrong (its probe, its coverage, a mismatched index pin): alias the index back.
+            Rule::RetrievalDriftP95
+            | Rule::RetrievalDriftP50
+            | Rule::RetrievalCoverage
+            | Rule::PinMismatch => Lever::Alias,
+            Rule::AnswerDriftP95
+            | Rule::AnswerDriftP50
+            | Rule::DeltaSP95Drift
             | Rule::DeltaSP50Drift
             | Rule::Coverage
             | Rule::LambdaFlipRate
             | Rule::ToolLoops
             | Rule::ErrorRate => Lever::Route,
-            Rule::PinMismatch => Lever::Alias,
             Rule::P99LatencyRatio | Rule::RateLimited => Lever::Degrade,
             Rule::DuplicateEffects => Lever::None,
         }
     }
 
+    /// The ΔS probe (or the signal of one) the rule judges: `retrieval` (question → retrieved),
+    /// `answer` (retrieved → answer), `combined` (the max of both); `None` for the other rules. Named in
+    /// snapshots, trip reports and /status.
+    pub fn probe(self) -> Option<&'static str> {
+        match self {
+            Rule::RetrievalDriftP95 | Rule::RetrievalDriftP50 | Rule::RetrievalCoverage => {
+                Some("retrieval")
+            }
+            Rule::AnswerDriftP95 | Rule::AnswerDriftP50 | Rule::Coverage => Some("answer"),
+            Rule::DeltaSP95Drift | Rule::DeltaSP50Drift => Some("combined"),
+            _ => None,
+        }
+    }
+
     /// Rules computed from the evaluated signals (they need evaluated samples, not just requests).
     fn needs_signals(self) -> bool {
-        matches!(
-            self,
-            Rule::DeltaSP95Drift | Rule::DeltaSP50Drift | Rule::Coverage | Rule::LambdaFlipRate
-        )
+        self.probe().is_some() || self == Rule::LambdaFlipRate
     }
+}
+
+/// Default of `retrieval_coverage_under` (README, "Probes": the figures behind it).
+const RETRIEVAL_COVERAGE_UNDER: f64 = 0.45;
+
+/// The probe a rule named `rule` judges (see [`Rule::probe`]); `None` for other rules and manual trips.
+pub fn probe_of(rule: &str) -> Option<&'static str> {
+    Rule::ALL
+        .iter()
+        .find(|r| r.name() == rule)
+        .and_then(|r| r.probe())
 }
 
 /// The lever a rule pulls: `[rollback.levers]`, else the decision tree's, for the seed's rules; any
@@ -210,7 +263,11 @@ pub fn evaluate(
     if arm.requests < set.min_samples && duplicate_effects == 0 {
         return findings;
     }
+    let deferred = baseline.is_some_and(|base| probe_moved(set, arm, base));
     for &(rule, threshold) in &set.thresholds {
+        if deferred && matches!(rule, Rule::DeltaSP95Drift | Rule::DeltaSP50Drift) {
+            continue;
+        }
         if let Some(f) = evaluate_rule(set, rule, threshold, arm, baseline, duplicate_effects) {
             findings.push(f);
         }
@@ -258,31 +315,17 @@ fn evaluate_rule(
     // (observed, baseline value, breached, baseline breached as much, p-value of "arm worse").
     let (observed, base_value, breached, base_breached, p) = match rule {
         Rule::DeltaSP95Drift | Rule::DeltaSP50Drift => {
-            let q = if rule == Rule::DeltaSP95Drift {
-                0.95
-            } else {
-                0.5
-            };
-            let a = arm.delta_s_quantile(q)?;
-            let b = base.delta_s_quantile(q)?;
-            let drift = a - b;
-            if drift <= threshold {
-                return None;
-            }
-            let p = stats::mann_whitney_greater(
-                arm.delta_s.iter().copied(),
-                base.delta_s.iter().copied(),
-            );
-            (drift, b, true, false, p)
+            drift_rule(rule, threshold, &arm.delta_s, &base.delta_s)?
         }
-        Rule::Coverage => {
-            let (ma, va) = arm.coverage_moments()?;
-            let (mb, vb) = base.coverage_moments()?;
-            if ma >= threshold {
-                return None;
-            }
-            let p = stats::welch_less(ma, va, arm.coverage_n(), mb, vb, base.coverage_n());
-            (ma, mb, true, mb < threshold && mb <= ma, p)
+        Rule::RetrievalDriftP95 | Rule::RetrievalDriftP50 => {
+            drift_rule(rule, threshold, &arm.delta_s_qr, &base.delta_s_qr)?
+        }
+        Rule::AnswerDriftP95 | Rule::AnswerDriftP50 => {
+            drift_rule(rule, threshold, &arm.delta_s_ra, &base.delta_s_ra)?
+        }
+        Rule::Coverage => mean_under_rule(threshold, &arm.coverage, &base.coverage)?,
+        Rule::RetrievalCoverage => {
+            mean_under_rule(threshold, &arm.retrieval_coverage, &base.retrieval_coverage)?
         }
         Rule::LambdaFlipRate => share_rule(
             threshold,
@@ -338,6 +381,65 @@ fn evaluate_rule(
         baseline: Some(base_value),
         p_value: Some(p),
     })
+}
+
+/// Whether a probe whose own drift rules are on (threshold under 1) is significantly worse on the arm
+/// than on the baseline. The combined view (`delta_s_*`, the max of the probes) then defers to the
+/// probe's rules, so the trip names the probe and pulls its lever: on a small window the max's quantile
+/// can cross its threshold a tick before the probe's own does.
+fn probe_moved(set: &RuleSet, arm: &Summary, base: &Summary) -> bool {
+    let on = |rules: [Rule; 2]| rules.iter().any(|&r| set.threshold(r) < 1.0);
+    let worse = |a: &[(u64, u64)], b: &[(u64, u64)]| {
+        stats::mann_whitney_greater(a.iter().copied(), b.iter().copied()) < set.alpha
+    };
+    (on([Rule::RetrievalDriftP95, Rule::RetrievalDriftP50])
+        && worse(&arm.delta_s_qr, &base.delta_s_qr))
+        || (on([Rule::AnswerDriftP95, Rule::AnswerDriftP50])
+            && worse(&arm.delta_s_ra, &base.delta_s_ra))
+}
+
+/// A ΔS drift rule: quantile (p95 for the `*_p95` rules, else p50) of the arm − the baseline's over
+/// `threshold`, and the arm's distribution greater by Mann-Whitney U.
+fn drift_rule(
+    rule: Rule,
+    threshold: f64,
+    arm: &[(u64, u64)],
+    base: &[(u64, u64)],
+) -> Option<(f64, f64, bool, bool, f64)> {
+    let q = if matches!(
+        rule,
+        Rule::DeltaSP95Drift | Rule::RetrievalDriftP95 | Rule::AnswerDriftP95
+    ) {
+        0.95
+    } else {
+        0.5
+    };
+    let a = summary::bucket_quantile(arm, q)?;
+    let b = summary::bucket_quantile(base, q)?;
+    let drift = a - b;
+    if drift <= threshold {
+        return None;
+    }
+    let p = stats::mann_whitney_greater(arm.iter().copied(), base.iter().copied());
+    Some((drift, b, true, false, p))
+}
+
+/// A mean-under rule (coverage, retrieval coverage): the arm's window mean under `threshold` and lower
+/// than the baseline's by Welch's t; the baseline breaches as much when its mean is under the
+/// threshold and at most the arm's.
+fn mean_under_rule(
+    threshold: f64,
+    arm: &[(u64, u64)],
+    base: &[(u64, u64)],
+) -> Option<(f64, f64, bool, bool, f64)> {
+    let (ma, va) = summary::moments(arm)?;
+    let (mb, vb) = summary::moments(base)?;
+    if ma >= threshold {
+        return None;
+    }
+    let n = |h: &[(u64, u64)]| h.iter().map(|(_, c)| c).sum::<u64>();
+    let p = stats::welch_less(ma, va, n(arm), mb, vb, n(base));
+    Some((ma, mb, true, mb < threshold && mb <= ma, p))
 }
 
 /// A share rule (`x / n` over a threshold): the observed share, the baseline's, whether each breaches,

@@ -42,26 +42,34 @@ pub enum Hist {
     DeltaS,
     /// Evidence coverage, in [`SIGNAL_SCALE`] units.
     Coverage,
+    /// Retrieval coverage (IDF-weighted share of the question's tokens in the chunks), in
+    /// [`SIGNAL_SCALE`] units.
+    RetrievalCoverage,
 }
 
 /// Signals in [0, 1] are recorded as integers in units of 1/SIGNAL_SCALE.
 pub const SIGNAL_SCALE: f64 = 10_000.0;
 
 impl Hist {
-    pub const ALL: [Hist; 6] = [
+    pub const ALL: [Hist; 7] = [
         Hist::Latency,
         Hist::Ttfb,
         Hist::DeltaSQr,
         Hist::DeltaSRa,
         Hist::DeltaS,
         Hist::Coverage,
+        Hist::RetrievalCoverage,
     ];
 
     /// Largest recordable value: 2^32 µs ≈ 71 minutes for times, 2^14 > SIGNAL_SCALE for signals.
     const fn max_bits(self) -> u32 {
         match self {
             Hist::Latency | Hist::Ttfb => 32,
-            Hist::DeltaSQr | Hist::DeltaSRa | Hist::DeltaS | Hist::Coverage => 14,
+            Hist::DeltaSQr
+            | Hist::DeltaSRa
+            | Hist::DeltaS
+            | Hist::Coverage
+            | Hist::RetrievalCoverage => 14,
         }
     }
 

@@ -14,7 +14,12 @@ use common::*;
 use serde_json::Value;
 
 /// Rules that watch answer quality; the demo's canary must be caught by one of these.
-const QUALITY_RULES: [&str; 4] = [
+const QUALITY_RULES: [&str; 9] = [
+    "answer_drift_p95",
+    "answer_drift_p50",
+    "retrieval_drift_p95",
+    "retrieval_drift_p50",
+    "retrieval_coverage",
     "delta_s_p95_drift",
     "delta_s_p50_drift",
     "coverage",

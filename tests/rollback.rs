@@ -481,15 +481,17 @@ async fn an_off_topic_canary_trips_a_delta_s_rule() {
     let _serial = SERIAL.lock().await;
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", OFF_TOPIC);
-    // Only the ΔS rules judge: off-topic answers also lose coverage and flip λ.
+    // Only the combined ΔS rules judge: off-topic answers also lose coverage, flip λ and move the
+    // answer probe (whose own rules come first).
     let extra = format!(
-        "[rules.hard]\ncoverage_under = 0.0\nlambda_flip_rate_over = 1.0\np99_latency_ratio_over = 1000.0\n{SLOW_RECOVERY}"
+        "[rules.hard]\ncoverage_under = 0.0\nlambda_flip_rate_over = 1.0\np99_latency_ratio_over = 1000.0\nanswer_drift_p95_over = 1.0\nanswer_drift_p50_over = 1.0\n{SLOW_RECOVERY}"
     );
     let proxy = Proxy::start(&config(&baseline.url(), &canary.url(), &extra));
     let client = client();
     let tripped = load_until_tripped(&proxy, &client, 4, WAIT * 2).await;
     let rule = tripped["guard"]["last_trip"]["rule"].as_str().unwrap();
     assert!(rule.starts_with("delta_s_p"), "tripped by {rule}");
+    assert_eq!(tripped["guard"]["last_trip"]["probe"], "combined");
     assert_eq!(tripped["guard"]["last_trip"]["lever"], "route");
     assert_eq!(weight(&tripped, "canary"), 0);
 }
@@ -501,13 +503,14 @@ async fn an_ungrounded_canary_trips_the_coverage_rule() {
     let baseline = RagArm::start("baseline", GROUNDED);
     let canary = RagArm::start("canary", OFF_TOPIC);
     let extra = format!(
-        "[rules.hard]\ndelta_s_p95_drift_over = 1.0\ndelta_s_p50_drift_over = 1.0\nlambda_flip_rate_over = 1.0\np99_latency_ratio_over = 1000.0\n{SLOW_RECOVERY}"
+        "[rules.hard]\ndelta_s_p95_drift_over = 1.0\ndelta_s_p50_drift_over = 1.0\nlambda_flip_rate_over = 1.0\np99_latency_ratio_over = 1000.0\nanswer_drift_p95_over = 1.0\nanswer_drift_p50_over = 1.0\n{SLOW_RECOVERY}"
     );
     let proxy = Proxy::start(&config(&baseline.url(), &canary.url(), &extra));
     let client = client();
     let tripped = load_until_tripped(&proxy, &client, 4, WAIT * 2).await;
     let trip = &tripped["guard"]["last_trip"];
     assert_eq!(trip["rule"], "coverage", "{trip}");
+    assert_eq!(trip["probe"], "answer", "{trip}");
     assert!(trip["observed"].as_f64().unwrap() < 0.6);
     assert!(trip["baseline_value"].as_f64().unwrap() > 0.6);
     assert!(trip["p_value"].as_f64().unwrap() < 0.001);

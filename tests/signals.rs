@@ -21,7 +21,8 @@ use driftguard::signals::measure;
 use http::StatusCode;
 use serde_json::{json, Value};
 
-/// The signals the hashed embedder gives these texts: (qr, ra, max, coverage).
+/// The signals the hashed embedder gives these texts, on its calibrated scale as the workers record
+/// them: (qr, ra, max, coverage).
 fn hashed_signals(question: &str, chunks: &[&str], answer: &str) -> (f64, f64, f64, Option<f64>) {
     let mut texts = vec![question];
     texts.extend_from_slice(chunks);
@@ -29,7 +30,7 @@ fn hashed_signals(question: &str, chunks: &[&str], answer: &str) -> (f64, f64, f
     let vectors = Hashed.embed_batch(&texts).expect("hashed embedder");
     let (q, rest) = vectors.split_first().unwrap();
     let (a, c) = rest.split_last().unwrap();
-    let ds = measure::delta_s_probes(q, c, a);
+    let ds = measure::delta_s_probes(q, c, a).calibrated(|probe, raw| Hashed.calibrate(probe, raw));
     (ds.qr, ds.ra, ds.max, measure::coverage(answer, chunks))
 }
 

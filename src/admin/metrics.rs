@@ -79,6 +79,11 @@ fn table_families(metrics: &Metrics, table: &RoutingTable, window: Duration) -> 
         "Mean evidence coverage over the rule window.",
         &["arm"],
     );
+    let retrieval_coverage = gauge(
+        "retrieval_coverage_mean",
+        "Mean retrieval coverage (IDF-weighted share of the question's tokens in the chunks) over the rule window.",
+        &["arm"],
+    );
     let flips = gauge(
         "lambda_flip_rate",
         "(divergent + chaotic) / evaluated over the rule window.",
@@ -133,6 +138,12 @@ fn table_families(metrics: &Metrics, table: &RoutingTable, window: Duration) -> 
             ));
         }
         if let (Some(g), Some(v)) = (&coverage, stats.signal_mean(Hist::Coverage)) {
+            g.with_label_values(&[name]).set(v);
+        }
+        if let (Some(g), Some(v)) = (
+            &retrieval_coverage,
+            stats.signal_mean(Hist::RetrievalCoverage),
+        ) {
             g.with_label_values(&[name]).set(v);
         }
         if let (Some(g), Some(v)) = (&flips, stats.lambda_flip_rate()) {

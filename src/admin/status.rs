@@ -174,6 +174,8 @@ pub fn window(stats: &WindowStats) -> Value {
             "delta_s_qr": p50_p95(Hist::DeltaSQr),
             "delta_s_ra": p50_p95(Hist::DeltaSRa),
             "coverage_mean": stats.signal_mean(Hist::Coverage),
+            "retrieval_coverage_mean": stats.signal_mean(Hist::RetrievalCoverage),
+            "retrieval_coverage": p50_p95(Hist::RetrievalCoverage),
             "lambda_flip_rate": stats.lambda_flip_rate(),
             "tool_loops": stats.counter(Counter::ToolLoops),
             "tokens": {

@@ -5,6 +5,7 @@
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use crate::config::{Config, Signals as SignalsConfig};
 use crate::eval::Evaluator;
 use crate::net;
 use crate::signals::measure;
+use crate::signals::retrieval::DocFrequency;
 use crate::signals::EvalError;
 use crate::windows::LAMBDA_STATES;
 
@@ -66,6 +68,7 @@ pub struct ItemResult {
     pub delta_s_qr: Option<f64>,
     pub delta_s_ra: Option<f64>,
     pub coverage: Option<f64>,
+    pub retrieval_coverage: Option<f64>,
     pub lambda: Option<&'static str>,
 }
 
@@ -75,8 +78,16 @@ pub struct Totals {
     pub evaluated: usize,
     pub failed: usize,
     pub delta_s_mean: Option<f64>,
+    pub delta_s_p50: Option<f64>,
     pub delta_s_p95: Option<f64>,
+    /// The retrieval probe ΔS(question, retrieved).
+    pub delta_s_qr_p50: Option<f64>,
+    pub delta_s_qr_p95: Option<f64>,
+    /// The answer probe ΔS(retrieved, answer).
+    pub delta_s_ra_p50: Option<f64>,
+    pub delta_s_ra_p95: Option<f64>,
     pub coverage_mean: Option<f64>,
+    pub retrieval_coverage_mean: Option<f64>,
     pub lambda: std::collections::BTreeMap<&'static str, usize>,
 }
 
@@ -97,6 +108,8 @@ pub struct Limits {
     pub max_delta_s: Option<f64>,
     /// Smallest acceptable mean coverage.
     pub min_coverage: Option<f64>,
+    /// Largest acceptable p95 of the retrieval probe ΔS(question, retrieved).
+    pub max_retrieval_drift: Option<f64>,
 }
 
 /// Replays the gold file against `url` and scores every item.
@@ -137,6 +150,8 @@ pub fn run(
         .max_response(MAX_RESPONSE)
         .build();
     let client = net::Blocking::current_thread(client)?;
+    // One document-frequency sketch for the run: the items' chunks are the recent corpus.
+    let frequencies = Mutex::new(DocFrequency::new());
 
     let results: Vec<ItemResult> = items
         .into_iter()
@@ -147,7 +162,14 @@ pub fn run(
                 .unwrap_or_else(|| serde_json::json!({"question": item.question}));
             let request_bytes = Bytes::from(body.to_string());
             let fetched = fetch(&client, &uri, request_bytes.clone());
-            score_item(&evaluator, line, &item, &request_bytes, fetched)
+            score_item(
+                &evaluator,
+                &frequencies,
+                line,
+                &item,
+                &request_bytes,
+                fetched,
+            )
         })
         .collect();
     let totals = totals(&results);
@@ -161,6 +183,13 @@ pub fn run(
     if let (Some(max), Some(p95)) = (limits.max_delta_s, totals.delta_s_p95) {
         if p95 > max {
             breaches.push(format!("p95 ΔS {p95:.3} > --max-delta-s {max}"));
+        }
+    }
+    if let (Some(max), Some(p95)) = (limits.max_retrieval_drift, totals.delta_s_qr_p95) {
+        if p95 > max {
+            breaches.push(format!(
+                "p95 retrieval ΔS(question, retrieved) {p95:.3} > --max-retrieval-drift {max}"
+            ));
         }
     }
     if let (Some(min), Some(mean)) = (limits.min_coverage, totals.coverage_mean) {
@@ -259,6 +288,7 @@ fn fetch_error(e: &net::Error) -> String {
 
 fn score_item(
     evaluator: &Evaluator,
+    frequencies: &Mutex<DocFrequency>,
     line: usize,
     item: &GoldItem,
     request: &[u8],
@@ -273,6 +303,7 @@ fn score_item(
         delta_s_qr: None,
         delta_s_ra: None,
         coverage: None,
+        retrieval_coverage: None,
         lambda: None,
     };
     let (status, sse, body) = match fetched {
@@ -299,8 +330,9 @@ fn score_item(
         result.error = Some(format!("skipped: {}", skip.as_str()));
         return result;
     }
-    match evaluator.score(&extracted) {
+    match evaluator.score(&extracted, frequencies) {
         Ok(s) => {
+            result.retrieval_coverage = s.retrieval_coverage;
             result.delta_s = Some(s.delta_s);
             result.delta_s_qr = Some(s.delta_s_qr);
             result.delta_s_ra = Some(s.delta_s_ra);
@@ -316,7 +348,14 @@ fn score_item(
 fn totals(items: &[ItemResult]) -> Totals {
     let mut delta_s: Vec<f64> = items.iter().filter_map(|i| i.delta_s).collect();
     delta_s.sort_by(f64::total_cmp);
+    let sorted = |f: fn(&ItemResult) -> Option<f64>| {
+        let mut v: Vec<f64> = items.iter().filter_map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let (qr, ra) = (sorted(|i| i.delta_s_qr), sorted(|i| i.delta_s_ra));
     let coverage: Vec<f64> = items.iter().filter_map(|i| i.coverage).collect();
+    let retrieval_coverage: Vec<f64> = items.iter().filter_map(|i| i.retrieval_coverage).collect();
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     let mut lambda: std::collections::BTreeMap<&'static str, usize> =
         LAMBDA_STATES.iter().map(|&name| (name, 0)).collect();
@@ -328,8 +367,14 @@ fn totals(items: &[ItemResult]) -> Totals {
         evaluated: delta_s.len(),
         failed: items.iter().filter(|i| i.delta_s.is_none()).count(),
         delta_s_mean: mean(&delta_s),
+        delta_s_p50: nearest_rank(&delta_s, 0.5),
         delta_s_p95: nearest_rank(&delta_s, 0.95),
+        delta_s_qr_p50: nearest_rank(&qr, 0.5),
+        delta_s_qr_p95: nearest_rank(&qr, 0.95),
+        delta_s_ra_p50: nearest_rank(&ra, 0.5),
+        delta_s_ra_p95: nearest_rank(&ra, 0.95),
         coverage_mean: mean(&coverage),
+        retrieval_coverage_mean: mean(&retrieval_coverage),
         lambda,
     }
 }
@@ -356,8 +401,8 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "{:>5}  {:>6}  {:>6}  {:>6}  {:>6}  {:>8}  {:<10}  question",
-            "line", "status", "ΔS", "ΔS_qr", "ΔS_ra", "coverage", "λ"
+            "{:>5}  {:>6}  {:>6}  {:>6}  {:>6}  {:>8}  {:>8}  {:<10}  question",
+            "line", "status", "ΔS", "ΔS_qr", "ΔS_ra", "coverage", "ret_cov", "λ"
         );
         for i in &self.items {
             let question: String = i.question.chars().take(48).collect();
@@ -365,13 +410,14 @@ impl Report {
             let lambda = i.lambda.unwrap_or("-");
             let _ = write!(
                 out,
-                "{:>5}  {:>6}  {:>6}  {:>6}  {:>6}  {:>8}  {:<10}  {}",
+                "{:>5}  {:>6}  {:>6}  {:>6}  {:>6}  {:>8}  {:>8}  {:<10}  {}",
                 i.line,
                 status,
                 f(i.delta_s),
                 f(i.delta_s_qr),
                 f(i.delta_s_ra),
                 f(i.coverage),
+                f(i.retrieval_coverage),
                 lambda,
                 question
             );
@@ -392,6 +438,19 @@ impl Report {
             f(t.delta_s_mean),
             f(t.delta_s_p95),
             f(t.coverage_mean)
+        );
+        let _ = writeln!(
+            out,
+            "retrieval ΔS(question, retrieved) p50 {}  p95 {}  retrieval coverage mean {}",
+            f(t.delta_s_qr_p50),
+            f(t.delta_s_qr_p95),
+            f(t.retrieval_coverage_mean)
+        );
+        let _ = writeln!(
+            out,
+            "answer ΔS(retrieved, answer) p50 {}  p95 {}",
+            f(t.delta_s_ra_p50),
+            f(t.delta_s_ra_p95)
         );
         let lambda: Vec<String> = t.lambda.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(out, "λ: {}", lambda.join(", "));

@@ -145,8 +145,12 @@ fn guard_text(guard: &serde_json::Value) -> String {
     let mut out = format!("guard: {}", guard["state"].as_str().unwrap_or("?"));
     if let Some(trip) = guard["last_trip"].as_object() {
         let s = |k: &str| trip.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        let probe = match s("probe") {
+            "" => String::new(),
+            probe => format!(" (probe {probe})"),
+        };
         out.push_str(&format!(
-            "\nlast trip: rule {} on arm {} — lever {} ({})",
+            "\nlast trip: rule {}{probe} on arm {} — lever {} ({})",
             s("rule"),
             s("arm"),
             s("lever"),

@@ -61,6 +61,11 @@ impl Default for Rules {
 
 /// Rule keys of SPEC §6 accepted under `[rules.hard]`.
 pub const HARD_RULE_KEYS: &[&str] = &[
+    "retrieval_drift_p95_over",
+    "retrieval_drift_p50_over",
+    "retrieval_coverage_under",
+    "answer_drift_p95_over",
+    "answer_drift_p50_over",
     "delta_s_p95_drift_over",
     "delta_s_p50_drift_over",
     "coverage_under",

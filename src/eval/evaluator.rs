@@ -1,12 +1,14 @@
 //! What a worker (and `cmd eval`, on a gold set) runs per exchange: the extractor and the embedder the
-//! config asks for, swapped as a whole on reload, and the scoring of extracted pieces into ΔS and coverage.
+//! config asks for, swapped as a whole on reload, and the scoring of extracted pieces into ΔS (on the
+//! embedder's calibrated scale), coverage and retrieval coverage.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::config::{EmbedderKind, LocalEmbedder, Signals as SignalsConfig};
 use crate::signals::embed::Embedder;
 use crate::signals::extract::{Extracted, Extractor};
 use crate::signals::measure;
+use crate::signals::retrieval::{self, DocFrequency};
 use crate::signals::EvalError;
 
 /// What the workers need, swapped as a whole on reload.
@@ -53,11 +55,15 @@ pub struct Scored {
     pub delta_s_ra: f64,
     pub delta_s: f64,
     pub coverage: Option<f64>,
+    /// IDF-weighted share of the question's content tokens found in the chunks.
+    pub retrieval_coverage: Option<f64>,
 }
 
 impl Evaluator {
-    /// Embeds and measures extracted pieces. The anchor defaults to the answer.
-    pub fn score(&self, e: &Extracted) -> Result<Scored, EvalError> {
+    /// Embeds and measures extracted pieces. The anchor defaults to the answer. `df` is the document
+    /// frequency sketch of the arm the exchange went to (locked only while retrieval coverage is
+    /// measured, not while embedding).
+    pub fn score(&self, e: &Extracted, df: &Mutex<DocFrequency>) -> Result<Scored, EvalError> {
         let question = e.question.as_deref().unwrap_or_default();
         let answer = e.answer.as_deref().unwrap_or_default();
         let anchor = e.anchor.as_deref().unwrap_or(answer);
@@ -72,9 +78,15 @@ impl Evaluator {
         let (a, chunks) = rest.split_last().ok_or(EvalError::Setup(
             "the embedder returned too few vectors".into(),
         ))?;
-        let ds = measure::delta_s_probes(q, chunks, a);
+        let ds = measure::delta_s_probes(q, chunks, a)
+            .calibrated(|probe, raw| self.embedder.calibrate(probe, raw));
         let chunk_texts: Vec<&str> = e.chunks.iter().map(String::as_str).collect();
+        let retrieval_coverage = {
+            let mut df = df.lock().unwrap_or_else(|p| p.into_inner());
+            retrieval::retrieval_coverage(question, &chunk_texts, &mut df)
+        };
         Ok(Scored {
+            retrieval_coverage,
             delta_s_qr: ds.qr,
             delta_s_ra: ds.ra,
             delta_s: ds.max,

@@ -15,7 +15,7 @@ use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::Span;
 use prometheus::IntCounterVec;
 
-use super::{Evaluator, Sample, Sessions};
+use super::{Evaluator, Frequencies, Sample, Sessions};
 use crate::signals::measure::{self, ToolCall};
 use crate::signals::priority::lower_priority;
 use crate::telemetry::log::ACCESS;
@@ -39,6 +39,7 @@ pub(super) struct Worker {
     pub(super) wakeup: Arc<Wakeup>,
     pub(super) evaluator: Arc<ArcSwap<Evaluator>>,
     pub(super) sessions: Arc<Sessions>,
+    pub(super) frequencies: Arc<Frequencies>,
     pub(super) skipped: IntCounterVec,
     pub(super) errors: IntCounterVec,
 }
@@ -129,7 +130,8 @@ impl Worker {
             );
             return Err(skip.as_str());
         }
-        let scored = match evaluator.score(&extracted) {
+        let frequencies = self.frequencies.of(&sample.arm.name);
+        let scored = match evaluator.score(&extracted, &frequencies) {
             Ok(s) => s,
             Err(e) => {
                 self.errors.with_label_values(&["embedder"]).inc();
@@ -148,6 +150,7 @@ impl Worker {
             delta_s_ra: scored.delta_s_ra,
             delta_s: scored.delta_s,
             coverage: scored.coverage,
+            retrieval_coverage: scored.retrieval_coverage,
             lambda: lambda.index(),
         };
         sample.arm.evaluated(sample.at, &evaluation);
@@ -161,6 +164,7 @@ impl Worker {
             delta_s_ra = evaluation.delta_s_ra,
             band = measure::band(evaluation.delta_s).as_str(),
             coverage = evaluation.coverage,
+            retrieval_coverage = evaluation.retrieval_coverage,
             lambda = LAMBDA_STATES[evaluation.lambda],
             tool_loop,
             prompt_tokens = extracted.prompt_tokens,
@@ -181,6 +185,9 @@ impl Worker {
             ]);
             if let Some(coverage) = evaluation.coverage {
                 span.set_attribute(KeyValue::new("driftguard.coverage", coverage));
+            }
+            if let Some(c) = evaluation.retrieval_coverage {
+                span.set_attribute(KeyValue::new("driftguard.retrieval_coverage", c));
             }
         }
         Ok(())

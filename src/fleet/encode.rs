@@ -1,6 +1,6 @@
 //! A window [`Summary`] as the sparse, additive fields the fleet adds up in Redis, and back. Counters are
-//! plain fields; each histogram bucket is one field named by its scaled value (`d:` ΔS, `c:` coverage,
-//! `l:` latency µs). Only what the rules read travels, and histograms travel coarser than the windows
+//! plain fields; each histogram bucket is one field named by its scaled value (`d:` ΔS, `q:` and `a:`
+//! its retrieval and answer probes, `c:` coverage, `r:` retrieval coverage, `l:` latency µs). Only what the rules read travels, and histograms travel coarser than the windows
 //! keep them ([`FLEET_SIG_BITS`]): the merged reply's size follows the number of coarse buckets the
 //! values span, which a few thousand samples fill, so it stops growing with the fleet's traffic.
 
@@ -28,7 +28,10 @@ pub fn fields(s: &Summary) -> BTreeMap<String, u64> {
     }
     for (prefix, buckets, max) in [
         ("d", &s.delta_s, SIGNAL_SCALE as u64),
+        ("q", &s.delta_s_qr, SIGNAL_SCALE as u64),
+        ("a", &s.delta_s_ra, SIGNAL_SCALE as u64),
         ("c", &s.coverage, SIGNAL_SCALE as u64),
+        ("r", &s.retrieval_coverage, SIGNAL_SCALE as u64),
         ("l", &s.latency, u64::MAX),
     ] {
         for (value, n) in buckets.iter().filter(|(_, n)| *n > 0) {
@@ -88,7 +91,10 @@ pub fn summaries(flat: &[String], window: Duration) -> HashMap<String, Summary> 
                 };
                 match prefix {
                     "d" => s.delta_s.push((value, n)),
+                    "q" => s.delta_s_qr.push((value, n)),
+                    "a" => s.delta_s_ra.push((value, n)),
                     "c" => s.coverage.push((value, n)),
+                    "r" => s.retrieval_coverage.push((value, n)),
                     "l" => s.latency.push((value, n)),
                     _ => {}
                 }
@@ -96,7 +102,14 @@ pub fn summaries(flat: &[String], window: Duration) -> HashMap<String, Summary> 
         }
     }
     for s in out.values_mut() {
-        for buckets in [&mut s.delta_s, &mut s.coverage, &mut s.latency] {
+        for buckets in [
+            &mut s.delta_s,
+            &mut s.delta_s_qr,
+            &mut s.delta_s_ra,
+            &mut s.coverage,
+            &mut s.retrieval_coverage,
+            &mut s.latency,
+        ] {
             buckets.sort_unstable();
         }
         s.latency_p50_us = quantile(&s.latency, 0.5);
@@ -179,6 +192,38 @@ mod tests {
         );
         let top = fields(&summary(1, 0, &[(10_000, 1)], &[]));
         assert_eq!(top.get("d:10000"), Some(&1), "{top:?}");
+    }
+
+    #[test]
+    fn every_signal_histogram_travels() {
+        let h = |base: u64| vec![(base, 2), (base + 3000, 1)];
+        let s = Summary {
+            requests: 3,
+            evaluated: 3,
+            delta_s: h(4000),
+            delta_s_qr: h(3000),
+            delta_s_ra: h(2000),
+            coverage: h(6000),
+            retrieval_coverage: h(5000),
+            latency: vec![(800, 3)],
+            ..Summary::default()
+        };
+        let flat: Vec<String> = fields(&s)
+            .iter()
+            .flat_map(|(f, n)| [format!("a|{f}"), n.to_string()])
+            .collect();
+        let back = &summaries(&flat, Duration::from_secs(60))["a"];
+        let coarse = |v: &[(u64, u64)]| -> Vec<(u64, u64)> {
+            v.iter()
+                .map(|(x, n)| (coarse_midpoint(*x, FLEET_SIG_BITS), *n))
+                .collect()
+        };
+        assert_eq!(back.delta_s, coarse(&s.delta_s));
+        assert_eq!(back.delta_s_qr, coarse(&s.delta_s_qr));
+        assert_eq!(back.delta_s_ra, coarse(&s.delta_s_ra));
+        assert_eq!(back.coverage, coarse(&s.coverage));
+        assert_eq!(back.retrieval_coverage, coarse(&s.retrieval_coverage));
+        assert_eq!(back.latency, coarse(&s.latency));
     }
 
     #[test]

@@ -407,6 +407,7 @@ impl Engine {
         let finding = request.finding.as_ref();
         let mut trip = Trip {
             rule: request.rule.clone(),
+            probe: rules::probe_of(&request.rule).map(String::from),
             arm: arm.clone(),
             observed: finding.map(|f| f.observed),
             threshold: finding.map(|f| f.threshold),
@@ -457,6 +458,7 @@ impl Engine {
             .clear();
         tracing::warn!(
             rule = trip.rule.as_str(),
+            probe = trip.probe.as_deref(),
             arm = trip.arm.as_str(),
             observed = trip.observed,
             threshold = trip.threshold,

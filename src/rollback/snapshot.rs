@@ -10,7 +10,7 @@ use crate::rollback::state::{RuntimeState, Trip};
 use crate::rules::Summary;
 use crate::serve::router::RoutingTable;
 
-/// The snapshot of SPEC §6: time, rule, observed value and threshold, every arm's pins and window,
+/// The snapshot of SPEC §6: time, rule (and the probe it judges), observed value and threshold, every arm's pins and window,
 /// the config hash, and the last ΔS and coverage samples.
 pub fn snapshot_json(
     event: &str,
@@ -44,6 +44,7 @@ pub fn snapshot_json(
         "event": event,
         "time_ms": now_ms(),
         "rule": trip.rule,
+        "probe": trip.probe,
         "arm": trip.arm,
         "observed": trip.observed,
         "threshold": trip.threshold,

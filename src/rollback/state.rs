@@ -82,6 +82,8 @@ pub struct GuardRecord {
 #[serde(default)]
 pub struct Trip {
     pub rule: String,
+    /// The ΔS probe the rule judges — `retrieval`, `answer` or `combined` — when it judges one.
+    pub probe: Option<String>,
     pub arm: String,
     /// Observed value and threshold of the rule (`null` for a manual trip).
     pub observed: Option<f64>,

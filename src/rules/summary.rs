@@ -22,8 +22,14 @@ pub struct Summary {
     pub lambda_flips: u64,
     /// ΔS (max probe) as (value × 10 000, count), ascending.
     pub delta_s: Vec<(u64, u64)>,
+    /// The retrieval probe ΔS(question, retrieved) as (value × 10 000, count), ascending.
+    pub delta_s_qr: Vec<(u64, u64)>,
+    /// The answer probe ΔS(retrieved, answer) as (value × 10 000, count), ascending.
+    pub delta_s_ra: Vec<(u64, u64)>,
     /// Coverage as (value × 10 000, count), ascending.
     pub coverage: Vec<(u64, u64)>,
+    /// Retrieval coverage as (value × 10 000, count), ascending.
+    pub retrieval_coverage: Vec<(u64, u64)>,
     pub latency_p50_us: Option<u64>,
     pub latency_p95_us: Option<u64>,
     pub latency_p99_us: Option<u64>,
@@ -44,7 +50,10 @@ impl Summary {
             evaluated: w.counter(Counter::Evaluated),
             lambda_flips: w.counter(Counter::LambdaDivergent) + w.counter(Counter::LambdaChaotic),
             delta_s: w.hist(Hist::DeltaS).buckets().collect(),
+            delta_s_qr: w.hist(Hist::DeltaSQr).buckets().collect(),
+            delta_s_ra: w.hist(Hist::DeltaSRa).buckets().collect(),
             coverage: w.hist(Hist::Coverage).buckets().collect(),
+            retrieval_coverage: w.hist(Hist::RetrievalCoverage).buckets().collect(),
             latency_p50_us: latency.quantile(0.5),
             latency_p95_us: latency.quantile(0.95),
             latency_p99_us: latency.quantile(0.99),
@@ -77,6 +86,15 @@ impl Summary {
             .sum()
     }
 
+    pub fn retrieval_coverage_n(&self) -> u64 {
+        self.retrieval_coverage.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Mean and sample variance of retrieval coverage, in [0, 1] units.
+    pub fn retrieval_coverage_moments(&self) -> Option<(f64, f64)> {
+        moments(&self.retrieval_coverage)
+    }
+
     pub fn coverage_n(&self) -> u64 {
         self.coverage.iter().map(|(_, n)| n).sum()
     }
@@ -100,7 +118,12 @@ impl Summary {
             "lambda_flip_rate": (self.evaluated > 0).then(|| self.lambda_flip_rate()),
             "delta_s_p50": self.delta_s_quantile(0.5),
             "delta_s_p95": self.delta_s_quantile(0.95),
+            "retrieval_delta_s_p50": bucket_quantile(&self.delta_s_qr, 0.5),
+            "retrieval_delta_s_p95": bucket_quantile(&self.delta_s_qr, 0.95),
+            "answer_delta_s_p50": bucket_quantile(&self.delta_s_ra, 0.5),
+            "answer_delta_s_p95": bucket_quantile(&self.delta_s_ra, 0.95),
             "coverage_mean": self.coverage_moments().map(|(m, _)| m),
+            "retrieval_coverage_mean": self.retrieval_coverage_moments().map(|(m, _)| m),
             "latency_ms": {
                 "p50": ms(self.latency_p50_us),
                 "p95": ms(self.latency_p95_us),

@@ -17,6 +17,7 @@ mod words;
 
 use std::time::Duration;
 
+pub use super::measure::Probe;
 pub use hashed::{features, Hashed, DIMS};
 pub(crate) use hashed::{hash_bytes, mix};
 pub(crate) use words::{low_bytes, Word, Words};
@@ -48,6 +49,14 @@ pub trait Embedder: Send + Sync {
 
     /// One vector per text, in the order of `texts`. Remote embedders send them as one batch.
     fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError>;
+
+    /// ΔS of `probe` on this embedder's scale → ΔS on the scale SPEC §3's bands are written for
+    /// (a semantic embedder's). Monotone, 0 → 0, 1 → 1. Identity unless the embedder says otherwise;
+    /// `hashed` maps its lexical scores (see [`Hashed`]).
+    fn calibrate(&self, probe: Probe, raw: f64) -> f64 {
+        let _ = probe;
+        raw
+    }
 
     /// The vector of one text.
     fn embed(&self, text: &str) -> Result<Vec<f32>, EmbedError> {

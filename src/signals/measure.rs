@@ -35,6 +35,38 @@ pub struct DeltaS {
     pub max: f64,
 }
 
+/// The two ΔS probes, as rules, lever defaults, snapshots and reports name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Probe {
+    /// ΔS(question, retrieved): did retrieval fetch what was asked? (`qr`)
+    Retrieval,
+    /// ΔS(retrieved, answer): does the answer stay on the retrieved evidence? (`ra`)
+    Answer,
+}
+
+impl Probe {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Probe::Retrieval => "retrieval",
+            Probe::Answer => "answer",
+        }
+    }
+}
+
+impl DeltaS {
+    /// The probes mapped by `calibrate` (an embedder's [`super::embed::Embedder::calibrate`]), the
+    /// max taken again.
+    pub fn calibrated(self, calibrate: impl Fn(Probe, f64) -> f64) -> DeltaS {
+        let qr = calibrate(Probe::Retrieval, self.qr).clamp(0.0, 1.0);
+        let ra = calibrate(Probe::Answer, self.ra).clamp(0.0, 1.0);
+        DeltaS {
+            qr,
+            ra,
+            max: qr.max(ra),
+        }
+    }
+}
+
 /// The ΔS probes from the question, chunk and anchor embeddings. No chunks → C is zero → both probes
 /// are 1.0.
 pub fn delta_s_probes(question: &[f32], chunks: &[Vec<f32>], anchor: &[f32]) -> DeltaS {

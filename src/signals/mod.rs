@@ -4,12 +4,14 @@
 //! [`extract`] finds the question, chunks and answer in the bodies, [`usage`] reads the token usage
 //! (for extraction and for the budget in `guards`), [`embed`] turns text into vectors (`hashed` built in,
 //! `openai` for a remote endpoint, `local` for a model run in process), [`measure`] holds the SPEC
-//! definitions, and [`priority`] is the CPU priority all signal work runs at.
+//! definitions, [`retrieval`] the IDF-weighted retrieval coverage and its bounded document-frequency
+//! sketch, and [`priority`] is the CPU priority all signal work runs at.
 
 pub mod embed;
 pub mod extract;
 pub mod measure;
 pub mod priority;
+pub mod retrieval;
 pub mod usage;
 
 use std::sync::Arc;

@@ -225,6 +225,13 @@ impl Metrics {
             SIGNAL_BUCKETS,
             &["arm"],
         );
+        let retrieval_coverage = histogram_vec(
+            &r,
+            "retrieval_coverage",
+            "IDF-weighted share of the question's content tokens found in the retrieved chunks.",
+            SIGNAL_BUCKETS,
+            &["arm"],
+        );
         let lambda = counter_vec(
             &r,
             "lambda_total",
@@ -256,6 +263,7 @@ impl Metrics {
             pin_mismatch,
             delta_s: delta_s.clone(),
             coverage,
+            retrieval_coverage,
             lambda,
             tool_loops,
             tokens,
@@ -482,6 +490,7 @@ struct PromMirrors {
     pin_mismatch: IntCounterVec,
     delta_s: HistogramVec,
     coverage: HistogramVec,
+    retrieval_coverage: HistogramVec,
     lambda: IntCounterVec,
     tool_loops: IntCounterVec,
     tokens: IntCounterVec,
@@ -498,6 +507,7 @@ impl Mirrors for PromMirrors {
             pin_mismatch: self.pin_mismatch.clone(),
             delta_s: PROBES.map(|(_, probe)| self.delta_s.with_label_values(&[name, probe])),
             coverage: self.coverage.with_label_values(&[name]),
+            retrieval_coverage: self.retrieval_coverage.with_label_values(&[name]),
             lambda: LAMBDA_STATES.map(|state| self.lambda.with_label_values(&[name, state])),
             tool_loops: self.tool_loops.with_label_values(&[name]),
             tokens: ["prompt", "completion"].map(|k| self.tokens.with_label_values(&[name, k])),
@@ -517,6 +527,7 @@ struct PromMirror {
     pin_mismatch: IntCounterVec,
     delta_s: [Histogram; 3],
     coverage: Histogram,
+    retrieval_coverage: Histogram,
     lambda: [IntCounter; 4],
     tool_loops: IntCounter,
     tokens: [IntCounter; 2],
@@ -547,6 +558,9 @@ impl Mirror for PromMirror {
         }
         if let Some(c) = e.coverage {
             self.coverage.observe(c);
+        }
+        if let Some(c) = e.retrieval_coverage {
+            self.retrieval_coverage.observe(c);
         }
         if let Some(c) = self.lambda.get(e.lambda) {
             c.inc();

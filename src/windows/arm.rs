@@ -16,6 +16,7 @@ pub struct Evaluation {
     pub delta_s_ra: f64,
     pub delta_s: f64,
     pub coverage: Option<f64>,
+    pub retrieval_coverage: Option<f64>,
     pub lambda: usize,
 }
 
@@ -134,6 +135,9 @@ impl ArmStats {
         }
         if let Some(c) = e.coverage {
             w.record(at, Hist::Coverage, Hist::scaled(c));
+        }
+        if let Some(c) = e.retrieval_coverage {
+            w.record(at, Hist::RetrievalCoverage, Hist::scaled(c));
         }
         if let Some(counter) = Counter::LAMBDA.get(e.lambda) {
             w.count(at, *counter, 1);

@@ -88,7 +88,11 @@ pub(super) fn progress_line(
 /// "0.5123 < threshold 0.60 (baseline 0.93)".
 pub(super) fn observed_text(t: &Trip) -> String {
     let num = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
-    let side = if t.rule == "coverage" { "<" } else { ">" };
+    let side = if t.rule.ends_with("coverage") {
+        "<"
+    } else {
+        ">"
+    };
     let mut s = format!(
         "{} {side} threshold {}",
         num(t.observed),
@@ -101,7 +105,12 @@ pub(super) fn observed_text(t: &Trip) -> String {
 }
 
 /// The rules that watch answer quality (the others watch errors, latency, pins, tools, writes).
-pub const QUALITY_RULES: [&str; 4] = [
+pub const QUALITY_RULES: [&str; 9] = [
+    "answer_drift_p95",
+    "answer_drift_p50",
+    "retrieval_drift_p95",
+    "retrieval_drift_p50",
+    "retrieval_coverage",
     "delta_s_p95_drift",
     "delta_s_p50_drift",
     "coverage",
