@@ -265,7 +265,13 @@ pub fn evaluate(
     }
     let deferred = baseline.is_some_and(|base| probe_moved(set, arm, base));
     for &(rule, threshold) in &set.thresholds {
-        if deferred && matches!(rule, Rule::DeltaSP95Drift | Rule::DeltaSP50Drift) {
+        // λ follows the combined ΔS series too: it defers alike.
+        if deferred
+            && matches!(
+                rule,
+                Rule::DeltaSP95Drift | Rule::DeltaSP50Drift | Rule::LambdaFlipRate
+            )
+        {
             continue;
         }
         if let Some(f) = evaluate_rule(set, rule, threshold, arm, baseline, duplicate_effects) {
@@ -383,14 +389,22 @@ fn evaluate_rule(
     })
 }
 
+/// The level at which a probe counts as moved for [`probe_moved`].
+const PROBE_MOVED_ALPHA: f64 = 0.05;
+
 /// Whether a probe whose own drift rules are on (threshold under 1) is significantly worse on the arm
-/// than on the baseline. The combined view (`delta_s_*`, the max of the probes) then defers to the
+/// than on the baseline. The combined view (`delta_s_*`, the max of the probes, and the λ flip rate,
+/// which follows the series of that max) then defers to the
 /// probe's rules, so the trip names the probe and pulls its lever: on a small window the max's quantile
 /// can cross its threshold a tick before the probe's own does.
+///
+/// "Worse" here is a shift at [`PROBE_MOVED_ALPHA`], looser than the rules' own confidence: the
+/// combined view must not trip a tick before a probe that is on its way there (the probe's rule still
+/// needs the full confidence to trip), and the combined view still judges when neither probe moved.
 fn probe_moved(set: &RuleSet, arm: &Summary, base: &Summary) -> bool {
     let on = |rules: [Rule; 2]| rules.iter().any(|&r| set.threshold(r) < 1.0);
     let worse = |a: &[(u64, u64)], b: &[(u64, u64)]| {
-        stats::mann_whitney_greater(a.iter().copied(), b.iter().copied()) < set.alpha
+        stats::mann_whitney_greater(a.iter().copied(), b.iter().copied()) < PROBE_MOVED_ALPHA
     };
     (on([Rule::RetrievalDriftP95, Rule::RetrievalDriftP50])
         && worse(&arm.delta_s_qr, &base.delta_s_qr))
