@@ -5,6 +5,7 @@
 use serde::Deserialize;
 
 use super::dur::{secs, Dur};
+use super::tls::Trust;
 use super::{err, ConfigError};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -19,6 +20,9 @@ pub struct Upstream {
     pub pool_max_idle: usize,
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout: Dur,
+    /// What its TLS connections trust (https arms: `[tls] ca_file`); filled in by `Config::parse`.
+    #[serde(skip)]
+    pub trust: Trust,
 }
 
 impl Default for Upstream {
@@ -30,6 +34,7 @@ impl Default for Upstream {
             // Below the 5 s keep-alive of uvicorn and Node, so a pooled connection is dropped here
             // before the upstream closes it under a request in flight.
             pool_idle_timeout: secs(4),
+            trust: Trust::default(),
         }
     }
 }
@@ -45,14 +50,30 @@ impl Upstream {
     }
 }
 
-/// Parses an upstream base URL into its authority (`host:port`); only plain `http://` is supported.
+/// An arm's upstream as the pool dials it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamUrl {
+    /// `host:port` (the scheme's default port when the URL names none).
+    pub authority: http::uri::Authority,
+    /// `https://`: TLS, with the host as the server name.
+    pub tls: bool,
+}
+
+/// Parses an upstream base URL into its authority (`host:port`); `http://` or `https://`.
 pub fn parse_upstream(url: &str) -> Result<http::uri::Authority, String> {
+    parse_upstream_url(url).map(|u| u.authority)
+}
+
+/// Parses an upstream base URL, `http://host[:port]` or `https://host[:port]`, without a path.
+pub fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(format!("{url:?}: only http:// upstreams are supported"));
-    }
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(format!("{url:?}: an http:// or https:// URL is required")),
+    };
     if uri
         .path_and_query()
         .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
@@ -63,10 +84,11 @@ pub fn parse_upstream(url: &str) -> Result<http::uri::Authority, String> {
         .authority()
         .cloned()
         .ok_or_else(|| format!("{url:?} has no host"))?;
-    if authority.port_u16().is_none() {
-        return format!("{}:80", authority.host())
+    let authority = match authority.port_u16() {
+        Some(_) => authority,
+        None => format!("{}:{}", authority.host(), if tls { 443 } else { 80 })
             .parse()
-            .map_err(|e| format!("{url:?}: {e}"));
-    }
-    Ok(authority)
+            .map_err(|e| format!("{url:?}: {e}"))?,
+    };
+    Ok(UpstreamUrl { authority, tls })
 }
