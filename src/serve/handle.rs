@@ -350,6 +350,8 @@ async fn send(
                 ProxyError::ClientClosed
             } else if e.is_timeout() {
                 ProxyError::UpstreamTimeout
+            } else if e.is_tls() {
+                ProxyError::UpstreamTls
             } else {
                 ProxyError::UpstreamUnreachable
             };
