@@ -188,12 +188,14 @@ pub fn describe(error: &(dyn std::error::Error + 'static)) -> Option<String> {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return Some(word(tls));
         }
-        if let Some(tls) = e
+        // An io::Error's `source` skips the error it wraps: look into it (connectors wrap twice).
+        if let Some(inner) = e
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         {
-            return Some(word(tls));
+            if let Some(reason) = describe(inner) {
+                return Some(reason);
+            }
         }
         next = e.source();
     }
