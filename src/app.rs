@@ -191,10 +191,19 @@ impl App {
             false => Some(Arc::new(Fence::open(writes, &config.state_dir, &metrics)?)),
         };
         // A tracing setup that cannot work is said once; traffic goes on untraced.
-        let otel = crate::telemetry::otel::Otel::from_env(&metrics).unwrap_or_else(|e| {
-            tracing::error!(error = %e, "OpenTelemetry tracing off");
-            None
+        let otel_roots = crate::net::Roots::load(&crate::config::Trust::resolve(
+            &config.tls.ca_file,
+            "",
+        ))
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "OpenTelemetry: [tls] ca_file unusable; the platform's roots only");
+            crate::net::Roots::platform()
         });
+        let otel =
+            crate::telemetry::otel::Otel::from_env(&metrics, otel_roots).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "OpenTelemetry tracing off");
+                None
+            });
         let config_hash = Arc::new(ArcSwap::from_pointee(loaded.hash));
         let started_ms = crate::clock::now_ms();
         let fleet = match &config.fleet {

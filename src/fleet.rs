@@ -44,6 +44,8 @@ pub enum FleetError {
     },
     #[error("fleet state from Redis is not valid: {0}")]
     Corrupt(String),
+    #[error("fleet.redis_url: {0}")]
+    Tls(#[from] crate::net::tls::TlsError),
 }
 
 /// What one interval's sync brought back.
@@ -120,7 +122,11 @@ type SyncReply = (u64, u64, String, Vec<String>, Vec<String>);
 
 impl Fleet {
     pub fn new(config: &config::Fleet, metrics: &Metrics) -> Result<Fleet, FleetError> {
-        let client = redis::Client::open(config.redis_url.as_str()).map_err(FleetError::Url)?;
+        // `rediss://`: a certificate that does not verify stops the start (see `net::tls::verify_redis`).
+        let roots = crate::net::Roots::load(&config.trust)?;
+        crate::net::tls::verify_redis("fleet.redis_url", &config.redis_url, &roots)?;
+        let client =
+            crate::net::tls::redis_client(&config.redis_url, &roots).map_err(FleetError::Url)?;
         let scope = if config.scope.is_empty() {
             "_"
         } else {

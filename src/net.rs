@@ -1,20 +1,24 @@
 //! The one outgoing HTTP client of every caller that is not the proxy: the admin CLI, the gold-set audit,
 //! the openai embedder, the webhook hooks, the OTLP exporter and the demo's load. One place owns the
-//! timeout, the pooling, the response cap and the error wording, so TLS (later) plugs in here once.
+//! timeout, the pooling, the response cap and the error wording, and TLS (`tls`: rustls, the
+//! platform's roots plus `[tls] ca_file`), so every caller speaks `http://` and `https://` alike.
 //!
-//! Plain `http://` only for now. Blocking callers wrap a [`Client`] in a [`Blocking`] runtime.
+//! Blocking callers wrap a [`Client`] in a [`Blocking`] runtime.
 
 mod blocking;
+pub mod tls;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 pub use blocking::Blocking;
+pub use tls::Roots;
 
 /// Largest response body read when the builder does not say.
 pub const DEFAULT_MAX_RESPONSE: usize = 16 << 20;
@@ -24,8 +28,10 @@ pub const DEFAULT_MAX_RESPONSE: usize = 16 << 20;
 pub enum Error {
     #[error("{url:?} is not a URL: {reason}")]
     Url { url: String, reason: String },
-    #[error("{url:?}: only http:// is supported (no TLS client is built in)")]
+    #[error("{url:?}: an http:// or https:// URL is required")]
     Scheme { url: String },
+    #[error("TLS with {host}: {reason}")]
+    Tls { host: String, reason: String },
     #[error("cannot build the request: {0}")]
     Build(#[from] http::Error),
     #[error("cannot reach {host}: {cause}")]
@@ -42,20 +48,20 @@ pub enum Error {
     ShuttingDown,
 }
 
-/// Parses `url` as a URL this client can call (today: `http://` only).
+/// Parses `url` as a URL this client can call: `http://` or `https://`.
 pub fn url(url: &str) -> Result<Uri, Error> {
     let uri: Uri = url.parse().map_err(|e: http::uri::InvalidUri| Error::Url {
         url: url.to_string(),
         reason: e.to_string(),
     })?;
     match uri.scheme_str() {
-        Some("http") => Ok(uri),
+        Some("http" | "https") => Ok(uri),
         Some(_) => Err(Error::Scheme {
             url: url.to_string(),
         }),
         None => Err(Error::Url {
             url: url.to_string(),
-            reason: "no scheme (expected http://)".into(),
+            reason: "no scheme (expected http:// or https://)".into(),
         }),
     }
 }
@@ -78,9 +84,16 @@ pub struct Builder {
     nodelay: bool,
     pool_idle_per_host: Option<usize>,
     read: Read,
+    roots: Option<Roots>,
 }
 
 impl Builder {
+    /// What `https://` answers must be signed by; without it, the platform's roots only.
+    pub fn roots(mut self, roots: Roots) -> Self {
+        self.roots = Some(roots);
+        self
+    }
+
     /// The connect phase alone gives up after `timeout` (the overall timeout still applies).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = Some(timeout);
@@ -117,6 +130,13 @@ impl Builder {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(self.connect_timeout);
         connector.set_nodelay(self.nodelay);
+        connector.enforce_http(false);
+        let roots = self.roots.unwrap_or_else(Roots::platform);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*roots.client_config(&[])).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let mut builder = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
         if let Some(idle) = self.pool_idle_per_host {
             builder.pool_max_idle_per_host(idle);
@@ -129,10 +149,11 @@ impl Builder {
     }
 }
 
-/// A pooled HTTP/1 client; cheap to clone (clones share the pool). Must be used within a tokio runtime.
+/// A pooled HTTP/1 client, over TLS for `https://`; cheap to clone (clones share the pool). Must be used
+/// within a tokio runtime.
 #[derive(Debug, Clone)]
 pub struct Client {
-    inner: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
+    inner: hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
     read: Read,
 }
@@ -146,6 +167,7 @@ impl Client {
             nodelay: false,
             pool_idle_per_host: None,
             read: Read::Whole(DEFAULT_MAX_RESPONSE),
+            roots: None,
         }
     }
 
@@ -190,9 +212,15 @@ impl Client {
             .inner
             .request(Request::from_parts(parts, Full::new(body)))
             .await
-            .map_err(|e| Error::Connect {
-                host: host.to_string(),
-                cause: crate::error::chain(&e),
+            .map_err(|e| match tls::describe(&e) {
+                Some(reason) => Error::Tls {
+                    host: host.to_string(),
+                    reason,
+                },
+                None => Error::Connect {
+                    host: host.to_string(),
+                    cause: crate::error::chain(&e),
+                },
             })?;
         let (parts, body) = response.into_parts();
         let body = match self.read {
@@ -236,7 +264,8 @@ mod tests {
     #[test]
     fn urls_are_checked() {
         assert!(url("http://127.0.0.1:9901/status").is_ok());
-        assert!(matches!(url("https://x"), Err(Error::Scheme { .. })));
+        assert!(url("https://x").is_ok());
+        assert!(matches!(url("ftp://x"), Err(Error::Scheme { .. })));
         assert!(matches!(url("not a url"), Err(Error::Url { .. })));
         assert!(matches!(url("/status"), Err(Error::Url { .. })));
     }

@@ -54,6 +54,8 @@ fn hook(name: &str, kind: HookKind) -> Hook {
             HookEvent::Recovered,
             HookEvent::Escalated,
         ],
+        ca_file: String::new(),
+        trust: Default::default(),
     }
 }
 

@@ -4,6 +4,7 @@
 use serde::Deserialize;
 
 use super::dur::{millis, Dur};
+use super::tls::Trust;
 use super::{err, ConfigError};
 
 /// Where the budget's state lives.
@@ -37,7 +38,8 @@ pub struct Budget {
     pub default_completion_tokens: u64,
     /// "local" (per process) or "redis" (shared by every replica using the same `redis_url` and key).
     pub backend: BudgetBackend,
-    /// The Redis server of `backend = "redis"`, e.g. "redis://127.0.0.1:6379" or "redis://:pw@host/2".
+    /// The Redis server of `backend = "redis"`, e.g. "redis://127.0.0.1:6379", "redis://:pw@host/2", or
+    /// "rediss://host:6380" over TLS.
     pub redis_url: String,
     /// The Redis key holding the shared budget; replicas that share a budget use the same key.
     pub redis_key: String,
@@ -48,6 +50,9 @@ pub struct Budget {
     /// Most request-body bytes read ahead to find `max_tokens` and estimate the prompt; a longer body
     /// is estimated from its Content-Length and streamed on.
     pub peek_bytes: usize,
+    /// What its TLS connections trust (`rediss://`: `[tls] ca_file`); filled in by `Config::parse`.
+    #[serde(skip)]
+    pub trust: Trust,
 }
 
 impl Default for Budget {
@@ -58,6 +63,7 @@ impl Default for Budget {
             default_completion_tokens: 256,
             backend: BudgetBackend::Local,
             redis_url: "redis://127.0.0.1:6379".into(),
+            trust: Trust::default(),
             redis_key: "driftguard:budget".into(),
             redis_timeout: millis(50),
             on_backend_error: OnBackendError::Open,

@@ -5,6 +5,7 @@
 use serde::Deserialize;
 
 use super::dur::{millis, Dur};
+use super::tls::Trust;
 use super::{err, ConfigError};
 
 /// What judging does while Redis is unreachable or slower than `redis_timeout`.
@@ -20,7 +21,7 @@ pub enum FleetOnError {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fleet {
-    /// The Redis server the replicas share, e.g. "redis://127.0.0.1:6379".
+    /// The Redis server the replicas share, e.g. "redis://127.0.0.1:6379" (`rediss://` for TLS).
     pub redis_url: String,
     /// Prefix of every fleet key: one fleet is one service.
     pub key: String,
@@ -32,6 +33,9 @@ pub struct Fleet {
     pub on_backend_error: FleetOnError,
     /// Longest wait for one Redis call; slower counts as a backend error.
     pub redis_timeout: Dur,
+    /// What its TLS connections trust (`rediss://`: `[tls] ca_file`); filled in by `Config::parse`.
+    #[serde(skip)]
+    pub trust: Trust,
 }
 
 impl Default for Fleet {
@@ -43,6 +47,7 @@ impl Default for Fleet {
             scope: String::new(),
             on_backend_error: FleetOnError::Local,
             redis_timeout: millis(200),
+            trust: Trust::default(),
         }
     }
 }

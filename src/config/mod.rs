@@ -21,6 +21,7 @@ mod routing;
 mod rules;
 mod runtime;
 mod signals;
+mod tls;
 mod upstream;
 mod writes;
 
@@ -48,7 +49,8 @@ pub use rules::{
 };
 pub use runtime::Runtime;
 pub use signals::{pointer_problem, EmbedderKind, LocalEmbedder, OpenAiEmbedder, Signals};
-pub use upstream::{parse_upstream, redact_userinfo, Upstream};
+pub use tls::{Tls, Trust};
+pub use upstream::{parse_upstream, parse_upstream_url, redact_userinfo, Upstream, UpstreamUrl};
 pub use writes::{parse_write_route, ReceiptStore, Writes};
 
 /// One configuration problem, located by its key path (`arms[1].upstream`, `rules.window`).
@@ -133,6 +135,8 @@ pub struct Config {
     pub log: Log,
     /// Replicas sharing windows and verdicts; off unless the `[fleet]` table is present.
     pub fleet: Option<Fleet>,
+    /// `[tls]`: what outgoing TLS connections trust on top of the platform's roots.
+    pub tls: Tls,
 }
 
 impl Default for Config {
@@ -157,6 +161,7 @@ impl Default for Config {
             recovery: Recovery::default(),
             log: Log::default(),
             fleet: None,
+            tls: Tls::default(),
         }
     }
 }
@@ -211,14 +216,33 @@ impl Config {
                 }
             }
         };
-        let Some(config) = config else {
+        let Some(mut config) = config else {
             return Err(ConfigErrors(errors));
         };
+        config.resolve_trust();
         errors.extend(config.validate());
         if errors.is_empty() {
             Ok(config)
         } else {
             Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Hands `[tls] ca_file`, with a target's own `ca_file`, to every section that makes TLS connections.
+    pub fn resolve_trust(&mut self) {
+        let global = self.tls.ca_file.as_str();
+        self.upstream.trust = Trust::resolve(global, "");
+        let openai = &mut self.signals.openai;
+        openai.trust = Trust::resolve(global, &openai.ca_file);
+        for hook in &mut self.rollback.hooks {
+            hook.trust = Trust::resolve(global, &hook.ca_file);
+        }
+        if let Some(budget) = &mut self.budget {
+            budget.trust = Trust::resolve(global, "");
+        }
+        self.writes.trust = Trust::resolve(global, "");
+        if let Some(fleet) = &mut self.fleet {
+            fleet.trust = Trust::resolve(global, "");
         }
     }
 
@@ -249,6 +273,7 @@ impl Config {
         self.writes.validate(&mut errors);
         self.rules.validate(&mut errors);
         self.rollback.validate(&mut errors);
+        self.tls.validate(&mut errors);
         ranges::check(self, &mut errors);
         errors
     }

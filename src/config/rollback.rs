@@ -8,6 +8,7 @@ use serde::Deserialize;
 use super::arms::check_pins;
 use super::dur::{secs, Dur};
 use super::rules::{rule_name, HARD_RULE_KEYS};
+use super::tls::Trust;
 use super::{err, ConfigError};
 
 /// What the `lever` step pulls.
@@ -125,6 +126,12 @@ pub struct Hook {
     /// The transitions that fire the hook.
     #[serde(default = "default_hook_events")]
     pub on: Vec<HookEvent>,
+    /// PEM bundle of CAs this webhook's https receiver may be signed by, on top of `[tls] ca_file`.
+    #[serde(default)]
+    pub ca_file: String,
+    /// What its TLS connections trust: `[tls] ca_file` and this hook's `ca_file`; filled in by `Config::parse`.
+    #[serde(skip)]
+    pub trust: Trust,
 }
 
 fn default_hook_timeout() -> Dur {
@@ -170,13 +177,17 @@ impl Rollback {
                 HookKind::Exec if hook.command.is_empty() => {
                     errors.push(err(at("command"), "required for kind = \"exec\""))
                 }
-                // Hooks call a local agent or an in-cluster service; the client speaks plain HTTP.
-                HookKind::Webhook if !hook.url.starts_with("http://") => errors.push(err(
-                    at("url"),
-                    "an http:// URL is required for kind = \"webhook\" (https is not supported; use an in-cluster http endpoint)",
-                )),
+                HookKind::Webhook
+                    if !(hook.url.starts_with("http://") || hook.url.starts_with("https://")) =>
+                {
+                    errors.push(err(
+                        at("url"),
+                        "an http:// or https:// URL is required for kind = \"webhook\"",
+                    ))
+                }
                 _ => {}
             }
+            super::tls::check_ca_file(&at("ca_file"), &hook.ca_file, errors);
         }
     }
 }

@@ -5,6 +5,7 @@
 use serde::Deserialize;
 
 use super::dur::{secs, Dur};
+use super::tls::Trust;
 use super::{err, ConfigError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -96,7 +97,7 @@ impl Default for Signals {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OpenAiEmbedder {
-    /// `/v1/embeddings` endpoint, plain http.
+    /// `/v1/embeddings` endpoint, `http://` or `https://`.
     pub url: String,
     /// The `model` field sent with each request.
     pub model: String,
@@ -106,6 +107,11 @@ pub struct OpenAiEmbedder {
     pub api_key_env: String,
     /// Embeddings cached by text hash.
     pub cache_entries: usize,
+    /// PEM bundle of CAs the https endpoint may be signed by, on top of `[tls] ca_file`.
+    pub ca_file: String,
+    /// What its TLS connections trust (`[tls] ca_file` and `ca_file`); filled in by `Config::parse`.
+    #[serde(skip)]
+    pub trust: Trust,
 }
 
 impl Default for OpenAiEmbedder {
@@ -116,6 +122,8 @@ impl Default for OpenAiEmbedder {
             timeout: secs(2),
             api_key_env: String::new(),
             cache_entries: 10_000,
+            ca_file: String::new(),
+            trust: Trust::default(),
         }
     }
 }
@@ -165,9 +173,15 @@ impl Signals {
                 ));
             }
         }
-        if s.embedder == EmbedderKind::Openai && !s.openai.url.starts_with("http://") {
-            errors.push(err("signals.openai.url", "an http:// URL is required for embedder = \"openai\" (https is not supported; use a local endpoint or a TLS-terminating sidecar)"));
+        if s.embedder == EmbedderKind::Openai
+            && !(s.openai.url.starts_with("http://") || s.openai.url.starts_with("https://"))
+        {
+            errors.push(err(
+                "signals.openai.url",
+                "an http:// or https:// URL is required for embedder = \"openai\"",
+            ));
         }
+        super::tls::check_ca_file("signals.openai.ca_file", &s.openai.ca_file, errors);
         if !(s.max_evals_per_sec.is_finite() && s.max_evals_per_sec >= 0.0) {
             errors.push(err(
                 "signals.max_evals_per_sec",

@@ -147,7 +147,11 @@ fn upstream_authority_defaults_port_80() {
         parse_upstream("http://127.0.0.1:8000/").unwrap().as_str(),
         "127.0.0.1:8000"
     );
-    assert!(parse_upstream("https://example.com").is_err());
+    assert_eq!(
+        parse_upstream("https://example.com").unwrap().as_str(),
+        "example.com:443"
+    );
+    assert!(parse_upstream("ftp://example.com").is_err());
 }
 
 #[test]

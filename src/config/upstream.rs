@@ -5,6 +5,7 @@
 use serde::Deserialize;
 
 use super::dur::{secs, Dur};
+use super::tls::Trust;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -21,6 +22,9 @@ pub struct Upstream {
     /// How long a response body may go without a byte from the upstream once its head arrived: past it
     /// the response is cut off and counted as an upstream timeout of the arm.
     pub body_idle_timeout: Dur,
+    /// What its TLS connections trust (https arms: `[tls] ca_file`); filled in by `Config::parse`.
+    #[serde(skip)]
+    pub trust: Trust,
 }
 
 impl Default for Upstream {
@@ -34,21 +38,38 @@ impl Default for Upstream {
             pool_idle_timeout: secs(4),
             // Above the gaps a model leaves between streamed tokens or SSE keep-alives.
             body_idle_timeout: secs(60),
+            trust: Trust::default(),
         }
     }
 }
 
-/// Parses an upstream base URL into its authority (`host:port`); only plain `http://` is supported.
+/// An arm's upstream as the pool dials it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamUrl {
+    /// `host:port` (the scheme's default port when the URL names none).
+    pub authority: http::uri::Authority,
+    /// `https://`: TLS, with the host as the server name.
+    pub tls: bool,
+}
+
+/// Parses an upstream base URL into its authority (`host:port`); `http://` or `https://`.
+pub fn parse_upstream(url: &str) -> Result<http::uri::Authority, String> {
+    parse_upstream_url(url).map(|u| u.authority)
+}
+
+/// Parses an upstream base URL, `http://host[:port]` or `https://host[:port]`, without a path.
 /// Credentials in the URL (`http://user:pass@host`) are refused: the proxy would not send them, and an
 /// URL that holds them ends up in error bodies, logs and `/status`. Errors show the URL redacted.
-pub fn parse_upstream(url: &str) -> Result<http::uri::Authority, String> {
+pub fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, String> {
     let shown = redact_userinfo(url);
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("{shown:?} is not a URL: {e}"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(format!("{shown:?}: only http:// upstreams are supported"));
-    }
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(format!("{shown:?}: an http:// or https:// URL is required")),
+    };
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
         return Err(format!(
             "{shown:?}: credentials in an upstream URL (user:password@) are not supported; \
@@ -65,12 +86,13 @@ pub fn parse_upstream(url: &str) -> Result<http::uri::Authority, String> {
         .authority()
         .cloned()
         .ok_or_else(|| format!("{shown:?} has no host"))?;
-    if authority.port_u16().is_none() {
-        return format!("{}:80", authority.host())
+    let authority = match authority.port_u16() {
+        Some(_) => authority,
+        None => format!("{}:{}", authority.host(), if tls { 443 } else { 80 })
             .parse()
-            .map_err(|e| format!("{shown:?}: {e}"));
-    }
-    Ok(authority)
+            .map_err(|e| format!("{shown:?}: {e}"))?,
+    };
+    Ok(UpstreamUrl { authority, tls })
 }
 
 /// `url` with the userinfo of its authority (`user:pass@`) replaced by `***@`, for messages and logs.

@@ -4,6 +4,7 @@
 use serde::Deserialize;
 
 use super::dur::{secs, Dur};
+use super::tls::Trust;
 use super::{err, ConfigError};
 
 /// Where idempotency receipts live.
@@ -36,13 +37,16 @@ pub struct Writes {
     pub ttl: Dur,
     /// Receipt store: "embedded" (default) or "redis". Restart-only.
     pub store: ReceiptStore,
-    /// Redis for `store = "redis"`. Restart-only.
+    /// Redis for `store = "redis"` (`rediss://` for TLS). Restart-only.
     pub redis_url: String,
     /// Largest request body of a fenced write (it is read whole to be hashed); above it: 413.
     pub max_body_bytes: usize,
     /// Largest response body a receipt keeps; a longer one still reaches the first client, and its
     /// replays carry status and headers with an empty body (`idempotent-replay-body: omitted`).
     pub receipt_body_max: usize,
+    /// What its TLS connections trust (`rediss://`: `[tls] ca_file`); filled in by `Config::parse`.
+    #[serde(skip)]
+    pub trust: Trust,
 }
 
 impl Default for Writes {
@@ -56,6 +60,7 @@ impl Default for Writes {
             ttl: secs(48 * 3600),
             store: ReceiptStore::Embedded,
             redis_url: "redis://127.0.0.1:6379".into(),
+            trust: Trust::default(),
             max_body_bytes: 1 << 20,
             receipt_body_max: 1 << 20,
         }
@@ -82,7 +87,7 @@ impl Writes {
             if let Err(e) = redis::Client::open(w.redis_url.as_str()) {
                 errors.push(err(
                     "writes.redis_url",
-                    format!("{:?} is not a redis:// URL: {e}", w.redis_url),
+                    format!("{:?} is not a redis:// or rediss:// URL: {e}", w.redis_url),
                 ));
             }
         }

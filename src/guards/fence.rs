@@ -112,6 +112,8 @@ pub enum FenceError {
     Task(String),
     #[error("receipt store: unreadable receipt at {0}")]
     Unreadable(String),
+    #[error("writes.redis_url: {0}")]
+    Tls(#[from] crate::net::tls::TlsError),
 }
 
 use crate::clock::now_ms;
@@ -180,7 +182,7 @@ impl Fence {
             ReceiptStore::Embedded => {
                 Store::Embedded(Arc::new(Embedded::open(&state_dir.join(EMBEDDED_FILE))?))
             }
-            ReceiptStore::Redis => Store::Redis(RedisStore::new(&writes.redis_url)?),
+            ReceiptStore::Redis => Store::Redis(RedisStore::new(&writes.redis_url, &writes.trust)?),
         };
         Ok(Fence {
             store,

@@ -100,7 +100,6 @@ pub struct HookRunner {
 struct Inner {
     hooks: Vec<Hook>,
     runs: IntCounterVec,
-    client: net::Client,
 }
 
 impl HookRunner {
@@ -112,19 +111,8 @@ impl HookRunner {
                 runs.with_label_values(&[hook.name.as_str(), outcome.as_str()]);
             }
         }
-        // Hooks fire minutes apart: a pooled connection would mostly be one the receiver has already
-        // closed, costing a failed attempt. Every attempt opens its own. Each attempt is bounded by
-        // its hook's timeout (`send_within`); only a refusal's body is read, for the log.
-        let client = net::Client::builder(DEFAULT_ATTEMPT_TIMEOUT)
-            .no_pool()
-            .failure_body_only(RESPONSE_LIMIT)
-            .build();
         HookRunner {
-            inner: Arc::new(Inner {
-                hooks,
-                runs,
-                client,
-            }),
+            inner: Arc::new(Inner { hooks, runs }),
         }
     }
 
@@ -216,6 +204,18 @@ impl Inner {
             Ok(uri) => uri,
             Err(e) => return Report::new(HookOutcome::Failed, 0, format!("url: {e}")),
         };
+        let roots = match net::Roots::load(&hook.trust) {
+            Ok(roots) => roots,
+            Err(e) => return Report::new(HookOutcome::Failed, 0, e.to_string()),
+        };
+        // Hooks fire minutes apart: a pooled connection would mostly be one the receiver has already
+        // closed, costing a failed attempt. Every attempt opens its own. Each attempt is bounded by
+        // its hook's timeout (`send_within`); only a refusal's body is read, for the log.
+        let client = net::Client::builder(DEFAULT_ATTEMPT_TIMEOUT)
+            .no_pool()
+            .failure_body_only(RESPONSE_LIMIT)
+            .roots(roots)
+            .build();
         let signature = signature(hook, &body);
         let timeout = hook.timeout.0;
         let mut last = Report::new(HookOutcome::Failed, 0, String::new());
@@ -241,7 +241,7 @@ impl Inner {
                     return Report::new(HookOutcome::Failed, attempt, format!("request: {e}"))
                 }
             };
-            let (outcome, detail) = match self.client.send_within(request, timeout).await {
+            let (outcome, detail) = match client.send_within(request, timeout).await {
                 Ok(response) if response.status().is_success() => {
                     let status = response.status();
                     return Report::new(HookOutcome::Ok, attempt + 1, format!("HTTP {status}"));

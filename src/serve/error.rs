@@ -26,6 +26,9 @@ pub enum ProxyError {
     UpstreamUnreachable,
     /// Upstream did not connect or answer in time: 504.
     UpstreamTimeout,
+    /// The TLS handshake with an https upstream failed (certificate, protocol): 502, counted as an
+    /// upstream error like an unreachable one.
+    UpstreamTls,
     /// Strict pins: the client's pins differ: 409.
     PinMismatch,
     /// No arm has a weight above 0: 503.
@@ -63,7 +66,7 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    pub const ALL: [ProxyError; 17] = [
+    pub const ALL: [ProxyError; 18] = [
         ProxyError::ClientClosed,
         ProxyError::WritesFrozen,
         ProxyError::BreakerOpen,
@@ -71,6 +74,7 @@ impl ProxyError {
         ProxyError::BudgetUnavailable,
         ProxyError::UpstreamUnreachable,
         ProxyError::UpstreamTimeout,
+        ProxyError::UpstreamTls,
         ProxyError::PinMismatch,
         ProxyError::NoUpstream,
         ProxyError::IdempotencyKeyRequired,
@@ -88,6 +92,7 @@ impl ProxyError {
         match self {
             ProxyError::UpstreamUnreachable => "upstream_unreachable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::UpstreamTls => "upstream_tls",
             ProxyError::PinMismatch => "pin_mismatch",
             ProxyError::NoUpstream => "no_upstream",
             ProxyError::ClientClosed => "client_closed",
@@ -109,7 +114,7 @@ impl ProxyError {
     /// The status the client gets.
     pub fn status(self) -> StatusCode {
         match self {
-            ProxyError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnreachable | ProxyError::UpstreamTls => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::PinMismatch => StatusCode::CONFLICT,
             ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
@@ -158,7 +163,10 @@ pub fn error_response(
     message: &str,
     start: Instant,
 ) -> Response<ProxyBody> {
-    if let (Some(arm), ProxyError::UpstreamUnreachable | ProxyError::UpstreamTimeout) = (arm, kind)
+    if let (
+        Some(arm),
+        ProxyError::UpstreamUnreachable | ProxyError::UpstreamTimeout | ProxyError::UpstreamTls,
+    ) = (arm, kind)
     {
         arm.stats
             .upstream_error(Instant::now(), kind == ProxyError::UpstreamTimeout);

@@ -409,6 +409,7 @@ async fn send(
             let kind = match client {
                 Some((kind, _)) => kind,
                 None if e.is_timeout() => ProxyError::UpstreamTimeout,
+                None if e.is_tls() => ProxyError::UpstreamTls,
                 None => ProxyError::UpstreamUnreachable,
             };
             Err((kind, message))

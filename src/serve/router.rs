@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::uri::Authority;
 use http::{HeaderName, HeaderValue};
 
-use crate::config::{parse_upstream, Config};
+use crate::config::{parse_upstream_url, Config};
 use crate::eval::rate::EvalRate;
 use crate::guards::breaker::{Breaker, BreakerSettings, HasBreaker};
 use crate::guards::budget::BudgetPeek;
@@ -183,7 +183,8 @@ impl RoutingTable {
                 arm: a.name.clone(),
                 message,
             };
-            let authority = parse_upstream(&a.upstream).map_err(invalid)?;
+            let target = parse_upstream_url(&a.upstream).map_err(invalid)?;
+            let authority = target.authority.clone();
             let mut pin_map = pins::resolve(&config.pins, &a.pins, env);
             if let Some(put_back) = overrides.pins.and_then(|p| p.get(&a.name)) {
                 pin_map.extend(put_back.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -200,7 +201,7 @@ impl RoutingTable {
                     .map_err(|e| invalid(e.to_string()))?,
                 host_header: HeaderValue::from_str(authority.as_str())
                     .map_err(|e| invalid(e.to_string()))?,
-                pool: pools.get(&authority),
+                pool: pools.get(&target),
                 breaker: breakers.get(&a.name, breaker),
                 name: a.name.clone(),
                 // Shown in error bodies, logs and /status: never with credentials.

@@ -4,19 +4,26 @@
 //! taken for one exchange and given back when the response body has been read to its end, so a
 //! connection is never shared by two exchanges and a half-read one is never reused. The stack is
 //! guarded by a mutex held for a push or a pop only; with one runtime thread it is never contended.
+//!
+//! An `https://` upstream is dialled through `net::tls` (SNI from the URL's host, ALPN h2 and
+//! http/1.1). When the server picks h2, the pool keeps that one multiplexed connection and every
+//! exchange opens a stream on it; otherwise its TLS connections are pooled like plain ones. A failed
+//! handshake is [`UpstreamError::Tls`], with the host and the reason.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::uri::Authority;
-use http::{Request, Response};
+use http::{header, Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2, TrySendError};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
-use crate::config::Upstream as UpstreamConfig;
+use crate::config::{Upstream as UpstreamConfig, UpstreamUrl};
+use crate::net::{self, tls};
 use crate::serve::body::RequestBody;
 
 /// Why an exchange with the upstream failed before a response head arrived.
@@ -31,6 +38,8 @@ pub enum UpstreamError {
     ConnectTimeout { addr: String, timeout: Duration },
     #[error("{addr}: {detail}")]
     Exchange { addr: String, detail: hyper::Error },
+    #[error("TLS with {addr}: {reason}")]
+    Tls { addr: String, reason: String },
 }
 
 impl UpstreamError {
@@ -43,8 +52,15 @@ impl UpstreamError {
     pub fn is_connect(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. }
+            UpstreamError::Connect { .. }
+                | UpstreamError::ConnectTimeout { .. }
+                | UpstreamError::Tls { .. }
         )
+    }
+
+    /// Whether the TLS handshake failed (certificate, protocol): a 502 `upstream_tls`.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, UpstreamError::Tls { .. })
     }
 
     /// Whether the client's request body failed (the client went away mid-upload): not the upstream's
@@ -54,20 +70,29 @@ impl UpstreamError {
     }
 }
 
-/// Pool settings, from `[upstream]`.
+/// Pool settings, from `[upstream]` (and `[tls]` for https upstreams).
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
+    /// Bounds the TCP connect and, for https, the TLS handshake together.
     pub connect_timeout: Duration,
     pub max_idle: usize,
     pub idle_timeout: Duration,
+    /// What https upstreams are trusted through, offering h2 and http/1.1.
+    pub tls: Arc<rustls::ClientConfig>,
 }
 
 impl From<&UpstreamConfig> for PoolSettings {
     fn from(c: &UpstreamConfig) -> Self {
+        // `check` already refused an unusable ca_file; a file broken since is said and skipped.
+        let roots = net::Roots::load(&c.trust).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "https upstreams: the platform's roots only");
+            net::Roots::platform()
+        });
         PoolSettings {
             connect_timeout: c.connect_timeout.0,
             max_idle: c.pool_max_idle,
             idle_timeout: c.pool_idle_timeout.0,
+            tls: roots.client_config(tls::ALPN_H2_HTTP1),
         }
     }
 }
@@ -75,7 +100,7 @@ impl From<&UpstreamConfig> for PoolSettings {
 /// The pools of all upstreams, by address; a reload that keeps an address keeps its pool.
 pub struct Pools {
     settings: PoolSettings,
-    pools: Mutex<HashMap<Authority, Arc<Pool>>>,
+    pools: Mutex<HashMap<UpstreamUrl, Arc<Pool>>>,
 }
 
 impl Pools {
@@ -86,31 +111,77 @@ impl Pools {
         }
     }
 
-    pub fn get(&self, authority: &Authority) -> Arc<Pool> {
+    pub fn get(&self, upstream: &UpstreamUrl) -> Arc<Pool> {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         pools
-            .entry(authority.clone())
+            .entry(upstream.clone())
             .or_insert_with(|| {
                 Arc::new(Pool {
-                    addr: authority.as_str().to_string(),
+                    addr: upstream.authority.as_str().to_string(),
+                    tls: upstream.tls.then(|| upstream.authority.host().to_string()),
                     settings: self.settings.clone(),
                     idle: Mutex::new(Vec::new()),
+                    h2: Mutex::new(None),
                 })
             })
             .clone()
     }
 }
 
+/// One connection's request sender: HTTP/1.1 (one exchange at a time) or h2 (multiplexed).
+enum Sender {
+    H1(http1::SendRequest<RequestBody>),
+    H2(http2::SendRequest<RequestBody>),
+}
+
+impl Sender {
+    async fn ready(&mut self) -> Result<(), hyper::Error> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
+
+    /// Sends `req`, in origin form for HTTP/1.1; for h2 the URI carries scheme and authority (the
+    /// `Host` the request would have had), which h2 sends as `:scheme` and `:authority`.
+    async fn try_send(
+        &mut self,
+        mut req: Request<RequestBody>,
+        addr: &str,
+    ) -> Result<Response<Incoming>, TrySendError<Request<RequestBody>>> {
+        match self {
+            Sender::H1(s) => s.try_send_request(req).await,
+            Sender::H2(s) => {
+                let authority = req
+                    .headers_mut()
+                    .remove(header::HOST)
+                    .and_then(|h| h.to_str().ok().map(String::from))
+                    .unwrap_or_else(|| addr.to_string());
+                let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                if let Ok(uri) = Uri::try_from(format!("https://{authority}{path}")) {
+                    *req.uri_mut() = uri;
+                }
+                *req.version_mut() = http::Version::HTTP_2;
+                s.try_send_request(req).await
+            }
+        }
+    }
+}
+
 struct Idle {
-    sender: SendRequest<RequestBody>,
+    sender: http1::SendRequest<RequestBody>,
     since: Instant,
 }
 
 /// Idle keep-alive connections to one upstream address.
 pub struct Pool {
     addr: String,
+    /// The server name of an https upstream (its URL's host); `None` for plain http.
+    tls: Option<String>,
     settings: PoolSettings,
     idle: Mutex<Vec<Idle>>,
+    /// The h2 connection of an https upstream that picked h2; shared by every exchange.
+    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
 }
 
 /// Stale pooled connections tried before a fresh one is opened.
@@ -140,7 +211,7 @@ impl Pool {
                 stale += 1;
                 continue;
             }
-            match sender.try_send_request(req).await {
+            match sender.try_send(req, &self.addr).await {
                 Ok(response) => {
                     return Ok((
                         response,
@@ -170,7 +241,16 @@ impl Pool {
     /// The most recently used idle connection that can take a request now. One that is still busy —
     /// the upstream answered early and the client is still uploading — stays in the pool for later
     /// rather than making this request wait behind someone else's upload.
-    fn checkout(&self) -> Option<SendRequest<RequestBody>> {
+    fn checkout(&self) -> Option<Sender> {
+        if let Some(h2) = self
+            .h2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|s| !s.is_closed())
+        {
+            return Some(Sender::H2(h2.clone()));
+        }
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let mut i = idle.len();
@@ -182,13 +262,15 @@ impl Pool {
             {
                 idle.remove(i);
             } else if conn.sender.is_ready() {
-                return Some(idle.remove(i).sender);
+                return Some(Sender::H1(idle.remove(i).sender));
             }
         }
         None
     }
 
-    fn checkin(&self, sender: SendRequest<RequestBody>) {
+    fn checkin(&self, sender: Sender) {
+        // An h2 connection stays in its slot; its clone only ends this exchange's use of it.
+        let Sender::H1(sender) = sender else { return };
         if sender.is_closed() {
             return;
         }
@@ -201,25 +283,62 @@ impl Pool {
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<RequestBody>, UpstreamError> {
+    async fn connect(&self) -> Result<Sender, UpstreamError> {
         let timeout = self.settings.connect_timeout;
-        let stream =
-            match tokio::time::timeout(timeout, TcpStream::connect(self.addr.as_str())).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(detail)) => {
-                    return Err(UpstreamError::Connect {
-                        addr: self.addr.clone(),
-                        detail,
-                    })
-                }
-                Err(_) => {
-                    return Err(UpstreamError::ConnectTimeout {
-                        addr: self.addr.clone(),
-                        timeout,
-                    })
-                }
-            };
+        match tokio::time::timeout(timeout, self.dial()).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::ConnectTimeout {
+                addr: self.addr.clone(),
+                timeout,
+            }),
+        }
+    }
+
+    /// A new connection: TCP, then for https the TLS handshake and the protocol the server picked.
+    async fn dial(&self) -> Result<Sender, UpstreamError> {
+        let stream = TcpStream::connect(self.addr.as_str())
+            .await
+            .map_err(|detail| UpstreamError::Connect {
+                addr: self.addr.clone(),
+                detail,
+            })?;
         let _ = stream.set_nodelay(true);
+        let Some(host) = &self.tls else {
+            return self.http1(stream).await;
+        };
+        let tls_error = |reason: String| UpstreamError::Tls {
+            addr: self.addr.clone(),
+            reason,
+        };
+        let name: ServerName<'static> =
+            tls::server_name(host).map_err(|e| tls_error(e.to_string()))?;
+        let stream = TlsConnector::from(self.settings.tls.clone())
+            .connect(name, stream)
+            .await
+            .map_err(|e| tls_error(tls::describe(&e).unwrap_or_else(|| e.to_string())))?;
+        if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return self.http1(stream).await;
+        }
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|detail| UpstreamError::Exchange {
+                addr: self.addr.clone(),
+                detail,
+            })?;
+        let addr = self.addr.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = addr.as_str(), error = %e, "upstream h2 connection ended with an error");
+            }
+        });
+        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+        Ok(Sender::H2(sender))
+    }
+
+    async fn http1<S>(&self, stream: S) -> Result<Sender, UpstreamError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|detail| UpstreamError::Exchange {
@@ -232,7 +351,7 @@ impl Pool {
                 tracing::debug!(upstream = addr.as_str(), error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok(Sender::H1(sender))
     }
 
     /// Idle connections held now.
@@ -245,7 +364,7 @@ impl Pool {
 /// (and so closed once its exchange is over) otherwise.
 pub struct Lease {
     pool: Arc<Pool>,
-    sender: Option<SendRequest<RequestBody>>,
+    sender: Option<Sender>,
 }
 
 impl Lease {

@@ -47,6 +47,7 @@ pub fn embedder(config: &SignalsConfig) -> Result<Arc<dyn Embedder>, EvalError> 
                 o.timeout.0,
                 api_key,
                 o.cache_entries,
+                &o.trust,
             )?)
         }
         EmbedderKind::Local => local(config)?,

@@ -42,8 +42,6 @@ pub const EVALUATE_SPAN: &str = "driftguard.evaluate";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OtelError {
-    #[error("OpenTelemetry needs a plain http:// OTLP endpoint (no TLS client is built in): {0}")]
-    Https(String),
     #[error("OpenTelemetry needs the proxy's runtime to send spans")]
     NoRuntime,
     #[error("cannot build the OTLP exporter: {0}")]
@@ -71,19 +69,18 @@ pub fn endpoint_from_env() -> Option<String> {
 impl Otel {
     /// Starts tracing when the environment names an OTLP endpoint; `Ok(None)` when it does not. Must be
     /// called on the proxy's runtime: the exporter's HTTP requests are spawned on it.
-    pub fn from_env(metrics: &Metrics) -> Result<Option<Arc<Otel>>, OtelError> {
+    /// An `https://` endpoint is trusted through `roots` (the platform's and `[tls] ca_file`).
+    pub fn from_env(metrics: &Metrics, roots: net::Roots) -> Result<Option<Arc<Otel>>, OtelError> {
         let Some(endpoint) = endpoint_from_env() else {
             return Ok(None);
         };
-        if endpoint.trim_start().starts_with("https:") {
-            return Err(OtelError::Https(endpoint));
-        }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| OtelError::NoRuntime)?;
         let timeout = env_ms("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
             .or_else(|| env_ms("OTEL_EXPORTER_OTLP_TIMEOUT"))
             .unwrap_or(Duration::from_secs(10));
         let http = TokioHttp {
             client: net::Client::builder(timeout)
+                .roots(roots)
                 .max_response(MAX_RESPONSE_BYTES)
                 .build(),
             runtime,

@@ -24,6 +24,7 @@ use redis::Script;
 
 use super::{BackendDown, BudgetAdmission, BudgetSettings, Params, Reservation};
 use crate::config::{self, OnBackendError};
+use crate::net;
 
 /// How long Redis is left alone after a failed call before one request tries it again.
 pub const BACKOFF: Duration = Duration::from_secs(1);
@@ -38,6 +39,8 @@ pub enum RedisBudgetError {
     Url(redis::RedisError),
     #[error("budget.redis_url: cannot set up the connection: {0}")]
     Connection(redis::RedisError),
+    #[error("budget.redis_url: {0}")]
+    Tls(#[from] net::tls::TlsError),
 }
 
 /// Why a call to Redis gave no answer.
@@ -103,7 +106,11 @@ impl RedisBudget {
     /// A budget on `budget.redis_url` and `budget.redis_key`. Connects lazily, in the background; must be
     /// called within a tokio runtime. `errors` counts every failed call.
     pub fn new(c: &config::Budget, errors: IntCounter) -> Result<RedisBudget, RedisBudgetError> {
-        let client = redis::Client::open(c.redis_url.as_str()).map_err(RedisBudgetError::Url)?;
+        // A `rediss://` server whose certificate does not verify is an error now, not a budget that
+        // silently runs on `on_backend_error` from the first request on.
+        let roots = net::Roots::load(&c.trust)?;
+        net::tls::verify_redis("budget.redis_url", &c.redis_url, &roots)?;
+        let client = net::tls::redis_client(&c.redis_url, &roots).map_err(RedisBudgetError::Url)?;
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_number_of_retries(2)

@@ -8,13 +8,15 @@ use tokio::sync::watch;
 
 use super::{Claim, FenceError, FlightState, Receipt};
 use crate::clock::now_ms;
+use crate::net;
 
 /// Receipts in Redis under `driftguard:receipt:<key>` (PX = ttl), plus `driftguard:pending:<key>` while
 /// a replica executes the key (PX = lease, renewed every half lease while it runs, so a replica that
 /// dies frees the key within a lease).
 #[derive(Clone)]
 pub struct RedisStore {
-    client: redis::Client,
+    /// Boxed: a TLS client carries its root store.
+    client: Arc<redis::Client>,
     conn: Arc<tokio::sync::OnceCell<redis::aio::ConnectionManager>>,
 }
 
@@ -52,9 +54,13 @@ return 0
 "#;
 
 impl RedisStore {
-    pub fn new(url: &str) -> Result<RedisStore, FenceError> {
+    /// A store on `url`; a `rediss://` server's certificate is verified now (see
+    /// [`net::tls::verify_redis`]), so one that does not verify stops the start.
+    pub fn new(url: &str, trust: &crate::config::Trust) -> Result<RedisStore, FenceError> {
+        let roots = net::Roots::load(trust)?;
+        net::tls::verify_redis("writes.redis_url", url, &roots)?;
         Ok(RedisStore {
-            client: redis::Client::open(url)?,
+            client: Arc::new(net::tls::redis_client(url, &roots)?),
             conn: Arc::new(tokio::sync::OnceCell::new()),
         })
     }
@@ -69,7 +75,7 @@ impl RedisStore {
                     .set_number_of_retries(1);
                 tokio::time::timeout(
                     REDIS_TIMEOUT,
-                    redis::aio::ConnectionManager::new_with_config(self.client.clone(), config),
+                    redis::aio::ConnectionManager::new_with_config((*self.client).clone(), config),
                 )
                 .await
                 .map_err(|_| FenceError::RedisTimeout(REDIS_TIMEOUT))?

@@ -36,9 +36,12 @@ impl OpenAi {
         timeout: Duration,
         api_key: Option<String>,
         cache_entries: usize,
+        trust: &crate::config::Trust,
     ) -> Result<Self, EmbedError> {
         let url = net::url(url).map_err(|e| EmbedError::Endpoint(format!("embeddings url {e}")))?;
+        let roots = net::Roots::load(trust).map_err(|e| EmbedError::Endpoint(e.to_string()))?;
         let client = net::Client::builder(timeout)
+            .roots(roots)
             .connect_timeout(timeout)
             .nodelay()
             .max_response(MAX_RESPONSE)
