@@ -13,6 +13,9 @@ use redb::ReadableTable;
 
 use super::{FenceError, Receipt};
 
+/// The receipt store's page cache (redb's default is 1 GiB).
+const RECEIPT_CACHE_BYTES: usize = 16 << 20;
+
 const RECEIPTS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("receipts");
 
 /// Opens (or creates) the database; called again after a failure.
@@ -36,7 +39,16 @@ impl Embedded {
             })?;
         }
         let file = path.to_path_buf();
-        Embedded::with_opener(shown, Box::new(move || redb::Database::create(&file)))
+        // redb caches up to 1 GiB of pages by default: a sidecar's memory limit is far below that, and
+        // the receipts' working set (recent keys) is small.
+        Embedded::with_opener(
+            shown,
+            Box::new(move || {
+                redb::Builder::new()
+                    .set_cache_size(RECEIPT_CACHE_BYTES)
+                    .create(&file)
+            }),
+        )
     }
 
     /// A store whose database `open` makes (a file, or in tests a backend that fails on demand).
