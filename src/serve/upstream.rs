@@ -202,10 +202,7 @@ impl Pool {
             };
             if let Err(source) = sender.ready().await {
                 if !reused {
-                    return Err(UpstreamError::Exchange {
-                        addr: self.addr.clone(),
-                        detail: source,
-                    });
+                    return Err(self.exchange_error(source));
                 }
                 // Closed by the upstream while idle; the request was not touched.
                 stale += 1;
@@ -227,12 +224,7 @@ impl Pool {
                         req = returned;
                         stale += 1;
                     }
-                    _ => {
-                        return Err(UpstreamError::Exchange {
-                            addr: self.addr.clone(),
-                            detail: e.into_error(),
-                        })
-                    }
+                    _ => return Err(self.exchange_error(e.into_error())),
                 },
             }
         }
@@ -321,16 +313,8 @@ impl Pool {
         }
         let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
-            .map_err(|detail| UpstreamError::Exchange {
-                addr: self.addr.clone(),
-                detail,
-            })?;
-        let addr = self.addr.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(upstream = addr.as_str(), error = %e, "upstream h2 connection ended with an error");
-            }
-        });
+            .map_err(|detail| self.exchange_error(detail))?;
+        self.drive(conn);
         *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
         Ok(Sender::H2(sender))
     }
@@ -341,17 +325,26 @@ impl Pool {
     {
         let (sender, conn) = http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|detail| UpstreamError::Exchange {
-                addr: self.addr.clone(),
-                detail,
-            })?;
+            .map_err(|detail| self.exchange_error(detail))?;
+        self.drive(conn);
+        Ok(Sender::H1(sender))
+    }
+
+    fn exchange_error(&self, detail: hyper::Error) -> UpstreamError {
+        UpstreamError::Exchange {
+            addr: self.addr.clone(),
+            detail,
+        }
+    }
+
+    /// Runs a connection's I/O (h1 or h2) in its own task until the connection ends.
+    fn drive(&self, conn: impl std::future::Future<Output = hyper::Result<()>> + Send + 'static) {
         let addr = self.addr.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(upstream = addr.as_str(), error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(Sender::H1(sender))
     }
 
     /// Idle connections held now.
