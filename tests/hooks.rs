@@ -76,10 +76,12 @@ fn webhook(name: &str, addr: SocketAddr) -> Hook {
 fn context(event: HookEvent) -> Arc<HookContext> {
     Arc::new(HookContext {
         event,
-        rule: "coverage".into(),
+        rule: "retrieval_drift_p95".into(),
+        probe: "retrieval".into(),
+        lever: "alias".into(),
         arm: "canary".into(),
         snapshot_path: Some(PathBuf::from("/var/lib/driftguard/snapshots/1.json")),
-        snapshot: json!({"rule": "coverage", "observed": 0.41, "threshold": 0.6, "arms": ["baseline", "canary"]}),
+        snapshot: json!({"rule": "retrieval_drift_p95", "observed": 0.41, "threshold": 0.15, "arms": ["baseline", "canary"]}),
     })
 }
 
@@ -138,7 +140,9 @@ async fn exec_hook_gets_its_context_in_env() {
     let env = std::fs::read_to_string(&out).expect("hook output");
     for line in [
         "DRIFTGUARD_EVENT=tripped",
-        "DRIFTGUARD_RULE=coverage",
+        "DRIFTGUARD_RULE=retrieval_drift_p95",
+        "DRIFTGUARD_PROBE=retrieval",
+        "DRIFTGUARD_LEVER=alias",
         "DRIFTGUARD_ARM=canary",
         "DRIFTGUARD_SNAPSHOT=/var/lib/driftguard/snapshots/1.json",
     ] {

@@ -420,6 +420,10 @@ retries = 2
         "{env}"
     );
     assert!(env.lines().any(|l| l == "DRIFTGUARD_ARM=canary"), "{env}");
+    // error_rate judges no ΔS probe; the default lever for it re-routes.
+    for line in ["DRIFTGUARD_PROBE=", "DRIFTGUARD_LEVER=route"] {
+        assert!(env.lines().any(|l| l == line), "{line} missing in:\n{env}");
+    }
     let snapshot_path = env
         .lines()
         .find_map(|l| l.strip_prefix("DRIFTGUARD_SNAPSHOT="))

@@ -313,6 +313,8 @@ fn trip() -> Arc<HookContext> {
     Arc::new(HookContext {
         event: HookEvent::Tripped,
         rule: "coverage".into(),
+        probe: String::new(),
+        lever: "route".into(),
         arm: "canary".into(),
         snapshot_path: None,
         snapshot: json!({"rule": "coverage", "observed": 0.41}),

@@ -43,6 +43,10 @@ pub struct HookContext {
     pub event: HookEvent,
     /// The rule that tripped (SPEC §6 rule name, e.g. `coverage`).
     pub rule: String,
+    /// The ΔS probe the rule judges (`retrieval`, `answer`, `combined`), empty for other rules.
+    pub probe: String,
+    /// The lever the rollback pulled (`route`, `alias`, `flag`, ...), empty when none was.
+    pub lever: String,
     pub arm: String,
     /// Where the snapshot was written (`DRIFTGUARD_SNAPSHOT`), when it was.
     pub snapshot_path: Option<PathBuf>,
@@ -322,6 +326,8 @@ async fn exec(hook: &Hook, ctx: &HookContext) -> Report {
         .env("DRIFTGUARD_EVENT", event_name(ctx.event))
         .env("DRIFTGUARD_RULE", &ctx.rule)
         .env("DRIFTGUARD_ARM", &ctx.arm)
+        .env("DRIFTGUARD_PROBE", &ctx.probe)
+        .env("DRIFTGUARD_LEVER", &ctx.lever)
         .env("DRIFTGUARD_SNAPSHOT", snapshot)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -48,6 +48,8 @@ impl Engine {
         HookContext {
             event,
             rule: trip.rule.clone(),
+            probe: trip.probe.clone().unwrap_or_default(),
+            lever: trip.lever.clone(),
             arm: trip.arm.clone(),
             snapshot_path: id.map(|id| snapshot_dir(&config.state_dir).join(format!("{id}.json"))),
             snapshot,
