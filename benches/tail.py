@@ -7,7 +7,8 @@ one-core sidecar: pinned to core PROXY_CPU (1) with its evaluation worker, while
 the upstream share core LOAD_CPU (0). Clients POST a JSON question, 32 connections.
 
 Per target, interleaved ROUNDS times (medians printed):
-  sat      wrk -t1 -c32 -d DURATION --latency at saturation: req/s, p99, CPU us/request.
+  sat      wrk -t1 -c32 -d DURATION --latency at saturation: req/s, p99, CPU us/request. (At saturation the
+           evaluation worker, running only on idle CPU, evaluates little: the queue is drained during DRAIN.)
   q50/q80  oha at a constant rate of 50 % / 80 % of the signals-off saturated req/s, with
            --latency-correction (latency counted from when each request was due, so a stall is not
            hidden by the generator waiting for it: no coordinated omission): p99.
@@ -191,25 +192,29 @@ def main():
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool):
             sys.exit(f"{tool} not found")
+    kinds = ("sat", "q50", "q80")
     if not (OHA and os.path.exists(OHA)):
-        sys.exit("oha not found (cargo install oha)")
+        print("oha not found (cargo install oha): the fixed-rate rows q50/q80 are SKIPPED, the run fails")
+        kinds = ("sat",)
     up = upstream()
     targets = {"off": driftguard("off", up, "0.0"), "on": driftguard("on", up, "1.0")}
     for label, (port, admin, pid) in targets.items():
         measure("sat", port, admin, pid)  # warm-up
-    res = {(k, t): [] for k in ("sat", "q50", "q80") for t in targets}
+    res = {(k, t): [] for k in kinds for t in targets}
     for _ in range(ROUNDS):
         for label, (port, admin, pid) in targets.items():
             res[("sat", label)].append(measure("sat", port, admin, pid))
         sat = statistics.median(r["rps"] for r in res[("sat", "off")])
         for kind, share in (("q50", 0.5), ("q80", 0.8)):
+            if kind not in kinds:
+                continue
             for label, (port, admin, pid) in targets.items():
                 res[(kind, label)].append(measure(kind, port, admin, pid, rate=share * sat))
     med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in res.items()}
     print(f"driftguard {DG}; proxy + evaluation worker on core {PROXY_CPU}, load + nginx upstream on core {LOAD_CPU}; "
           f"{CONNS} connections, {ROUNDS} x {DURATION} s interleaved, medians; load average now {os.getloadavg()[0]:.1f}")
-    ok = True
-    for kind in ("sat", "q50", "q80"):
+    ok = len(kinds) == 3
+    for kind in kinds:
         off, on = med[(kind, "off")], med[(kind, "on")]
         evald = on["evals"] / max(on["reqs"], 1)
         per_eval = (on["cpu_all"] - off["cpu_req"] * on["reqs"]) / on["evals"] if on["evals"] else float("inf")
@@ -219,8 +224,7 @@ def main():
               f"on {on['rps']:.0f} req/s p99 {on['p99']:.2f} ms cpu {on['cpu_req']:.1f} us/req, "
               f"evaluated {100 * evald:.1f} %, {per_eval:.1f} us CPU/evaluation | p99 on/off {ratio:.2f} (goal <= 1.2)"
               + (f" | non-2xx off {off['bad']:.0f} on {on['bad']:.0f}" if off["bad"] or on["bad"] else ""))
-        if kind != "sat":
-            ok = ok and per_eval <= 20
+        ok = ok and per_eval <= 20
     return 0 if ok else 1
 
 
