@@ -1,8 +1,13 @@
 //! The evaluation pipeline: a bounded queue fed by the proxy when a sampled response completes, drained
 //! by dedicated worker threads (not the proxy's runtime) that extract, embed, measure and record.
 //!
-//! `submit` never blocks and makes no system call under load: the queue is a lock-free array, and a
-//! worker is unparked only when it had gone to sleep. A full queue drops the sample and counts it.
+//! The bound is taken when a request is sampled, before anything is copied: [`Pipeline::reserve`] hands
+//! out a [`Place`] per sample teed, queued or being evaluated, and none past `signals.queue`
+//! — a sample that would find the queue full is dropped (counted) before its bodies are teed. `submit`
+//! never blocks nor waits for a worker, and makes no system call under load: with every sample holding
+//! a place, the lock-free array always has a free cell for it (a push into a full array would spin
+//! until the worker popping its head cell runs again, and a worker that only gets the CPU the proxy
+//! leaves may not run for a long time), and a worker is unparked only when it had gone to sleep.
 //! Nothing here can delay or fail a request.
 //!
 //! Layout: this file is the proxy's side (sampled exchanges in, the bounded queue, flush on shutdown);
@@ -49,6 +54,18 @@ pub struct Sample {
     pub at: Instant,
     /// The request's span, when tracing is on: the evaluation reports to it as a child span.
     pub trace: Option<FollowUp>,
+    /// Its place in the queue's bound, given back when its evaluation is done.
+    pub place: Place,
+}
+
+/// One of the `signals.queue` places of the pipeline, held from the moment a request is sampled until its
+/// sample is evaluated; given back when dropped (also when the exchange is never submitted).
+pub struct Place(Arc<AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
 }
 
 impl Sample {
@@ -81,10 +98,16 @@ impl Frequencies {
 /// The proxy's handle on the pipeline.
 pub struct Pipeline {
     queue: Arc<ArrayQueue<Sample>>,
+    /// Places taken (see [`Place`]), at most the queue's capacity.
+    places: Arc<AtomicUsize>,
     /// Bytes of body copies in the queue, bounded by `max_queue_bytes`.
     queued_bytes: Arc<AtomicUsize>,
     /// Samples taken off the queue and not yet fully evaluated.
     busy: Arc<AtomicUsize>,
+    /// Told by a worker that finds the queue empty: what [`Pipeline::flush`] waits on.
+    drained: Arc<tokio::sync::Notify>,
+    /// Set by a flush: the workers leave `SCHED_IDLE` (see `signals::priority::drain_priority`).
+    flushing: Arc<AtomicBool>,
     max_queue_bytes: usize,
     workers: Vec<Arc<Wakeup>>,
     dropped: IntCounter,
@@ -107,6 +130,8 @@ impl Pipeline {
         let queue = Arc::new(ArrayQueue::new(config.queue.max(1)));
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let busy = Arc::new(AtomicUsize::new(0));
+        let drained = Arc::new(tokio::sync::Notify::new());
+        let flushing = Arc::new(AtomicBool::new(false));
         let sessions = Arc::new(Sessions::new(config.max_sessions, config.session_ttl.0));
         let frequencies = Arc::new(Frequencies::default());
         let mut workers = Vec::with_capacity(config.workers);
@@ -119,6 +144,8 @@ impl Pipeline {
                 queue: queue.clone(),
                 queued_bytes: queued_bytes.clone(),
                 busy: busy.clone(),
+                drained: drained.clone(),
+                flushing: flushing.clone(),
                 wakeup: wakeup.clone(),
                 evaluator: evaluator.clone(),
                 sessions: sessions.clone(),
@@ -142,9 +169,12 @@ impl Pipeline {
         }
         set_build_info(&metrics.build_info, evaluator.load().embedder.name());
         Ok(Pipeline {
+            places: Arc::new(AtomicUsize::new(0)),
             queue,
             queued_bytes,
             busy,
+            drained,
+            flushing,
             max_queue_bytes: config.max_queue_bytes,
             workers,
             dropped: metrics.eval_dropped.clone(),
@@ -155,17 +185,26 @@ impl Pipeline {
         })
     }
 
-    /// Queues a sample, or drops and counts it when the queue is full. Never blocks.
+    /// A place for a sampled exchange, or `None` — the sample dropped and counted — when every place is
+    /// taken: the request is then proxied without a copy of its bodies. One atomic operation.
+    pub fn reserve(&self) -> Option<Place> {
+        let taken = self.places.fetch_add(1, SeqCst);
+        if taken >= self.queue.capacity() {
+            self.places.fetch_sub(1, SeqCst);
+            self.dropped.inc();
+            return None;
+        }
+        Some(Place(self.places.clone()))
+    }
+
+    /// Queues a sample, or drops and counts it when its copies would pass `signals.max_queue_bytes`.
+    /// Never blocks.
     pub fn submit(&self, mut sample: Sample) {
         if sample.response.truncated {
             self.truncated.with_label_values(&["response"]).inc();
         }
         if sample.request.as_ref().is_some_and(|c| c.truncated) {
             self.truncated.with_label_values(&["request"]).inc();
-        }
-        if self.queue.is_full() {
-            self.dropped.inc();
-            return;
         }
         let bytes = sample.bytes();
         if self.queued_bytes.fetch_add(bytes, SeqCst) + bytes > self.max_queue_bytes {
@@ -197,16 +236,34 @@ impl Pipeline {
 
     /// Waits (up to `limit`) until every queued sample has been evaluated, so a shutdown does not drop
     /// the signals — and their log lines — of requests already served.
+    /// The workers run at nice 19 from then on, no longer only on idle CPU: the flush has a deadline.
     pub async fn flush(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
+        if !self.flushing.swap(true, SeqCst) {
+            for w in &self.workers {
+                if let Some(t) = w.thread.get() {
+                    t.unpark();
+                }
+            }
+        }
         loop {
+            // Listening before looking, so a worker's word in between is not missed.
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
             if self.queue.is_empty() && self.busy.load(SeqCst) == 0 {
                 return true;
             }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
+            // A worker tells when it finds the queue empty; the timer only bounds a missed word.
+            let poll = tokio::time::Instant::now() + Duration::from_millis(50);
+            tokio::select! {
+                () = drained => {}
+                () = tokio::time::sleep_until(poll.min(deadline)) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return self.queue.is_empty() && self.busy.load(SeqCst) == 0;
+                    }
+                }
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -244,3 +301,6 @@ fn set_build_info(build_info: &GaugeVec, embedder: &str) {
         .with_label_values(&[env!("CARGO_PKG_VERSION"), embedder])
         .set(1.0);
 }
+
+#[cfg(test)]
+mod tests;

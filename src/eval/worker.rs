@@ -17,7 +17,7 @@ use prometheus::IntCounterVec;
 
 use super::{Evaluator, Frequencies, Sample, Sessions};
 use crate::signals::measure::{self, ToolCall};
-use crate::signals::priority::lower_priority;
+use crate::signals::priority::{drain_priority, lower_priority};
 use crate::telemetry::log::ACCESS;
 use crate::windows::{Evaluation, LAMBDA_STATES};
 
@@ -36,6 +36,8 @@ pub(super) struct Worker {
     pub(super) queue: Arc<ArrayQueue<Sample>>,
     pub(super) queued_bytes: Arc<AtomicUsize>,
     pub(super) busy: Arc<AtomicUsize>,
+    pub(super) drained: Arc<tokio::sync::Notify>,
+    pub(super) flushing: Arc<AtomicBool>,
     pub(super) wakeup: Arc<Wakeup>,
     pub(super) evaluator: Arc<ArcSwap<Evaluator>>,
     pub(super) sessions: Arc<Sessions>,
@@ -47,13 +49,20 @@ pub(super) struct Worker {
 impl Worker {
     pub(super) fn run(self) {
         lower_priority();
+        let mut raised = false;
         loop {
             loop {
+                if !raised && self.flushing.load(SeqCst) {
+                    drain_priority();
+                    raised = true;
+                }
                 // Busy before the pop, so a flush never sees an empty queue and an idle worker while a
                 // sample is between the two.
                 self.busy.fetch_add(1, SeqCst);
                 let Some(sample) = self.queue.pop() else {
                     self.busy.fetch_sub(1, SeqCst);
+                    // For a flush waiting on it (an atomic load when none is).
+                    self.drained.notify_waiters();
                     break;
                 };
                 self.queued_bytes.fetch_sub(sample.bytes(), SeqCst);

@@ -20,7 +20,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::capture::Capture;
-use crate::eval::{Pipeline, Sample};
+use crate::eval::{Pipeline, Place, Sample};
 use crate::guards::breaker::Ticket;
 use crate::guards::budget::admission::{Reserved, UsageTap};
 use crate::guards::fence::{FenceError, Recording};
@@ -74,6 +74,8 @@ pub struct Tee {
     pub response: Capture,
     pub sse: bool,
     pub session: Option<String>,
+    /// Its place in the evaluation queue, taken when the request was sampled.
+    pub place: Place,
     pub pipeline: Arc<Pipeline>,
 }
 
@@ -174,6 +176,7 @@ impl Observed {
                     sse: tee.sse,
                     at: now,
                     trace: self.info.trace.as_ref().map(|t| t.follow_up()),
+                    place: tee.place,
                 });
             } else {
                 tee.pipeline.skip_incomplete();

@@ -25,6 +25,7 @@ use http_body::Frame;
 use hyper::body::Incoming;
 
 use crate::capture::Capture;
+use crate::eval::Place;
 use crate::guards::breaker::{self, BreakerOpen, Ticket};
 use crate::guards::budget::admission::{self, BudgetRefusal, Reserved, UsageTap};
 use crate::guards::fence::{self, FenceAnswer, Fingerprint, Lead};
@@ -127,8 +128,8 @@ struct Carry {
     lead: Option<(Lead, Fingerprint)>,
     /// The budget's reservation.
     reserved: Option<Reserved>,
-    /// A sampled request: where its body's copy lands, and its session.
-    tee: Option<(RequestSlot, Option<String>)>,
+    /// A sampled request: where its body's copy lands, its session, and its place in the queue.
+    tee: Option<(RequestSlot, Option<String>, Place)>,
 }
 
 /// The stages once an arm is chosen.
@@ -315,17 +316,21 @@ fn upstream_head(
     parts.version = Version::HTTP_11;
 }
 
-/// The body the upstream gets: the frames the guards read first, then the rest; copied when sampled.
+/// The body the upstream gets: the frames the guards read first, then the rest; copied when sampled
+/// and the evaluation queue has a place for it (else nothing is copied: the sample would be dropped).
 fn request_body(
     x: &Exchange<'_>,
     parts: &Parts,
     body: Incoming,
     prefix: VecDeque<Frame<Bytes>>,
-) -> (RequestBody, Option<(RequestSlot, Option<String>)>) {
+) -> (RequestBody, Option<(RequestSlot, Option<String>, Place)>) {
     let settings = &x.table.settings;
-    if !(h::carries_query(parts) && settings.sampled()) {
+    let place = (h::carries_query(parts) && settings.sampled())
+        .then(|| x.cx.eval.reserve())
+        .flatten();
+    let Some(place) = place else {
         return (RequestBody::plain(body).with_prefix(prefix), None);
-    }
+    };
     let slot = RequestSlot::default();
     let session = settings
         .session_header
@@ -334,7 +339,7 @@ fn request_body(
         .and_then(|v| v.to_str().ok())
         .map(String::from);
     let body = RequestBody::teed(body, settings.max_body_bytes, slot.clone()).with_prefix(prefix);
-    (body, Some((slot, session)))
+    (body, Some((slot, session, place)))
 }
 
 /// The breaker's ticket of a response whose head was no failure, and the upstream's time to it.
@@ -517,11 +522,12 @@ fn respond(
         parts.status.is_success(),
         h::answer_format(&parts.headers),
     ) {
-        (Some((request, session)), true, Some(sse)) => Some(Tee {
+        (Some((request, session, place)), true, Some(sse)) => Some(Tee {
             request,
             response: Capture::new(settings.max_body_bytes),
             sse,
             session,
+            place,
             pipeline: x.cx.eval.clone(),
         }),
         (Some(_), true, None) => {

@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Tail latency and CPU per evaluation with the quality signals on, against the same driftguard with them off.
+
+One nginx upstream answering a ~0.8 KB RAG-shaped JSON to every request, and two driftguards in front of
+it (signals off: sample = 0.0; signals on: sample = 1.0, hashed embedder, one evaluation worker), each a
+one-core sidecar: pinned to core PROXY_CPU (1) with its evaluation worker, while the load generator and
+the upstream share core LOAD_CPU (0). Clients POST a JSON question, 32 connections.
+
+Per target, interleaved ROUNDS times (medians printed):
+  sat      wrk -t1 -c32 -d DURATION --latency at saturation: req/s, p99, CPU us/request. (At saturation the
+           evaluation worker, running only on idle CPU, evaluates little: the queue is drained during DRAIN.)
+  q50/q80  oha at a constant rate of 50 % / 80 % of the signals-off saturated req/s, with
+           --latency-correction (latency counted from when each request was due, so a stall is not
+           hidden by the generator waiting for it: no coordinated omission): p99.
+For signals on it also prints the share of requests evaluated and the CPU per evaluation, all in: the
+process's CPU over the run (plus DRAIN seconds for the queue to empty) minus signals-off CPU/request x
+requests, divided by the evaluations done.
+
+Usage (from the project root, after `cargo build --release`):
+    python3 benches/tail.py                       # ROUNDS=3 DURATION=5
+    ROUNDS=1 DURATION=10 python3 benches/tail.py
+    DG_BIN=path/to/driftguard python3 benches/tail.py
+Needs wrk, nginx and oha (`cargo install oha`). Goals (issue: signals without tail latency): signals-on p99
+<= 1.2 x signals-off p99 in each of sat, q50 and q80; <= 20 us CPU per evaluation. Exit 1 when missed.
+"""
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+DURATION = int(os.environ.get("DURATION", "5"))
+DRAIN = float(os.environ.get("DRAIN", "1.0"))
+PROXY_CPU = os.environ.get("PROXY_CPU", "1")
+LOAD_CPU = os.environ.get("LOAD_CPU", "0")
+CONNS = int(os.environ.get("CONNS", "32"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DG = os.environ.get("DG_BIN", os.path.join(ROOT, "target", "release", "driftguard"))
+OHA = os.environ.get("OHA", shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha"))
+TMP = tempfile.mkdtemp(prefix="driftguard-tail-")
+PROCS = []
+
+QUESTION = '{"question": "How do I roll back the docs alias after a bad index build?", "max_tokens": 64}'
+ANSWER = json.dumps({
+    "answer": "Point the alias docs_live back to docs_vA with a single atomic alias update, then rotate the cache namespace.",
+    "contexts": [{"id": i, "text": "To roll back, point the alias docs_live back to docs_vA with a single alias update; chunk %d." % i}
+                 for i in range(5)],
+    "usage": {"prompt_tokens": 420, "completion_tokens": 64, "total_tokens": 484},
+})
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_http(port, path="/", deadline=20):
+    t = time.time()
+    while time.time() - t < deadline:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            c.request("GET", path)
+            c.getresponse().read()
+            return True
+        except Exception:
+            time.sleep(0.1)
+    return False
+
+
+def cpu(pid):
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def metric(admin, name):
+    c = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
+    c.request("GET", "/metrics")
+    total = 0.0
+    for line in c.getresponse().read().decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def start(argv, **kw):
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+    PROCS.append(p)
+    return p
+
+
+def upstream():
+    port = free_port()
+    conf = os.path.join(TMP, "nginx.conf")
+    open(conf, "w").write(f"""master_process off;
+daemon off;
+worker_processes 1;
+pid {TMP}/nginx.pid;
+error_log {TMP}/nginx.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000;
+    location / {{ default_type application/json; return 200 '{ANSWER}'; }} }}
+}}
+""")
+    start(["taskset", "-c", LOAD_CPU, "nginx", "-p", TMP, "-c", conf])
+    if not wait_http(port):
+        sys.exit("nginx did not start")
+    return port
+
+
+def driftguard(label, up, sample):
+    port, admin = free_port(), free_port()
+    d = os.path.join(TMP, label)
+    os.makedirs(d)
+    cfg = os.path.join(d, "driftguard.toml")
+    open(cfg, "w").write(f"""state_dir = "{d}/state"
+[listen]
+proxy = "127.0.0.1:{port}"
+admin = "127.0.0.1:{admin}"
+[pins]
+BUILD_ID = "b-77"
+GIT_SHA = "abc1234"
+PROMPT_VER = "p7"
+MODEL_VER = "m3"
+[[arms]]
+name = "live"
+upstream = "http://127.0.0.1:{up}"
+weight = 100
+[arms.pins]
+INDEX_HASH = "idx-a1"
+[signals]
+sample = {sample}
+""")
+    p = start(["taskset", "-c", PROXY_CPU, DG, "run", "--config", cfg], cwd=d)
+    if not wait_http(admin, "/healthz"):
+        sys.exit(f"driftguard {label} did not start")
+    return port, admin, p.pid
+
+
+def wrk(port):
+    script = os.path.join(TMP, "post.lua")
+    open(script, "w").write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                            f"wrk.body = '{QUESTION}'\n")
+    r = subprocess.run(["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{CONNS}", f"-d{DURATION}s", "--latency",
+                        "-s", script, f"http://127.0.0.1:{port}/v1/ask"], capture_output=True, text=True,
+                       timeout=DURATION + 30)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", r.stdout).group(1))
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s)", r.stdout)
+    p99 = float(m.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[m.group(2)]
+    reqs = int(re.search(r"(\d+) requests in", r.stdout).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", r.stdout)
+    return rps, p99, reqs, int(bad.group(1)) if bad else 0
+
+
+def oha(port, rate):
+    r = subprocess.run(["taskset", "-c", LOAD_CPU, OHA, "-z", f"{DURATION}s", "-c", str(CONNS), "-q", str(int(rate)),
+                        "--latency-correction", "--no-tui", "--output-format", "json", "-m", "POST",
+                        "-T", "application/json", "-d", QUESTION, f"http://127.0.0.1:{port}/v1/ask"],
+                       capture_output=True, text=True, timeout=DURATION + 60)
+    doc = json.loads(r.stdout)
+    p99 = doc["latencyPercentiles"]["p99"] * 1e3
+    codes = doc.get("statusCodeDistribution", {})
+    reqs = sum(codes.values())
+    bad = sum(n for c, n in codes.items() if not c.startswith("2"))
+    return doc["summary"]["requestsPerSec"], p99, reqs, bad
+
+
+def measure(kind, port, admin, pid, rate=None):
+    e0 = metric(admin, "driftguard_evaluations_total")
+    c0 = cpu(pid)
+    rps, p99, reqs, bad = wrk(port) if kind == "sat" else oha(port, rate)
+    c1 = cpu(pid)
+    time.sleep(DRAIN)
+    c2 = cpu(pid)
+    ev = metric(admin, "driftguard_evaluations_total") - e0
+    return {"rps": rps, "p99": p99, "reqs": reqs, "bad": bad, "cpu_req": 1e6 * (c1 - c0) / max(reqs, 1),
+            "cpu_all": 1e6 * (c2 - c0), "evals": ev}
+
+
+def main():
+    for tool in ("wrk", "nginx"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} not found")
+    kinds = ("sat", "q50", "q80")
+    if not (OHA and os.path.exists(OHA)):
+        print("oha not found (cargo install oha): the fixed-rate rows q50/q80 are SKIPPED, the run fails")
+        kinds = ("sat",)
+    up = upstream()
+    targets = {"off": driftguard("off", up, "0.0"), "on": driftguard("on", up, "1.0")}
+    for label, (port, admin, pid) in targets.items():
+        measure("sat", port, admin, pid)  # warm-up
+    res = {(k, t): [] for k in kinds for t in targets}
+    for _ in range(ROUNDS):
+        for label, (port, admin, pid) in targets.items():
+            res[("sat", label)].append(measure("sat", port, admin, pid))
+        sat = statistics.median(r["rps"] for r in res[("sat", "off")])
+        for kind, share in (("q50", 0.5), ("q80", 0.8)):
+            if kind not in kinds:
+                continue
+            for label, (port, admin, pid) in targets.items():
+                res[(kind, label)].append(measure(kind, port, admin, pid, rate=share * sat))
+    med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in res.items()}
+    print(f"driftguard {DG}; proxy + evaluation worker on core {PROXY_CPU}, load + nginx upstream on core {LOAD_CPU}; "
+          f"{CONNS} connections, {ROUNDS} x {DURATION} s interleaved, medians; load average now {os.getloadavg()[0]:.1f}")
+    ok = len(kinds) == 3
+    for kind in kinds:
+        off, on = med[(kind, "off")], med[(kind, "on")]
+        evald = on["evals"] / max(on["reqs"], 1)
+        per_eval = (on["cpu_all"] - off["cpu_req"] * on["reqs"]) / on["evals"] if on["evals"] else float("inf")
+        ratio = on["p99"] / off["p99"]
+        ok = ok and ratio <= 1.2 and off["bad"] == 0 and on["bad"] == 0
+        print(f"{kind}: off {off['rps']:.0f} req/s p99 {off['p99']:.2f} ms cpu {off['cpu_req']:.1f} us/req | "
+              f"on {on['rps']:.0f} req/s p99 {on['p99']:.2f} ms cpu {on['cpu_req']:.1f} us/req, "
+              f"evaluated {100 * evald:.1f} %, {per_eval:.1f} us CPU/evaluation | p99 on/off {ratio:.2f} (goal <= 1.2)"
+              + (f" | non-2xx off {off['bad']:.0f} on {on['bad']:.0f}" if off["bad"] or on["bad"] else ""))
+        ok = ok and per_eval <= 20
+    return 0 if ok else 1
+
+
+try:
+    code = main()
+finally:
+    for p in PROCS:
+        if p.poll() is None:
+            p.terminate()
+    for p in PROCS:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    shutil.rmtree(TMP, ignore_errors=True)
+sys.exit(code)
