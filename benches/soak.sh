@@ -29,7 +29,9 @@
 #              (SIGKILL) and started again 5 s later; at 50 % `POST /trip` (arm canary, admin token), 30 s
 #              later `POST /recover`.
 #              Each reload is checked: the new BUILD_ID must show in the admin /status within 5 s.
-#   samples    every 10 s: VmRSS and Threads from /proc/PID/status, fds = entries of /proc/PID/fd.
+#   samples    every 10 s: VmRSS and Threads from /proc/PID/status, fds = entries of /proc/PID/fd, and
+#              the size of the receipt store's file (state_dir/receipts.redb), which grows with every
+#              new idempotency key (writes.ttl keeps them 48 h) and whose page cache is part of the RSS.
 #
 # Verdict:
 #   flat       the mean RSS and the mean fd count of the last minute are within 10 % of those of the
@@ -242,9 +244,9 @@ start = events["start"]
 rows = [json.loads(l) for l in open(load_f) if l.strip()]
 
 print("samples (every 10 s; t from the start of the load)")
-print(f"{'t_s':>5} {'rss_MB':>8} {'fds':>5} {'threads':>7}")
-for t, rss, fds, thr in samples:
-    print(f"{t:5.0f} {rss / 1024:8.1f} {fds:5.0f} {thr:7.0f}")
+print(f"{'t_s':>5} {'rss_MB':>8} {'fds':>5} {'threads':>7} {'store_MB':>8}")
+for t, rss, fds, thr, store in samples:
+    print(f"{t:5.0f} {rss / 1024:8.1f} {fds:5.0f} {thr:7.0f} {store / 1024:8.1f}")
 
 def mean(col, lo, hi):
     vals = [s[col] for s in samples if lo <= s[0] < hi]
@@ -255,11 +257,11 @@ last = (secs - 60, secs + 1)
 verdict_flat = True
 print()
 print(f"{'':8} {'2nd minute':>11} {'last minute':>12} {'change':>8}")
-for col, name, scale in [(1, "rss_MB", 1024), (2, "fds", 1), (3, "threads", 1)]:
+for col, name, scale in [(1, "rss_MB", 1024), (2, "fds", 1), (3, "threads", 1), (4, "store_MB", 1024)]:
     a, b = mean(col, *second), mean(col, *last)
     change = (b - a) / a * 100 if a else float("nan")
     flag = ""
-    if name != "threads":
+    if name in ("rss_MB", "fds"):
         ok = abs(change) <= 10.0
         verdict_flat &= ok
         flag = "ok" if ok else "NOT FLAT"
@@ -407,11 +409,12 @@ SAMPLES=$TMP/samples.txt
 : > "$SAMPLES"
 event() { echo "$(date +%s.%N) $*" >> "$EVENTS"; }
 sample() { # sample T
-    local rss thr fds
+    local rss thr fds store
     rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$DG_PID/status")
     thr=$(awk '/^Threads:/ {print $2}' "/proc/$DG_PID/status")
     fds=$(ls "/proc/$DG_PID/fd" | wc -l)
-    echo "$1 $rss $fds $thr" >> "$SAMPLES"
+    store=$(du -k --apparent-size "$TMP/state/receipts.redb" 2> /dev/null | cut -f1)
+    echo "$1 $rss $fds $thr ${store:-0}" >> "$SAMPLES"
 }
 
 reload_applied() { # reload_applied N: /status shows BUILD_ID soak-N

@@ -18,6 +18,24 @@ use http::HeaderName;
 /// belongs to one exchange).
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Whether a failed read of a client's request body is the body's own fault — malformed framing, a
+/// broken chunked encoding: 400 — rather than the client leaving (499). hyper reports broken chunked
+/// framing as an I/O error of kind `InvalidInput`/`InvalidData`. Used by every step that reads a body
+/// (the fence's hash, the budget's peek) and by `serve` for the body it sends on.
+pub fn body_malformed(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            );
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// One breaker per arm name, kept across reloads (a reload changes its settings, not its state).
 #[derive(Default)]
 pub struct Breakers {

@@ -240,7 +240,8 @@ pub fn json_response(
 }
 
 /// The budget step refused: 429 (with `Retry-After` when waiting helps), 503 when its Redis is down
-/// and `on_backend_error = "closed"`, 499 when the body broke off while it was priced.
+/// and `on_backend_error = "closed"`, 499 when the client left while its body was priced, 400 when the
+/// body's framing is broken (neither counted against the arm).
 pub fn budget_refused(
     metrics: &Metrics,
     arm: &Arc<Arm>,
@@ -261,6 +262,10 @@ pub fn budget_refused(
             &message,
             start,
         ),
+        BudgetRefusal::BodyMalformed => {
+            let kind = ProxyError::BadRequest;
+            refuse(metrics, Some(arm), info, kind, &message, start)
+        }
         // error_response adds `Retry-After: 1` to every 503.
         BudgetRefusal::Unavailable => {
             let kind = ProxyError::BudgetUnavailable;
@@ -325,6 +330,7 @@ pub fn fence_answered(
         FenceAnswer::KeyInvalid => ProxyError::IdempotencyKeyInvalid,
         FenceAnswer::BodyTooLarge => ProxyError::BodyTooLarge,
         FenceAnswer::BodyBroke => ProxyError::ClientClosed,
+        FenceAnswer::BodyMalformed => ProxyError::BadRequest,
         // The client was too slow sending the body the fence hashes.
         FenceAnswer::BodyLate => ProxyError::BodyTimeout,
         FenceAnswer::StillInFlight { .. } => ProxyError::IdempotencyConflict,

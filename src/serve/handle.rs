@@ -215,6 +215,11 @@ async fn guards<'a>(
 ) -> Result<Passed<'a>, Refused> {
     let settings = &x.table.settings;
     let (method, path) = (&parts.method, parts.uri.path());
+    // The guards that read the body ahead (the fence's hash, the budget's peek) wait for the client by
+    // its own deadline, never by the arm's `request_timeout`.
+    let body_deadline = tokio::time::Instant::from_std(x.start)
+        .checked_add(settings.body_timeout)
+        .unwrap_or_else(far_future);
     let lead = match x.cx.fence.as_ref() {
         Some(fence) if settings.writes.is_write(method, path) => {
             let timeout = settings.request_timeout;
@@ -225,7 +230,7 @@ async fn guards<'a>(
                 parts,
                 body,
                 prefix,
-                x.start,
+                body_deadline,
             )
             .await
             .map_err(Refused::Fence)?
@@ -238,8 +243,8 @@ async fn guards<'a>(
     let mut reserved = None;
     if let (Some(budget), Some(peek)) = (x.cx.budget(), settings.budget) {
         if h::carries_query(parts) {
-            let timeout = settings.request_timeout;
-            reserved = admission::admit(budget, peek, timeout, body, &parts.headers, prefix)
+            let deadline = body_deadline;
+            reserved = admission::admit(budget, peek, deadline, body, &parts.headers, prefix)
                 .await
                 .map_err(Refused::Budget)?;
         }

@@ -5,7 +5,6 @@
 //! clock only once the body is sent. `serve::handle` builds it; `serve::upstream` sends it.
 
 use std::collections::VecDeque;
-use std::error::Error as StdError;
 use std::pin::Pin;
 use std::sync::atomic::AtomicU8;
 use std::sync::atomic::Ordering::{Acquire, Release};
@@ -54,22 +53,14 @@ impl UploadEnd {
         }
     }
 
-    /// What a failed read of the client's body means: hyper reports broken chunked framing as an I/O
-    /// error of kind `InvalidInput`/`InvalidData`; anything else is the client leaving.
+    /// What a failed read of the client's body means (see `guards::body_malformed`): malformed
+    /// framing, or else the client leaving.
     pub fn of_error(e: &hyper::Error) -> Self {
-        let mut source: Option<&(dyn StdError + 'static)> = e.source();
-        while let Some(cause) = source {
-            if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-                return match io.kind() {
-                    std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData => {
-                        UploadEnd::Malformed
-                    }
-                    _ => UploadEnd::Left,
-                };
-            }
-            source = cause.source();
+        if crate::guards::body_malformed(e) {
+            UploadEnd::Malformed
+        } else {
+            UploadEnd::Left
         }
-        UploadEnd::Left
     }
 }
 

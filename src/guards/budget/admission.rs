@@ -20,8 +20,10 @@ use super::{
 /// Why the budget step refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BudgetRefusal {
-    /// The request body broke off while its prefix was read (499 `client_closed`).
+    /// The client went away while the body's prefix was read (499 `client_closed`).
     BodyBroke,
+    /// The body's framing is broken (a malformed chunked encoding): 400 `bad_request`, the client's.
+    BodyMalformed,
     /// The budget's Redis fails and `budget.on_backend_error = "closed"` (503 `budget_unavailable`).
     Unavailable,
     /// Not enough budget now; the same request fits again after `retry_after` (429 `budget`).
@@ -34,7 +36,7 @@ impl BudgetRefusal {
     /// The `reason` label of `driftguard_rate_limited_total`, for the refusals the budget itself made.
     pub fn rate_limited_reason(&self) -> Option<&'static str> {
         match self {
-            BudgetRefusal::BodyBroke => None,
+            BudgetRefusal::BodyBroke | BudgetRefusal::BodyMalformed => None,
             BudgetRefusal::Unavailable => Some("backend_down"),
             BudgetRefusal::OverBudget { .. } => Some("over_budget"),
             BudgetRefusal::TooLarge { .. } => Some("too_large"),
@@ -44,7 +46,12 @@ impl BudgetRefusal {
     /// The message of the JSON error.
     pub fn message(&self) -> String {
         match self {
-            BudgetRefusal::BodyBroke => "the request body broke off".to_string(),
+            BudgetRefusal::BodyBroke => {
+                "the client went away while sending the request body".to_string()
+            }
+            BudgetRefusal::BodyMalformed => {
+                "the request body is malformed (broken chunked encoding)".to_string()
+            }
             BudgetRefusal::Unavailable => "the token budget cannot be checked (its Redis is unreachable or slow) and budget.on_backend_error = \"closed\"".to_string(),
             BudgetRefusal::OverBudget { tokens, retry_after } => format!(
                 "the token budget is spent; {tokens} tokens fit again in {retry_after:?}"
@@ -67,21 +74,25 @@ impl BudgetRefusal {
     }
 }
 
-/// The budget step: reads a bounded prefix of the body into `prefix` (waiting `timeout` at most) to
-/// price the request, then reserves that. `Ok(None)`: through unpriced (the backend is down and
-/// `on_backend_error = "open"`). A slow upload is priced by what it declares; the frames read so far
-/// are kept in `prefix` either way.
+/// The budget step: reads a bounded prefix of the body into `prefix` (until `body_deadline` at most:
+/// `listen.body_timeout` from the request's start, the client's time) to price the request, then
+/// reserves that. `Ok(None)`: through unpriced (the backend is down and `on_backend_error = "open"`).
+/// A slow upload is priced by what it declares; the frames read so far are kept in `prefix` either
+/// way, and `serve` answers the upload that is still late with 408.
 pub async fn admit(
     budget: Arc<Budget>,
     peek_at: BudgetPeek,
-    timeout: Duration,
+    body_deadline: tokio::time::Instant,
     body: &mut Incoming,
     headers: &HeaderMap,
     prefix: &mut VecDeque<Frame<Bytes>>,
 ) -> Result<Option<Reserved>, BudgetRefusal> {
-    let read = tokio::time::timeout(timeout, peek(body, peek_at.peek_bytes, prefix)).await;
+    let read = tokio::time::timeout_at(body_deadline, peek(body, peek_at.peek_bytes, prefix)).await;
     let complete = match read {
         Ok(Ok(complete)) => complete,
+        Ok(Err(e)) if crate::guards::body_malformed(&e) => {
+            return Err(BudgetRefusal::BodyMalformed)
+        }
         Ok(Err(_)) => return Err(BudgetRefusal::BodyBroke),
         Err(_) => false,
     };

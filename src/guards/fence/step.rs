@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header;
@@ -30,9 +30,12 @@ pub enum FenceAnswer {
     KeyInvalid,
     /// The body is above `writes.max_body_bytes` (declared or read).
     BodyTooLarge,
-    /// The request body broke off while it was read.
+    /// The client went away while its request body was read (499).
     BodyBroke,
-    /// The request body did not arrive within `upstream.request_timeout`.
+    /// The request body's framing is broken (a malformed chunked encoding): the client's fault (400).
+    BodyMalformed,
+    /// The request body did not arrive within `listen.body_timeout` (408): the client's time, never
+    /// the arm's.
     BodyLate,
     /// The key was used for another request: the fields that differ.
     Conflict {
@@ -61,9 +64,14 @@ impl FenceAnswer {
                 "a write with an idempotency key may carry at most {} bytes (writes.max_body_bytes)",
                 settings.max_body_bytes
             ),
-            FenceAnswer::BodyBroke => "the request body broke off".to_string(),
+            FenceAnswer::BodyBroke => {
+                "the client went away while sending the request body".to_string()
+            }
+            FenceAnswer::BodyMalformed => {
+                "the request body is malformed (broken chunked encoding)".to_string()
+            }
             FenceAnswer::BodyLate => {
-                "the request body did not arrive within upstream.request_timeout".to_string()
+                "the request body was not received within listen.body_timeout".to_string()
             }
             FenceAnswer::Conflict { key, .. } => {
                 format!("idempotency key {key:?} was used for another request")
@@ -82,6 +90,10 @@ impl FenceAnswer {
 /// idempotency header has its body read whole into `prefix` (bounded by `writes.max_body_bytes`) and
 /// hashed; the fence then lets it lead — `Ok(Some(..))`: the upstream executes it and its response
 /// becomes the key's receipt — or answers it itself (`Err`). A write without a key passes with `Ok(None)`.
+///
+/// The body is the client's to send by `body_deadline` (`listen.body_timeout` from the request's
+/// start); `request_timeout` bounds only the wait for another request executing the same key, from
+/// when this one's body is in.
 pub async fn admit(
     fence: &Arc<Fence>,
     settings: &FenceSettings,
@@ -89,7 +101,7 @@ pub async fn admit(
     parts: &mut Parts,
     body: &mut Incoming,
     prefix: &mut VecDeque<Frame<Bytes>>,
-    start: Instant,
+    body_deadline: tokio::time::Instant,
 ) -> Result<Option<(Lead, Fingerprint)>, FenceAnswer> {
     let key = match parts.headers.get(&settings.header) {
         None if settings.require_key => return Err(FenceAnswer::KeyRequired),
@@ -109,12 +121,12 @@ pub async fn admit(
     if declared.is_some_and(|n| n > settings.max_body_bytes as u64) {
         return Err(FenceAnswer::BodyTooLarge);
     }
+    let request = read_body(parts, body, prefix, settings.max_body_bytes, body_deadline).await?;
     // `request_timeout` is bounded by config, but a deadline is never worth an overflow panic.
-    let deadline = start.checked_add(request_timeout).map_or_else(
-        || tokio::time::Instant::now() + crate::config::MAX_DURATION,
-        tokio::time::Instant::from_std,
-    );
-    let request = read_body(parts, body, prefix, settings.max_body_bytes, deadline).await?;
+    let now = tokio::time::Instant::now();
+    let deadline = now
+        .checked_add(request_timeout)
+        .unwrap_or_else(|| now + crate::config::MAX_DURATION);
     // Another replica waits this long for a pending key should this one die while executing it.
     let lease = request_timeout.saturating_mul(2);
     match fence.admit(&key, request.clone(), deadline, lease).await {
@@ -127,7 +139,8 @@ pub async fn admit(
 }
 
 /// Reads the whole body into `prefix` (at most `max` bytes, by `deadline`), hashing it, and gives the
-/// request its length; returns the request's fingerprint.
+/// request its length; returns the request's fingerprint. A body that fails is the client's: broken
+/// framing (400), the client gone (499), too slow (408).
 async fn read_body(
     parts: &mut Parts,
     body: &mut Incoming,
@@ -155,6 +168,7 @@ async fn read_body(
     let len = match read {
         Ok(Ok(Some(len))) => len,
         Ok(Ok(None)) => return Err(FenceAnswer::BodyTooLarge),
+        Ok(Err(e)) if crate::guards::body_malformed(&e) => return Err(FenceAnswer::BodyMalformed),
         Ok(Err(_)) => return Err(FenceAnswer::BodyBroke),
         Err(_) => return Err(FenceAnswer::BodyLate),
     };

@@ -1,7 +1,8 @@
 //! Unit tests of the fence: receipts, fingerprints, the embedded store.
 
 use super::*;
-use http::HeaderValue;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
 
 fn fingerprint(body: &str) -> Fingerprint {
     let mut hash = BodyHash::default();
