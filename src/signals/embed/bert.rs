@@ -6,9 +6,21 @@
 //! weight missing from `model.safetensors` or of another shape than `config.json` says is an error at
 //! load time, never a panic at evaluation time.
 
+mod int8;
+
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
+
+use int8::Int8Linear;
+
+/// How the linear layers compute: [`Precision::Int8`] where the CPU has AVX-512 VNNI (see
+/// [`int8`]), else f32; [`Precision::F32`] always f32 (the reference the int8 vectors are held to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Int8,
+    F32,
+}
 
 /// The fields of a Hugging Face `config.json` the encoder needs.
 #[derive(Debug, Clone, Deserialize)]
@@ -53,13 +65,13 @@ pub struct Bert {
 }
 
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attention_out: Linear,
+    query: Dense,
+    key: Dense,
+    value: Dense,
+    attention_out: Dense,
     attention_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
+    intermediate: Dense,
+    output: Dense,
     output_norm: LayerNorm,
     heads: usize,
     head_size: usize,
@@ -69,7 +81,7 @@ struct Layer {
 
 impl Bert {
     /// Fetches every weight `config` implies from `vb`; the weights may sit under a `bert.` prefix.
-    pub fn load(vb: VarBuilder, config: &BertConfig) -> Result<Bert> {
+    pub fn load(vb: VarBuilder, config: &BertConfig, precision: Precision) -> Result<Bert> {
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
             vb.pp("bert")
         } else {
@@ -92,19 +104,21 @@ impl Bert {
             );
         }
         let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+        let dense =
+            |inp: usize, out: usize, vb: VarBuilder| Dense::new(linear(inp, out, vb)?, precision);
         let e = vb.pp("embeddings");
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let l = vb.pp(format!("encoder.layer.{i}"));
                 let a = l.pp("attention");
                 Ok(Layer {
-                    query: linear(h, h, a.pp("self.query"))?,
-                    key: linear(h, h, a.pp("self.key"))?,
-                    value: linear(h, h, a.pp("self.value"))?,
-                    attention_out: linear(h, h, a.pp("output.dense"))?,
+                    query: dense(h, h, a.pp("self.query"))?,
+                    key: dense(h, h, a.pp("self.key"))?,
+                    value: dense(h, h, a.pp("self.value"))?,
+                    attention_out: dense(h, h, a.pp("output.dense"))?,
                     attention_norm: layer_norm(h, eps, a.pp("output.LayerNorm"))?,
-                    intermediate: linear(h, config.intermediate_size, l.pp("intermediate.dense"))?,
-                    output: linear(config.intermediate_size, h, l.pp("output.dense"))?,
+                    intermediate: dense(h, config.intermediate_size, l.pp("intermediate.dense"))?,
+                    output: dense(config.intermediate_size, h, l.pp("output.dense"))?,
                     output_norm: layer_norm(h, eps, l.pp("output.LayerNorm"))?,
                     heads: config.num_attention_heads,
                     head_size: h / config.num_attention_heads,
@@ -179,6 +193,30 @@ impl Layer {
         };
         self.output_norm
             .forward(&(self.output.forward(&inner)? + attended)?)
+    }
+}
+
+/// One linear layer, int8 where the CPU and [`Precision`] allow it.
+enum Dense {
+    F32(Linear),
+    Int8(Int8Linear),
+}
+
+impl Dense {
+    fn new(linear: Linear, precision: Precision) -> Result<Dense> {
+        if precision == Precision::Int8 {
+            if let Some(q) = Int8Linear::new(linear.weight(), linear.bias())? {
+                return Ok(Dense::Int8(q));
+            }
+        }
+        Ok(Dense::F32(linear))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Dense::F32(l) => l.forward(x),
+            Dense::Int8(q) => q.forward(x),
+        }
     }
 }
 
