@@ -22,6 +22,17 @@ pub enum Precision {
     F32,
 }
 
+impl Precision {
+    /// What `signals.embedder = "local"` runs: int8 in optimised builds. Debug builds keep f32: there
+    /// the int8 kernel's intrinsics become function calls and it is slower than candle's f32
+    /// products, which Cargo.toml optimises even in dev builds.
+    pub const DEFAULT: Precision = if cfg!(debug_assertions) {
+        Precision::F32
+    } else {
+        Precision::Int8
+    };
+}
+
 /// The fields of a Hugging Face `config.json` the encoder needs.
 #[derive(Debug, Clone, Deserialize)]
 pub struct BertConfig {
@@ -65,9 +76,9 @@ pub struct Bert {
 }
 
 struct Layer {
-    query: Dense,
-    key: Dense,
-    value: Dense,
+    /// Query, key and value as one product (hidden → 3 · hidden): one pass over the activations, and
+    /// the query's columns pre-scaled by 1 / √head_size.
+    qkv: Dense,
     attention_out: Dense,
     attention_norm: LayerNorm,
     intermediate: Dense,
@@ -112,9 +123,7 @@ impl Bert {
                 let l = vb.pp(format!("encoder.layer.{i}"));
                 let a = l.pp("attention");
                 Ok(Layer {
-                    query: dense(h, h, a.pp("self.query"))?,
-                    key: dense(h, h, a.pp("self.key"))?,
-                    value: dense(h, h, a.pp("self.value"))?,
+                    qkv: fused_qkv(h, h / config.num_attention_heads, &a, precision)?,
                     attention_out: dense(h, h, a.pp("output.dense"))?,
                     attention_norm: layer_norm(h, eps, a.pp("output.LayerNorm"))?,
                     intermediate: dense(h, config.intermediate_size, l.pp("intermediate.dense"))?,
@@ -167,15 +176,15 @@ impl Bert {
 impl Layer {
     fn forward(&self, x: &Tensor, bias: &Tensor, gelu_exact: bool) -> Result<Tensor> {
         let (batch, seq, hidden) = x.dims3()?;
-        let split = |t: Tensor| {
-            t.reshape((batch, seq, self.heads, self.head_size))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.query.forward(x)?)?;
-        let k = split(self.key.forward(x)?)?;
-        let v = split(self.value.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_size as f64).sqrt())?.broadcast_add(bias)?;
+        // (batch, seq, 3 · hidden) → (3, batch, heads, seq, head_size) in one copy.
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((batch, seq, 3, self.heads, self.head_size))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
         let weights = candle_nn::ops::softmax_last_dim(&scores)?;
         let context = weights
             .matmul(&v)?
@@ -194,6 +203,22 @@ impl Layer {
         self.output_norm
             .forward(&(self.output.forward(&inner)? + attended)?)
     }
+}
+
+/// The query, key and value layers under `attention` stacked into one, the query's weights and bias
+/// multiplied by 1 / √head_size (the scaling of the scores, done once at load).
+fn fused_qkv(h: usize, head_size: usize, a: &VarBuilder, precision: Precision) -> Result<Dense> {
+    let scale = 1.0 / (head_size as f64).sqrt();
+    let q = linear(h, h, a.pp("self.query"))?;
+    let k = linear(h, h, a.pp("self.key"))?;
+    let v = linear(h, h, a.pp("self.value"))?;
+    let bias = |l: &Linear| match l.bias() {
+        Some(b) => Ok(b.clone()),
+        None => Tensor::zeros(h, DType::F32, l.weight().device()),
+    };
+    let weight = Tensor::cat(&[&(q.weight() * scale)?, k.weight(), v.weight()], 0)?;
+    let bias = Tensor::cat(&[&(bias(&q)? * scale)?, &bias(&k)?, &bias(&v)?], 0)?;
+    Dense::new(Linear::new(weight, Some(bias)), precision)
 }
 
 /// One linear layer, int8 where the CPU and [`Precision`] allow it.

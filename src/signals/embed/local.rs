@@ -62,9 +62,9 @@ pub struct Local {
 
 impl Local {
     /// Loads and checks the model folder `dir`; `max_tokens` truncates every input. The linear
-    /// layers run in int8 where the CPU can ([`Precision::Int8`]).
+    /// layers run at [`Precision::DEFAULT`] (int8 where the CPU can, in optimised builds).
     pub fn load(dir: &Path, max_tokens: usize, cache_entries: usize) -> Result<Local, LoadError> {
-        Local::load_with(dir, max_tokens, cache_entries, Precision::Int8)
+        Local::load_with(dir, max_tokens, cache_entries, Precision::DEFAULT)
     }
 
     /// [`Local::load`] at the given precision ([`Precision::F32`]: the reference vectors).
