@@ -6,9 +6,32 @@
 //! weight missing from `model.safetensors` or of another shape than `config.json` says is an error at
 //! load time, never a panic at evaluation time.
 
+mod int8;
+
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
+
+use int8::Int8Linear;
+
+/// How the linear layers compute: [`Precision::Int8`] where the CPU has AVX-512 VNNI (see
+/// [`int8`]), else f32; [`Precision::F32`] always f32 (the reference the int8 vectors are held to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Int8,
+    F32,
+}
+
+impl Precision {
+    /// What `signals.embedder = "local"` runs: int8 in optimised builds. Debug builds keep f32: there
+    /// the int8 kernel's intrinsics become function calls and it is slower than candle's f32
+    /// products, which Cargo.toml optimises even in dev builds.
+    pub const DEFAULT: Precision = if cfg!(debug_assertions) {
+        Precision::F32
+    } else {
+        Precision::Int8
+    };
+}
 
 /// The fields of a Hugging Face `config.json` the encoder needs.
 #[derive(Debug, Clone, Deserialize)]
@@ -53,13 +76,13 @@ pub struct Bert {
 }
 
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attention_out: Linear,
+    /// Query, key and value as one product (hidden → 3 · hidden): one pass over the activations, and
+    /// the query's columns pre-scaled by 1 / √head_size.
+    qkv: Dense,
+    attention_out: Dense,
     attention_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
+    intermediate: Dense,
+    output: Dense,
     output_norm: LayerNorm,
     heads: usize,
     head_size: usize,
@@ -69,7 +92,7 @@ struct Layer {
 
 impl Bert {
     /// Fetches every weight `config` implies from `vb`; the weights may sit under a `bert.` prefix.
-    pub fn load(vb: VarBuilder, config: &BertConfig) -> Result<Bert> {
+    pub fn load(vb: VarBuilder, config: &BertConfig, precision: Precision) -> Result<Bert> {
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
             vb.pp("bert")
         } else {
@@ -92,19 +115,19 @@ impl Bert {
             );
         }
         let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+        let dense =
+            |inp: usize, out: usize, vb: VarBuilder| Dense::new(linear(inp, out, vb)?, precision);
         let e = vb.pp("embeddings");
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let l = vb.pp(format!("encoder.layer.{i}"));
                 let a = l.pp("attention");
                 Ok(Layer {
-                    query: linear(h, h, a.pp("self.query"))?,
-                    key: linear(h, h, a.pp("self.key"))?,
-                    value: linear(h, h, a.pp("self.value"))?,
-                    attention_out: linear(h, h, a.pp("output.dense"))?,
+                    qkv: fused_qkv(h, h / config.num_attention_heads, &a, precision)?,
+                    attention_out: dense(h, h, a.pp("output.dense"))?,
                     attention_norm: layer_norm(h, eps, a.pp("output.LayerNorm"))?,
-                    intermediate: linear(h, config.intermediate_size, l.pp("intermediate.dense"))?,
-                    output: linear(config.intermediate_size, h, l.pp("output.dense"))?,
+                    intermediate: dense(h, config.intermediate_size, l.pp("intermediate.dense"))?,
+                    output: dense(config.intermediate_size, h, l.pp("output.dense"))?,
                     output_norm: layer_norm(h, eps, l.pp("output.LayerNorm"))?,
                     heads: config.num_attention_heads,
                     head_size: h / config.num_attention_heads,
@@ -153,15 +176,15 @@ impl Bert {
 impl Layer {
     fn forward(&self, x: &Tensor, bias: &Tensor, gelu_exact: bool) -> Result<Tensor> {
         let (batch, seq, hidden) = x.dims3()?;
-        let split = |t: Tensor| {
-            t.reshape((batch, seq, self.heads, self.head_size))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.query.forward(x)?)?;
-        let k = split(self.key.forward(x)?)?;
-        let v = split(self.value.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_size as f64).sqrt())?.broadcast_add(bias)?;
+        // (batch, seq, 3 · hidden) → (3, batch, heads, seq, head_size) in one copy.
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((batch, seq, 3, self.heads, self.head_size))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
         let weights = candle_nn::ops::softmax_last_dim(&scores)?;
         let context = weights
             .matmul(&v)?
@@ -179,6 +202,46 @@ impl Layer {
         };
         self.output_norm
             .forward(&(self.output.forward(&inner)? + attended)?)
+    }
+}
+
+/// The query, key and value layers under `attention` stacked into one, the query's weights and bias
+/// multiplied by 1 / √head_size (the scaling of the scores, done once at load).
+fn fused_qkv(h: usize, head_size: usize, a: &VarBuilder, precision: Precision) -> Result<Dense> {
+    let scale = 1.0 / (head_size as f64).sqrt();
+    let q = linear(h, h, a.pp("self.query"))?;
+    let k = linear(h, h, a.pp("self.key"))?;
+    let v = linear(h, h, a.pp("self.value"))?;
+    let bias = |l: &Linear| match l.bias() {
+        Some(b) => Ok(b.clone()),
+        None => Tensor::zeros(h, DType::F32, l.weight().device()),
+    };
+    let weight = Tensor::cat(&[&(q.weight() * scale)?, k.weight(), v.weight()], 0)?;
+    let bias = Tensor::cat(&[&(bias(&q)? * scale)?, &bias(&k)?, &bias(&v)?], 0)?;
+    Dense::new(Linear::new(weight, Some(bias)), precision)
+}
+
+/// One linear layer, int8 where the CPU and [`Precision`] allow it.
+enum Dense {
+    F32(Linear),
+    Int8(Int8Linear),
+}
+
+impl Dense {
+    fn new(linear: Linear, precision: Precision) -> Result<Dense> {
+        if precision == Precision::Int8 {
+            if let Some(q) = Int8Linear::new(linear.weight(), linear.bias())? {
+                return Ok(Dense::Int8(q));
+            }
+        }
+        Ok(Dense::F32(linear))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Dense::F32(l) => l.forward(x),
+            Dense::Int8(q) => q.forward(x),
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
+pub use crate::signals::embed::bert::Precision;
 use crate::signals::embed::bert::{self, Bert, BertConfig};
 use crate::signals::embed::cache::VectorCache;
 use crate::signals::embed::{EmbedError, Embedder};
@@ -60,8 +61,19 @@ pub struct Local {
 // === impl Local ===
 
 impl Local {
-    /// Loads and checks the model folder `dir`; `max_tokens` truncates every input.
+    /// Loads and checks the model folder `dir`; `max_tokens` truncates every input. The linear
+    /// layers run at [`Precision::DEFAULT`] (int8 where the CPU can, in optimised builds).
     pub fn load(dir: &Path, max_tokens: usize, cache_entries: usize) -> Result<Local, LoadError> {
+        Local::load_with(dir, max_tokens, cache_entries, Precision::DEFAULT)
+    }
+
+    /// [`Local::load`] at the given precision ([`Precision::F32`]: the reference vectors).
+    pub fn load_with(
+        dir: &Path,
+        max_tokens: usize,
+        cache_entries: usize,
+        precision: Precision,
+    ) -> Result<Local, LoadError> {
         // candle hands row-wise work (softmax, layer norm) to rayon's global pool: one thread, at the
         // evaluation threads' low priority, so the model never competes with traffic. An error means
         // the pool exists already (a second load, or an embedding host that built its own).
@@ -121,7 +133,7 @@ impl Local {
         // process, while a bad buffer is only an error.
         let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu)
             .map_err(|e| load_error(&weights_path, format!("not a safetensors file: {e}")))?;
-        let model = Bert::load(vb, &config).map_err(|e| {
+        let model = Bert::load(vb, &config, precision).map_err(|e| {
             load_error(
                 &weights_path,
                 format!("does not match config.json: {}", first_line(&e)),
