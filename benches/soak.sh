@@ -10,6 +10,9 @@
 #                                                           DG_BIN is never built)
 #                                         SOAK_PACE=0.02    seconds each load thread sleeps between requests
 #                                         SOAK_OUT=file     also copy the report to this file
+#                                         SOAK_WRITES_TTL=  writes.ttl for the run (default: the config's
+#                                                           48 h, so the receipt file grows all run; e.g.
+#                                                           "2m" lets the purge keep it at a steady size)
 #
 # What runs, all on 127.0.0.1, free ports, one mktemp dir:
 #   upstreams  two arms, "baseline" and "canary" (weights 50/50), each a small Python stdlib HTTP/1.1
@@ -51,6 +54,9 @@ set -euo pipefail
 SOAK_SECS=${SOAK_SECS:-600}
 SOAK_PACE=${SOAK_PACE:-0.02}
 SOAK_OUT=${SOAK_OUT:-}
+SOAK_WRITES_TTL=${SOAK_WRITES_TTL:-}
+TTL_LINE=
+[[ -z $SOAK_WRITES_TTL ]] || TTL_LINE="ttl = \"$SOAK_WRITES_TTL\""
 NO_BUILD=${NO_BUILD:-}
 DG_BIN=${DG_BIN:-}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -384,6 +390,7 @@ open_for = "5s"
 
 [writes]
 routes = ["POST /ingest"]
+$TTL_LINE
 
 [rules]
 dry_run = true
