@@ -91,7 +91,15 @@ const SCENARIOS: [Scenario; 2] = [
     Scenario {
         name: "off-topic canary (quality)",
         mode: OFF_TOPIC,
-        rules: &["delta_s_p95_drift", "delta_s_p50_drift", "coverage"],
+        // An off-topic answer is the answer probe's (retrieved → answer) to judge; the combined view
+        // and coverage stay acceptable names for the same fault.
+        rules: &[
+            "answer_drift_p95",
+            "answer_drift_p50",
+            "delta_s_p95_drift",
+            "delta_s_p50_drift",
+            "coverage",
+        ],
     },
     Scenario {
         name: "canary with 10 % 5xx",
