@@ -243,8 +243,7 @@ async fn guards<'a>(
     let mut reserved = None;
     if let (Some(budget), Some(peek)) = (x.cx.budget(), settings.budget) {
         if h::carries_query(parts) {
-            let deadline = body_deadline;
-            reserved = admission::admit(budget, peek, deadline, body, &parts.headers, prefix)
+            reserved = admission::admit(budget, peek, body_deadline, body, &parts.headers, prefix)
                 .await
                 .map_err(Refused::Budget)?;
         }
