@@ -76,6 +76,25 @@ async fn proxy_errors(client: &HttpClient, proxy: &Proxy, kind: &str) -> Option<
     metric(&samples, "driftguard_proxy_errors_total", &[("kind", kind)])
 }
 
+/// The request never reached the upstream, left the arm [`untouched`], and `driftguard_proxy_errors_total`
+/// holds exactly `counts` (kind, count) for the kinds named.
+async fn only_the_client_was_charged(
+    client: &HttpClient,
+    proxy: &Proxy,
+    upstream: &Upstream,
+    counts: &[(&str, f64)],
+) {
+    assert_eq!(upstream.request_count(), 0, "nothing reached the upstream");
+    untouched(&main_arm(client, proxy).await);
+    for &(kind, count) in counts {
+        assert_eq!(
+            proxy_errors(client, proxy, kind).await,
+            Some(count),
+            "{kind}"
+        );
+    }
+}
+
 /// A fenced write with a malformed chunked body: 400, its key left free (a good retry executes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_chunked_write_is_a_400_not_the_arms() {
@@ -91,16 +110,13 @@ async fn a_malformed_chunked_write_is_a_400_not_the_arms() {
     let (status, body) = raw(proxy.proxy, &request).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"], "bad_request", "{body}");
-    assert_eq!(upstream.request_count(), 0, "nothing reached the upstream");
-    untouched(&main_arm(&client, &proxy).await);
-    assert_eq!(
-        proxy_errors(&client, &proxy, "bad_request").await,
-        Some(1.0)
-    );
-    assert_eq!(
-        proxy_errors(&client, &proxy, "client_closed").await,
-        Some(0.0)
-    );
+    only_the_client_was_charged(
+        &client,
+        &proxy,
+        &upstream,
+        &[("bad_request", 1.0), ("client_closed", 0.0)],
+    )
+    .await;
 
     let retry = post_json(
         &client,
@@ -127,12 +143,7 @@ async fn a_malformed_chunked_body_the_budget_reads_is_a_400() {
     let (status, body) = raw(proxy.proxy, &request).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"], "bad_request", "{body}");
-    assert_eq!(upstream.request_count(), 0, "nothing reached the upstream");
-    untouched(&main_arm(&client, &proxy).await);
-    assert_eq!(
-        proxy_errors(&client, &proxy, "client_closed").await,
-        Some(0.0)
-    );
+    only_the_client_was_charged(&client, &proxy, &upstream, &[("client_closed", 0.0)]).await;
 }
 
 /// A fenced write trickling its body is answered 408 after `listen.body_timeout` (1 s), not after the
@@ -175,16 +186,13 @@ async fn a_slow_fenced_upload_is_timed_by_the_body_timeout() {
         took >= Duration::from_millis(900),
         "408 before the body timeout ({took:?})"
     );
-    assert_eq!(upstream.request_count(), 0, "nothing reached the upstream");
-    untouched(&main_arm(&client, &proxy).await);
-    assert_eq!(
-        proxy_errors(&client, &proxy, "body_timeout").await,
-        Some(1.0)
-    );
-    assert_eq!(
-        proxy_errors(&client, &proxy, "upstream_timeout").await,
-        Some(0.0)
-    );
+    only_the_client_was_charged(
+        &client,
+        &proxy,
+        &upstream,
+        &[("body_timeout", 1.0), ("upstream_timeout", 0.0)],
+    )
+    .await;
 }
 
 /// A fenced write whose upload takes longer than the arm's `request_timeout` (300 ms) but well within
