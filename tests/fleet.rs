@@ -1234,7 +1234,8 @@ async fn the_winner_killed_after_its_trip_leaves_one_fleet_state() {
     let tripped = wait_all(
         &client,
         &[&r2, &r3],
-        Duration::from_secs(5),
+        // Convergence, not speed, is what this test holds: a loaded CI machine gets the wide margin.
+        WAIT,
         "r2 and r3 rolled back after the winner died",
         rolled_back,
     )
@@ -1255,7 +1256,8 @@ async fn the_winner_killed_after_its_trip_leaves_one_fleet_state() {
     let healthy = wait_all(
         &client,
         &[&r2, &r3],
-        Duration::from_secs(5),
+        // Convergence, not speed, is what this test holds: a loaded CI machine gets the wide margin.
+        WAIT,
         "recovered",
         |s| s["guard"]["state"] == "healthy",
     )
