@@ -119,9 +119,8 @@ fn scores_of_known_exchanges_are_pinned() {
         .iter()
         .map(|e| evaluator.score(e, &df).expect("hashed never fails"))
         .collect();
-    let expected: [(u64, u64, u64, Option<u64>, Option<f64>); 3] = PINNED;
-    assert_eq!(got.len(), expected.len());
-    for (s, (qr, ra, max, coverage, retrieval)) in got.iter().zip(expected) {
+    assert_eq!(got.len(), PINNED.len());
+    for (s, (qr, ra, max, coverage, retrieval)) in got.iter().zip(PINNED) {
         assert_eq!(s.delta_s_qr.to_bits(), qr, "{s:?}");
         assert_eq!(s.delta_s_ra.to_bits(), ra, "{s:?}");
         assert_eq!(s.delta_s.to_bits(), max, "{s:?}");
@@ -133,7 +132,10 @@ fn scores_of_known_exchanges_are_pinned() {
     }
 }
 
-const PINNED: [(u64, u64, u64, Option<u64>, Option<f64>); 3] = [
+/// The bits of (ΔS qr, ΔS ra, ΔS, coverage) and the retrieval coverage of each pinned exchange.
+type Pinned = (u64, u64, u64, Option<u64>, Option<f64>);
+
+const PINNED: [Pinned; 3] = [
     (
         0x3fc7_828d_dac7_2cfb,
         0x3fdb_6477_7b68_7de1,
