@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::{EmbedderKind, LocalEmbedder, Signals as SignalsConfig};
 use crate::signals::embed::Embedder;
+use crate::signals::exchange::{self, Texts};
 use crate::signals::extract::{Extracted, Extractor};
-use crate::signals::measure;
-use crate::signals::retrieval::{self, DocFrequency};
+use crate::signals::retrieval::DocFrequency;
 use crate::signals::EvalError;
 
 /// What the workers need, swapped as a whole on reload.
@@ -64,33 +64,22 @@ impl Evaluator {
     /// frequency sketch of the arm the exchange went to (locked only while retrieval coverage is
     /// measured, not while embedding).
     pub fn score(&self, e: &Extracted, df: &Mutex<DocFrequency>) -> Result<Scored, EvalError> {
-        let question = e.question.as_deref().unwrap_or_default();
-        let answer = e.answer.as_deref().unwrap_or_default();
-        let anchor = e.anchor.as_deref().unwrap_or(answer);
-        let mut texts: Vec<&str> = Vec::with_capacity(e.chunks.len() + 2);
-        texts.push(question);
-        texts.extend(e.chunks.iter().map(String::as_str));
-        texts.push(anchor);
-        let vectors = self.embedder.embed_batch(&texts)?;
-        let (q, rest) = vectors
-            .split_first()
-            .ok_or(EvalError::Setup("the embedder returned no vectors".into()))?;
-        let (a, chunks) = rest.split_last().ok_or(EvalError::Setup(
-            "the embedder returned too few vectors".into(),
-        ))?;
-        let ds = measure::delta_s_probes(q, chunks, a)
-            .calibrated(|probe, raw| self.embedder.calibrate(probe, raw));
-        let chunk_texts: Vec<&str> = e.chunks.iter().map(String::as_str).collect();
-        let retrieval_coverage = {
-            let mut df = df.lock().unwrap_or_else(|p| p.into_inner());
-            retrieval::retrieval_coverage(question, &chunk_texts, &mut df)
+        let texts = Texts {
+            question: e.question.as_deref().unwrap_or_default(),
+            chunks: &e.chunks,
+            answer: e.answer.as_deref().unwrap_or_default(),
+            anchor: e.anchor.as_deref(),
         };
+        let measured = exchange::measure(self.embedder.as_ref(), texts, df)?;
+        let ds = measured
+            .delta_s
+            .calibrated(|probe, raw| self.embedder.calibrate(probe, raw));
         Ok(Scored {
-            retrieval_coverage,
+            retrieval_coverage: measured.retrieval_coverage,
             delta_s_qr: ds.qr,
             delta_s_ra: ds.ra,
             delta_s: ds.max,
-            coverage: measure::coverage(answer, &chunk_texts),
+            coverage: measured.coverage,
         })
     }
 }

@@ -61,3 +61,100 @@ fn the_evaluation_thread_gives_way_to_any_other_thread() {
     }
     panic!("the evaluation thread's scheduling policy is {seen:?}, not SCHED_IDLE");
 }
+
+/// Exchanges that exercise every path of the scoring: ASCII and non-ASCII words, digits, stopwords,
+/// repeats, stemming, a gold anchor, an empty chunk, and a question with no content tokens.
+fn pinned_exchanges() -> Vec<crate::signals::extract::Extracted> {
+    use crate::signals::extract::Extracted;
+    let piece = |s: &str| Some(s.to_string());
+    vec![
+        Extracted {
+            question: piece("How do I roll back the canary when the index alias points at the wrong version?"),
+            chunks: vec![
+                "Rolling back a canary release starts with setting its traffic weight to zero; \
+                 the router swaps its routing table atomically."
+                    .into(),
+                "The index alias is a pointer from a stable name, such as docs_current, to one \
+                 physical index version. Flip the alias back to the last known good version."
+                    .into(),
+                "Version pins: BUILD_ID, GIT_SHA, MODEL_VER, INDEX_HASH 4711 and 2024 releases.".into(),
+            ],
+            answer: piece(
+                "Set the canary's weight to zero, then flip the index alias back to the last good \
+                 INDEX_HASH and rotate the cache namespace; watch recovery.",
+            ),
+            ..Extracted::default()
+        },
+        Extracted {
+            question: piece("Wie setze ich den Größenindex zurück? Ωμέγα straße naïve café"),
+            chunks: vec![
+                "Der Größenindex wird über die Straße zurückgesetzt: naïve Cafés, ΣΊΣΥΦΟΣ und Ωμέγα."
+                    .into(),
+                String::new(),
+                "Nothing in common here, only words words words and 12345 numbers.".into(),
+            ],
+            answer: piece("Den Größenindex setzt man über die Straße zurück, wie im Café."),
+            anchor: piece("Größenindex Straße zurücksetzen"),
+            ..Extracted::default()
+        },
+        Extracted {
+            question: piece("the of and"),
+            chunks: vec!["Stations, creations and things: testing the runners quickly.".into()],
+            answer: piece("Testing stations quickly: the runners' creations."),
+            ..Extracted::default()
+        },
+    ]
+}
+
+/// The scores of known exchanges, bit for bit (computed once with the reference implementation):
+/// any change to the word split, the features, the hash, the stemming or the order of the float
+/// sums shows here. Retrieval coverage is compared within 1e-12: its sums ran over a `HashSet`, in
+/// an order that changed between processes.
+#[test]
+fn scores_of_known_exchanges_are_pinned() {
+    let evaluator =
+        Evaluator::from_config(&SignalsConfig::default()).expect("the default evaluator");
+    let df = Mutex::new(DocFrequency::default());
+    let got: Vec<_> = pinned_exchanges()
+        .iter()
+        .map(|e| evaluator.score(e, &df).expect("hashed never fails"))
+        .collect();
+    assert_eq!(got.len(), PINNED.len());
+    for (s, (qr, ra, max, coverage, retrieval)) in got.iter().zip(PINNED) {
+        assert_eq!(s.delta_s_qr.to_bits(), qr, "{s:?}");
+        assert_eq!(s.delta_s_ra.to_bits(), ra, "{s:?}");
+        assert_eq!(s.delta_s.to_bits(), max, "{s:?}");
+        assert_eq!(s.coverage.map(f64::to_bits), coverage, "{s:?}");
+        match (s.retrieval_coverage, retrieval) {
+            (Some(a), Some(b)) => assert!((a - b).abs() < 1e-12, "{s:?}"),
+            (a, b) => assert_eq!(a, b, "{s:?}"),
+        }
+    }
+}
+
+/// The bits of (ΔS qr, ΔS ra, ΔS, coverage) and the retrieval coverage of each pinned exchange.
+type Pinned = (u64, u64, u64, Option<u64>, Option<f64>);
+
+const PINNED: [Pinned; 3] = [
+    (
+        0x3fc7_828d_dac7_2cfb,
+        0x3fdb_6477_7b68_7de1,
+        0x3fdb_6477_7b68_7de1,
+        Some(0x3fe4_0000_0000_0000),
+        Some(0.875),
+    ),
+    (
+        0x3fc7_ea5c_e680_7bbf,
+        0x3fe7_7af0_c239_24d3,
+        0x3fe7_7af0_c239_24d3,
+        Some(0x3fe0_0000_0000_0000),
+        Some(0.5),
+    ),
+    (
+        0x3fd1_4055_c179_5bf9,
+        0x3fbe_0233_29cd_e4a7,
+        0x3fd1_4055_c179_5bf9,
+        Some(0x3ff0_0000_0000_0000),
+        None,
+    ),
+];

@@ -58,6 +58,12 @@ pub trait Embedder: Send + Sync {
         raw
     }
 
+    /// The built-in [`Hashed`] embedder when this is it: the evaluation then embeds the words it
+    /// split once for all its measures instead of the texts (same vectors, less work).
+    fn hashed(&self) -> Option<Hashed> {
+        None
+    }
+
     /// The vector of one text.
     fn embed(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
         let mut vectors = self.embed_batch(&[text])?;
@@ -158,7 +164,7 @@ pub fn centroid(vectors: &[Vec<f32>]) -> Vec<f32> {
 }
 
 /// Scales `v` to unit length in place; zeros when `|v|` is zero or not finite.
-fn normalise(v: &mut [f32]) {
+pub(crate) fn normalise(v: &mut [f32]) {
     let norm = norm(v);
     if norm == 0.0 || !norm.is_finite() {
         v.fill(0.0);

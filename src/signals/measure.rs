@@ -297,13 +297,17 @@ fn is_stopword(word: &str) -> bool {
 /// scripts' digits), not a stopword.
 fn is_content(word: &Word) -> bool {
     word.chars >= 3
-        && !word.text.chars().all(char::is_numeric)
+        && !(if word.is_ascii() {
+            word.text.bytes().all(|b| b.is_ascii_digit())
+        } else {
+            word.text.chars().all(char::is_numeric)
+        })
         && !(word.text.len() <= STOPWORD_MAX_LEN
             && is_stopword_hashed(word.text, word.hash_prefix(STOPWORD_STATE, word.text.len())))
 }
 
 /// The stem of a content token.
-fn content_stem<'a>(word: &Word<'a>) -> Option<&'a str> {
+pub(crate) fn content_stem<'a>(word: &Word<'a>) -> Option<&'a str> {
     if !is_content(word) {
         return None;
     }
@@ -336,6 +340,14 @@ pub fn coverage(answer: &str, chunks: &[&str]) -> Option<f64> {
     })
 }
 
+/// [`coverage`] of texts already split: the evaluation splits each text once for all its measures.
+pub(crate) fn coverage_of_words(answer: &Words, chunks: &[Words]) -> Option<f64> {
+    COVERAGE.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => scratch.stems.coverage(answer, chunks),
+        Err(_) => Stems::default().coverage(answer, chunks),
+    })
+}
+
 /// Bits of the answer-stem prefix filter of [`coverage`] (a power of two).
 const PREFIX_BITS: usize = 4096;
 /// An odd constant for the multiplicative hash of the prefix filter.
@@ -346,9 +358,15 @@ thread_local! {
     static COVERAGE: RefCell<CoverageScratch> = RefCell::new(CoverageScratch::default());
 }
 
+#[derive(Default)]
 struct CoverageScratch {
+    /// The splits of [`coverage`]'s texts.
     answer: Words,
-    chunk: Words,
+    chunks: Vec<Words>,
+    stems: Stems,
+}
+
+struct Stems {
     /// The answer's distinct stems: an open-addressing set (linear probing), emptied after each use.
     stems: Vec<Stem>,
     /// Start state of the stem hash, random per thread: texts cannot be crafted to collide in
@@ -365,11 +383,9 @@ struct Stem {
     found: bool,
 }
 
-impl Default for CoverageScratch {
+impl Default for Stems {
     fn default() -> Self {
-        CoverageScratch {
-            answer: Words::default(),
-            chunk: Words::default(),
+        Stems {
             stems: Vec::new(),
             state: mix(fastrand::u64(..), 5),
         }
@@ -378,13 +394,21 @@ impl Default for CoverageScratch {
 
 impl CoverageScratch {
     fn coverage(&mut self, answer: &str, chunks: &[&str]) -> Option<f64> {
-        let CoverageScratch {
-            answer: answer_words,
-            chunk: chunk_words,
-            stems,
-            state,
-        } = self;
-        answer_words.split(answer);
+        self.answer.split(answer);
+        if self.chunks.len() < chunks.len() {
+            self.chunks.resize_with(chunks.len(), Words::default);
+        }
+        for (words, chunk) in self.chunks.iter_mut().zip(chunks) {
+            words.split(chunk);
+        }
+        let split = self.chunks.get(..chunks.len()).unwrap_or_default();
+        self.stems.coverage(&self.answer, split)
+    }
+}
+
+impl Stems {
+    fn coverage(&mut self, answer_words: &Words, chunks: &[Words]) -> Option<f64> {
+        let Stems { stems, state } = self;
         let capacity = (2 * answer_words.len()).next_power_of_two().max(16);
         if stems.len() < capacity {
             stems.resize(capacity, Stem::default());
@@ -440,8 +464,7 @@ impl CoverageScratch {
         // Chunk words are only looked up, stem first; the full content test runs on hits alone, and
         // the scan stops once every answer stem is found.
         let mut found = 0u32;
-        'chunks: for chunk in chunks {
-            chunk_words.split(chunk);
+        'chunks: for chunk_words in chunks {
             for word in chunk_words.iter() {
                 if word.chars < 3 {
                     continue;

@@ -4,10 +4,11 @@
 //! [`extract`] finds the question, chunks and answer in the bodies, [`usage`] reads the token usage
 //! (for extraction and for the budget in `guards`), [`embed`] turns text into vectors (`hashed` built in,
 //! `openai` for a remote endpoint, `local` for a model run in process), [`measure`] holds the SPEC
-//! definitions, [`retrieval`] the IDF-weighted retrieval coverage and its bounded document-frequency
+//! definitions, [`exchange`] runs them all on one exchange's texts split once, [`retrieval`] the IDF-weighted retrieval coverage and its bounded document-frequency
 //! sketch, and [`priority`] is the CPU priority all signal work runs at.
 
 pub mod embed;
+pub mod exchange;
 pub mod extract;
 pub mod measure;
 pub mod priority;

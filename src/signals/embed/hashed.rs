@@ -41,10 +41,21 @@ pub struct Hashed;
 impl Hashed {
     /// The vector of one text. Infallible, unlike [`Embedder::embed`].
     pub fn vector(&self, text: &str) -> Vec<f32> {
+        let mut vector = vec![0.0f32; DIMS];
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut scratch) => scratch.embed(text),
+            Ok(mut scratch) => scratch.embed(text, &mut vector),
             // Unreachable (embedding never re-enters), but costs nothing to survive.
-            Err(_) => Scratch::default().embed(text),
+            Err(_) => Scratch::default().embed(text, &mut vector),
+        });
+        vector
+    }
+
+    /// The vector of a text already split into `words`, written into `out` ([`DIMS`] long): what
+    /// the evaluation calls, as it splits each text once for all its measures. Allocates nothing.
+    pub(crate) fn vector_of(&self, words: &Words, out: &mut [f32]) {
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut scratch) => scratch.features.embed(words, out),
+            Err(_) => Features::default().embed(words, out),
         })
     }
 }
@@ -60,6 +71,10 @@ impl Embedder for Hashed {
 
     fn embed(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
         Ok(self.vector(text))
+    }
+
+    fn hashed(&self) -> Option<Hashed> {
+        Some(*self)
     }
 
     fn calibrate(&self, probe: Probe, raw: f64) -> f64 {
@@ -139,12 +154,19 @@ pub fn features(text: &str) -> Vec<String> {
 }
 
 thread_local! {
-    /// Per-thread buffers of [`Hashed`], reused so that embedding allocates only the output vector.
+    /// Per-thread buffers of [`Hashed`], reused so that embedding allocates at most the output vector.
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
+#[derive(Default)]
 struct Scratch {
+    /// The split of [`Hashed::vector`]'s text.
     words: Words,
+    features: Features,
+}
+
+/// The feature counting of one text.
+struct Features {
     /// Open-addressing feature → tf table (linear probing; `count == 0` marks an empty slot). Its
     /// slots are emptied again after each text.
     table: Vec<Slot>,
@@ -160,14 +182,13 @@ struct Slot {
     count: u32,
 }
 
-impl Default for Scratch {
+impl Default for Features {
     fn default() -> Self {
         let mut weights = [0.0; 64];
         for (tf, w) in weights.iter_mut().enumerate() {
             *w = weight(tf as u32);
         }
-        Scratch {
-            words: Words::default(),
+        Features {
             table: Vec::new(),
             filled: Vec::new(),
             weights,
@@ -180,16 +201,25 @@ fn weight(tf: u32) -> f32 {
 }
 
 impl Scratch {
-    fn embed(&mut self, text: &str) -> Vec<f32> {
-        let Scratch {
-            words,
+    fn embed(&mut self, text: &str, out: &mut [f32]) {
+        self.words.split(text);
+        self.features.embed(&self.words, out);
+    }
+}
+
+impl Features {
+    /// Writes the vector of `words` into `out` (its first [`DIMS`] values; zeros for no words).
+    fn embed(&mut self, words: &Words, out: &mut [f32]) {
+        let Features {
             table,
             filled,
             weights,
         } = self;
-        words.split(text);
+        let dims = out.len().min(DIMS);
+        let vector = &mut out[..dims];
+        vector.fill(0.0);
         if words.len() == 0 {
-            return vec![0.0; DIMS];
+            return;
         }
         // At most one distinct feature per word, per bigram and per char (a word of n chars has n
         // 3-grams): with room for 3/2 of that, linear probing rarely goes past the first slot.
@@ -241,7 +271,6 @@ impl Scratch {
             }
         }
 
-        let mut vector = vec![0.0f32; DIMS];
         for &i in &filled[..n] {
             let Slot { hash, count } = std::mem::take(&mut table[i]);
             let w = weights
@@ -251,10 +280,11 @@ impl Scratch {
             // The sign bit of the hash onto the weight: a branch on it would be mispredicted half the
             // time.
             let signed = f32::from_bits(w.to_bits() ^ (((hash >> 63) as u32) << 31));
-            vector[(hash % DIMS as u64) as usize] += signed;
+            if let Some(x) = vector.get_mut((hash % DIMS as u64) as usize) {
+                *x += signed;
+            }
         }
-        normalise(&mut vector);
-        vector
+        normalise(vector);
     }
 }
 

@@ -395,3 +395,39 @@ fn split_matches_a_char_by_char_reference() {
         }
     }
 }
+
+/// Vectors of texts that take every path of the split and the feature loop (ASCII blocks, non-ASCII
+/// chars, words longer than 8 bytes, repeats past the tf table, digits), bit for bit as a checksum
+/// over (dim, f32 bits), computed once with the reference implementation.
+#[test]
+fn vectors_are_pinned_bit_for_bit() {
+    let long = "repeat ".repeat(80);
+    let texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Der Größenindex wird über die Straße zurückgesetzt: naïve Cafés, ΣΊΣΥΦΟΣ und Ωμέγα.",
+        "Version pins: BUILD_ID, GIT_SHA, MODEL_VER, INDEX_HASH 4711; internationalisation-ready!",
+        long.as_str(),
+        "",
+    ];
+    let sums: Vec<u64> = texts
+        .iter()
+        .map(|text| {
+            Hashed
+                .vector(text)
+                .iter()
+                .enumerate()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, (i, x)| {
+                    (h ^ ((i as u64) << 32 | u64::from(x.to_bits()))).wrapping_mul(0x0100_0000_01b3)
+                })
+        })
+        .collect();
+    assert_eq!(sums, PINNED_SUMS);
+}
+
+const PINNED_SUMS: [u64; 5] = [
+    0xfe66_e665_45ef_f465,
+    0xa32e_131e_141e_191f,
+    0x4144_a797_070a_2e43,
+    0x915b_f73a_791f_023c,
+    0x70f4_dd63_df28_7325,
+];
