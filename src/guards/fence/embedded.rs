@@ -20,11 +20,11 @@ use super::{FenceError, Receipt};
 /// fsync costs far more than that.
 const RECEIPT_CACHE_BYTES: usize = 2 << 20;
 
-/// Most receipts one purge transaction deletes. A write transaction keeps every page it dirties (and the
-/// pages it frees) until its commit, and redb reuses freed pages only after a later commit: purging an
-/// hour of expired keys in one transaction copied most of the tree at once and grew the file (and the
-/// heap holding the dirty pages) by that much. Bounded rounds keep both at a few hundred keys' worth,
-/// and each round's freed pages are reused by the next.
+/// Most receipts one purge transaction deletes. A write transaction copies every tree page it changes
+/// to a new page, and redb reuses the old ones only after a later commit: purging minutes of expired
+/// keys in one transaction rewrote most of the tree at once and grew the file to hold both copies (the
+/// soak with a 2-minute ttl: 5.6 -> 30.1 MB at the first purge, then kept). Rounds of a few hundred keys
+/// each free pages the next rounds and writes reuse (same soak: steady at 10.7 MB).
 pub(super) const PURGE_BATCH: usize = 256;
 
 const RECEIPTS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("receipts");
