@@ -14,7 +14,7 @@ use driftguard::cmd::{check, demo, eval, inject, operate};
 /// chunks (malloc_info: 2.3 -> 5.0 MB free inside them over three minutes, in use flat). The steps came
 /// when the receipt store grew its file, which drops and refills redb's page cache (hundreds of 4 KiB
 /// buffers) from whichever blocking thread runs the transaction. jemalloc purges freed pages to the OS
-/// on a ~10 s decay, so the RSS follows the live heap (soak: +1.5 to +2.9 % instead of +12 to +21 %).
+/// on a ~10 s decay, so the RSS follows the live heap (soak: +1.5 to +4.6 % instead of +12 to +21 %).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
