@@ -6,6 +6,7 @@
 //! weight missing from `model.safetensors` or of another shape than `config.json` says is an error at
 //! load time, never a panic at evaluation time.
 
+mod attention;
 mod int8;
 mod simd;
 
@@ -182,11 +183,27 @@ impl Bert {
 
 impl Layer {
     fn forward(&self, x: &Tensor, bias: &Tensor, gelu: Epilogue, fast: bool) -> Result<Tensor> {
-        let (batch, seq, hidden) = x.dims3()?;
+        let qkv = self.qkv.forward(x)?;
+        let context = if fast && attention::supports(self.head_size) {
+            attention::attention(&qkv, bias, self.heads, self.head_size)?
+        } else {
+            self.attention(&qkv, bias, fast)?
+        };
+        let attended = self
+            .attention_norm
+            .forward(&self.attention_out.forward(&context)?, x)?;
+        let inner = self.intermediate.forward_then(&attended, gelu)?;
+        self.output_norm
+            .forward(&self.output.forward(&inner)?, &attended)
+    }
+
+    /// Self-attention with candle's operations: `qkv` `(batch, seq, 3 · hidden)` → the context
+    /// `(batch, seq, hidden)`.
+    fn attention(&self, qkv: &Tensor, bias: &Tensor, fast: bool) -> Result<Tensor> {
+        let (batch, seq, width) = qkv.dims3()?;
+        let hidden = width / 3;
         // (batch, seq, 3 · hidden) → (3, batch, heads, seq, head_size) in one copy.
-        let qkv = self
-            .qkv
-            .forward(x)?
+        let qkv = qkv
             .reshape((batch, seq, 3, self.heads, self.head_size))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;
@@ -197,17 +214,11 @@ impl Layer {
         } else {
             candle_nn::ops::softmax_last_dim(&scores.broadcast_add(bias)?)?
         };
-        let context = weights
+        weights
             .matmul(&v)?
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((batch, seq, hidden))?;
-        let attended = self
-            .attention_norm
-            .forward(&self.attention_out.forward(&context)?, x)?;
-        let inner = self.intermediate.forward_then(&attended, gelu)?;
-        self.output_norm
-            .forward(&self.output.forward(&inner)?, &attended)
+            .reshape((batch, seq, hidden))
     }
 }
 
