@@ -55,7 +55,8 @@ impl CustomOp2 for Attention {
         if l2.shape().dims4()? != (batch, 1, 1, seq) {
             bail!("attention: bias {:?} for {:?}", l2.shape(), l1.shape());
         }
-        let mut out = vec![0f32; batch * seq * hidden];
+        // Not zeroed first: the kernel writes every element of every text.
+        let mut out = Vec::<f32>::with_capacity(batch * seq * hidden);
         #[cfg(target_arch = "x86_64")]
         {
             let shape = kernels::Shape {
@@ -63,15 +64,18 @@ impl CustomOp2 for Attention {
                 heads: self.heads,
                 head: self.head_size,
             };
-            for ((qkv, bias), out) in qkv
+            for (b, (qkv, bias)) in qkv
                 .chunks_exact(seq * width)
                 .zip(bias.chunks_exact(seq))
-                .zip(out.chunks_exact_mut(seq * hidden))
+                .enumerate()
             {
                 // SAFETY: built only with the int8 layers, i.e. where `int8::available()` (AVX-512)
-                // holds; the buffers have the sizes checked above.
-                unsafe { kernels::text(qkv, bias, shape, out) };
+                // holds; the buffers have the sizes checked above; `text` stores all `seq · hidden`
+                // values of its text (every row block of every head).
+                unsafe { kernels::text(qkv, bias, shape, out.as_mut_ptr().add(b * seq * hidden)) };
             }
+            // SAFETY: every text's values were written just above.
+            unsafe { out.set_len(batch * seq * hidden) };
         }
         #[cfg(not(target_arch = "x86_64"))]
         bail!("attention: x86-64 only");
@@ -95,9 +99,9 @@ mod kernels {
         pub head: usize,
     }
 
-    /// One text: `qkv` (seq × 3 · hidden) → `out` (seq × hidden).
+    /// One text: `qkv` (seq × 3 · hidden) → `out` (seq × hidden, every element written).
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn text(qkv: &[f32], bias: &[f32], s: Shape, out: &mut [f32]) {
+    pub unsafe fn text(qkv: &[f32], bias: &[f32], s: Shape, out: *mut f32) {
         let hidden = s.heads * s.head;
         let stride = 3 * hidden;
         // Keys transposed (head × seq16), rows padded to whole vectors with zeros.
@@ -133,7 +137,7 @@ mod kernels {
                     softmax_row(&mut scores[r * seq16..r * seq16 + s.seq], bias);
                 }
                 let values = qkv.as_ptr().add(2 * hidden + h * s.head);
-                let dst = out.as_mut_ptr().add(i0 * hidden + h * s.head);
+                let dst = out.add(i0 * hidden + h * s.head);
                 match s.head / 16 {
                     1 => context::<1>(&scores, seq16, s.seq, values, stride, rows, hidden, dst),
                     2 => context::<2>(&scores, seq16, s.seq, values, stride, rows, hidden, dst),
