@@ -6,13 +6,15 @@
 //! weight missing from `model.safetensors` or of another shape than `config.json` says is an error at
 //! load time, never a panic at evaluation time.
 
+mod attention;
 mod int8;
+mod simd;
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use int8::Int8Linear;
+use int8::{Epilogue, Int8Linear};
 
 /// How the linear layers compute: [`Precision::Int8`] where the CPU has AVX-512 VNNI (see
 /// [`int8`]), else f32; [`Precision::F32`] always f32 (the reference the int8 vectors are held to).
@@ -72,7 +74,10 @@ pub struct Bert {
     token_type: Embedding,
     embeddings_norm: LayerNorm,
     layers: Vec<Layer>,
-    gelu_exact: bool,
+    /// The activation after the intermediate layer.
+    gelu: Epilogue,
+    /// Softmax and layer norms in AVX-512 ([`simd`]), with the int8 products.
+    fast: bool,
 }
 
 struct Layer {
@@ -80,10 +85,10 @@ struct Layer {
     /// the query's columns pre-scaled by 1 / √head_size.
     qkv: Dense,
     attention_out: Dense,
-    attention_norm: LayerNorm,
+    attention_norm: AddNorm,
     intermediate: Dense,
     output: Dense,
-    output_norm: LayerNorm,
+    output_norm: AddNorm,
     heads: usize,
     head_size: usize,
 }
@@ -98,9 +103,9 @@ impl Bert {
         } else {
             vb
         };
-        let gelu_exact = match config.hidden_act.as_str() {
-            "gelu" => true,
-            "gelu_new" | "gelu_pytorch_tanh" => false,
+        let gelu = match config.hidden_act.as_str() {
+            "gelu" => Epilogue::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" => Epilogue::GeluTanh,
             other => candle_core::bail!("hidden_act {other:?} is not supported (gelu, gelu_new)"),
         };
         if config.num_attention_heads == 0
@@ -115,8 +120,10 @@ impl Bert {
             );
         }
         let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+        let fast = precision == Precision::Int8 && int8::available();
         let dense =
             |inp: usize, out: usize, vb: VarBuilder| Dense::new(linear(inp, out, vb)?, precision);
+        let norm = |vb: VarBuilder| AddNorm::new(layer_norm(h, eps, vb)?, eps, fast);
         let e = vb.pp("embeddings");
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
@@ -125,10 +132,10 @@ impl Bert {
                 Ok(Layer {
                     qkv: fused_qkv(h, h / config.num_attention_heads, &a, precision)?,
                     attention_out: dense(h, h, a.pp("output.dense"))?,
-                    attention_norm: layer_norm(h, eps, a.pp("output.LayerNorm"))?,
+                    attention_norm: norm(a.pp("output.LayerNorm"))?,
                     intermediate: dense(h, config.intermediate_size, l.pp("intermediate.dense"))?,
                     output: dense(config.intermediate_size, h, l.pp("output.dense"))?,
-                    output_norm: layer_norm(h, eps, l.pp("output.LayerNorm"))?,
+                    output_norm: norm(l.pp("output.LayerNorm"))?,
                     heads: config.num_attention_heads,
                     head_size: h / config.num_attention_heads,
                 })
@@ -144,7 +151,8 @@ impl Bert {
             token_type: embedding(config.type_vocab_size, h, e.pp("token_type_embeddings"))?,
             embeddings_norm: layer_norm(h, eps, e.pp("LayerNorm"))?,
             layers,
-            gelu_exact,
+            gelu,
+            fast,
         })
     }
 
@@ -165,7 +173,7 @@ impl Bert {
             .unsqueeze(1)?
             .unsqueeze(1)?;
         for layer in &self.layers {
-            x = layer.forward(&x, &bias, self.gelu_exact)?;
+            x = layer.forward(&x, &bias, self.gelu, self.fast)?;
         }
         Ok(x)
     }
@@ -174,34 +182,43 @@ impl Bert {
 // === impl Layer ===
 
 impl Layer {
-    fn forward(&self, x: &Tensor, bias: &Tensor, gelu_exact: bool) -> Result<Tensor> {
-        let (batch, seq, hidden) = x.dims3()?;
+    fn forward(&self, x: &Tensor, bias: &Tensor, gelu: Epilogue, fast: bool) -> Result<Tensor> {
+        let qkv = self.qkv.forward(x)?;
+        let context = if fast && attention::supports(self.head_size) {
+            attention::attention(&qkv, bias, self.heads, self.head_size)?
+        } else {
+            self.attention(&qkv, bias, fast)?
+        };
+        let attended = self
+            .attention_norm
+            .forward(&self.attention_out.forward(&context)?, x)?;
+        let inner = self.intermediate.forward_then(&attended, gelu)?;
+        self.output_norm
+            .forward(&self.output.forward(&inner)?, &attended)
+    }
+
+    /// Self-attention with candle's operations: `qkv` `(batch, seq, 3 · hidden)` → the context
+    /// `(batch, seq, hidden)`.
+    fn attention(&self, qkv: &Tensor, bias: &Tensor, fast: bool) -> Result<Tensor> {
+        let (batch, seq, width) = qkv.dims3()?;
+        let hidden = width / 3;
         // (batch, seq, 3 · hidden) → (3, batch, heads, seq, head_size) in one copy.
-        let qkv = self
-            .qkv
-            .forward(x)?
+        let qkv = qkv
             .reshape((batch, seq, 3, self.heads, self.head_size))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
-        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-        let context = weights
+        let scores = q.matmul(&k.t()?)?;
+        let weights = if fast {
+            simd::masked_softmax(&scores, bias)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores.broadcast_add(bias)?)?
+        };
+        weights
             .matmul(&v)?
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((batch, seq, hidden))?;
-        let attended = self
-            .attention_norm
-            .forward(&(self.attention_out.forward(&context)? + x)?)?;
-        let inner = self.intermediate.forward(&attended)?;
-        let inner = if gelu_exact {
-            inner.gelu_erf()?
-        } else {
-            inner.gelu()?
-        };
-        self.output_norm
-            .forward(&(self.output.forward(&inner)? + attended)?)
+            .reshape((batch, seq, hidden))
     }
 }
 
@@ -238,9 +255,44 @@ impl Dense {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_then(x, Epilogue::None)
+    }
+
+    /// The layer, then `epilogue` (fused into the int8 product's output).
+    fn forward_then(&self, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
         match self {
-            Dense::F32(l) => l.forward(x),
-            Dense::Int8(q) => q.forward(x),
+            Dense::Int8(q) => q.forward_then(x, epilogue),
+            Dense::F32(l) => {
+                let y = l.forward(x)?;
+                match epilogue {
+                    Epilogue::None => Ok(y),
+                    Epilogue::GeluErf => y.gelu_erf(),
+                    Epilogue::GeluTanh => y.gelu(),
+                }
+            }
+        }
+    }
+}
+
+/// `layer_norm(x + residual)`: candle's operations, or one AVX-512 pass with the int8 layers.
+enum AddNorm {
+    Candle(LayerNorm),
+    Simd(simd::Norm),
+}
+
+impl AddNorm {
+    fn new(norm: LayerNorm, eps: f64, fast: bool) -> Result<AddNorm> {
+        Ok(if fast {
+            AddNorm::Simd(simd::Norm::new(&norm, eps)?)
+        } else {
+            AddNorm::Candle(norm)
+        })
+    }
+
+    fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match self {
+            AddNorm::Candle(norm) => norm.forward(&(x + residual)?),
+            AddNorm::Simd(norm) => simd::add_layer_norm(x, residual, norm),
         }
     }
 }

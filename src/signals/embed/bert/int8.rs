@@ -6,13 +6,16 @@
 //! activations per row on every call (scale = max |x| / 127, stored offset by +128 as the unsigned
 //! operand `vpdpbusd` wants; the offset is taken back out with the column sums of the weights).
 //! Accumulation is exact in i32 (255 · 127 · 4 per instruction, k ≤ 4096 terms stay far from 2³¹);
-//! bias and scales are applied in f32. The sentence vectors stay within a cosine of 0.999 of the f32
+//! bias and scales are applied in f32. The sentence vectors stay within a cosine of 0.995 of the f32
 //! model's (`tests/local_embedder.rs` holds them to 0.99).
 //!
 //! Built by [`Int8Linear::new`] only when the CPU has the instructions ([`available`]); elsewhere
 //! the encoder keeps candle's f32 [`candle_nn::Linear`].
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+#[cfg(target_arch = "x86_64")]
+use super::simd::kernels as simd;
 
 /// Output columns per `vpdpbusd` (16 i32 lanes).
 const LANES: usize = 16;
@@ -95,37 +98,61 @@ impl Int8Linear {
         }))
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.apply_op1_no_bwd(self)
+    /// `x · Wᵀ + b`, then `epilogue` applied to each output as it leaves the registers.
+    pub fn forward_then(&self, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
+        x.apply_op1_no_bwd(&Op {
+            layer: self,
+            epilogue,
+        })
     }
 
     /// `rows` rows of `inp` values → `rows` rows of `out` values.
-    fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+    fn matmul(&self, x: &[f32], rows: usize, epilogue: Epilogue) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
         {
             // Rows padded to a multiple of ROWS with zeros (128 once offset), cut off at the end.
             let padded = rows.div_ceil(ROWS) * ROWS;
             let mut acts = vec![128u8; padded * self.inp4];
             let mut act_scales = vec![0f32; padded];
-            let mut dst = vec![0f32; padded * self.out];
+            // Not zeroed first: the kernel writes every element (a memset of up to ~0.8 MB a call).
+            let mut dst = Vec::<f32>::with_capacity(padded * self.out);
             // SAFETY: `new` returned Some only if `available()`, so the CPU has the features the
-            // kernels are compiled for; every pointer below stays within the buffers sized here.
+            // kernels are compiled for; every pointer below stays within the buffers sized here, and
+            // `matmul` stores all `padded · out` outputs before the length is set.
             unsafe {
-                kernels::quantize_rows(x, self.inp, self.inp4, &mut acts, &mut act_scales);
-                kernels::matmul(self, &acts, &act_scales, padded, &mut dst);
+                simd::quantize_rows(x, self.inp, self.inp4, &mut acts, &mut act_scales);
+                kernels::matmul(self, &acts, &act_scales, padded, epilogue, dst.as_mut_ptr());
+                dst.set_len(padded * self.out);
             }
             dst.truncate(rows * self.out);
             dst
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (x, rows);
+            let _ = (x, rows, epilogue);
             unreachable!("Int8Linear is only built on x86-64")
         }
     }
 }
 
-impl CustomOp1 for Int8Linear {
+/// What happens to each output of the product before it is stored: the activation that follows
+/// the layer, fused so the values are not read and written a second time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    None,
+    /// `x · Φ(x)` with the exact `erf` (`hidden_act = "gelu"`).
+    GeluErf,
+    /// The `tanh` approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// One call: the layer and its epilogue.
+struct Op<'a> {
+    layer: &'a Int8Linear,
+    epilogue: Epilogue,
+}
+
+impl CustomOp1 for Op<'_> {
     fn name(&self) -> &'static str {
         "int8-linear"
     }
@@ -137,18 +164,19 @@ impl CustomOp1 for Int8Linear {
         let Some((start, end)) = layout.contiguous_offsets() else {
             bail!("int8-linear: input is not contiguous");
         };
+        let l = self.layer;
         let mut dims = layout.shape().dims().to_vec();
-        if dims.last() != Some(&self.inp) {
+        if dims.last() != Some(&l.inp) {
             bail!(
                 "int8-linear: input {dims:?}, expected last dimension {}",
-                self.inp
+                l.inp
             );
         }
         let x = &data[start..end];
-        let rows = x.len() / self.inp;
-        let dst = self.matmul(x, rows);
+        let rows = x.len() / l.inp;
+        let dst = l.matmul(x, rows, self.epilogue);
         if let Some(last) = dims.last_mut() {
-            *last = self.out;
+            *last = l.out;
         }
         Ok((CpuStorage::F32(dst), Shape::from(dims)))
     }
@@ -158,36 +186,19 @@ impl CustomOp1 for Int8Linear {
 mod kernels {
     use std::arch::x86_64::*;
 
-    use super::{Int8Linear, LANES, ROWS, TILES};
+    use super::super::simd::kernels::{gelu_erf, gelu_tanh};
+    use super::{Epilogue, Int8Linear, LANES, ROWS, TILES};
 
-    /// Each row of `x` (`inp` wide) → `acts` row (`inp4` wide) of `round(x / scale) + 128`.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn quantize_rows(
-        x: &[f32],
-        inp: usize,
-        inp4: usize,
-        acts: &mut [u8],
-        scales: &mut [f32],
-    ) {
-        for (r, row) in x.chunks_exact(inp).enumerate() {
-            let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = max / 127.0;
-            let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
-            scales[r] = scale;
-            for (a, v) in acts[r * inp4..r * inp4 + inp].iter_mut().zip(row) {
-                *a = ((v * inv).round() as i32 + 128) as u8;
-            }
-        }
-    }
-
-    /// `dst` (rows × out) from the quantised activations; `rows` is a multiple of ROWS.
+    /// `dst` (rows × out, every element written) from the quantised activations; `rows` is a
+    /// multiple of ROWS.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn matmul(
         l: &Int8Linear,
         acts: &[u8],
         act_scales: &[f32],
         rows: usize,
-        dst: &mut [f32],
+        epilogue: Epilogue,
+        dst: *mut f32,
     ) {
         let tiles = l.out / LANES;
         let mut t0 = 0;
@@ -196,10 +207,10 @@ mod kernels {
             let n = (tiles - t0).min(TILES);
             for r0 in (0..rows).step_by(ROWS) {
                 match n {
-                    4 => block::<4>(l, acts, act_scales, r0, t0, dst),
-                    3 => block::<3>(l, acts, act_scales, r0, t0, dst),
-                    2 => block::<2>(l, acts, act_scales, r0, t0, dst),
-                    _ => block::<1>(l, acts, act_scales, r0, t0, dst),
+                    4 => block::<4>(l, acts, act_scales, r0, t0, epilogue, dst),
+                    3 => block::<3>(l, acts, act_scales, r0, t0, epilogue, dst),
+                    2 => block::<2>(l, acts, act_scales, r0, t0, epilogue, dst),
+                    _ => block::<1>(l, acts, act_scales, r0, t0, epilogue, dst),
                 }
             }
             t0 += n;
@@ -215,7 +226,8 @@ mod kernels {
         act_scales: &[f32],
         r0: usize,
         t0: usize,
-        dst: &mut [f32],
+        epilogue: Epilogue,
+        dst: *mut f32,
     ) {
         debug_assert!(T <= TILES);
         let a = acts.as_ptr().add(r0 * l.inp4);
@@ -243,7 +255,12 @@ mod kernels {
                 let sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(*acc, offset));
                 let scale = _mm512_mul_ps(sx, _mm512_loadu_ps(l.scales.as_ptr().add(j)));
                 let out = _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(l.bias.as_ptr().add(j)));
-                _mm512_storeu_ps(dst.as_mut_ptr().add(row * l.out + j), out);
+                let out = match epilogue {
+                    Epilogue::None => out,
+                    Epilogue::GeluErf => gelu_erf(out),
+                    Epilogue::GeluTanh => gelu_tanh(out),
+                };
+                _mm512_storeu_ps(dst.add(row * l.out + j), out);
             }
         }
     }
@@ -255,7 +272,7 @@ mod tests {
 
     use super::*;
 
-    /// Against candle's f32 layer on values with an outlier column, rows not a multiple of ROWS
+    /// Against candle's f32 layer (and its GELUs) on values with an outlier column, rows not a multiple of ROWS
     /// and columns not a multiple of TILES tiles.
     #[test]
     fn matches_the_f32_layer() {
@@ -280,15 +297,24 @@ mod tests {
             .forward(&x)
             .unwrap();
         let q = Int8Linear::new(&w, Some(&b)).unwrap().unwrap();
-        let got = q.forward(&x).unwrap();
-        assert_eq!(got.dims(), &[1, rows, out]);
-        let (got, exact) = (
-            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            exact.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
-        let scale = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
-        for (i, (g, e)) in got.iter().zip(&exact).enumerate() {
-            assert!((g - e).abs() < 0.02 * scale, "[{i}]: int8 {g}, f32 {e}");
+        for (epilogue, exact) in [
+            (Epilogue::None, exact.clone()),
+            (Epilogue::GeluErf, exact.gelu_erf().unwrap()),
+            (Epilogue::GeluTanh, exact.gelu().unwrap()),
+        ] {
+            let got = q.forward_then(&x, epilogue).unwrap();
+            assert_eq!(got.dims(), &[1, rows, out]);
+            let (got, exact) = (
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                exact.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            let scale = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (g, e)) in got.iter().zip(&exact).enumerate() {
+                assert!(
+                    (g - e).abs() < 0.02 * scale,
+                    "{epilogue:?} [{i}]: int8 {g}, f32 {e}"
+                );
+            }
         }
     }
 }
