@@ -142,7 +142,10 @@ where
         let busy = activity.clone();
         let service = service_fn(move |req| {
             let guard = Busy::new(busy.clone());
-            let response = handler(req);
+            // Boxed once here: the proxy's request future is large, and hyper moves the future it is
+            // given by value (into this block, then into its in-flight slot); a box makes each move
+            // a pointer's copy instead of a memcpy of the whole state machine.
+            let response = Box::pin(handler(req));
             async move {
                 let Ok(response) = response.await;
                 Ok::<_, Infallible>(response.map(|body| Tracked { body, _busy: guard }))
