@@ -654,32 +654,31 @@ run_haproxy() {
     if [[ $variant == same ]]; then
         out=$DG_STDOUT
         log="    log stdout format raw local0"
-        # The values driftguard's base row stamps (its config in run_driftguard); the cache namespace is
-        # a fixed 16-hex value (driftguard derives it once per config, not per request).
+        # The headers driftguard's base row stamps on both the upstream request and the response (the
+        # values of its config in run_driftguard; one request id for both; the cache namespace a fixed
+        # 16-hex value, as driftguard derives it once per config); x-forwarded-for/-proto go on the
+        # request only.
+        local stamps='x-request-id %[unique-id]
+x-pin-build-id bench
+x-pin-git-sha 0123abc
+x-pin-model-ver m-bench
+x-pin-prompt-ver p1
+x-pin-index-hash a1b2c3
+x-driftguard-arm primary
+x-cache-ns 8ec885d304c0e35d' side header value
         work=$(cat <<'WORK'
     option httplog
     log-format '{"ts":"%t","request_id":"%ID","method":"%HM","path":"%HP","status":%ST,"duration_ms":%Ta,"bytes":%B,"arm":"primary"}'
     unique-id-format %{+X}o\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid
     option forwardfor
-    http-request set-header x-request-id %[unique-id]
     http-request set-header x-forwarded-proto http
-    http-request set-header x-pin-build-id bench
-    http-request set-header x-pin-git-sha 0123abc
-    http-request set-header x-pin-model-ver m-bench
-    http-request set-header x-pin-prompt-ver p1
-    http-request set-header x-pin-index-hash a1b2c3
-    http-request set-header x-driftguard-arm primary
-    http-request set-header x-cache-ns 8ec885d304c0e35d
-    http-response set-header x-pin-build-id bench
-    http-response set-header x-pin-git-sha 0123abc
-    http-response set-header x-pin-model-ver m-bench
-    http-response set-header x-pin-prompt-ver p1
-    http-response set-header x-pin-index-hash a1b2c3
-    http-response set-header x-driftguard-arm primary
-    http-response set-header x-request-id %[unique-id]
-    http-response set-header x-cache-ns 8ec885d304c0e35d
 WORK
 )
+        for side in request response; do
+            while read -r header value; do
+                work+=$'\n'"    http-$side set-header $header $value"
+            done <<< "$stamps"
+        done
     fi
     cat > "$TMP/$tag.cfg" <<EOF
 global

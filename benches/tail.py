@@ -13,7 +13,8 @@ Per target, interleaved ROUNDS times (medians printed):
            --latency-correction (latency counted from when each request was due, so a stall is not
            hidden by the generator waiting for it: no coordinated omission): p99.
 A fixed-rate row where oha delivered under 95 % of the asked rate is marked INVALID (the generator on
-the upstream's core, or the proxy, could not keep it) and fails the run. For signals on it also prints the share of requests evaluated and the CPU per evaluation, all in: the
+the upstream's core, or the proxy, could not keep it) and fails the run.
+For signals on it also prints the share of requests evaluated and the CPU per evaluation, all in: the
 process's CPU over the run (plus DRAIN seconds for the queue to empty) minus signals-off CPU/request x
 requests, divided by the evaluations done.
 
