@@ -26,7 +26,7 @@ use crate::guards::budget::admission::{Reserved, UsageTap};
 use crate::guards::fence::{FenceError, Recording};
 use crate::serve::router::Arm;
 use crate::serve::upstream::Lease;
-use crate::telemetry::log::ACCESS;
+use crate::telemetry::log;
 use crate::telemetry::otel::RequestSpan;
 
 pub use crate::serve::upload::{RequestBody, RequestSlot};
@@ -212,19 +212,18 @@ pub fn access_log(
             complete,
         );
     }
-    tracing::info!(
-        target: ACCESS,
-        request_id = info.request_id_str(),
-        arm = arm.map(|a| a.name.as_str()).unwrap_or(""),
-        pins_json = arm.map(|a| a.pins.json()).unwrap_or("{}"),
-        method = info.method.as_str(),
-        path = info.uri.path(),
-        version = version_str(info.version),
-        status,
-        latency_ms = latency.as_micros() as f64 / 1e3,
-        bytes,
-        complete,
-    );
+    log::access(|line| {
+        line.str("request_id", info.request_id_str());
+        line.str("arm", arm.map(|a| a.name.as_str()).unwrap_or(""));
+        line.raw("pins", arm.map(|a| a.pins.json()).unwrap_or("{}"));
+        line.str("method", info.method.as_str());
+        line.str("path", info.uri.path());
+        line.str("version", version_str(info.version));
+        line.u64("status", status.into());
+        line.millis("latency_ms", latency);
+        line.u64("bytes", bytes);
+        line.bool("complete", complete);
+    });
 }
 
 /// Why a response body failed on its way to the client.

@@ -3,10 +3,14 @@
 //!
 //! A field whose name ends in `_json` carries ready-made JSON (the pins object) and is written raw under
 //! the name without the suffix, so `pins` is an object a log pipeline can query, not an escaped string.
+//!
+//! The proxy's own access line ([`access`]) skips tracing's event dispatch: it is formatted by the same
+//! [`Line`] code straight into the batch, in the same shape as any other line, and only when the
+//! filter lets `driftguard::access` at INFO through.
 
 use std::fmt::{self, Write as _};
 use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use tracing::field::{Field, Visit};
@@ -32,13 +36,42 @@ pub fn init_to(level: &str, out: Box<dyn Write + Send>) -> LogGuard {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
+        .with_writer(writer.clone())
         .event_format(JsonLines)
         .finish();
     if tracing::subscriber::set_global_default(subscriber).is_err() {
         eprintln!("driftguard: a log subscriber was already installed");
+    } else {
+        let _ = ACCESS_OUT.set(writer);
     }
     guard
+}
+
+/// Where [`access`] lines go: the installed subscriber's writer (unset without one: no line).
+static ACCESS_OUT: OnceLock<BatchWriter> = OnceLock::new();
+
+/// Writes one access-log line — `ts`, `level`, `target` and the fields `fields` adds — to the log,
+/// the same line a `tracing::info!(target: ACCESS, ..)` event gives, without the event's dispatch and
+/// its copies. Nothing is formatted when the filter keeps `driftguard::access` INFO lines out.
+pub fn access(fields: impl FnOnce(&mut Line)) {
+    if !tracing::enabled!(target: ACCESS, tracing::Level::INFO) {
+        return;
+    }
+    let Some(out) = ACCESS_OUT.get() else {
+        return;
+    };
+    thread_local! {
+        static BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    BUF.with(|buf| {
+        let mut buf = match buf.try_borrow_mut() {
+            Ok(buf) => buf,
+            // Unreachable (formatting never re-enters); a fresh buffer costs only an allocation.
+            Err(_) => return out.append_line(ACCESS, fields, &mut String::new()),
+        };
+        buf.clear();
+        out.append_line(ACCESS, fields, &mut buf);
+    })
 }
 
 /// How long lines gather before the writer thread writes them out.
@@ -124,13 +157,14 @@ impl BatchWriter {
     }
 }
 
-impl Write for BatchWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+impl BatchWriter {
+    /// Appends `bytes` to the batch (or writes them out when stopping or over [`MAX_BUFFERED`]).
+    fn append(&self, bytes: &[u8]) {
         let mut batch = self.0.batch.lock().unwrap_or_else(|p| p.into_inner());
         if batch.stopping {
             drop(batch);
             self.0.write_out(bytes);
-            return Ok(bytes.len());
+            return;
         }
         let was_empty = batch.buf.is_empty();
         batch.buf.extend_from_slice(bytes);
@@ -142,6 +176,19 @@ impl Write for BatchWriter {
             drop(batch);
             self.0.ready.notify_one();
         }
+    }
+
+    /// Formats an INFO line of `target` into `buf` and appends it.
+    fn append_line(&self, target: &str, fields: impl FnOnce(&mut Line), buf: &mut String) {
+        let mut line = Line::start(buf, tracing::Level::INFO, target);
+        fields(&mut line);
+        self.append(line.finish().as_bytes());
+    }
+}
+
+impl Write for BatchWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.append(bytes);
         Ok(bytes.len())
     }
 
@@ -187,58 +234,67 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let meta = event.metadata();
-        let mut line = String::with_capacity(256);
-        line.push_str("{\"ts\":\"");
-        push_timestamp(&mut line);
-        line.push_str("\",\"level\":\"");
-        line.push_str(meta.level().as_str());
-        line.push_str("\",\"target\":");
-        push_json_str(&mut line, meta.target());
-        event.record(&mut JsonFields { out: &mut line });
-        line.push_str("}\n");
-        writer.write_str(&line)
+        let mut buf = String::with_capacity(256);
+        let mut line = Line::start(&mut buf, *meta.level(), meta.target());
+        event.record(&mut line);
+        writer.write_str(line.finish())
     }
 }
 
-struct JsonFields<'a> {
+/// One JSON log line being written: `{"ts":..,"level":..,"target":..` then one `,"key":value` per
+/// field, closed by [`Line::finish`].
+pub struct Line<'a> {
     out: &'a mut String,
 }
 
-impl JsonFields<'_> {
-    fn key(&mut self, field: &Field) -> bool {
-        let name = field.name();
-        let (name, raw) = match name.strip_suffix("_json") {
-            Some(base) => (base, true),
-            None => (name, false),
-        };
-        self.out.push(',');
-        push_json_str(self.out, name);
-        self.out.push(':');
-        raw
-    }
-}
-
-impl Visit for JsonFields<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        if self.key(field) {
-            self.out.push_str(value);
-        } else {
-            push_json_str(self.out, value);
-        }
+impl<'a> Line<'a> {
+    fn start(out: &'a mut String, level: tracing::Level, target: &str) -> Self {
+        out.push_str("{\"ts\":\"");
+        push_timestamp(out);
+        out.push_str("\",\"level\":\"");
+        out.push_str(level.as_str());
+        out.push_str("\",\"target\":");
+        push_json_str(out, target);
+        Line { out }
     }
 
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.key(field);
-        let _ = write!(self.out, "{value}");
+    fn finish(self) -> &'a str {
+        self.out.push_str("}\n");
+        self.out
     }
 
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.key(field);
-        let _ = write!(self.out, "{value}");
+    /// `,"name":` — names are identifiers (Rust's, for tracing's fields), written without escaping.
+    fn key(&mut self, name: &str) {
+        self.out.push_str(",\"");
+        self.out.push_str(name);
+        self.out.push_str("\":");
     }
 
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.key(field);
+    /// A string field, escaped.
+    pub fn str(&mut self, name: &str, value: &str) {
+        self.key(name);
+        push_json_str(self.out, value);
+    }
+
+    /// A field whose value is ready-made JSON, written as it is.
+    pub fn raw(&mut self, name: &str, json: &str) {
+        self.key(name);
+        self.out.push_str(json);
+    }
+
+    pub fn u64(&mut self, name: &str, value: u64) {
+        self.key(name);
+        self.out.push_str(itoa::Buffer::new().format(value));
+    }
+
+    pub fn i64(&mut self, name: &str, value: i64) {
+        self.key(name);
+        self.out.push_str(itoa::Buffer::new().format(value));
+    }
+
+    /// A number, `null` when not finite (JSON has no NaN).
+    pub fn f64(&mut self, name: &str, value: f64) {
+        self.key(name);
         if value.is_finite() {
             let _ = write!(self.out, "{value}");
         } else {
@@ -246,14 +302,54 @@ impl Visit for JsonFields<'_> {
         }
     }
 
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.key(field);
+    /// A duration in milliseconds with microsecond precision: what `f64(name, µs / 1e3)` prints,
+    /// without formatting a float.
+    pub fn millis(&mut self, name: &str, value: Duration) {
+        self.key(name);
+        let micros = value.as_micros();
+        self.out.push_str(itoa::Buffer::new().format(micros / 1000));
+        let frac = (micros % 1000) as u32;
+        if frac != 0 {
+            let mut digits = [b'.', 0, 0, 0];
+            push_digits(&mut digits[1..], frac);
+            let end = digits.iter().rposition(|&d| d != b'0').unwrap_or(0) + 1;
+            self.out
+                .push_str(std::str::from_utf8(&digits[..end]).unwrap_or_default());
+        }
+    }
+
+    pub fn bool(&mut self, name: &str, value: bool) {
+        self.key(name);
         self.out.push_str(if value { "true" } else { "false" });
+    }
+}
+
+impl Visit for Line<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name().strip_suffix("_json") {
+            Some(name) => self.raw(name, value),
+            None => self.str(field.name(), value),
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.u64(field.name(), value);
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.i64(field.name(), value);
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.f64(field.name(), value);
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.bool(field.name(), value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.key(field);
-        push_json_str(self.out, &format!("{value:?}"));
+        self.str(field.name(), &format!("{value:?}"));
     }
 }
 
@@ -278,13 +374,48 @@ fn push_timestamp(out: &mut String) {
         }
         out.push_str(&cache.1);
     });
-    let _ = write!(out, ".{:06}Z", since_epoch.subsec_micros());
+    let mut frac = *b".000000Z";
+    push_digits(&mut frac[1..7], since_epoch.subsec_micros());
+    out.push_str(std::str::from_utf8(&frac).unwrap_or_default());
+}
+
+/// Writes `value`'s last `into.len()` decimal digits into `into`, zero-padded.
+fn push_digits(into: &mut [u8], mut value: u32) {
+    for digit in into.iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+}
+
+/// Whether `bytes` hold a `"`, a `\\` or a control char, checked eight bytes at a time.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // A high bit for each byte of `x` below `n` (n <= 0x80; exact for bytes below 0x80, and bytes
+    // from 0x80 up never set it, as `!x` clears their high bit).
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * n as u64) & !x & HIGHS;
+    let zero = |x: u64| below(x, 1);
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let x = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        if below(x, 0x20) | zero(x ^ (ONES * b'"' as u64)) | zero(x ^ (ONES * b'\\' as u64)) != 0 {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|&b| b == b'"' || b == b'\\' || b < 0x20)
 }
 
 /// Appends `s` as a JSON string literal.
 pub fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
-    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+    // A fold without early exit: the compiler checks 16 bytes at a time.
+    let plain = !s.bytes().fold(false, |escape, b| {
+        escape | (b == b'"') | (b == b'\\') | (b < 0x20)
+    });
+    if plain {
         out.push_str(s);
         out.push('"');
         return;
@@ -316,5 +447,84 @@ mod tests {
         assert_eq!(s, r#""a\"b\\c\nd\u0001é""#);
         let parsed: String = serde_json::from_str(&s).unwrap();
         assert_eq!(parsed, "a\"b\\c\nd\u{1}é");
+    }
+
+    #[test]
+    fn every_byte_that_needs_escaping_is_found_wherever_it_is() {
+        for background in [b'a', b' ', b'#', b'[', b']', 0x80, 0xa0, 0xff] {
+            assert!(!needs_escape(&[background; 19]));
+            for len in 1..20 {
+                for at in 0..len {
+                    for b in 0..=255u8 {
+                        let mut bytes = vec![background; len];
+                        bytes[at] = b;
+                        let expect = b == b'"' || b == b'\\' || b < 0x20;
+                        assert_eq!(needs_escape(&bytes), expect, "{b:#x} at {at} of {len}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn millis_print_what_the_float_printed() {
+        let micros = (0..20_000u64).chain([
+            999_999,
+            1_000_000,
+            1_000_001,
+            123_456_789,
+            86_400_000_000,
+            u32::MAX as u64,
+        ]);
+        for us in micros {
+            let mut buf = String::new();
+            let mut line = Line { out: &mut buf };
+            line.millis("l", Duration::from_micros(us));
+            assert_eq!(buf, format!(",\"l\":{}", us as f64 / 1e3), "{us} µs");
+        }
+    }
+
+    #[test]
+    fn a_line_is_one_json_object_with_its_fields_in_order() {
+        let mut buf = String::new();
+        let mut line = Line::start(&mut buf, tracing::Level::INFO, ACCESS);
+        line.str("path", "/v1/\"ask\"");
+        line.raw("pins", r#"{"BUILD_ID":"b-1"}"#);
+        line.u64("status", 200);
+        line.millis("latency_ms", Duration::from_micros(1_250));
+        line.f64("nan", f64::NAN);
+        line.bool("complete", true);
+        let text = line.finish();
+        assert!(text.ends_with("}\n") && text.matches('\n').count() == 1);
+        let keys = [
+            "ts",
+            "level",
+            "target",
+            "path",
+            "pins",
+            "status",
+            "latency_ms",
+            "nan",
+            "complete",
+        ];
+        let at: Vec<usize> = keys
+            .iter()
+            .map(|k| text.find(&format!("\"{k}\":")).unwrap())
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{text}");
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), keys.len());
+        let ts = v["ts"].as_str().unwrap();
+        assert_eq!(ts.len(), "2026-12-04T08:12:50.123456Z".len(), "{ts}");
+        let at = humantime::parse_rfc3339(ts).unwrap();
+        let off = std::time::SystemTime::now().duration_since(at).unwrap();
+        assert!(off < Duration::from_secs(60), "{ts}");
+        assert_eq!(v["target"], ACCESS);
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["path"], "/v1/\"ask\"");
+        assert_eq!(v["pins"]["BUILD_ID"], "b-1");
+        assert_eq!(v["latency_ms"], 1.25);
+        assert!(v["nan"].is_null());
+        assert_eq!(v["complete"], true);
     }
 }
