@@ -411,11 +411,7 @@ fn needs_escape(bytes: &[u8]) -> bool {
 /// Appends `s` as a JSON string literal.
 pub fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
-    // A fold without early exit: the compiler checks 16 bytes at a time.
-    let plain = !s.bytes().fold(false, |escape, b| {
-        escape | (b == b'"') | (b == b'\\') | (b < 0x20)
-    });
-    if plain {
+    if !needs_escape(s.as_bytes()) {
         out.push_str(s);
         out.push('"');
         return;
