@@ -307,6 +307,26 @@ async fn h2c_prior_knowledge_is_proxied_with_pins() {
     assert_eq!(seen.header("x-pin-git-sha").as_deref(), Some("sha-env"));
 }
 
+/// The access line is written without tracing's event dispatch, but the log filter still rules it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_filter_can_turn_the_access_log_off() {
+    let up = Upstream::start("main");
+    let env = [ENV, &[("RUST_LOG", "info,driftguard::access=off")]].concat();
+    let proxy = Proxy::start_with_env(&pins_config(&up, false), &env);
+    let client = client();
+    for i in 0..3 {
+        let reply = get(&client, &proxy.url(&format!("/quiet/{i}")), &[]).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    // An INFO line of another target after the requests: once it is out, theirs would be too.
+    let reload = admin_post(&client, &proxy.admin_url("/reload"), "", None).await;
+    assert_eq!(reload.status, StatusCode::OK);
+    proxy
+        .wait_log("the reload's line", |v| v["message"] == "config reloaded")
+        .await;
+    assert_eq!(proxy.access_log(), Vec::<serde_json::Value>::new());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_json_access_log_line_per_request() {
     let up = Upstream::start("main");
