@@ -17,7 +17,7 @@ use prometheus::IntCounterVec;
 
 use super::{Evaluator, Frequencies, Sample, Sessions};
 use crate::signals::measure::{self, ToolCall};
-use crate::signals::priority::{drain_priority, lower_priority};
+use crate::signals::priority::{drain_priority, lower_priority, yield_to_traffic};
 use crate::telemetry::log::ACCESS;
 use crate::windows::{Evaluation, LAMBDA_STATES};
 
@@ -68,6 +68,7 @@ impl Worker {
                 self.queued_bytes.fetch_sub(sample.bytes(), SeqCst);
                 self.evaluate(sample);
                 self.busy.fetch_sub(1, SeqCst);
+                yield_to_traffic();
             }
             std::thread::park_timeout(LINGER);
             if !self.queue.is_empty() {

@@ -25,6 +25,18 @@ pub fn lower_priority() {
     }
 }
 
+/// Hands the CPU to any other runnable thread; returns at once when there is none (one system call,
+/// well under a microsecond). The evaluation threads call it between evaluations because `SCHED_IDLE`
+/// alone does not keep them off a busy core: the fair scheduler still picks an idle-policy thread at a
+/// scheduler tick once the proxy thread has run past its share, and the idle thread then keeps the CPU
+/// until the next tick (4 ms at HZ=250) while the proxy thread waits runnable — a wake-up would preempt
+/// it at once, but a proxy thread that never slept is not woken. `perf sched` showed those 4 ms waits
+/// about once a second at 80 % load (`benches/tail.py`); a yield bounds them to one evaluation.
+pub fn yield_to_traffic() {
+    // SAFETY: sched_yield takes no arguments and has no memory effects.
+    unsafe { libc::sched_yield() };
+}
+
 /// Back from `SCHED_IDLE` to nice 19 — for a shutdown's last evaluations, which must finish within a
 /// deadline even when other processes keep the host busy (under `SCHED_IDLE` they might never run).
 /// Best effort: without CAP_SYS_NICE the kernel may refuse, and the thread stays idle-only.

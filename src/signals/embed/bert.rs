@@ -174,6 +174,9 @@ impl Bert {
             .unsqueeze(1)?;
         for layer in &self.layers {
             x = layer.forward(&x, &bias, self.gelu, self.fast)?;
+            // A forward pass takes milliseconds: yielding per layer keeps a runnable proxy thread from
+            // waiting on it for a whole scheduler tick (see `yield_to_traffic`).
+            crate::signals::priority::yield_to_traffic();
         }
         Ok(x)
     }

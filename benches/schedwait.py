@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Who keeps the proxy thread off its core: `perf sched` on the proxy's core while oha holds a fixed rate.
+
+The same one-core sidecar setup as benches/tail.py (proxy and evaluation worker on core PROXY_CPU, nginx
+upstream and the load generator on LOAD_CPU), signals on (sample = 1.0, hashed). For each binary in
+DG_BINS (space-separated; default the release build), interleaved ROUNDS times: oha at SHARE (0.8) of
+the signals-off saturated rate for 7 s, `perf sched record` on core PROXY_CPU for the middle 4 s, then
+from `perf sched timehist --state`: every time the proxy thread was switched out still runnable
+(preempted), how long until it ran again and which tasks ran meanwhile. Waits over 0.5 ms are listed by
+the tasks that took the CPU — `driftguard-eval` there is the evaluation worker delaying traffic.
+
+Usage (from the project root, as root for perf):
+    python3 benches/schedwait.py
+    DG_BINS="/tmp/old/driftguard target/release/driftguard" ROUNDS=3 python3 benches/schedwait.py
+Needs perf, wrk, nginx and oha. A diagnostic, not a pass/fail benchmark.
+"""
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tail  # noqa: E402  (the setup: nginx upstream, driftguard configs, wrk and oha runs)
+
+ROUNDS = int(os.environ.get("ROUNDS", "2"))
+SHARE = float(os.environ.get("SHARE", "0.8"))
+BINS = [os.path.abspath(b) for b in os.environ.get("DG_BINS", tail.DG).split()]
+LONG_MS = 0.5
+
+
+def proxy_waits(data, pid):
+    """(preemptions, waits over LONG_MS in ms, CPU ms per task that ran during those waits)."""
+    out = subprocess.run(["perf", "sched", "timehist", "--state", "-i", data],
+                         capture_output=True, text=True).stdout.splitlines()[3:]
+    preempted_at, between, waits, blame, count = None, collections.Counter(), [], collections.Counter(), 0
+    for line in out:
+        f = line.split()
+        if len(f) < 7:
+            continue
+        t, task, state, run = float(f[0]), f[2], f[-1], float(f[-2]) / 1e3
+        name = task.split("[", 1)[0]
+        # The proxy runs on the main thread: `name[pid]` (other threads are `name[tid/pid]`).
+        if task.endswith(f"[{pid}]"):
+            if preempted_at is not None:
+                count += 1
+                wait = (t - run - preempted_at) * 1e3
+                if wait > LONG_MS:
+                    waits.append(wait)
+                    blame.update(between)
+            preempted_at = t if state == "R" else None
+            between = collections.Counter()
+        elif preempted_at is not None:
+            between[name] += run * 1e3
+    return count, waits, blame
+
+
+def main():
+    if not BINS:
+        sys.exit("DG_BINS is empty")
+    up = tail.upstream()
+    tail.DG = BINS[0]
+    port, _, probe = tail.driftguard("probe", up, "0.0")
+    rate = SHARE * tail.wrk(port)[0]
+    os.kill(probe, 15)
+    targets = []
+    for i, b in enumerate(BINS):
+        tail.DG = b
+        targets.append((b, tail.driftguard(f"on-{i}", up, "1.0")))
+    print(f"oha at {rate:.0f} req/s ({100 * SHARE:.0f} % of saturation), signals on; perf sched on core {tail.PROXY_CPU}")
+    for r in range(ROUNDS):
+        for i, (b, (port, admin, pid)) in enumerate(targets):
+            data = os.path.join(tail.TMP, f"sched-{i}-{r}.data")
+            result = {}
+            load = threading.Thread(target=lambda: result.update(zip(("rps", "p99", "reqs", "bad"), tail.oha(port, rate))))
+            load.start()
+            time.sleep(1.5)
+            subprocess.run(["taskset", "-c", tail.LOAD_CPU, "perf", "sched", "record", "-C", tail.PROXY_CPU, "-o", data,
+                            "--", "sleep", "4"], capture_output=True)
+            load.join()
+            count, waits, blame = proxy_waits(data, pid)
+            print(f"{b} round {r + 1}: {result.get('rps', 0):.0f} req/s, p99 {result.get('p99', 0):.2f} ms; "
+                  f"proxy preempted {count} times, {len(waits)} waits > {LONG_MS} ms (total {sum(waits):.1f} ms, "
+                  f"max {max(waits, default=0):.2f} ms); CPU taken meanwhile: "
+                  + (", ".join(f"{k} {v:.1f} ms" for k, v in blame.most_common(5)) or "-"))
+    return 0
+
+
+if __name__ == "__main__":
+    tail.DURATION = 7
+    try:
+        code = main()
+    finally:
+        for p in tail.PROCS:
+            p.terminate()
+        for p in tail.PROCS:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tail.TMP, ignore_errors=True)
+    sys.exit(code)
