@@ -17,6 +17,11 @@ the upstream's core, or the proxy, could not keep it) and fails the run.
 For signals on it also prints the share of requests evaluated and the CPU per evaluation, all in: the
 process's CPU over the run (plus DRAIN seconds for the queue to empty) minus signals-off CPU/request x
 requests, divided by the evaluations done.
+A second line per row tells a gap made inside the proxy from one made by the load generator, the sockets
+or the host: the client p99 ratio of each round; the p99 of the time the proxy itself took (exact, from
+the access log's latency_ms: request head in to response body out, the upstream's time included) and the
+share of requests over 2.5 ms (driftguard_request_duration_seconds); the proxy threads' run-queue wait
+per request (/proc/<pid>/task/*/schedstat) and the proxy core's steal time (/proc/stat).
 
 Usage (from the project root, after `cargo build --release`):
     python3 benches/tail.py                       # ROUNDS=3 DURATION=5
@@ -49,6 +54,7 @@ DG = os.environ.get("DG_BIN", os.path.join(ROOT, "target", "release", "driftguar
 OHA = os.environ.get("OHA", shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha"))
 TMP = tempfile.mkdtemp(prefix="driftguard-tail-")
 PROCS = []
+LOGS = {}  # pid -> the file its stdout (the JSON log) goes to
 
 QUESTION = '{"question": "How do I roll back the docs alias after a bad index build?", "max_tokens": 64}'
 ANSWER = json.dumps({
@@ -96,6 +102,23 @@ def metric(admin, name):
                if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
+def proxy_p99(pid, start):
+    """p99 of latency_ms over the access lines the proxy wrote from byte `start` of its log on: the
+    request's time inside the proxy (head in to body out, the upstream's time included), exact."""
+    with open(LOGS[pid], "rb") as f:
+        f.seek(start)
+        data = f.read()
+    lat = []
+    for line in data.splitlines():
+        if b'"driftguard::access"' in line and b'"latency_ms":' in line:
+            try:
+                lat.append(json.loads(line)["latency_ms"])
+            except (ValueError, KeyError):
+                pass
+    lat.sort()
+    return lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan")
+
+
 def duration_buckets(admin):
     """Cumulative counts of driftguard_request_duration_seconds by `le`, all arms summed."""
     out = {}
@@ -130,8 +153,8 @@ def runq_wait(pid):
     return total
 
 
-def start(argv, **kw):
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+def start(argv, stdout=subprocess.DEVNULL, **kw):
+    p = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.DEVNULL, **kw)
     PROCS.append(p)
     return p
 
@@ -180,7 +203,10 @@ INDEX_HASH = "idx-a1"
 [signals]
 sample = {sample}
 """)
-    p = start(["taskset", "-c", PROXY_CPU, DG, "run", "--config", cfg], cwd=d)
+    # The JSON log goes to a file: its access lines carry each request's latency as the proxy timed it.
+    log = open(os.path.join(d, "stdout.log"), "wb")
+    p = start(["taskset", "-c", PROXY_CPU, DG, "run", "--config", cfg], cwd=d, stdout=log)
+    LOGS[p.pid] = log.name
     if not wait_http(admin, "/healthz"):
         sys.exit(f"driftguard {label} did not start")
     return port, admin, p.pid
@@ -217,6 +243,7 @@ def oha(port, rate):
 def measure(kind, port, admin, pid, rate=None):
     e0 = metric(admin, "driftguard_evaluations_total")
     b0, w0, s0 = duration_buckets(admin), runq_wait(pid), steal_ms()
+    log0 = os.path.getsize(LOGS[pid])
     c0 = cpu(pid)
     rps, p99, reqs, bad = wrk(port) if kind == "sat" else oha(port, rate)
     c1 = cpu(pid)
@@ -227,13 +254,14 @@ def measure(kind, port, admin, pid, rate=None):
     slow = (seen - (b1.get("0.0025", 0) - b0.get("0.0025", 0))) / seen
     time.sleep(DRAIN)
     c2 = cpu(pid)
+    inside = proxy_p99(pid, log0)
     ev = metric(admin, "driftguard_evaluations_total") - e0
     # The share of the asked rate oha delivered: below HELD the row did not measure the rate it names
     # (the generator, sharing core LOAD_CPU with the upstream, or the proxy could not keep it).
     held = rps / rate if rate else 1.0
     return {"rps": rps, "p99": p99, "reqs": reqs, "bad": bad, "cpu_req": 1e6 * (c1 - c0) / max(reqs, 1),
             "cpu_all": 1e6 * (c2 - c0), "evals": ev, "rate": rate or 0.0, "held": held,
-            "slow": slow, "runq_us": (w1 - w0) / 1e3 / max(reqs, 1), "steal": s1 - s0}
+            "slow": slow, "runq_us": (w1 - w0) / 1e3 / max(reqs, 1), "steal": s1 - s0, "inside": inside}
 
 
 def main():
@@ -274,9 +302,11 @@ def main():
               f"evaluated {100 * evald:.1f} %, {per_eval:.1f} us CPU/evaluation | p99 on/off {ratio:.2f} (goal <= 1.2)"
               + (f" | non-2xx off {off['bad']:.0f} on {on['bad']:.0f}" if off["bad"] or on["bad"] else "")
               + (f" | INVALID: oha held {100 * held:.0f} % of {off['rate']:.0f} req/s" if held < HELD else ""))
-        rounds = zip(res[(kind, "off")], res[(kind, "on")])
-        print(f"     per round p99 on/off: {' '.join('%.2f' % (b['p99'] / a['p99']) for a, b in rounds)}; "
-              f"proxy-timed > 2.5 ms off {100 * off['slow']:.2f} % on {100 * on['slow']:.2f} %; "
+        rounds = list(zip(res[(kind, "off")], res[(kind, "on")]))
+        print(f"     per round p99 on/off: {' '.join('%.2f' % (b['p99'] / a['p99']) for a, b in rounds)} "
+              f"(proxy-timed {' '.join('%.2f' % (b['inside'] / a['inside']) for a, b in rounds)}); "
+              f"proxy-timed p99 off {off['inside']:.2f} on {on['inside']:.2f} ms ({on['inside'] / off['inside']:.2f}), "
+              f"> 2.5 ms off {100 * off['slow']:.2f} % on {100 * on['slow']:.2f} %; "
               f"proxy threads' run-queue wait off {off['runq_us']:.2f} on {on['runq_us']:.2f} us/request; "
               f"core {PROXY_CPU} steal off {off['steal']:.0f} on {on['steal']:.0f} ms")
         ok = ok and per_eval <= 20
