@@ -2,12 +2,14 @@
 """Who keeps the proxy thread off its core: `perf sched` on the proxy's core while oha holds a fixed rate.
 
 The same one-core sidecar setup as benches/tail.py (proxy and evaluation worker on core PROXY_CPU, nginx
-upstream and the load generator on LOAD_CPU), signals on (sample = 1.0, hashed). For each binary in
-DG_BINS (space-separated; default the release build), interleaved ROUNDS times: oha at SHARE (0.8) of
-the signals-off saturated rate for 7 s, `perf sched record` on core PROXY_CPU for the middle 4 s, then
-from `perf sched timehist --state`: every time the proxy thread was switched out still runnable
-(preempted), how long until it ran again and which tasks ran meanwhile. Waits over 0.5 ms are listed by
-the tasks that took the CPU — `driftguard-eval` there is the evaluation worker delaying traffic.
+upstream and the load generator on LOAD_CPU). For each binary in DG_BINS (space-separated; default the
+release build) and each `signals.sample` in SAMPLES (default "1.0"; "0.0 1.0" compares off and on),
+interleaved ROUNDS times: oha at SHARE (0.8) of the signals-off saturated rate for 7 s, `perf sched
+record` of all cores for the middle 4 s, then from `perf sched timehist --state`:
+- wake-ups: how long the proxy thread waited for its core after each wake-up (sch delay);
+- preemptions: every time the proxy thread was switched out still runnable, how long until it ran again
+  and which tasks ran on its core meanwhile. Waits over 0.5 ms are listed by the tasks that took the CPU
+  — `driftguard-eval` there is the evaluation worker delaying traffic.
 
 Usage (from the project root, as root for perf):
     python3 benches/schedwait.py
@@ -28,22 +30,27 @@ import tail  # noqa: E402  (the setup: nginx upstream, driftguard configs, wrk a
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
 SHARE = float(os.environ.get("SHARE", "0.8"))
 BINS = [os.path.abspath(b) for b in os.environ.get("DG_BINS", tail.DG).split()]
+SAMPLES = os.environ.get("SAMPLES", "1.0").split()
 LONG_MS = 0.5
 
 
 def proxy_waits(data, pid):
-    """(preemptions, waits over LONG_MS in ms, CPU ms per task that ran during those waits)."""
+    """(wake-up delays in ms, preemptions, waits over LONG_MS in ms, CPU ms per task that ran on the
+    proxy's core during those waits)."""
     out = subprocess.run(["perf", "sched", "timehist", "--state", "-i", data],
                          capture_output=True, text=True).stdout.splitlines()[3:]
     preempted_at, between, waits, blame, count = None, collections.Counter(), [], collections.Counter(), 0
+    delays = []
+    cpu = f"[{int(tail.PROXY_CPU):04d}]"
     for line in out:
         f = line.split()
-        if len(f) < 7:
+        if len(f) < 7 or f[1] != cpu:
             continue
         t, task, state, run = float(f[0]), f[2], f[-1], float(f[-2]) / 1e3
         name = task.split("[", 1)[0]
         # The proxy runs on the main thread: `name[pid]` (other threads are `name[tid/pid]`).
         if task.endswith(f"[{pid}]"):
+            delays.append(float(f[4]))
             if preempted_at is not None:
                 count += 1
                 wait = (t - run - preempted_at) * 1e3
@@ -54,7 +61,7 @@ def proxy_waits(data, pid):
             between = collections.Counter()
         elif preempted_at is not None:
             between[name] += run * 1e3
-    return count, waits, blame
+    return delays, count, waits, blame
 
 
 def main():
@@ -67,9 +74,10 @@ def main():
     os.kill(probe, 15)
     targets = []
     for i, b in enumerate(BINS):
-        tail.DG = b
-        targets.append((b, tail.driftguard(f"on-{i}", up, "1.0")))
-    print(f"oha at {rate:.0f} req/s ({100 * SHARE:.0f} % of saturation), signals on; perf sched on core {tail.PROXY_CPU}")
+        for sample in SAMPLES:
+            tail.DG = b
+            targets.append((f"{b} sample {sample}", tail.driftguard(f"dg-{len(targets)}", up, sample)))
+    print(f"oha at {rate:.0f} req/s ({100 * SHARE:.0f} % of saturation); perf sched of all cores, the proxy on core {tail.PROXY_CPU}")
     for r in range(ROUNDS):
         for i, (b, (port, admin, pid)) in enumerate(targets):
             data = os.path.join(tail.TMP, f"sched-{i}-{r}.data")
@@ -77,12 +85,14 @@ def main():
             load = threading.Thread(target=lambda: result.update(zip(("rps", "p99", "reqs", "bad"), tail.oha(port, rate))))
             load.start()
             time.sleep(1.5)
-            subprocess.run(["taskset", "-c", tail.LOAD_CPU, "perf", "sched", "record", "-C", tail.PROXY_CPU, "-o", data,
+            subprocess.run(["taskset", "-c", tail.LOAD_CPU, "perf", "sched", "record", "-a", "-o", data,
                             "--", "sleep", "4"], capture_output=True)
             load.join()
-            count, waits, blame = proxy_waits(data, pid)
+            delays, count, waits, blame = proxy_waits(data, pid)
             print(f"{b} round {r + 1}: {result.get('rps', 0):.0f} req/s, p99 {result.get('p99', 0):.2f} ms; "
-                  f"proxy preempted {count} times, {len(waits)} waits > {LONG_MS} ms (total {sum(waits):.1f} ms, "
+                  f"wake-ups {len(delays)}, waiting for the core {1e3 * sum(delays) / max(len(delays), 1):.1f} us on "
+                  f"average, max {max(delays, default=0):.3f} ms; "
+                  f"preempted {count} times, {len(waits)} waits > {LONG_MS} ms (total {sum(waits):.1f} ms, "
                   f"max {max(waits, default=0):.2f} ms); CPU taken meanwhile: "
                   + (", ".join(f"{k} {v:.1f} ms" for k, v in blame.most_common(5)) or "-"))
     return 0
