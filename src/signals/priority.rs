@@ -31,7 +31,7 @@ pub fn lower_priority() {
 /// scheduler tick once the proxy thread has run past its share, and the idle thread then keeps the CPU
 /// until the next tick (4 ms at HZ=250) while the proxy thread waits runnable — a wake-up would preempt
 /// it at once, but a proxy thread that never slept is not woken. `perf sched` showed those 4 ms waits
-/// about once a second at 80 % load (`benches/tail.py`); a yield bounds them to one evaluation.
+/// about every two seconds at 80 % load (`benches/schedwait.py`); with the yield they are gone.
 pub fn yield_to_traffic() {
     // SAFETY: sched_yield takes no arguments and has no memory effects.
     unsafe { libc::sched_yield() };
