@@ -204,7 +204,8 @@ INDEX_HASH = "idx-a1"
 sample = {sample}
 """)
     # The JSON log goes to a file: its access lines carry each request's latency as the proxy timed it.
-    log = open(os.path.join(d, "stdout.log"), "wb")
+    # Appending (O_APPEND), so that truncating it after each measurement (`measure`) keeps it small.
+    log = open(os.path.join(d, "stdout.log"), "ab")
     p = start(["taskset", "-c", PROXY_CPU, DG, "run", "--config", cfg], cwd=d, stdout=log)
     LOGS[p.pid] = log.name
     if not wait_http(admin, "/healthz"):
@@ -255,6 +256,7 @@ def measure(kind, port, admin, pid, rate=None):
     time.sleep(DRAIN)
     c2 = cpu(pid)
     inside = proxy_p99(pid, log0)
+    os.truncate(LOGS[pid], 0)  # ~70 MB per 5 s at saturation: keep only what the next row reads
     ev = metric(admin, "driftguard_evaluations_total") - e0
     # The share of the asked rate oha delivered: below HELD the row did not measure the rate it names
     # (the generator, sharing core LOAD_CPU with the upstream, or the proxy could not keep it).
