@@ -112,6 +112,8 @@ where
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
+        // Head and body in one buffer, sent with send(2), not queued for writev(2) (see `upstream`).
+        .writev(false)
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30));
     let graceful = GracefulShutdown::new();

@@ -323,7 +323,11 @@ impl Pool {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+        // One flat buffer per write, sent with send(2): hyper's default for a TCP stream queues head
+        // and body for writev(2), which costs the kernel's vfs layer on every message.
+        let (sender, conn) = http1::Builder::new()
+            .writev(false)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(|detail| self.exchange_error(detail))?;
         self.drive(conn);
