@@ -18,7 +18,6 @@ Needs perf, wrk, nginx and oha. A diagnostic, not a pass/fail benchmark.
 """
 import collections
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -69,14 +68,15 @@ def main():
         sys.exit("DG_BINS is empty")
     up = tail.upstream()
     tail.DG = BINS[0]
-    port, _, probe = tail.driftguard("probe", up, "0.0")
+    # No log file here (tail.py keeps one to read latencies): its writes would compete for the core.
+    port, _, probe = tail.driftguard("probe", up, "0.0", keep_log=False)
     rate = SHARE * tail.wrk(port)[0]
     os.kill(probe, 15)
     targets = []
     for i, b in enumerate(BINS):
         for sample in SAMPLES:
             tail.DG = b
-            targets.append((f"{b} sample {sample}", tail.driftguard(f"dg-{len(targets)}", up, sample)))
+            targets.append((f"{b} sample {sample}", tail.driftguard(f"dg-{len(targets)}", up, sample, keep_log=False)))
     print(f"oha at {rate:.0f} req/s ({100 * SHARE:.0f} % of saturation); perf sched of all cores, the proxy on core {tail.PROXY_CPU}")
     for r in range(ROUNDS):
         for i, (b, (port, admin, pid)) in enumerate(targets):
@@ -100,15 +100,4 @@ def main():
 
 if __name__ == "__main__":
     tail.DURATION = 7
-    try:
-        code = main()
-    finally:
-        for p in tail.PROCS:
-            p.terminate()
-        for p in tail.PROCS:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tail.TMP, ignore_errors=True)
-    sys.exit(code)
+    sys.exit(tail.run(main))

@@ -180,7 +180,9 @@ http {{
     return port
 
 
-def driftguard(label, up, sample):
+def driftguard(label, up, sample, keep_log=True):
+    """Starts a driftguard in front of `up`; with `keep_log` its JSON log goes to a file (see `measure`),
+    otherwise nowhere."""
     port, admin = free_port(), free_port()
     d = os.path.join(TMP, label)
     os.makedirs(d)
@@ -205,9 +207,10 @@ sample = {sample}
 """)
     # The JSON log goes to a file: its access lines carry each request's latency as the proxy timed it.
     # Appending (O_APPEND), so that truncating it after each measurement (`measure`) keeps it small.
-    log = open(os.path.join(d, "stdout.log"), "ab")
+    log = open(os.path.join(d, "stdout.log"), "ab") if keep_log else subprocess.DEVNULL
     p = start(["taskset", "-c", PROXY_CPU, DG, "run", "--config", cfg], cwd=d, stdout=log)
-    LOGS[p.pid] = log.name
+    if keep_log:
+        LOGS[p.pid] = log.name
     if not wait_http(admin, "/healthz"):
         sys.exit(f"driftguard {label} did not start")
     return port, admin, p.pid
@@ -315,9 +318,10 @@ def main():
     return 0 if ok else 1
 
 
-def run():
+def run(entry=None):
+    """Runs `entry` (default: this script's `main`), then stops every process started and removes TMP."""
     try:
-        return main()
+        return (entry or main)()
     finally:
         for p in PROCS:
             if p.poll() is None:
