@@ -21,7 +21,9 @@ A second line per row tells a gap made inside the proxy from one made by the loa
 or the host: the client p99 ratio of each round; the p99 of the time the proxy itself took (exact, from
 the access log's latency_ms: request head in to response body out, the upstream's time included) and the
 share of requests over 2.5 ms (driftguard_request_duration_seconds); the proxy threads' run-queue wait
-per request (/proc/<pid>/task/*/schedstat) and the proxy core's steal time (/proc/stat).
+per request (/proc/<pid>/task/*/schedstat), the proxy core's steal time and how busy core LOAD_CPU
+(generator and upstream) was (/proc/stat). A third line per fixed-rate row is its anchor: oha straight to
+nginx at the same rate, no proxy: the p99 the generator and the upstream make alone on their core.
 
 Usage (from the project root, after `cargo build --release`):
     python3 benches/tail.py                       # ROUNDS=3 DURATION=5
@@ -139,6 +141,20 @@ def steal_ms():
     return 0.0
 
 
+def core_times(core):
+    """(busy, all) jiffies of `core` from /proc/stat: busy is all but idle and iowait."""
+    for line in open("/proc/stat"):
+        f = line.split()
+        if f[0] == f"cpu{core}":
+            ticks = [int(x) for x in f[1:9]]
+            return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+    return 0, 1
+
+
+def busy(t0, t1):
+    return (t1[0] - t0[0]) / max(t1[1] - t0[1], 1)
+
+
 def runq_wait(pid):
     """Nanoseconds the proxy's threads (all but the evaluation and log threads) waited runnable for a CPU,
     from /proc/<pid>/task/*/schedstat: how long the proxy was kept from running, e.g. by the worker."""
@@ -248,9 +264,9 @@ def measure(kind, port, admin, pid, rate=None):
     e0 = metric(admin, "driftguard_evaluations_total")
     b0, w0, s0 = duration_buckets(admin), runq_wait(pid), steal_ms()
     log0 = os.path.getsize(LOGS[pid])
-    c0 = cpu(pid)
+    c0, l0 = cpu(pid), core_times(LOAD_CPU)
     rps, p99, reqs, bad = wrk(port) if kind == "sat" else oha(port, rate)
-    c1 = cpu(pid)
+    c1, l1 = cpu(pid), core_times(LOAD_CPU)
     b1, w1, s1 = duration_buckets(admin), runq_wait(pid), steal_ms()
     seen = max(b1.get("+Inf", 0) - b0.get("+Inf", 0), 1)
     # The share of requests the proxy itself timed (request in to body out) over 2.5 ms: whether a
@@ -266,7 +282,17 @@ def measure(kind, port, admin, pid, rate=None):
     held = rps / rate if rate else 1.0
     return {"rps": rps, "p99": p99, "reqs": reqs, "bad": bad, "cpu_req": 1e6 * (c1 - c0) / max(reqs, 1),
             "cpu_all": 1e6 * (c2 - c0), "evals": ev, "rate": rate or 0.0, "held": held,
-            "slow": slow, "runq_us": (w1 - w0) / 1e3 / max(reqs, 1), "steal": s1 - s0, "inside": inside}
+            "slow": slow, "runq_us": (w1 - w0) / 1e3 / max(reqs, 1), "steal": s1 - s0, "inside": inside,
+            "load_busy": busy(l0, l1)}
+
+
+def direct(up, rate):
+    """The anchor of a fixed-rate row: oha straight to nginx at the same rate, no proxy. Core LOAD_CPU
+    does about the same work as with a proxy between (the generator's and the upstream's sides), so
+    this p99 is what the generator and the upstream alone make of the rate."""
+    t0 = core_times(LOAD_CPU)
+    rps, p99, reqs, bad = oha(up, rate)
+    return {"rps": rps, "p99": p99, "reqs": reqs, "bad": bad, "load_busy": busy(t0, core_times(LOAD_CPU))}
 
 
 def main():
@@ -281,7 +307,7 @@ def main():
     targets = {"off": driftguard("off", up, "0.0"), "on": driftguard("on", up, "1.0")}
     for label, (port, admin, pid) in targets.items():
         measure("sat", port, admin, pid)  # warm-up
-    res = {(k, t): [] for k in kinds for t in targets}
+    res = {(k, t): [] for k in kinds for t in (*targets, "direct")}
     for _ in range(ROUNDS):
         for label, (port, admin, pid) in targets.items():
             res[("sat", label)].append(measure("sat", port, admin, pid))
@@ -291,7 +317,8 @@ def main():
                 continue
             for label, (port, admin, pid) in targets.items():
                 res[(kind, label)].append(measure(kind, port, admin, pid, rate=share * sat))
-    med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in res.items()}
+            res[(kind, "direct")].append(direct(up, share * sat))
+    med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in res.items() if v}
     print(f"driftguard {DG}; proxy + evaluation worker on core {PROXY_CPU}, load + nginx upstream on core {LOAD_CPU}; "
           f"{CONNS} connections, {ROUNDS} x {DURATION} s interleaved, medians; load average now {os.getloadavg()[0]:.1f}")
     ok = len(kinds) == 3
@@ -313,7 +340,13 @@ def main():
               f"proxy-timed p99 off {off['inside']:.2f} on {on['inside']:.2f} ms ({on['inside'] / off['inside']:.2f}), "
               f"> 2.5 ms off {100 * off['slow']:.2f} % on {100 * on['slow']:.2f} %; "
               f"proxy threads' run-queue wait off {off['runq_us']:.2f} on {on['runq_us']:.2f} us/request; "
-              f"core {PROXY_CPU} steal off {off['steal']:.0f} on {on['steal']:.0f} ms")
+              f"core {PROXY_CPU} steal off {off['steal']:.0f} on {on['steal']:.0f} ms; "
+              f"core {LOAD_CPU} (generator + upstream) busy off {100 * off['load_busy']:.0f} % on {100 * on['load_busy']:.0f} %")
+        if res[(kind, "direct")]:
+            d = med[(kind, "direct")]
+            print(f"     anchor, oha straight to nginx at {d['rps']:.0f} req/s (no proxy): p99 {d['p99']:.2f} ms, "
+                  f"core {LOAD_CPU} busy {100 * d['load_busy']:.0f} %"
+                  + (f", non-2xx {d['bad']:.0f}" if d["bad"] else ""))
         ok = ok and per_eval <= 20
     return 0 if ok else 1
 
