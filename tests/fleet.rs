@@ -105,7 +105,10 @@ impl Setup {
 
     /// Two arms (baseline marked), rules every second, a recovery slow enough never to happen during a
     /// test, the p99 ratio rule out of reach (on a loaded host the two test upstreams' tails differ for
-    /// reasons of their own), and the `[fleet]` table naming `replica` and `scope`.
+    /// reasons of their own), the retrieval drift rules too (both arms get the same retrieval, but each
+    /// its own random mix of the four topics, whose four distinct ΔS(q, r) put the p50 of an even mix
+    /// on a knife edge 0.09 wide, over the 0.08 threshold), and the `[fleet]` table naming `replica`
+    /// and `scope`.
     fn config(&self, replica: &str, scope: &str) -> String {
         let hook = match &self.hook {
             Some(url) => format!(
@@ -125,6 +128,8 @@ min_samples = {min_samples}
 
 [rules.hard]
 p99_latency_ratio_over = 1000.0
+retrieval_drift_p95_over = 1.0
+retrieval_drift_p50_over = 1.0
 
 [recovery]
 hold = "1h"
