@@ -9,11 +9,14 @@ the upstream share core LOAD_CPU (0). Clients POST a JSON question, 32 connectio
 Per target, interleaved ROUNDS times (medians printed):
   sat      wrk -t1 -c32 -d DURATION --latency at saturation: req/s, p99, CPU us/request. (At saturation the
            evaluation worker, running only on idle CPU, evaluates little: the queue is drained during DRAIN.)
-  q50/q80  oha at a constant rate of 50 % / 80 % of the signals-off saturated req/s, with
-           --latency-correction (latency counted from when each request was due, so a stall is not
-           hidden by the generator waiting for it: no coordinated omission): p99.
-A fixed-rate row where oha delivered under 95 % of the asked rate is marked INVALID (the generator on
-the upstream's core, or the proxy, could not keep it) and fails the run.
+  q50/q80  a constant rate of 50 % / 80 % of the signals-off saturated req/s, latency counted from when
+           each request was due (so a stall is not hidden by the generator waiting for it: no
+           coordinated omission): p99. The generator (GEN) is benches/rate.rs (`rate`, the default:
+           one epoll loop, ~12 us of CPU per request) or oha -q with --latency-correction (`oha`,
+           ~15-20 us per request and tails of its own of 20-50 ms at 32 k req/s straight to nginx:
+           at 80 % it leaves the shared core 91-94 % busy and its tail swamps the proxy's).
+A fixed-rate row where the generator delivered under 95 % of the asked rate is marked INVALID (the
+generator on the upstream's core, or the proxy, could not keep it) and fails the run.
 For signals on it also prints the share of requests evaluated and the CPU per evaluation, all in: the
 process's CPU over the run (plus DRAIN seconds for the queue to empty) minus signals-off CPU/request x
 requests, divided by the evaluations done.
@@ -22,14 +25,15 @@ or the host: the client p99 ratio of each round; the p99 of the time the proxy i
 the access log's latency_ms: request head in to response body out, the upstream's time included) and the
 share of requests over 2.5 ms (driftguard_request_duration_seconds); the proxy threads' run-queue wait
 per request (/proc/<pid>/task/*/schedstat), the proxy core's steal time and how busy core LOAD_CPU
-(generator and upstream) was (/proc/stat). A third line per fixed-rate row is its anchor: oha straight to
-nginx at the same rate, no proxy: the p99 the generator and the upstream make alone on their core.
+(generator and upstream) was (/proc/stat). A third line per fixed-rate row is its anchor: the generator
+straight to nginx at the same rate, no proxy: the p99 the generator and the upstream make alone on their
+core.
 
 Usage (from the project root, after `cargo build --release`):
     python3 benches/tail.py                       # ROUNDS=3 DURATION=5
     ROUNDS=1 DURATION=10 python3 benches/tail.py
     DG_BIN=path/to/driftguard python3 benches/tail.py
-Needs wrk, nginx and oha (`cargo install oha`). Goals (issue: signals without tail latency): signals-on p99
+Needs wrk and nginx, and cargo to build benches/rate.rs (or oha with GEN=oha: `cargo install oha`). Goals (issue: signals without tail latency): signals-on p99
 <= 1.2 x signals-off p99 in each of sat, q50 and q80; <= 20 us CPU per evaluation. Exit 1 when missed.
 """
 import http.client
@@ -54,6 +58,7 @@ HELD = 0.95
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DG = os.environ.get("DG_BIN", os.path.join(ROOT, "target", "release", "driftguard"))
 OHA = os.environ.get("OHA", shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha"))
+GEN = os.environ.get("GEN", "rate")
 TMP = tempfile.mkdtemp(prefix="driftguard-tail-")
 PROCS = []
 LOGS = {}  # pid -> the file its stdout (the JSON log) goes to
@@ -260,12 +265,42 @@ def oha(port, rate):
     return doc["summary"]["requestsPerSec"], p99, reqs, bad
 
 
+def rate_bin():
+    """Builds benches/rate.rs (bench profile) and returns its executable's path."""
+    r = subprocess.run(["cargo", "bench", "--bench", "rate", "--no-run", "--message-format=json"],
+                       cwd=ROOT, capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+        msg = json.loads(line)
+        if msg.get("reason") == "compiler-artifact" and msg.get("target", {}).get("name") == "rate" \
+                and msg.get("executable"):
+            return msg["executable"]
+    sys.exit("could not build benches/rate.rs:\n" + r.stderr[-2000:])
+
+
+RATE = None  # the built benches/rate.rs, set by main when GEN is rate
+
+
+def rate_gen(port, rate):
+    r = subprocess.run(["taskset", "-c", LOAD_CPU, RATE, f"http://127.0.0.1:{port}/v1/ask", str(int(rate)),
+                        str(DURATION), str(CONNS), QUESTION], capture_output=True, text=True, timeout=DURATION + 60)
+    if r.returncode != 0:
+        sys.exit(f"rate: {r.stderr.strip()}")
+    doc = json.loads(r.stdout)
+    # A transport error (a refused or reset connection, no response within 2 s) counts as a failed
+    # request, like a non-2xx response.
+    return doc["rps"], doc["p99_ms"], doc["requests"], doc["non2xx"] + doc["errors"]
+
+
+def fixed_rate(port, rate):
+    return rate_gen(port, rate) if GEN == "rate" else oha(port, rate)
+
+
 def measure(kind, port, admin, pid, rate=None):
     e0 = metric(admin, "driftguard_evaluations_total")
     b0, w0, s0 = duration_buckets(admin), runq_wait(pid), steal_ms()
     log0 = os.path.getsize(LOGS[pid])
     c0, l0 = cpu(pid), core_times(LOAD_CPU)
-    rps, p99, reqs, bad = wrk(port) if kind == "sat" else oha(port, rate)
+    rps, p99, reqs, bad = wrk(port) if kind == "sat" else fixed_rate(port, rate)
     c1, l1 = cpu(pid), core_times(LOAD_CPU)
     b1, w1, s1 = duration_buckets(admin), runq_wait(pid), steal_ms()
     seen = max(b1.get("+Inf", 0) - b0.get("+Inf", 0), 1)
@@ -277,7 +312,7 @@ def measure(kind, port, admin, pid, rate=None):
     inside = proxy_p99(pid, log0)
     os.truncate(LOGS[pid], 0)  # ~70 MB per 5 s at saturation: keep only what the next row reads
     ev = metric(admin, "driftguard_evaluations_total") - e0
-    # The share of the asked rate oha delivered: below HELD the row did not measure the rate it names
+    # The share of the asked rate the generator delivered: below HELD the row did not measure the rate it names
     # (the generator, sharing core LOAD_CPU with the upstream, or the proxy could not keep it).
     held = rps / rate if rate else 1.0
     return {"rps": rps, "p99": p99, "reqs": reqs, "bad": bad, "cpu_req": 1e6 * (c1 - c0) / max(reqs, 1),
@@ -287,11 +322,11 @@ def measure(kind, port, admin, pid, rate=None):
 
 
 def direct(up, rate):
-    """The anchor of a fixed-rate row: oha straight to nginx at the same rate, no proxy. Core LOAD_CPU
+    """The anchor of a fixed-rate row: the generator straight to nginx at the same rate, no proxy. Core LOAD_CPU
     does about the same work as with a proxy between (the generator's and the upstream's sides), so
     this p99 is what the generator and the upstream alone make of the rate."""
     t0 = core_times(LOAD_CPU)
-    rps, p99, reqs, bad = oha(up, rate)
+    rps, p99, reqs, bad = fixed_rate(up, rate)
     return {"rps": rps, "p99": p99, "reqs": reqs, "bad": bad, "load_busy": busy(t0, core_times(LOAD_CPU))}
 
 
@@ -300,7 +335,10 @@ def main():
         if not shutil.which(tool):
             sys.exit(f"{tool} not found")
     kinds = ("sat", "q50", "q80")
-    if not (OHA and os.path.exists(OHA)):
+    global RATE
+    if GEN == "rate":
+        RATE = rate_bin()
+    elif not (OHA and os.path.exists(OHA)):
         print("oha not found (cargo install oha): the fixed-rate rows q50/q80 are SKIPPED, the run fails")
         kinds = ("sat",)
     up = upstream()
@@ -319,7 +357,7 @@ def main():
                 res[(kind, label)].append(measure(kind, port, admin, pid, rate=share * sat))
             res[(kind, "direct")].append(direct(up, share * sat))
     med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in res.items() if v}
-    print(f"driftguard {DG}; proxy + evaluation worker on core {PROXY_CPU}, load + nginx upstream on core {LOAD_CPU}; "
+    print(f"driftguard {DG}; proxy + evaluation worker on core {PROXY_CPU}, load ({GEN} at fixed rates) + nginx upstream on core {LOAD_CPU}; "
           f"{CONNS} connections, {ROUNDS} x {DURATION} s interleaved, medians; load average now {os.getloadavg()[0]:.1f}")
     ok = len(kinds) == 3
     for kind in kinds:
@@ -333,7 +371,7 @@ def main():
               f"on {on['rps']:.0f} req/s p99 {on['p99']:.2f} ms cpu {on['cpu_req']:.1f} us/req, "
               f"evaluated {100 * evald:.1f} %, {per_eval:.1f} us CPU/evaluation | p99 on/off {ratio:.2f} (goal <= 1.2)"
               + (f" | non-2xx off {off['bad']:.0f} on {on['bad']:.0f}" if off["bad"] or on["bad"] else "")
-              + (f" | INVALID: oha held {100 * held:.0f} % of {off['rate']:.0f} req/s" if held < HELD else ""))
+              + (f" | INVALID: {GEN} held {100 * held:.0f} % of {off['rate']:.0f} req/s" if held < HELD else ""))
         rounds = list(zip(res[(kind, "off")], res[(kind, "on")]))
         print(f"     per round p99 on/off: {' '.join('%.2f' % (b['p99'] / a['p99']) for a, b in rounds)} "
               f"(proxy-timed {' '.join('%.2f' % (b['inside'] / a['inside']) for a, b in rounds)}); "
@@ -344,7 +382,7 @@ def main():
               f"core {LOAD_CPU} (generator + upstream) busy off {100 * off['load_busy']:.0f} % on {100 * on['load_busy']:.0f} %")
         if res[(kind, "direct")]:
             d = med[(kind, "direct")]
-            print(f"     anchor, oha straight to nginx at {d['rps']:.0f} req/s (no proxy): p99 {d['p99']:.2f} ms, "
+            print(f"     anchor, {GEN} straight to nginx at {d['rps']:.0f} req/s (no proxy): p99 {d['p99']:.2f} ms, "
                   f"core {LOAD_CPU} busy {100 * d['load_busy']:.0f} %"
                   + (f", non-2xx {d['bad']:.0f}" if d["bad"] else ""))
         ok = ok and per_eval <= 20
