@@ -23,7 +23,7 @@ requests, divided by the evaluations done.
 A second line per row tells a gap made inside the proxy from one made by the load generator, the sockets
 or the host: the client p99 ratio of each round; the p99 of the time the proxy itself took (exact, from
 the access log's latency_ms: request head in to response body out, the upstream's time included) and the
-share of requests over 2.5 ms (driftguard_request_duration_seconds); the proxy threads' run-queue wait
+share of requests over 2.5 ms (driftguard_request_duration_seconds); the proxy threads' CPU and run-queue wait
 per request (/proc/<pid>/task/*/schedstat), the proxy core's steal time and how busy core LOAD_CPU
 (generator and upstream) was (/proc/stat). A third line per fixed-rate row is its anchor: the generator
 straight to nginx at the same rate, no proxy: the p99 the generator and the upstream make alone on their
@@ -161,17 +161,19 @@ def busy(t0, t1):
 
 
 def runq_wait(pid):
-    """Nanoseconds the proxy's threads (all but the evaluation and log threads) waited runnable for a CPU,
-    from /proc/<pid>/task/*/schedstat: how long the proxy was kept from running, e.g. by the worker."""
-    total = 0
+    """(on-CPU, waiting) nanoseconds of the proxy's threads (all but the evaluation and log threads),
+    from /proc/<pid>/task/*/schedstat: what the request path itself costs, and how long it waited
+    runnable for a CPU, e.g. kept off it by the worker."""
+    ran = waited = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             comm = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
             if comm not in ("driftguard-eval", "driftguard-log"):
-                total += int(open(f"/proc/{pid}/task/{tid}/schedstat").read().split()[1])
+                f = open(f"/proc/{pid}/task/{tid}/schedstat").read().split()
+                ran, waited = ran + int(f[0]), waited + int(f[1])
         except OSError:
             pass
-    return total
+    return ran, waited
 
 
 def start(argv, stdout=subprocess.DEVNULL, **kw):
@@ -317,7 +319,8 @@ def measure(kind, port, admin, pid, rate=None):
     held = rps / rate if rate else 1.0
     return {"rps": rps, "p99": p99, "reqs": reqs, "bad": bad, "cpu_req": 1e6 * (c1 - c0) / max(reqs, 1),
             "cpu_all": 1e6 * (c2 - c0), "evals": ev, "rate": rate or 0.0, "held": held,
-            "slow": slow, "runq_us": (w1 - w0) / 1e3 / max(reqs, 1), "steal": s1 - s0, "inside": inside,
+            "slow": slow, "runq_us": (w1[1] - w0[1]) / 1e3 / max(reqs, 1),
+            "path_us": (w1[0] - w0[0]) / 1e3 / max(reqs, 1), "steal": s1 - s0, "inside": inside,
             "load_busy": busy(l0, l1)}
 
 
@@ -377,7 +380,8 @@ def main():
               f"(proxy-timed {' '.join('%.2f' % (b['inside'] / a['inside']) for a, b in rounds)}); "
               f"proxy-timed p99 off {off['inside']:.2f} on {on['inside']:.2f} ms ({on['inside'] / off['inside']:.2f}), "
               f"> 2.5 ms off {100 * off['slow']:.2f} % on {100 * on['slow']:.2f} %; "
-              f"proxy threads' run-queue wait off {off['runq_us']:.2f} on {on['runq_us']:.2f} us/request; "
+              f"proxy threads' CPU off {off['path_us']:.1f} on {on['path_us']:.1f} us/request, "
+              f"run-queue wait off {off['runq_us']:.2f} on {on['runq_us']:.2f} us/request; "
               f"core {PROXY_CPU} steal off {off['steal']:.0f} on {on['steal']:.0f} ms; "
               f"core {LOAD_CPU} (generator + upstream) busy off {100 * off['load_busy']:.0f} % on {100 * on['load_busy']:.0f} %")
         if res[(kind, "direct")]:
