@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Who keeps the proxy thread off its core: `perf sched` on the proxy's core while oha holds a fixed rate.
+"""Who keeps the proxy thread off its core: `perf sched` on the proxy's core while a load holds a fixed rate.
 
 The same one-core sidecar setup as benches/tail.py (proxy and evaluation worker on core PROXY_CPU, nginx
 upstream and the load generator on LOAD_CPU). For each binary in DG_BINS (space-separated; default the
 release build) and each `signals.sample` in SAMPLES (default "1.0"; "0.0 1.0" compares off and on),
-interleaved ROUNDS times: oha at SHARE (0.8) of the signals-off saturated rate for 7 s, `perf sched
-record` of all cores for the middle 4 s, then from `perf sched timehist --state`:
+interleaved ROUNDS times: tail.py's fixed-rate generator (GEN: benches/rate.rs, or oha) at SHARE (0.8) of
+the signals-off saturated rate for DURATION (7) s, `perf sched record` of all cores for the middle
+4 s, then from `perf sched timehist --state`:
 - wake-ups: how long the proxy thread waited for its core after each wake-up (sch delay);
 - preemptions: every time the proxy thread was switched out still runnable, how long until it ran again
   and which tasks ran on its core meanwhile. Waits over 0.5 ms are listed by the tasks that took the CPU
@@ -14,7 +15,8 @@ record` of all cores for the middle 4 s, then from `perf sched timehist --state`
 Usage (from the project root, as root for perf):
     python3 benches/schedwait.py
     DG_BINS="/tmp/old/driftguard target/release/driftguard" ROUNDS=3 python3 benches/schedwait.py
-Needs perf, wrk, nginx and oha. A diagnostic, not a pass/fail benchmark.
+Needs perf, wrk and nginx (and oha with GEN=oha; the results of 2026-12-04 were made with oha). A
+diagnostic, not a pass/fail benchmark.
 """
 import collections
 import os
@@ -24,9 +26,11 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tail  # noqa: E402  (the setup: nginx upstream, driftguard configs, wrk and oha runs)
+import tail  # noqa: E402  (the setup: nginx upstream, driftguard configs, wrk and fixed-rate runs)
 
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
+# The load runs 1.5 s before and after the 4 s recorded.
+tail.DURATION = int(os.environ.get("DURATION", "7"))
 SHARE = float(os.environ.get("SHARE", "0.8"))
 BINS = [os.path.abspath(b) for b in os.environ.get("DG_BINS", tail.DG).split()]
 SAMPLES = os.environ.get("SAMPLES", "1.0").split()
@@ -66,6 +70,8 @@ def proxy_waits(data, pid):
 def main():
     if not BINS:
         sys.exit("DG_BINS is empty")
+    if tail.GEN == "rate":
+        tail.RATE = tail.rate_bin()
     up = tail.upstream()
     tail.DG = BINS[0]
     # No log file here (tail.py keeps one to read latencies): its writes would compete for the core.
@@ -77,12 +83,12 @@ def main():
         for sample in SAMPLES:
             tail.DG = b
             targets.append((f"{b} sample {sample}", tail.driftguard(f"dg-{len(targets)}", up, sample, keep_log=False)))
-    print(f"oha at {rate:.0f} req/s ({100 * SHARE:.0f} % of saturation); perf sched of all cores, the proxy on core {tail.PROXY_CPU}")
+    print(f"{tail.GEN} at {rate:.0f} req/s ({100 * SHARE:.0f} % of saturation); perf sched of all cores, the proxy on core {tail.PROXY_CPU}")
     for r in range(ROUNDS):
         for i, (b, (port, admin, pid)) in enumerate(targets):
             data = os.path.join(tail.TMP, f"sched-{i}-{r}.data")
             result = {}
-            load = threading.Thread(target=lambda: result.update(zip(("rps", "p99", "reqs", "bad"), tail.oha(port, rate))))
+            load = threading.Thread(target=lambda: result.update(zip(("rps", "p99", "reqs", "bad"), tail.fixed_rate(port, rate))))
             load.start()
             time.sleep(1.5)
             subprocess.run(["taskset", "-c", tail.LOAD_CPU, "perf", "sched", "record", "-a", "-o", data,
