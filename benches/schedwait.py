@@ -105,5 +105,4 @@ def main():
 
 
 if __name__ == "__main__":
-    tail.DURATION = 7
     sys.exit(tail.run(main))

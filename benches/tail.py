@@ -11,10 +11,11 @@ Per target, interleaved ROUNDS times (medians printed):
            evaluation worker, running only on idle CPU, evaluates little: the queue is drained during DRAIN.)
   q50/q80  a constant rate of 50 % / 80 % of the signals-off saturated req/s, latency counted from when
            each request was due (so a stall is not hidden by the generator waiting for it: no
-           coordinated omission): p99. The generator (GEN) is benches/rate.rs (`rate`, the default:
-           one epoll loop, ~12 us of CPU per request) or oha -q with --latency-correction (`oha`,
-           ~15-20 us per request and tails of its own of 20-50 ms at 32 k req/s straight to nginx:
-           at 80 % it leaves the shared core 91-94 % busy and its tail swamps the proxy's).
+           coordinated omission): p99. The generator (GEN) is benches/rate.rs (`rate`, the default)
+           or oha -q with --latency-correction (`oha`). Straight to nginx at 16-38 k req/s rate's own
+           p99 is 0.37-0.46 ms against oha's 0.99-3.28 ms, for about the same CPU per request; its
+           100 us pacing ticks cost more of the shared core at low rates
+           (benches/rate_vs_oha.py, benches/results/2026-12-04-rate-vs-oha.txt).
 A fixed-rate row where the generator delivered under 95 % of the asked rate is marked INVALID (the
 generator on the upstream's core, or the proxy, could not keep it) and fails the run.
 For signals on it also prints the share of requests evaluated and the CPU per evaluation, all in: the
@@ -59,6 +60,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DG = os.environ.get("DG_BIN", os.path.join(ROOT, "target", "release", "driftguard"))
 OHA = os.environ.get("OHA", shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha"))
 GEN = os.environ.get("GEN", "rate")
+if GEN not in ("rate", "oha"):
+    sys.exit(f"GEN={GEN}: rate or oha")
 TMP = tempfile.mkdtemp(prefix="driftguard-tail-")
 PROCS = []
 LOGS = {}  # pid -> the file its stdout (the JSON log) goes to
@@ -268,7 +271,9 @@ def oha(port, rate):
 
 
 def rate_bin():
-    """Builds benches/rate.rs (bench profile) and returns its executable's path."""
+    """Builds benches/rate.rs (bench profile) and returns its executable's path. Cargo builds a package's
+    binaries for its benches: this also brings target/release/driftguard (the default DG_BIN) up to date
+    with the working tree."""
     r = subprocess.run(["cargo", "bench", "--bench", "rate", "--no-run", "--message-format=json"],
                        cwd=ROOT, capture_output=True, text=True)
     for line in r.stdout.splitlines():
@@ -286,7 +291,7 @@ def rate_gen(port, rate):
     r = subprocess.run(["taskset", "-c", LOAD_CPU, RATE, f"http://127.0.0.1:{port}/v1/ask", str(int(rate)),
                         str(DURATION), str(CONNS), QUESTION], capture_output=True, text=True, timeout=DURATION + 60)
     if r.returncode != 0:
-        sys.exit(f"rate: {r.stderr.strip()}")
+        raise RuntimeError(f"rate: {r.stderr.strip()}")
     doc = json.loads(r.stdout)
     # A transport error (a refused or reset connection, no response within 2 s) counts as a failed
     # request, like a non-2xx response.
@@ -367,7 +372,7 @@ def main():
         off, on = med[(kind, "off")], med[(kind, "on")]
         evald = on["evals"] / max(on["reqs"], 1)
         per_eval = (on["cpu_all"] - off["cpu_req"] * on["reqs"]) / on["evals"] if on["evals"] else float("inf")
-        ratio = on["p99"] / off["p99"]
+        ratio = on["p99"] / off["p99"] if off["p99"] > 0 else float("inf")
         held = min(off["held"], on["held"])
         ok = ok and ratio <= 1.2 and off["bad"] == 0 and on["bad"] == 0 and held >= HELD
         print(f"{kind}: off {off['rps']:.0f} req/s p99 {off['p99']:.2f} ms cpu {off['cpu_req']:.1f} us/req | "
