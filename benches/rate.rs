@@ -334,31 +334,11 @@ fn run(a: &Args) -> io::Result<Run> {
             let c = &mut conns[i];
             c.due = Some(due(next));
             next += 1;
-            match (&c.stream).write(&request) {
-                Ok(n) if n == request.len() => {}
-                Ok(n) => {
-                    c.unsent = request.len() - n;
-                    epoll.ctl(
-                        libc::EPOLL_CTL_MOD,
-                        c.stream.as_raw_fd(),
-                        (libc::EPOLLIN | libc::EPOLLOUT) as u32,
-                        i as u64,
-                    )?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    c.unsent = request.len();
-                    epoll.ctl(
-                        libc::EPOLL_CTL_MOD,
-                        c.stream.as_raw_fd(),
-                        (libc::EPOLLIN | libc::EPOLLOUT) as u32,
-                        i as u64,
-                    )?;
-                }
-                Err(e) => {
-                    fail(&mut out, format!("send: {e}"));
-                    reconnect(&epoll, &addr, c, i)?;
-                    idle.push(i);
-                }
+            c.unsent = request.len();
+            if let Err(why) = send(&epoll, c, i, &request, false)? {
+                fail(&mut out, why);
+                reconnect(&epoll, &addr, c, i)?;
+                idle.push(i);
             }
         }
         let busy = conns.iter().filter(|c| c.due.is_some()).count();
@@ -398,24 +378,11 @@ fn run(a: &Args) -> io::Result<Run> {
             let i = token as usize;
             let c = &mut conns[i];
             if c.unsent > 0 && event.events & libc::EPOLLOUT as u32 != 0 {
-                let from = request.len() - c.unsent;
-                match (&c.stream).write(&request[from..]) {
-                    Ok(n) => c.unsent -= n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => {
-                        fail(&mut out, format!("send: {e}"));
-                        reconnect(&epoll, &addr, c, i)?;
-                        idle.push(i);
-                        continue;
-                    }
-                }
-                if c.unsent == 0 {
-                    epoll.ctl(
-                        libc::EPOLL_CTL_MOD,
-                        c.stream.as_raw_fd(),
-                        libc::EPOLLIN as u32,
-                        i as u64,
-                    )?;
+                if let Err(why) = send(&epoll, c, i, &request, true)? {
+                    fail(&mut out, why);
+                    reconnect(&epoll, &addr, c, i)?;
+                    idle.push(i);
+                    continue;
                 }
             }
             if event.events & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 == 0 {
@@ -478,6 +445,33 @@ fn run(a: &Args) -> io::Result<Run> {
 fn fail(out: &mut Run, why: String) {
     out.errors += 1;
     out.first_error.get_or_insert(why);
+}
+
+/// Writes the last `c.unsent` bytes of `request` on `c`, and watches it for writability while some
+/// stay unsent (`watching`: it is already). The inner error is a transport error's text.
+fn send(
+    epoll: &Epoll,
+    c: &mut Conn,
+    i: usize,
+    request: &[u8],
+    watching: bool,
+) -> io::Result<Result<(), String>> {
+    let from = request.len() - c.unsent;
+    c.unsent -= match (&c.stream).write(&request[from..]) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Ok(Err(format!("send: {e}"))),
+    };
+    if watching != (c.unsent > 0) {
+        let out = if c.unsent > 0 { libc::EPOLLOUT } else { 0 };
+        epoll.ctl(
+            libc::EPOLL_CTL_MOD,
+            c.stream.as_raw_fd(),
+            (libc::EPOLLIN | out) as u32,
+            i as u64,
+        )?;
+    }
+    Ok(Ok(()))
 }
 
 /// Replaces `c`'s connection with a new one (its request in flight, if any, is lost).
